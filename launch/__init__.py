@@ -1,0 +1,1 @@
+"""Thin absl entry points: flags, distributed init, then one library call."""

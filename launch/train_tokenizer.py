@@ -1,0 +1,40 @@
+"""Trains a SentencePiece tokenizer with lmjax's special tokens.
+
+  python -m launch.train_tokenizer --input corpus.txt [--input more.jsonl] \
+      --output tokenizer.model --vocab_size 8192 --model_type unigram
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from launch.cli import cli_main
+from lmjax.data.corpus import check_files, read_documents
+from lmjax.data.tokenizer import train_tokenizer
+
+flags.DEFINE_multi_string("input", None, ".txt or .jsonl files to learn the vocabulary from")
+flags.DEFINE_string("output", None, "path of the SentencePiece model to write")
+flags.DEFINE_integer("vocab_size", 8192, "number of pieces, special and byte pieces included")
+flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "SentencePiece algorithm")
+flags.DEFINE_integer("max_sentences", 2_000_000, "lines sampled for training")
+flags.mark_flags_as_required(["input", "output"])
+FLAGS = flags.FLAGS
+
+
+def lines(paths):
+  for path in paths:
+    for doc in read_documents(path):
+      yield from doc.split("\n")
+
+
+@cli_main
+def main(argv: list[str]) -> None:
+  del argv
+  check_files(FLAGS.input, "input")
+  tok = train_tokenizer(lines(FLAGS.input), FLAGS.output, FLAGS.vocab_size,
+                        FLAGS.model_type, FLAGS.max_sentences)
+  print(f"wrote {FLAGS.output}: {tok.vocab_size} pieces, sha256 {tok.sha256}")
+
+
+if __name__ == "__main__":
+  app.run(main)

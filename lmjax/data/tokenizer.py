@@ -1,0 +1,146 @@
+"""SentencePiece tokenizers with the special tokens lmjax models rely on.
+
+Ids 0-3 are pad, unk, bos, eos; [MASK], [CLS], [SEP] and a newline piece are
+user-defined symbols right after them. Byte fallback keeps every input
+representable, and the identity normaliser makes decode(encode(s)) == s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from lmjax.errors import UserError
+
+USER_SYMBOLS = ("[MASK]", "[CLS]", "[SEP]", "\n")
+_MAX_SENTENCE_BYTES = 4096  # SentencePiece silently drops longer training lines
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+  pad: int
+  unk: int
+  bos: int
+  eos: int
+  mask: int
+  cls: int
+  sep: int
+
+  @property
+  def ids(self) -> tuple[int, ...]:
+    """Every id that is never a prediction target nor a random MLM replacement."""
+    return tuple(sorted({self.pad, self.unk, self.bos, self.eos, self.mask, self.cls, self.sep}))
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+class Tokenizer:
+  """A loaded SentencePiece model: encode/decode, vocabulary size, special ids, sha256."""
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise UserError(f"tokenizer file not found: {path} (train one with "
+                      "`python -m launch.train_tokenizer`)")
+    self.path = path
+    self.sha256 = file_sha256(path)
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.load(path)
+    except (RuntimeError, OSError) as e:
+      raise UserError(f"tokenizer file {path} is not a valid SentencePiece model ({e})") from None
+    piece = self._sp.piece_to_id
+    ids = {name: piece(sym) for name, sym in zip(("mask", "cls", "sep"), USER_SYMBOLS)}
+    unk = self._sp.unk_id()
+    if self._sp.pad_id() < 0 or any(i == unk for i in ids.values()):
+      raise UserError(f"tokenizer {path} lacks lmjax's special tokens (<pad>, [MASK], [CLS], "
+                      "[SEP]); train it with `python -m launch.train_tokenizer`")
+    self.special = SpecialTokens(pad=self._sp.pad_id(), unk=unk, bos=self._sp.bos_id(),
+                                 eos=self._sp.eos_id(), **ids)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.vocab_size()
+
+  def encode(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+    return self._sp.encode(list(texts), num_threads=num_threads)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
+
+def _training_sentences(lines: Iterable[str]) -> Iterator[str]:
+  """Non-empty lines, long ones cut into pieces SentencePiece will not drop."""
+  for line in lines:
+    line = line.rstrip("\n")
+    while line:
+      cut = line.encode("utf-8")[:_MAX_SENTENCE_BYTES].decode("utf-8", "ignore")
+      yield cut
+      line = line[len(cut):]
+
+
+def train_tokenizer(lines: Iterable[str], output_path: str, vocab_size: int,
+                    model_type: str = "unigram", max_sentences: int = 2_000_000,
+                    seed_sentencepiece_size: int = 1_000_000) -> Tokenizer:
+  """Trains a SentencePiece model (unigram or bpe, byte fallback) and writes it atomically."""
+  if model_type not in ("unigram", "bpe"):
+    raise UserError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+  minimum = 256 + 4 + len(USER_SYMBOLS) + 1  # bytes, pad/unk/bos/eos, user symbols, one piece
+  if vocab_size < minimum:
+    raise UserError(f"vocab_size must be at least {minimum} with byte fallback, got {vocab_size}")
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_sentences(lines), model_writer=model,
+        vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=list(USER_SYMBOLS),
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        character_coverage=1.0, split_digits=True, input_sentence_size=max_sentences,
+        shuffle_input_sentence=True, seed_sentencepiece_size=seed_sentencepiece_size,
+        max_sentence_length=_MAX_SENTENCE_BYTES * 2, num_threads=os.cpu_count() or 1,
+        minloglevel=2)
+  except RuntimeError as e:
+    raise UserError(f"tokenizer training failed: {e}") from None
+  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+  tmp = output_path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, output_path)
+  return Tokenizer(output_path)
+
+
+def install_tokenizer(source: str, workdir: str) -> Tokenizer:
+  """Copies the run's tokenizer into WORKDIR/tokenizer.model once and loads that copy.
+
+  A workdir keeps the vocabulary it was trained with: a different `source`
+  later is refused rather than silently decoding with the wrong pieces.
+  """
+  dest = os.path.join(workdir, "tokenizer.model")
+  if not source and not os.path.exists(dest):
+    raise UserError("no tokenizer given: set --config.data.tokenizer=PATH")
+  wanted = Tokenizer(source) if source else None
+  if os.path.exists(dest):
+    installed = Tokenizer(dest)
+    if wanted is not None and wanted.sha256 != installed.sha256:
+      raise UserError(f"{source} differs from the tokenizer this workdir was trained with "
+                      f"({dest}); use a new --workdir or the original tokenizer")
+    return installed
+  os.makedirs(workdir, exist_ok=True)
+  with open(source, "rb") as src, open(dest + ".tmp", "wb") as out:
+    out.write(src.read())
+  os.replace(dest + ".tmp", dest)
+  return Tokenizer(dest)

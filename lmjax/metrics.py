@@ -1,0 +1,81 @@
+"""What a run reports: FLOPs per token for MFU, and one writer for console, JSONL and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+from absl import logging
+
+from lmjax.model.config import TransformerConfig
+
+
+def matmul_params(cfg: TransformerConfig) -> int:
+  """Parameters that take part in a matmul per token (embedding lookups excluded,
+  the output projection included, tied or not)."""
+  d, dh = cfg.d_model, cfg.dim_per_head
+  attn = d * dh * (2 * cfg.num_heads + 2 * cfg.kv_heads)  # q, out; k, v
+  mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
+  head = cfg.vocab_size * d + (d * d if cfg.family == "encoder" else 0)
+  return cfg.num_layers * (attn + mlp) + head
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6N plus attention, 12*L*H*Dh*T bidirectional, half causal."""
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len
+  return 6 * matmul_params(cfg) + (attention / 2 if cfg.causal else attention)
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+class MetricsWriter:
+  """Writes each record to the console (absl), WORKDIR/metrics.jsonl and TensorBoard.
+
+  Only the process that is `active` (process 0) writes anything.
+  """
+
+  def __init__(self, workdir: str, active: bool = True):
+    self.active = active
+    self._jsonl = self._tb = None
+    if active:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      from tensorboardX import SummaryWriter  # heavy import, only on the writing process
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any], total_steps: int = 0) -> None:
+    if not self.active:
+      return
+    values = {k: float(v) for k, v in metrics.items() if k != "eta_s"}
+    record = {"step": int(step), "split": split, **values}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    for name, value in values.items():
+      self._tb.add_scalar(f"{split}/{name}", value, step)
+    self._tb.flush()
+    logging.info("%s", self._console_line(step, split, metrics, total_steps))
+
+  @staticmethod
+  def _console_line(step: int, split: str, m: Mapping[str, Any], total_steps: int) -> str:
+    line = f"[{split}] step {step}/{total_steps} loss {float(m['loss']):.4f}"
+    for key, fmt in (("accuracy", "acc {:.3f}"), ("learning_rate", "lr {:.2e}"),
+                     ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                     ("mfu", "MFU {:.1%}")):
+      if key in m:
+        line += " | " + fmt.format(float(m[key]))
+    if "eta_s" in m:
+      line += f" | ETA {format_duration(float(m['eta_s']))}"
+    return line
+
+  def close(self) -> None:
+    if self.active:
+      self._jsonl.close()
+      self._tb.close()

@@ -1,0 +1,93 @@
+"""Attention masks, one attention function with several implementations, and the layer.
+
+Masks are boolean, True = may attend, shaped (B, 1, T, S) so they broadcast over
+heads. A row is built from segment ids (0 = padding, equal ids = same packed
+document), a causal flag, and an optional prefix length (prefix-LM: the prefix
+attends bidirectionally, the rest causally).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from lmjax.model.config import TransformerConfig
+from lmjax.model.layers import dense, rope
+
+Array = jax.Array
+
+
+def make_attention_mask(segment_ids: Array, causal: bool,
+                        prefix_len: Array | None = None,
+                        kv_segment_ids: Array | None = None) -> Array:
+  """(B, T) segment ids [, (B,) prefix lengths] -> (B, 1, T, S) bool mask."""
+  kv = segment_ids if kv_segment_ids is None else kv_segment_ids
+  q_seg, k_seg = segment_ids[:, :, None], kv[:, None, :]  # (B, T, 1), (B, 1, S)
+  mask = (q_seg == k_seg) & (q_seg != 0) & (k_seg != 0)  # padding and documents
+  if causal:
+    q_idx = jnp.arange(segment_ids.shape[1])[:, None]
+    k_idx = jnp.arange(kv.shape[1])[None, :]
+    allowed = k_idx <= q_idx  # (T, S)
+    if prefix_len is not None:
+      allowed = allowed | (k_idx[None] < prefix_len[:, None, None])  # (B, T, S)
+    mask = mask & allowed
+  return mask[:, None]
+
+
+def resolve_implementation(name: str, dtype: jnp.dtype) -> str:
+  """`auto` picks cuDNN flash attention on GPU in half precision, XLA elsewhere."""
+  if name != "auto":
+    return name
+  on_gpu = jax.default_backend() == "gpu"
+  return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+
+
+def reference_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Plain einsum attention with grouped KV heads; softmax in float32.
+
+  q: (B, T, H, Dh); k, v: (B, S, K, Dh) with H a multiple of K; mask (B, 1, T, S).
+  """
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # (B, T, K, G, Dh)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (d ** -0.5)
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)  # (B, K, G, T, S)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # (B, T, K, G, Dh)
+  return out.reshape(b, t, h, d)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array, implementation: str) -> Array:
+  """Dispatches to `reference` or `jax.nn.dot_product_attention` (`xla`, `cudnn`)."""
+  if implementation == "reference":
+    return reference_attention(q, k, v, mask)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with `num_kv_heads` KV heads (MHA, GQA or MQA)."""
+
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+    cfg = self.cfg
+    heads, kv_heads, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    proj = lambda n, name: dense(cfg, (n, dh), 1, ("embed", "heads", "kv"), ("heads", "kv"), name)
+    q = proj(heads, "query")(x)  # (B, T, H, Dh)
+    k = proj(kv_heads, "key")(x)  # (B, T, K, Dh)
+    v = proj(kv_heads, "value")(x)  # (B, T, K, Dh)
+    if cfg.position == "rope":
+      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    impl = resolve_implementation(cfg.attention_impl, cfg.compute_dtype)
+    out = attention(q, k, v, mask, impl)  # (B, T, H, Dh)
+    out = checkpoint_name(out, "attention_out")  # kept by remat policy save_attention_out
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    # Residual-stream projections get GPT-2's depth-scaled init.
+    std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    y = dense(cfg, cfg.d_model, 2, ("heads", "kv", "embed"), ("embed",), "out", std)(out)
+    return nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)  # (B, T, D)

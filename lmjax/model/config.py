@@ -1,0 +1,89 @@
+"""The one typed description of a Transformer that every layer reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+Family = Literal["decoder", "encoder"]
+ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "cudnn", "auto")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Architecture of an encoder (BERT-like) or decoder (GPT-2/LLaMA-like) stack.
+
+  Defaults describe a small GPT-2-style decoder; experiment files override them.
+  """
+
+  family: Family = "decoder"  # decoder: causal LM head; encoder: bidirectional, MLM head
+  vocab_size: int = 1024
+  max_len: int = 1024  # positions the model accepts (learned table size, RoPE bound)
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0 = num_heads (MHA); 1 = MQA; in between = GQA
+  head_dim: int = 0  # 0 = d_model // num_heads
+  d_ff: int = 1024
+  mlp: Literal["gelu", "swiglu"] = "gelu"
+  activation: Literal["gelu_tanh", "gelu_exact", "silu", "relu"] = "gelu_tanh"
+  norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+  norm_eps: float = 1e-5
+  norm_position: Literal["pre", "post"] = "pre"  # BERT is post-norm
+  position: Literal["learned", "rope"] = "learned"
+  rope_theta: float = 10000.0
+  type_vocab_size: int = 0  # BERT token-type embeddings; 0 = none
+  embedding_norm: bool = False  # LayerNorm after the embeddings (BERT)
+  use_bias: bool = True  # biases in dense layers and norms
+  tie_embeddings: bool = True  # output projection shares the token embedding
+  dropout_rate: float = 0.0
+  init_std: float = 0.02
+  attention_impl: str = "auto"  # reference | xla | cudnn | auto (cudnn on GPU)
+  dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
+  param_dtype: str = "float32"
+  scan_layers: bool = True  # one compiled layer applied num_layers times
+  remat_policy: str = "none"  # what a layer keeps for the backward pass
+
+  def __post_init__(self):
+    if self.family not in ("decoder", "encoder"):
+      raise ValueError(f"model.family must be 'decoder' or 'encoder', got {self.family!r}")
+    if self.d_model % self.num_heads and not self.head_dim:
+      raise ValueError(
+          f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads};"
+          " set model.head_dim")
+    if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}")
+    if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"model.attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.{name} must be float32, bfloat16 or float16")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def causal(self) -> bool:
+    return self.family == "decoder"
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes) -> "TransformerConfig":
+    return dataclasses.replace(self, **changes)

@@ -1,0 +1,68 @@
+"""Output heads and the two model families built from the shared block library.
+
+`DecoderLM` (GPT-2 / LLaMA style) predicts the next token; `EncoderMLM` (BERT
+style) predicts masked tokens through BERT's transform + tied decoder head.
+Both return float32 logits (B, T, V) so losses are computed in full precision.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.model.config import TransformerConfig
+from lmjax.model.layers import ACTIVATIONS, Norm, dense, zeros_init
+from lmjax.model.transformer import Transformer
+
+Array = jax.Array
+
+
+class DecoderLM(nn.Module):
+  """Causal Transformer with a (tied or untied) LM head."""
+
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens: Array, segment_ids: Array | None = None,
+               positions: Array | None = None, token_types: Array | None = None,
+               prefix_len: Array | None = None) -> Array:
+    cfg = self.cfg
+    backbone = Transformer(cfg, self.deterministic, name="transformer")
+    h = backbone(tokens, segment_ids, positions, token_types, prefix_len)  # (B, T, D)
+    if cfg.tie_embeddings:
+      logits = backbone.attend(h)
+    else:
+      logits = dense(cfg, cfg.vocab_size, 1, ("embed", "vocab"), ("vocab",), "lm_head")(h)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+class EncoderMLM(nn.Module):
+  """Bidirectional Transformer with BERT's MLM head (dense, activation, norm, tied decoder)."""
+
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens: Array, segment_ids: Array | None = None,
+               positions: Array | None = None, token_types: Array | None = None,
+               prefix_len: Array | None = None) -> Array:
+    cfg = self.cfg
+    backbone = Transformer(cfg, self.deterministic, name="transformer")
+    h = backbone(tokens, segment_ids, positions, token_types, prefix_len)  # (B, T, D)
+    h = dense(cfg, cfg.d_model, 1, ("embed", None), (None,), "transform")(h)
+    h = Norm(cfg, name="transform_norm")(ACTIVATIONS[cfg.activation](h))
+    if cfg.tie_embeddings:
+      logits = backbone.attend(h)
+    else:
+      logits = dense(cfg.replace(use_bias=False), cfg.vocab_size, 1, ("embed", "vocab"), (),
+                     "decoder")(h)
+    bias = self.param("output_bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
+    logits = logits.astype(jnp.float32) + bias.astype(jnp.float32)  # (B, T, V)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def build_model(cfg: TransformerConfig, deterministic: bool = True) -> nn.Module:
+  """The model family named by `cfg.family`."""
+  return (DecoderLM if cfg.family == "decoder" else EncoderMLM)(cfg, deterministic)

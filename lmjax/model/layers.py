@@ -1,0 +1,159 @@
+"""Building blocks: dense layers, norms, MLPs and rotary positions.
+
+Every parameter is created through `nn.with_logical_partitioning`, naming its
+axes with the logical names of `lmjax.sharding` (embed, heads, kv, mlp, vocab,
+...). The mapping to mesh axes lives in one rules table in the config.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.model.config import TransformerConfig
+
+Array = jax.Array
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2 "gelu_new"
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),  # BERT
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def normal_init(std: float, names: Sequence[str | None]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(names))
+
+
+def zeros_init(names: Sequence[str | None]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
+
+
+class Dense(nn.Module):
+  """x @ kernel (+ bias) over the last `len(in_axes)` axes of x; kernel (*in, *out).
+
+  Unlike nn.DenseGeneral it initialises the kernel in its final shape, so the
+  logical axis names always match the kernel's rank.
+  """
+
+  features: tuple[int, ...]
+  num_in: int
+  kernel_names: tuple[str | None, ...]
+  bias_names: tuple[str | None, ...]
+  use_bias: bool
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  std: float
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[x.ndim - self.num_in:]
+    kernel = self.param("kernel", normal_init(self.std, self.kernel_names),
+                        (*in_shape, *self.features), self.param_dtype)
+    contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", zeros_init(self.bias_names), self.features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(cfg: TransformerConfig, features, num_in: int, kernel_names, bias_names, name: str,
+          std: float | None = None) -> Dense:
+  """A Dense layer configured from `cfg` (dtypes, bias, init scale)."""
+  features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+  return Dense(features, num_in, tuple(kernel_names), tuple(bias_names), cfg.use_bias,
+               cfg.compute_dtype, cfg.weight_dtype,
+               cfg.init_std if std is None else std, name=name)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm over the last axis; statistics in float32."""
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+    if cfg.norm == "rmsnorm":
+      return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+                        param_dtype=cfg.weight_dtype, scale_init=ones, name="norm")(x)
+    return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                        param_dtype=cfg.weight_dtype, scale_init=ones,
+                        bias_init=zeros_init(("embed",)), name="norm")(x)
+
+
+class Mlp(nn.Module):
+  """GELU MLP (GPT-2, BERT) or SwiGLU (LLaMA): (B, T, D) -> (B, T, D)."""
+
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    act = ACTIVATIONS[cfg.activation]
+    up = lambda name: dense(cfg, cfg.d_ff, 1, ("embed", "mlp"), ("mlp",), name)
+    if cfg.mlp == "swiglu":
+      h = act(up("gate")(x)) * up("up")(x)  # (B, T, F)
+    else:
+      h = act(up("wi")(x))  # (B, T, F)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    std = cfg.init_std / (2 * cfg.num_layers) ** 0.5  # GPT-2's depth-scaled residual init
+    y = dense(cfg, cfg.d_model, 1, ("mlp", "embed"), ("embed",), "wo", std)(h)  # (B, T, D)
+    return nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding, rotate-half layout (LLaMA/HF). x: (B, T, H, Dh); positions: (B, T)."""
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)  # (Dh/2,)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, Dh/2)
+  cos = jnp.cos(angles)[:, :, None, :]  # (B, T, 1, Dh/2)
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Embeddings(nn.Module):
+  """Token (+ learned position, + token type) embeddings: (B, T) ids -> (B, T, D)."""
+
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  def setup(self):
+    cfg = self.cfg
+    self.tokens = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                           param_dtype=cfg.weight_dtype,
+                           embedding_init=normal_init(cfg.init_std, ("vocab", "embed")))
+    if cfg.position == "learned":
+      self.positions = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
+                                param_dtype=cfg.weight_dtype,
+                                embedding_init=normal_init(cfg.init_std, (None, "embed")))
+    if cfg.type_vocab_size:
+      self.token_types = nn.Embed(cfg.type_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                                  param_dtype=cfg.weight_dtype,
+                                  embedding_init=normal_init(cfg.init_std, (None, "embed")))
+    if cfg.embedding_norm:
+      self.norm = Norm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, tokens: Array, positions: Array, token_types: Array | None) -> Array:
+    x = self.tokens(tokens)  # (B, T, D)
+    if self.cfg.position == "learned":
+      x = x + self.positions(positions)
+    if self.cfg.type_vocab_size:
+      x = x + self.token_types(jnp.zeros_like(tokens) if token_types is None else token_types)
+    if self.cfg.embedding_norm:
+      x = self.norm(x)
+    x = self.dropout(x, deterministic=self.deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def attend(self, x: Array) -> Array:
+    """Tied output projection: (B, T, D) -> (B, T, V)."""
+    return self.tokens.attend(x)

@@ -1,0 +1,133 @@
+"""The Transformer block and stack shared by encoders and decoders.
+
+`scan_layers` and `remat_policy` are owned by `LayerStack` alone: the scanned
+stack keeps one set of layer parameters with a leading `layers` axis, the
+unrolled stack keeps `layers_0 .. layers_{L-1}`; `stack_layers` and
+`unstack_layers` convert between the two layouts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.model.attention import MultiHeadAttention, make_attention_mask
+from lmjax.model.config import TransformerConfig
+from lmjax.model.layers import Embeddings, Mlp, Norm
+
+Array = jax.Array
+_policies = jax.checkpoint_policies
+REMAT_POLICIES = {
+    "full": _policies.nothing_saveable,  # recompute everything: least memory
+    "dots": _policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": _policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+    "save_attention_out": _policies.save_only_these_names("attention_out"),
+}
+
+
+class Block(nn.Module):
+  """Attention + MLP with residuals; pre-norm (GPT-2/LLaMA) or post-norm (BERT)."""
+
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, positions: Array) -> tuple[Array, None]:
+    cfg, det = self.cfg, self.deterministic
+    attn = MultiHeadAttention(cfg, det, name="attention")
+    mlp = Mlp(cfg, det, name="mlp")
+    attn_norm, mlp_norm = Norm(cfg, name="attention_norm"), Norm(cfg, name="mlp_norm")
+    if cfg.norm_position == "pre":
+      x = x + attn(attn_norm(x), mask, positions)  # (B, T, D)
+      x = x + mlp(mlp_norm(x))
+    else:
+      x = attn_norm(x + attn(x, mask, positions))
+      x = mlp_norm(x + mlp(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, None  # (carry, per-layer output) as nn.scan expects
+
+
+class LayerStack(nn.Module):
+  """num_layers Blocks, scanned or unrolled, optionally rematerialised."""
+
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+    cfg = self.cfg
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
+                       prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      scanned = nn.scan(block, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(cfg, self.deterministic, name="layers")(x, mask, positions)
+      return x
+    for i in range(cfg.num_layers):
+      x, _ = block(cfg, self.deterministic, name=f"layers_{i}")(x, mask, positions)
+    return x
+
+
+class Transformer(nn.Module):
+  """Embeddings, the layer stack and (pre-norm) a final norm: ids -> hidden states."""
+
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  def setup(self):
+    self.embed = Embeddings(self.cfg, self.deterministic)
+    self.stack = LayerStack(self.cfg, self.deterministic)
+    if self.cfg.norm_position == "pre":
+      self.final_norm = Norm(self.cfg)
+
+  def __call__(self, tokens: Array, segment_ids: Array | None = None,
+               positions: Array | None = None, token_types: Array | None = None,
+               prefix_len: Array | None = None) -> Array:
+    """tokens, segment_ids, positions, token_types: (B, T); prefix_len: (B,) -> (B, T, D)."""
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    mask = make_attention_mask(segment_ids, self.cfg.causal, prefix_len)  # (B, 1, T, T)
+    x = self.embed(tokens, positions, token_types)  # (B, T, D)
+    x = self.stack(x, mask, positions)
+    if self.cfg.norm_position == "pre":
+      x = self.final_norm(x)
+    return x
+
+  def attend(self, x: Array) -> Array:
+    return self.embed.attend(x)  # (B, T, V)
+
+
+def stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+  """Unrolled parameters (layers_0..) -> scanned layout (layers, leading axis L)."""
+  def convert(tree):
+    if not isinstance(tree, dict):
+      return tree
+    if "layers_0" in tree:
+      rest = {k: v for k, v in tree.items() if not k.startswith("layers_")}
+      layers = [tree[f"layers_{i}"] for i in range(num_layers)]
+      return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+    return {k: convert(v) for k, v in tree.items()}
+  return convert(params)
+
+
+def unstack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+  """Scanned parameters -> unrolled layout; the inverse of `stack_layers`."""
+  def convert(tree):
+    if not isinstance(tree, dict):
+      return tree
+    if "layers" in tree:
+      rest = {k: v for k, v in tree.items() if k != "layers"}
+      per_layer = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], tree["layers"])
+                   for i in range(num_layers)}
+      return {**rest, **per_layer}
+    return {k: convert(v) for k, v in tree.items()}
+  return convert(params)

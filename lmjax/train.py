@@ -1,0 +1,302 @@
+"""Pure train/eval steps and the training loop.
+
+`train_step(state, batch) -> (state, metrics)` is jitted once with donated
+state and explicit shardings. Randomness (MLM masking, dropout) comes from
+`fold_in(state.rng, step)`, data from `(seed, step)`, so a resumed run
+reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from lmjax import __version__, objectives
+from lmjax.checkpoint import Checkpointer
+from lmjax.data.batches import PackedDataset
+from lmjax.data.pipeline import build_datasets
+from lmjax.data.tokenizer import SpecialTokens, install_tokenizer
+from lmjax.errors import UserError
+from lmjax.experiment import Experiment, architecture
+from lmjax.metrics import MetricsWriter, flops_per_token
+from lmjax.model import build_model
+from lmjax.objectives import ObjectiveConfig
+from lmjax.optim import learning_rate_schedule, make_optimizer
+from lmjax.sharding import (batch_sharding, logical_to_shardings, make_mesh,
+                            replicated)
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # int32 scalar: optimizer steps taken
+  params: Any
+  opt_state: Any
+  rng: Array  # base PRNG key data (uint32[2]); step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  """What the steps need besides state and batch; fixed for a run."""
+
+  model: nn.Module  # training model (dropout active if configured)
+  eval_model: nn.Module  # deterministic model
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  objective: ObjectiveConfig
+  special: SpecialTokens
+  grad_accum_steps: int = 1
+
+
+def prepare(fns: StepFns, batch: dict[str, Array], rng: Array) -> dict[str, Array]:
+  """Adds model inputs, targets and weights to a packed batch, per the objective."""
+  tokens, segments = batch["tokens"], batch["segment_ids"]
+  if fns.objective.kind == "clm":
+    targets, weights = objectives.clm_targets(tokens, segments)
+    inputs = tokens
+  else:
+    inputs, targets, weights = objectives.mlm_mask(
+        rng, tokens, segments, fns.objective, fns.special.mask, fns.special.ids,
+        fns.model.cfg.vocab_size)
+  return {"inputs": inputs, "segment_ids": segments, "positions": batch["positions"],
+          "targets": targets, "weights": weights}
+
+
+def loss_sums(model: nn.Module, params: Any, b: dict[str, Array], objective: ObjectiveConfig,
+              dropout_rng: Array | None = None) -> dict[str, Array]:
+  rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+  logits = model.apply({"params": params}, b["inputs"], b["segment_ids"], b["positions"],
+                       rngs=rngs)  # (B, T, V) float32
+  return objectives.cross_entropy_sums(logits, b["targets"], b["weights"],
+                                       objective.z_loss, objective.label_smoothing)
+
+
+def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
+               ) -> tuple[TrainState, Metrics]:
+  """One optimizer step over `grad_accum_steps` microbatches; exact as one big batch."""
+  mask_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  b = prepare(fns, batch, mask_rng)
+  total = jnp.maximum(jnp.sum(b["weights"]), 1.0)  # targets in the whole batch
+
+  def loss_fn(params, micro, rng):
+    sums = loss_sums(fns.model, params, micro, fns.objective, rng)
+    return sums["objective"] / total, sums
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  n = fns.grad_accum_steps
+  if n == 1:
+    grads, sums = grad_fn(state.params, b, dropout_rng)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), b)
+
+    def accumulate(carry, xs):
+      i, mb = xs
+      g, s = grad_fn(state.params, mb, jax.random.fold_in(dropout_rng, i))
+      return jax.tree.map(jnp.add, carry, (g, s)), None
+
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "objective", "correct", "weight")}
+    zero = (jax.tree.map(jnp.zeros_like, state.params), zero_sums)
+    (grads, sums), _ = jax.lax.scan(accumulate, zero, (jnp.arange(n), micro))
+  updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = objectives.summarize(sums)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["learning_rate"] = fns.schedule(state.step)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(fns: StepFns, params: Any, batch: dict[str, Array], rng: Array
+              ) -> dict[str, Array]:
+  """Summed loss terms of one eval batch (MLM masks drawn from a fixed `rng`)."""
+  return loss_sums(fns.eval_model, params, prepare(fns, batch, rng), fns.objective)
+
+
+def init_state(fns: StepFns, seed: int, batch_shape: tuple[int, int]) -> TrainState:
+  """A fresh state; parameters stay boxed with their logical axis names."""
+  rng = jax.random.PRNGKey(seed)
+  dummy = jnp.zeros(batch_shape, jnp.int32)
+  params = fns.eval_model.init(jax.random.fold_in(rng, 1 << 30), dummy)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=fns.tx.init(params), rng=rng)
+
+
+def jit_steps(fns: StepFns, state_sharding: Any, batch_sharding: Any, replicated: Any
+              ) -> tuple[Callable, Callable]:
+  """Jitted (train_step, eval_step) with explicit shardings; the state is donated."""
+  batch_shardings = {k: batch_sharding for k in ("tokens", "segment_ids", "positions")}
+  train = jax.jit(functools.partial(train_step, fns),
+                  in_shardings=(state_sharding, batch_shardings),
+                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  evaluate = jax.jit(functools.partial(eval_step, fns),
+                     in_shardings=(state_sharding.params, batch_shardings, replicated),
+                     out_shardings=replicated)
+  return train, evaluate
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def peak_flops(configured: float) -> float:
+  """Peak FLOP/s of one device: the config's value, else a table by device kind."""
+  if configured > 0:
+    return configured
+  kind = jax.devices()[0].device_kind.lower()
+  table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5 lite": 197e12, "v5p": 459e12,
+           "v4": 275e12, "v6": 918e12}
+  for name, flops in table.items():
+    if name in kind:
+      return flops
+  return 400e9  # measured XLA float32 matmul peak of a 2-core CPU (see FACTS)
+
+
+def check_experiment(exp: Experiment, tokenizer_vocab: int, data_parallel: int) -> None:
+  m, t, d = exp.model, exp.train, exp.data
+  if d.seq_len > m.max_len:
+    raise UserError(f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}")
+  if tokenizer_vocab > m.vocab_size:
+    raise UserError(f"tokenizer has {tokenizer_vocab} pieces but model.vocab_size={m.vocab_size}")
+  if t.batch_size % t.grad_accum_steps:
+    raise UserError(f"train.batch_size={t.batch_size} is not divisible by "
+                    f"train.grad_accum_steps={t.grad_accum_steps}")
+  if (t.batch_size // t.grad_accum_steps) % data_parallel:
+    raise UserError(f"microbatch {t.batch_size // t.grad_accum_steps} is not divisible by the "
+                    f"data-parallel size {data_parallel} (mesh data x fsdp)")
+  if t.steps < 1 or t.log_every < 1 or t.checkpoint_every < 1:
+    raise UserError("train.steps, train.log_every and train.checkpoint_every must be >= 1")
+
+
+def restore_or_init(fns: StepFns, exp: Experiment, ckpt: Checkpointer, shardings: Any,
+                    tokenizer_sha: str) -> TrainState:
+  """The newest checkpoint if the workdir has one (same architecture only), else a fresh state."""
+  make = functools.partial(init_state, fns, exp.train.seed, (1, exp.data.seq_len))
+  abstract = unbox(jax.eval_shape(make))
+  step = ckpt.latest_step()
+  if step is None:
+    return jax.jit(lambda: nn.meta.unbox(make()), out_shardings=shardings)()
+  meta = ckpt.read_meta(step)
+  saved, current = architecture(meta["config"]["model"]), architecture(exp.to_dict()["model"])
+  if saved != current:
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    raise UserError(f"{ckpt.directory} holds a different architecture (model.{', model.'.join(diff)}"
+                    "); use a new --workdir")
+  if meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
+    raise UserError(f"checkpoint step {step} was trained with another tokenizer")
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  state, _ = ckpt.restore(step, target)
+  logging.info("resumed from %s step %d", ckpt.directory, step)
+  return state
+
+
+def evaluate(eval_fn: Callable, params: Any, data: PackedDataset, exp: Experiment,
+             put: Callable) -> dict[str, float]:
+  """Loss, accuracy and perplexity over a fixed prefix (or all) of the eval split."""
+  n = data.num_eval_batches(exp.train.batch_size)
+  n = min(n, exp.train.eval_batches) if exp.train.eval_batches else n
+  base = jax.random.PRNGKey(exp.train.seed + 1)
+  total = None
+  for i in range(n):
+    batch = put(data.eval_batch(i, exp.train.batch_size, jax.process_index(),
+                                jax.process_count()))
+    sums = eval_fn(params, batch, jax.random.fold_in(base, i))
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  return {k: float(v) for k, v in objectives.summarize(total).items()}
+
+
+def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) in `workdir` until `exp.train.steps`; returns the final eval metrics."""
+  workdir = os.path.abspath(workdir)
+  t = exp.train
+  tokenizer = install_tokenizer(exp.data.tokenizer, workdir)
+  mesh = make_mesh(exp.mesh)
+  check_experiment(exp, tokenizer.vocab_size, mesh.shape["data"] * mesh.shape["fsdp"])
+  train_data, eval_data = build_datasets(exp.data, tokenizer, exp.objective.kind, t.seed)
+  schedule = learning_rate_schedule(exp.optimizer, t.steps)
+  fns = StepFns(build_model(exp.model, deterministic=exp.model.dropout_rate == 0),
+                build_model(exp.model), make_optimizer(exp.optimizer, t.steps), schedule,
+                exp.objective, tokenizer.special, t.grad_accum_steps)
+  rules = exp.mesh.rules
+  ckpt = Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoints)
+  writer = MetricsWriter(workdir, active=jax.process_index() == 0)
+  meta = {"config": exp.to_dict(), "tokenizer_sha256": tokenizer.sha256,
+          "lmjax_version": __version__}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(functools.partial(init_state, fns, t.seed, (1, exp.data.seq_len)))
+    shardings = logical_to_shardings(abstract, mesh, rules)
+    state = restore_or_init(fns, exp, ckpt, shardings, tokenizer.sha256)
+    train_fn, eval_fn = jit_steps(fns, shardings, batch_sharding(mesh, rules), replicated(mesh))
+    in_sharding = batch_sharding(mesh, rules)
+    put = lambda b: {k: jax.make_array_from_process_local_data(in_sharding, v)
+                     for k, v in b.items()}
+    host_batch = lambda s: train_data.batch(s, t.batch_size, jax.process_index(),
+                                            jax.process_count())
+    step = int(jax.device_get(state.step))
+    tokens_per_step = t.batch_size * exp.data.seq_len
+    flops = flops_per_token(exp.model, exp.data.seq_len) / (peak_flops(t.peak_flops_per_device)
+                                                            * jax.device_count())
+    logging.info("model %s: %.1fM parameters; training steps %d..%d on %d device(s)",
+                 exp.model.family, count_params(state.params) / 1e6, step, t.steps,
+                 jax.device_count())
+    pending: list[Metrics] = []
+    timer_start, timer_step, compiled = time.perf_counter(), step, False
+    eval_metrics: dict[str, float] = {}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      upcoming = pool.submit(host_batch, step)  # the next host batch is built during the step
+      while step < t.steps:
+        batch = put(upcoming.result())
+        if step + 1 < t.steps:
+          upcoming = pool.submit(host_batch, step + 1)
+        state, metrics = train_fn(state, batch)
+        step += 1
+        pending.append(metrics)
+        if not compiled and step < t.steps:  # keep compilation out of the throughput
+          jax.block_until_ready(metrics)
+          logging.info("first step (with compilation) took %.1fs", time.perf_counter() - timer_start)
+          timer_start, timer_step, compiled = time.perf_counter(), step, True
+        if step % t.log_every == 0 or step == t.steps:
+          values = {k: float(v) for k, v in
+                    jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending).items()}
+          elapsed = time.perf_counter() - timer_start
+          rate = (step - timer_step) * tokens_per_step / max(elapsed, 1e-9)
+          values.update(tokens_per_s=rate, mfu=rate * flops,
+                        eta_s=(t.steps - step) * elapsed / max(step - timer_step, 1))
+          values.pop("tokens", None)
+          writer.write(step, "train", values, t.steps)
+          pending, timer_start, timer_step = [], time.perf_counter(), step
+        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+          eval_metrics = evaluate(eval_fn, state.params, eval_data, exp, put)
+          writer.write(step, "eval", eval_metrics, t.steps)
+          timer_start = time.perf_counter()  # keep evaluation out of the training rate
+        if step % t.checkpoint_every == 0 or step == t.steps:
+          ckpt.save(step, state, {**meta, "step": step})
+    if not eval_metrics:  # nothing left to train: report the checkpoint as it is
+      logging.info("workdir already at step %d of %d; nothing to train", step, t.steps)
+      eval_metrics = evaluate(eval_fn, state.params, eval_data, exp, put)
+  ckpt.close()
+  writer.close()
+  return eval_metrics
+
+
+def unbox(tree: Any) -> Any:
+  """Drops logical-axis boxes without applying sharding constraints (safe outside jit)."""
+  return jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+      tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def count_params(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

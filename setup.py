@@ -1,0 +1,28 @@
+"""lmjax: MLM and CLM pretraining in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lmjax",
+    version="0.1.0",
+    description="Readable, fast MLM and CLM pretraining in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lmjax", "lmjax.*", "launch", "launch.*"]),
+    package_data={"lmjax": ["assets/shakespeare/*"]},
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "sentencepiece>=0.2",
+        "absl-py>=2.0",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=4.40", "torch==2.13.0"],
+        "bench": ["transformers>=4.40", "torch==2.13.0"],
+    },
+)
