@@ -43,6 +43,11 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta)
 
+  def restore_arrays(self, step: int) -> dict[str, Any]:
+    """The saved state as nested dicts of host arrays, without a target structure."""
+    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return out.state
+
   def read_meta(self, step: int) -> dict[str, Any]:
     out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(out.meta)

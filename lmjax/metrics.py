@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
 from absl import logging
@@ -34,6 +35,30 @@ def format_duration(seconds: float) -> str:
   seconds = int(seconds)
   h, rem = divmod(seconds, 3600)
   return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+class Throughput:
+  """Tokens/s, MFU and ETA over the steps since the last measurement or restart."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float,
+               total_steps: int):
+    self.tokens_per_step, self.total_steps = tokens_per_step, total_steps
+    self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+    self.started = False
+    self._time, self._step = time.perf_counter(), 0
+
+  def restart(self, step: int) -> float:
+    """Starts a new interval at `step`; returns the seconds since the previous one."""
+    now = time.perf_counter()
+    elapsed, self._time, self._step, self.started = now - self._time, now, step, True
+    return elapsed
+
+  def measure(self, step: int) -> dict[str, float]:
+    steps = step - self._step
+    elapsed = max(self.restart(step), 1e-9)
+    rate = steps * self.tokens_per_step / elapsed
+    return {"tokens_per_s": rate, "mfu": rate * self.flops_per_token / self.peak_flops,
+            "eta_s": (self.total_steps - step) * elapsed / max(steps, 1)}
 
 
 class MetricsWriter:

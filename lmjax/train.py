@@ -12,13 +12,13 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-import time
 from typing import Any, Callable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
@@ -29,7 +29,7 @@ from lmjax.data.pipeline import build_datasets
 from lmjax.data.tokenizer import SpecialTokens, install_tokenizer
 from lmjax.errors import UserError
 from lmjax.experiment import Experiment, architecture
-from lmjax.metrics import MetricsWriter, flops_per_token
+from lmjax.metrics import MetricsWriter, Throughput, flops_per_token
 from lmjax.model import build_model
 from lmjax.objectives import ObjectiveConfig
 from lmjax.optim import learning_rate_schedule, make_optimizer
@@ -113,7 +113,7 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
   updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = objectives.summarize(sums)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["learning_rate"] = fns.schedule(state.step)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
@@ -217,77 +217,94 @@ def evaluate(eval_fn: Callable, params: Any, data: PackedDataset, exp: Experimen
   return {k: float(v) for k, v in objectives.summarize(total).items()}
 
 
-def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir` until `exp.train.steps`; returns the final eval metrics."""
+@dataclasses.dataclass
+class Run:
+  """Everything a training run holds besides its state."""
+
+  exp: Experiment
+  fns: StepFns
+  mesh: jax.sharding.Mesh
+  train_data: PackedDataset
+  eval_data: PackedDataset
+  ckpt: Checkpointer
+  writer: MetricsWriter
+  meta: dict[str, Any]  # written beside every checkpoint
+
+
+def setup_run(exp: Experiment, workdir: str) -> Run:
+  """Validates the experiment against tokenizer and devices, then builds the run's parts."""
   workdir = os.path.abspath(workdir)
   t = exp.train
   tokenizer = install_tokenizer(exp.data.tokenizer, workdir)
   mesh = make_mesh(exp.mesh)
   check_experiment(exp, tokenizer.vocab_size, mesh.shape["data"] * mesh.shape["fsdp"])
   train_data, eval_data = build_datasets(exp.data, tokenizer, exp.objective.kind, t.seed)
-  schedule = learning_rate_schedule(exp.optimizer, t.steps)
   fns = StepFns(build_model(exp.model, deterministic=exp.model.dropout_rate == 0),
-                build_model(exp.model), make_optimizer(exp.optimizer, t.steps), schedule,
-                exp.objective, tokenizer.special, t.grad_accum_steps)
-  rules = exp.mesh.rules
-  ckpt = Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoints)
-  writer = MetricsWriter(workdir, active=jax.process_index() == 0)
+                build_model(exp.model), make_optimizer(exp.optimizer, t.steps),
+                learning_rate_schedule(exp.optimizer, t.steps), exp.objective,
+                tokenizer.special, t.grad_accum_steps)
   meta = {"config": exp.to_dict(), "tokenizer_sha256": tokenizer.sha256,
           "lmjax_version": __version__}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(functools.partial(init_state, fns, t.seed, (1, exp.data.seq_len)))
-    shardings = logical_to_shardings(abstract, mesh, rules)
-    state = restore_or_init(fns, exp, ckpt, shardings, tokenizer.sha256)
-    train_fn, eval_fn = jit_steps(fns, shardings, batch_sharding(mesh, rules), replicated(mesh))
-    in_sharding = batch_sharding(mesh, rules)
-    put = lambda b: {k: jax.make_array_from_process_local_data(in_sharding, v)
-                     for k, v in b.items()}
-    host_batch = lambda s: train_data.batch(s, t.batch_size, jax.process_index(),
-                                            jax.process_count())
-    step = int(jax.device_get(state.step))
-    tokens_per_step = t.batch_size * exp.data.seq_len
-    flops = flops_per_token(exp.model, exp.data.seq_len) / (peak_flops(t.peak_flops_per_device)
-                                                            * jax.device_count())
-    logging.info("model %s: %.1fM parameters; training steps %d..%d on %d device(s)",
-                 exp.model.family, count_params(state.params) / 1e6, step, t.steps,
-                 jax.device_count())
-    pending: list[Metrics] = []
-    timer_start, timer_step, compiled = time.perf_counter(), step, False
-    eval_metrics: dict[str, float] = {}
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      upcoming = pool.submit(host_batch, step)  # the next host batch is built during the step
-      while step < t.steps:
-        batch = put(upcoming.result())
-        if step + 1 < t.steps:
-          upcoming = pool.submit(host_batch, step + 1)
-        state, metrics = train_fn(state, batch)
-        step += 1
-        pending.append(metrics)
-        if not compiled and step < t.steps:  # keep compilation out of the throughput
-          jax.block_until_ready(metrics)
-          logging.info("first step (with compilation) took %.1fs", time.perf_counter() - timer_start)
-          timer_start, timer_step, compiled = time.perf_counter(), step, True
-        if step % t.log_every == 0 or step == t.steps:
-          values = {k: float(v) for k, v in
-                    jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending).items()}
-          elapsed = time.perf_counter() - timer_start
-          rate = (step - timer_step) * tokens_per_step / max(elapsed, 1e-9)
-          values.update(tokens_per_s=rate, mfu=rate * flops,
-                        eta_s=(t.steps - step) * elapsed / max(step - timer_step, 1))
-          values.pop("tokens", None)
-          writer.write(step, "train", values, t.steps)
-          pending, timer_start, timer_step = [], time.perf_counter(), step
-        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-          eval_metrics = evaluate(eval_fn, state.params, eval_data, exp, put)
-          writer.write(step, "eval", eval_metrics, t.steps)
-          timer_start = time.perf_counter()  # keep evaluation out of the training rate
-        if step % t.checkpoint_every == 0 or step == t.steps:
-          ckpt.save(step, state, {**meta, "step": step})
-    if not eval_metrics:  # nothing left to train: report the checkpoint as it is
-      logging.info("workdir already at step %d of %d; nothing to train", step, t.steps)
-      eval_metrics = evaluate(eval_fn, state.params, eval_data, exp, put)
-  ckpt.close()
-  writer.close()
+  return Run(exp, fns, mesh, train_data, eval_data,
+             Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoints),
+             MetricsWriter(workdir, active=jax.process_index() == 0), meta)
+
+
+def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) in `workdir` until `exp.train.steps`; returns the final eval metrics."""
+  run = setup_run(exp, workdir)
+  try:
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(exp.mesh.rules):
+      return train_loop(run)
+  finally:
+    run.ckpt.close()  # also on errors: never leave a half-written save behind
+    run.writer.close()
+
+
+def train_loop(run: Run) -> dict[str, float]:
+  exp, t, rules = run.exp, run.exp.train, run.exp.mesh.rules
+  abstract = jax.eval_shape(functools.partial(init_state, run.fns, t.seed, (1, exp.data.seq_len)))
+  shardings = logical_to_shardings(abstract, run.mesh, rules)
+  state = restore_or_init(run.fns, exp, run.ckpt, shardings, run.meta["tokenizer_sha256"])
+  in_sharding = batch_sharding(run.mesh, rules)
+  train_fn, eval_fn = jit_steps(run.fns, shardings, in_sharding, replicated(run.mesh))
+  put = lambda b: {k: jax.make_array_from_process_local_data(in_sharding, v) for k, v in b.items()}
+  host_batch = lambda s: run.train_data.batch(s, t.batch_size, jax.process_index(),
+                                              jax.process_count())
+  step = int(jax.device_get(state.step))
+  logging.info("%s: %.1fM parameters; steps %d..%d on %d device(s), mesh %s", exp.model.family,
+               count_params(state.params) / 1e6, step, t.steps, jax.device_count(),
+               dict(run.mesh.shape))
+  speed = Throughput(t.batch_size * exp.data.seq_len, flops_per_token(exp.model, exp.data.seq_len),
+                     peak_flops(t.peak_flops_per_device) * jax.device_count(), t.steps)
+  pending: list[Metrics] = []  # fetched from the device only at log steps
+  eval_metrics: dict[str, float] = {}
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    upcoming = pool.submit(host_batch, step)  # the next host batch is built during the step
+    while step < t.steps:
+      batch = put(upcoming.result())
+      if step + 1 < t.steps:
+        upcoming = pool.submit(host_batch, step + 1)
+      state, metrics = train_fn(state, batch)
+      step += 1
+      pending.append(metrics)
+      if not speed.started:  # keep compilation out of the throughput
+        jax.block_until_ready(metrics)
+        logging.info("first step (with compilation) took %.1fs", speed.restart(step))
+      if step % t.log_every == 0 or step == t.steps:
+        values = jax.device_get(pending)
+        values = {k: float(np.mean([v[k] for v in values])) for k in values[0] if k != "tokens"}
+        run.writer.write(step, "train", {**values, **speed.measure(step)}, t.steps)
+        pending = []
+      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+        eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put)
+        run.writer.write(step, "eval", eval_metrics, t.steps)
+        speed.restart(step)  # keep evaluation out of the training rate
+      if step % t.checkpoint_every == 0 or step == t.steps:
+        run.ckpt.save(step, state, {**run.meta, "step": step})
+  if not eval_metrics:  # nothing left to train: report the checkpoint as it is
+    logging.info("workdir already at step %d of %d; nothing to train", step, t.steps)
+    eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put)
   return eval_metrics
 
 

@@ -1,0 +1,85 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax.objectives import (ObjectiveConfig, clm_targets, cross_entropy_sums, mlm_mask,
+                              summarize)
+
+SPECIAL = (0, 1, 2, 3, 4, 5, 6)
+MASK_ID, VOCAB = 4, 50
+
+
+def test_clm_targets_stop_at_document_boundaries_and_padding():
+  tokens = jnp.array([[10, 11, 12, 20, 21, 0, 0]])
+  seg = jnp.array([[1, 1, 1, 2, 2, 0, 0]])
+  targets, weights = clm_targets(tokens, seg)
+  np.testing.assert_array_equal(weights[0], [1, 1, 0, 1, 0, 0, 0])
+  np.testing.assert_array_equal(targets[0, [0, 1, 3]], [11, 12, 21])
+
+
+def test_clm_loss_ignores_padding_and_cross_document_targets():
+  tokens = jnp.array([[10, 11, 12, 20, 21, 0, 0]])
+  seg = jnp.array([[1, 1, 1, 2, 2, 0, 0]])
+  targets, weights = clm_targets(tokens, seg)
+  logits = jax.random.normal(jax.random.PRNGKey(0), (1, 7, VOCAB))
+  base = summarize(cross_entropy_sums(logits, targets, weights))
+  # Changing logits where no target is counted changes nothing.
+  noisy = logits.at[0, jnp.array([2, 4, 5, 6])].add(100.0)
+  assert float(summarize(cross_entropy_sums(noisy, targets, weights))["loss"]) == float(base["loss"])
+  assert float(base["tokens"]) == 3
+  manual = -np.mean([jax.nn.log_softmax(logits[0, i])[t] for i, t in ((0, 11), (1, 12), (3, 21))])
+  np.testing.assert_allclose(base["loss"], manual, rtol=1e-5)
+
+
+def test_z_loss_and_label_smoothing_change_only_the_objective():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (2, 5, VOCAB)) * 3
+  targets = jnp.ones((2, 5), jnp.int32) * 7
+  w = jnp.ones((2, 5))
+  plain = cross_entropy_sums(logits, targets, w)
+  both = cross_entropy_sums(logits, targets, w, z_loss=1e-2, label_smoothing=0.1)
+  assert float(plain["loss"]) == float(both["loss"])
+  assert float(plain["objective"]) == float(plain["loss"])
+  assert float(both["objective"]) != float(plain["objective"])
+
+
+def test_mlm_masking_statistics():
+  cfg = ObjectiveConfig(kind="mlm")
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, VOCAB, size=(64, 128)).astype(np.int32)
+  tokens[:, 0], tokens[:, -1] = 5, 6  # [CLS] ... [SEP]
+  seg = np.ones_like(tokens)
+  seg[:, 100:] = 0  # padding tail
+  tokens[:, 100:] = 0
+  tokens, seg = jnp.asarray(tokens), jnp.asarray(seg)
+  special = np.isin(np.asarray(tokens), SPECIAL) | (np.asarray(seg) == 0)
+  draw = jax.jit(lambda key: mlm_mask(key, tokens, seg, cfg, MASK_ID, SPECIAL, VOCAB))
+  selected = masked = randomized = kept = 0
+  for i in range(20):
+    inputs, targets, weights = map(np.asarray, draw(jax.random.PRNGKey(i)))
+    sel = weights > 0
+    assert not (sel & special).any(), "special tokens or padding were selected"
+    np.testing.assert_array_equal(targets, np.asarray(tokens))
+    selected += sel.sum()
+    masked += (sel & (inputs == MASK_ID)).sum()
+    kept += (sel & (inputs == np.asarray(tokens))).sum()
+    randomized += (sel & (inputs != MASK_ID) & (inputs != np.asarray(tokens))).sum()
+    assert not np.isin(inputs[sel & (inputs != MASK_ID)], SPECIAL).any()
+    np.testing.assert_array_equal(inputs[~sel], np.asarray(tokens)[~sel])
+  candidates = 20 * (~special).sum()
+  np.testing.assert_allclose(selected / candidates, 0.15, atol=0.01)
+  np.testing.assert_allclose(masked / selected, 0.8, atol=0.02)
+  # A random replacement equals the original 1/(V - specials) of the time: counted as kept.
+  p_same = 1 / (VOCAB - len(SPECIAL))
+  np.testing.assert_allclose(randomized / selected, 0.1 * (1 - p_same), atol=0.015)
+  np.testing.assert_allclose(kept / selected, 0.1 + 0.1 * p_same, atol=0.015)
+
+
+def test_mlm_mask_depends_only_on_the_key():
+  cfg = ObjectiveConfig(kind="mlm")
+  tokens = jnp.arange(7, 47).reshape(2, 20)
+  seg = jnp.ones_like(tokens)
+  a = mlm_mask(jax.random.PRNGKey(3), tokens, seg, cfg, MASK_ID, SPECIAL, VOCAB)
+  b = mlm_mask(jax.random.PRNGKey(3), tokens, seg, cfg, MASK_ID, SPECIAL, VOCAB)
+  c = mlm_mask(jax.random.PRNGKey(4), tokens, seg, cfg, MASK_ID, SPECIAL, VOCAB)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.array_equal(a[2], c[2])

@@ -1,0 +1,138 @@
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from lmjax import train as train_lib
+from lmjax.checkpoint import Checkpointer
+from lmjax.data import batches
+from lmjax.data.tokenizer import SpecialTokens
+from lmjax.experiment import experiment_from_dict
+from lmjax.model import TransformerConfig, build_model
+from lmjax.objectives import ObjectiveConfig
+from lmjax.optim import OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
+
+SPECIAL = SpecialTokens(pad=0, unk=1, bos=2, eos=3, mask=4, cls=5, sep=6)
+
+
+def _fns(kind, accum, dropout=0.0):
+  cfg = TransformerConfig(family="decoder" if kind == "clm" else "encoder", vocab_size=64,
+                          max_len=16, d_model=16, num_layers=2, num_heads=2, d_ff=32,
+                          dropout_rate=dropout)
+  opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
+  return train_lib.StepFns(build_model(cfg, deterministic=dropout == 0), build_model(cfg),
+                           make_optimizer(opt, 10), learning_rate_schedule(opt, 10),
+                           ObjectiveConfig(kind=kind), SPECIAL, accum)
+
+
+def _batch():
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (8, 16), 7, 64)
+  segments = jnp.where(jnp.arange(16) < 12, 1, 2) * jnp.ones((8, 1), jnp.int32)
+  segments = segments.at[:2, 14:].set(0)  # some padding
+  positions = jnp.where(jnp.arange(16) < 12, jnp.arange(16), jnp.arange(16) - 12)
+  return {"tokens": tokens, "segment_ids": segments,
+          "positions": jnp.broadcast_to(positions, (8, 16))}
+
+
+@pytest.mark.parametrize("kind", ["clm", "mlm"])
+def test_gradient_accumulation_equals_one_big_batch(kind):
+  states = []
+  for accum in (1, 4):
+    fns = _fns(kind, accum)
+    state = train_lib.unbox(train_lib.init_state(fns, 0, (1, 16)))
+    step = jax.jit(functools.partial(train_lib.train_step, fns))
+    for _ in range(2):
+      state, metrics = step(state, _batch())
+    states.append((state, metrics))
+  (a, ma), (b, mb) = states
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4),
+               a.params, b.params)
+  for key in ("loss", "accuracy", "grad_norm", "tokens"):
+    np.testing.assert_allclose(ma[key], mb[key], rtol=1e-5)
+
+
+def test_train_step_lowers_the_loss_and_counts_steps():
+  fns = _fns("clm", 1, dropout=0.1)
+  state = train_lib.unbox(train_lib.init_state(fns, 0, (1, 16)))
+  step = jax.jit(functools.partial(train_lib.train_step, fns))
+  losses = []
+  for _ in range(10):
+    state, metrics = step(state, _batch())
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 10 and losses[-1] < losses[0] - 0.5
+
+
+def test_weight_decay_skips_norms_and_biases():
+  fns = _fns("clm", 1)
+  params = train_lib.unbox(train_lib.init_state(fns, 0, (1, 16))).params
+  mask = decay_mask(params)
+  layer = mask["transformer"]["stack"]["layers"]
+  assert layer["attention"]["query"]["kernel"] and layer["mlp"]["wi"]["kernel"]
+  assert not layer["attention"]["query"]["bias"] and not layer["attention_norm"]["norm"]["scale"]
+  assert mask["transformer"]["embed"]["tokens"]["embedding"]
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+  cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=10, schedule="cosine", end_lr_ratio=0.1)
+  lr = learning_rate_schedule(cfg, 110)
+  assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+  assert float(lr(10)) == pytest.approx(1.0) and float(lr(110)) == pytest.approx(0.1)
+  linear = learning_rate_schedule(cfg.replace(schedule="linear") if hasattr(cfg, "replace")
+                                  else OptimizerConfig(1.0, 10, "linear", 0.1), 110)
+  assert float(linear(60)) == pytest.approx(0.55)
+
+
+def _final_state(workdir, step):
+  ckpt = Checkpointer(str(workdir), async_save=False)
+  try:
+    return ckpt.restore_arrays(step)
+  finally:
+    ckpt.close()
+
+
+@pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny"])
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, name):
+  config = tiny_config(name, tmp_path, train__steps=12, train__checkpoint_every=4,
+                       train__eval_every=6)
+  exp = experiment_from_dict(config.to_dict())
+  straight = train_lib.train_and_evaluate(exp, str(tmp_path / "straight"))
+
+  original = batches.PackedDataset.batch
+
+  def crash_at_step_9(self, step, *args, **kwargs):
+    if step == 9:
+      raise RuntimeError("simulated crash")
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(batches.PackedDataset, "batch", crash_at_step_9)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train_lib.train_and_evaluate(exp, str(tmp_path / "resumed"))
+  monkeypatch.setattr(batches.PackedDataset, "batch", original)
+  ckpt = Checkpointer(str(tmp_path / "resumed"))
+  assert ckpt.latest_step() == 8  # the crash lost only the steps after the checkpoint
+  ckpt.close()
+  resumed = train_lib.train_and_evaluate(exp, str(tmp_path / "resumed"))
+  assert resumed == straight
+  a, b = _final_state(tmp_path / "straight", 12), _final_state(tmp_path / "resumed", 12)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # bitwise equal, optimizer state too
+  lines = open(tmp_path / "resumed" / "metrics.jsonl").read().splitlines()
+  assert any('"split": "eval"' in line for line in lines)
+
+
+def test_larger_step_count_continues_a_finished_run(tmp_path):
+  config = tiny_config("clm_tiny", tmp_path, train__steps=6)
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), workdir)
+  config.train.steps = 10
+  train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), workdir)
+  ckpt = Checkpointer(workdir)
+  assert ckpt.latest_step() == 10
+  ckpt.close()
+  steps = [int(line.split('"step": ')[1].split(",")[0])
+           for line in open(os.path.join(workdir, "metrics.jsonl")) if '"train"' in line]
+  assert steps == [5, 6, 10]
