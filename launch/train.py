@@ -11,7 +11,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from launch.cli import cli_main
+from launch.cli import cli_main, parse_flags
 from lmjax.experiment import experiment_from_dict
 from lmjax.train import train_and_evaluate
 
@@ -29,4 +29,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from launch.cli import cli_main
+from launch.cli import cli_main, parse_flags
 from lmjax.data.corpus import check_files, read_documents
 from lmjax.data.tokenizer import train_tokenizer
 
@@ -37,4 +37,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

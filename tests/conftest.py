@@ -7,6 +7,11 @@ import sys
 
 import pytest
 
+# Tiny test models compile twice as fast without XLA's backend optimisations; set before
+# jax starts, inherited by the launcher subprocesses.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_backend_optimization_level=0").strip()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `experiments` and `launch` import from the checkout
 

@@ -38,12 +38,16 @@ def _batch():
           "positions": jnp.broadcast_to(positions, (8, 16))}
 
 
+def _init(fns):
+  return jax.jit(lambda: train_lib.unbox(train_lib.init_state(fns, 0, (1, 16))))()
+
+
 @pytest.mark.parametrize("kind", ["clm", "mlm"])
 def test_gradient_accumulation_equals_one_big_batch(kind):
   states = []
   for accum in (1, 4):
     fns = _fns(kind, accum)
-    state = train_lib.unbox(train_lib.init_state(fns, 0, (1, 16)))
+    state = _init(fns)
     step = jax.jit(functools.partial(train_lib.train_step, fns))
     for _ in range(2):
       state, metrics = step(state, _batch())
@@ -57,7 +61,7 @@ def test_gradient_accumulation_equals_one_big_batch(kind):
 
 def test_train_step_lowers_the_loss_and_counts_steps():
   fns = _fns("clm", 1, dropout=0.1)
-  state = train_lib.unbox(train_lib.init_state(fns, 0, (1, 16)))
+  state = _init(fns)
   step = jax.jit(functools.partial(train_lib.train_step, fns))
   losses = []
   for _ in range(10):
@@ -68,7 +72,7 @@ def test_train_step_lowers_the_loss_and_counts_steps():
 
 def test_weight_decay_skips_norms_and_biases():
   fns = _fns("clm", 1)
-  params = train_lib.unbox(train_lib.init_state(fns, 0, (1, 16))).params
+  params = _init(fns).params
   mask = decay_mask(params)
   layer = mask["transformer"]["stack"]["layers"]
   assert layer["attention"]["query"]["kernel"] and layer["mlp"]["wi"]["kernel"]

@@ -1,0 +1,66 @@
+"""Every shipped experiment file loads, converts to typed dataclasses and builds abstractly."""
+
+import glob
+import importlib
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import ROOT
+from lmjax.errors import UserError
+from lmjax.experiment import default_config, experiment_from_dict
+from lmjax.model import build_model
+from lmjax.sharding import logical_to_shardings, make_mesh
+from lmjax.train import StepFns, init_state
+from lmjax.optim import learning_rate_schedule, make_optimizer
+from lmjax.data.tokenizer import SpecialTokens
+
+EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
+                     if not p.endswith("__init__.py"))
+VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp"]}
+CASES = [(name, arg) for name in EXPERIMENTS for arg in VARIANTS.get(name, [None])]
+
+
+def test_all_experiments_are_covered():
+  assert {"clm_tiny", "mlm_tiny", "gpt2_small", "bert_base", "llama_1b"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name,arg", CASES)
+def test_experiment_builds_abstractly(name, arg):
+  module = importlib.import_module(f"experiments.{name}")
+  config = module.get_config(arg) if arg else module.get_config()
+  exp = experiment_from_dict(config.to_dict())
+  assert os.path.isfile(exp.data.tokenizer) and all(map(os.path.isfile, exp.data.train_files))
+  assert exp.data.seq_len <= exp.model.max_len
+  special = SpecialTokens(0, 1, 2, 3, 4, 5, 6)
+  fns = StepFns(build_model(exp.model), build_model(exp.model),
+                make_optimizer(exp.optimizer, exp.train.steps),
+                learning_rate_schedule(exp.optimizer, exp.train.steps), exp.objective, special)
+  abstract = jax.eval_shape(lambda: init_state(fns, 0, (1, exp.data.seq_len)))
+  shardings = logical_to_shardings(abstract, make_mesh(exp.mesh), exp.mesh.rules)
+  assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(abstract))
+  batch = jax.ShapeDtypeStruct((2, exp.data.seq_len), jnp.int32)
+  logits = jax.eval_shape(lambda p, t: fns.model.apply({"params": p}, t),
+                          abstract.params, batch)
+  assert logits.shape == (2, exp.data.seq_len, exp.model.vocab_size)
+
+
+def test_default_config_covers_every_field():
+  exp = experiment_from_dict(default_config())
+  assert exp.to_dict() == experiment_from_dict(exp.to_dict()).to_dict()
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("optimizer", "lrr", 1, "unknown config key optimizer.lrr"),
+    ("model", "d_model", "big", "model.d_model must be of type int"),
+    ("train", "async_checkpoints", 1, "train.async_checkpoints must be of type bool"),
+    ("model", "family", "seq2seq", "model.family must be"),
+    ("mesh", "rules", (("batch", "model"),), "unknown mesh axis 'model'"),
+])
+def test_bad_config_values_are_user_errors(section, key, value, message):
+  config = default_config()
+  config[section][key] = value
+  with pytest.raises(UserError, match=message):
+    experiment_from_dict(config)

@@ -1,0 +1,77 @@
+"""The launchers as a user runs them: subprocesses, exit codes, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY_OVERRIDES
+
+TIMEOUT = 240
+
+
+def launch(module, *args, cwd=ROOT):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
+                        text=True, timeout=TIMEOUT)
+
+
+def tiny_flags(tmp_path, **extra):
+  values = dict(TINY_OVERRIDES, **{"data.cache_dir": str(tmp_path / "cache")}, **extra)
+  return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+@pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny"])
+def test_tiny_experiment_trains_through_the_launcher(tmp_path, name):
+  workdir = tmp_path / "run"
+  proc = launch("launch.train", f"--config=experiments/{name}.py", f"--workdir={workdir}",
+                *tiny_flags(tmp_path, **{"train.steps": 40, "train.eval_every": 20,
+                                         "optimizer.learning_rate": 0.005}))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  train = [r for r in records if r["split"] == "train"]
+  evals = [r for r in records if r["split"] == "eval"]
+  assert [r["step"] for r in evals] == [20, 40]
+  assert train[-1]["loss"] < train[0]["loss"] - 1.0, train
+  assert evals[-1]["loss"] < evals[0]["loss"]
+  for key in ("learning_rate", "grad_norm", "tokens_per_s", "mfu", "accuracy"):
+    assert key in train[-1]
+  assert "step 40/40" in proc.stderr and "tok/s" in proc.stderr and "MFU" in proc.stderr
+  assert os.listdir(workdir / "tensorboard")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "30", "40"][-3:]
+  assert (workdir / "tokenizer.model").is_file()
+
+
+def test_mistyped_override_names_the_key(tmp_path):
+  proc = launch("launch.train", "--config=experiments/clm_tiny.py", f"--workdir={tmp_path}",
+                "--config.optimizer.lrr=1")
+  assert proc.returncode != 0
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and "lrr" in lines[0], proc.stderr
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.data.seq_len=4096", "exceeds model.max_len"),
+    ("--config.train.batch_size=7", "not divisible by train.grad_accum_steps"),
+    ("--config.data.train_files=('missing.txt',)", "train file not found: missing.txt"),
+    ("--config.data.tokenizer=missing.model", "tokenizer file not found"),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, flag, message):
+  extra = ["--config.train.grad_accum_steps=2"] if "batch_size" in flag else []
+  proc = launch("launch.train", "--config=experiments/clm_tiny.py",
+                f"--workdir={tmp_path / 'run'}", flag, *extra)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_tokenizer_launcher(tmp_path):
+  out = tmp_path / "tok.model"
+  proc = launch("launch.train_tokenizer", "--input=lmjax/assets/shakespeare/valid.txt",
+                f"--output={out}", "--vocab_size=500", "--model_type=bpe")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert out.is_file() and "500 pieces" in proc.stdout
+  proc = launch("launch.train_tokenizer", "--input=nope.txt", f"--output={out}")
+  assert proc.returncode == 2 and "input file not found: nope.txt" in proc.stderr
