@@ -1,9 +1,11 @@
-"""Pretrains a model from an experiment file.
+"""Pretrains a model from an experiment file, on one process or many.
 
   python -m launch.train --config experiments/clm_tiny.py --workdir runs/clm \
       [--config.train.steps=2000 ...]
 
 Running the same command again resumes from the newest checkpoint in --workdir.
+Multi-process runs pass --coordinator_address/--num_processes/--process_id (or
+the LMJAX_* variables `launch.local` sets); SLURM and TPU pods are detected.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from launch.cli import cli_main, parse_flags
+from lmjax import distributed
 from lmjax.experiment import experiment_from_dict
-from lmjax.train import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "experiment file, e.g. experiments/clm_tiny.py[:ARG]")
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, TensorBoard logs")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs)")
+flags.DEFINE_integer("num_processes", 0, "number of processes (multi-process runs)")
+flags.DEFINE_integer("process_id", -1, "this process's index (multi-process runs)")
+flags.DEFINE_integer("cpu_devices", 0, "simulated CPU devices per process (0: default)")
+flags.DEFINE_integer("heartbeat_timeout", 60, "seconds before a silent peer counts as dead")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -25,7 +32,13 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  train_and_evaluate(experiment_from_dict(FLAGS.config.to_dict()), FLAGS.workdir)
+  exp = experiment_from_dict(FLAGS.config.to_dict())  # config errors before any device work
+  distributed.initialize(distributed.DistributedConfig.from_env(
+      coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id, cpu_devices=FLAGS.cpu_devices,
+      heartbeat_timeout_s=FLAGS.heartbeat_timeout))
+  from lmjax.train import train_and_evaluate  # after the runtime is configured
+  train_and_evaluate(exp, FLAGS.workdir)
 
 
 if __name__ == "__main__":

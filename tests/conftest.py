@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
 
 # Tiny test models compile twice as fast without XLA's backend optimisations; set before
 # jax starts, inherited by the launcher subprocesses.
@@ -15,27 +14,4 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `experiments` and `launch` import from the checkout
 
-# Small enough that a few dozen steps take seconds on two cores.
-TINY_OVERRIDES = {
-    "model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2, "model.d_ff": 64,
-    "data.seq_len": 32, "train.batch_size": 8, "train.log_every": 5, "train.eval_every": 0,
-    "train.eval_batches": 2, "train.checkpoint_every": 10, "optimizer.warmup_steps": 5,
-}
-
-
-def tiny_config(name: str, tmp_path, arg: str | None = None, **overrides):
-  """experiments/<name>.py shrunk by TINY_OVERRIDES (+ overrides, dotted keys as `a__b`)."""
-  import importlib
-  module = importlib.import_module(f"experiments.{name}")
-  config = module.get_config(arg) if arg else module.get_config()
-  changes = dict(TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()})
-  changes["data.cache_dir"] = str(tmp_path / "cache")
-  for key, value in changes.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return config
-
-
-@pytest.fixture
-def cache_dir(tmp_path):
-  return str(tmp_path / "cache")
+collect_ignore = ["multidevice"]  # run by test_multidevice.py with 8 simulated devices

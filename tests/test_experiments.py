@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import ROOT
+from tiny import ROOT
 from lmjax.errors import UserError
 from lmjax.experiment import default_config, experiment_from_dict
 from lmjax.model import build_model

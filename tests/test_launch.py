@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY_OVERRIDES
+from tiny import ROOT, TINY_OVERRIDES
 
 TIMEOUT = 240
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from tiny import tiny_config
 from lmjax import train as train_lib
 from lmjax.checkpoint import Checkpointer
 from lmjax.data import batches

@@ -140,7 +140,8 @@ def install_tokenizer(source: str, workdir: str) -> Tokenizer:
                       f"({dest}); use a new --workdir or the original tokenizer")
     return installed
   os.makedirs(workdir, exist_ok=True)
-  with open(source, "rb") as src, open(dest + ".tmp", "wb") as out:
+  tmp = f"{dest}.{os.getpid()}.tmp"  # processes sharing a workdir write identical bytes
+  with open(source, "rb") as src, open(tmp, "wb") as out:
     out.write(src.read())
-  os.replace(dest + ".tmp", dest)
+  os.replace(tmp, dest)
   return Tokenizer(dest)
