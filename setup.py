@@ -20,6 +20,7 @@ setup(
         "numpy>=1.26",
         "tensorboardX>=2.6",
         "safetensors>=0.4",
+        "matplotlib>=3.7",  # sweep loss curves
     ],
     extras_require={
         "test": ["pytest>=8", "transformers>=4.40", "torch==2.13.0"],

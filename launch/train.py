@@ -33,6 +33,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   exp = experiment_from_dict(FLAGS.config.to_dict())  # config errors before any device work
+  distributed.apply_runtime(exp.runtime)
   distributed.initialize(distributed.DistributedConfig.from_env(
       coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id, cpu_devices=FLAGS.cpu_devices,

@@ -40,6 +40,30 @@ class DistributedConfig:
     return cls(**values)
 
 
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+  compilation_cache_dir: str = "~/.cache/lmjax/xla"  # persistent compilation cache; "" = off
+  gpu_latency_hiding_scheduler: bool = True  # GPU: overlap collectives with compute
+  gpu_collective_combine_bytes: int = 0  # GPU: combine threshold for all-gather,
+  # reduce-scatter and all-reduce (0 = XLA's default); larger means fewer, bigger collectives
+  xla_flags: str = ""  # further XLA_FLAGS, appended verbatim
+
+
+def apply_runtime(cfg: RuntimeConfig) -> None:
+  """Sets XLA flags and the compilation cache; must run before the backend starts."""
+  flags = []
+  if cfg.gpu_latency_hiding_scheduler:
+    flags.append("--xla_gpu_enable_latency_hiding_scheduler=true")
+  if cfg.gpu_collective_combine_bytes:
+    flags += [f"--xla_gpu_{kind}_combine_threshold_bytes={cfg.gpu_collective_combine_bytes}"
+              for kind in ("all_gather", "reduce_scatter", "all_reduce")]
+  flags += cfg.xla_flags.split()
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+  if cfg.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _cluster_detected() -> bool:
   env = os.environ
   slurm = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1

@@ -12,6 +12,7 @@ import json
 from typing import Any, Mapping
 
 from lmjax.data.pipeline import DataConfig
+from lmjax.distributed import RuntimeConfig
 from lmjax.errors import UserError
 from lmjax.model.config import TransformerConfig
 from lmjax.objectives import ObjectiveConfig
@@ -42,6 +43,7 @@ class Experiment:
   optimizer: OptimizerConfig
   train: TrainConfig
   mesh: MeshConfig
+  runtime: RuntimeConfig = RuntimeConfig()
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-compatible nested dict (tuples become lists)."""
@@ -49,7 +51,8 @@ class Experiment:
 
 
 _CLASSES = {"model": TransformerConfig, "data": DataConfig, "objective": ObjectiveConfig,
-            "optimizer": OptimizerConfig, "train": TrainConfig, "mesh": MeshConfig}
+            "optimizer": OptimizerConfig, "train": TrainConfig, "mesh": MeshConfig,
+            "runtime": RuntimeConfig}
 # Fields that may differ between a checkpoint and the run that resumes it.
 NON_ARCHITECTURE_FIELDS = ("attention_impl", "dtype", "remat_policy", "dropout_rate")
 

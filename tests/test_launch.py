@@ -25,9 +25,11 @@ def tiny_flags(tmp_path, **extra):
 @pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny"])
 def test_tiny_experiment_trains_through_the_launcher(tmp_path, name):
   workdir = tmp_path / "run"
+  cache = tmp_path / "xla_cache"
   proc = launch("launch.train", f"--config=experiments/{name}.py", f"--workdir={workdir}",
                 *tiny_flags(tmp_path, **{"train.steps": 40, "train.eval_every": 20,
-                                         "optimizer.learning_rate": 0.005}))
+                                         "optimizer.learning_rate": 0.005,
+                                         "runtime.compilation_cache_dir": str(cache)}))
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   train = [r for r in records if r["split"] == "train"]
@@ -41,6 +43,7 @@ def test_tiny_experiment_trains_through_the_launcher(tmp_path, name):
   assert os.listdir(workdir / "tensorboard")
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "30", "40"][-3:]
   assert (workdir / "tokenizer.model").is_file()
+  assert os.listdir(cache)  # the persistent compilation cache was written
 
 
 def test_mistyped_override_names_the_key(tmp_path):

@@ -1,0 +1,121 @@
+"""Cluster launchers (SLURM, TPU), sweeps and runtime settings."""
+
+import csv
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from lmjax.distributed import DistributedConfig, RuntimeConfig, apply_runtime
+from lmjax.sweep import Choice, LogUniform, Sweep, load_sweep
+from tiny import ROOT, TINY_OVERRIDES
+
+
+def _run(*args, env=None, timeout=300):
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout, env=env)
+
+
+def _fake_tool(tmp_path, name):
+  """A stand-in for sbatch/gcloud on PATH that records its arguments."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  tool = bin_dir / name
+  tool.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/{name}.calls\necho "Submitted batch job 42"\n')
+  tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+  return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_slurm_script_and_submit(tmp_path):
+  script = tmp_path / "job.sbatch"
+  env = _fake_tool(tmp_path, "sbatch")
+  proc = _run("launch.slurm", "--nodes=4", "--gpus_per_node=8", "--partition=a100",
+              f"--script={script}", "--setup=source venv/bin/activate", "--submit", "--",
+              "--config", "experiments/gpt2_small.py", "--workdir", "runs/gpt2", env=env)
+  assert proc.returncode == 0, proc.stderr
+  text = script.read_text()
+  for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+               "#SBATCH --partition=a100", "source venv/bin/activate",
+               "srun --kill-on-bad-exit=1 python -m launch.train --config "
+               "experiments/gpt2_small.py --workdir runs/gpt2"):
+    assert line in text
+  assert (tmp_path / "sbatch.calls").read_text().strip() == str(script)
+  assert "Submitted batch job 42" in proc.stdout
+
+
+def test_slurm_one_process_per_node(tmp_path):
+  proc = _run("launch.slurm", "--nodes=2", "--process_per=node", f"--script={tmp_path / 'j'}",
+              "--", "--config", "experiments/llama_1b.py:fsdp", "--workdir", "w")
+  assert proc.returncode == 0 and "#SBATCH --ntasks-per-node=1" in proc.stdout
+
+
+def test_tpu_commands_printed_and_run(tmp_path):
+  env = _fake_tool(tmp_path, "gcloud")
+  args = ["launch.tpu", "--tpu=pod", "--zone=us-east5-a", "--project=p", "--",
+          "--config", "experiments/llama_1b.py:fsdp", "--workdir", "gs://b/run"]
+  printed = _run(*args, env=env).stdout.splitlines()
+  assert printed[0].startswith("tar czf")
+  assert printed[1].startswith("gcloud compute tpus tpu-vm scp") and "--worker=all" in printed[1]
+  assert "pip install" in printed[2] and "--project=p" in printed[2]
+  assert "python -m launch.train --config experiments/llama_1b.py:fsdp --workdir gs://b/run" \
+      in printed[3]
+  assert not (tmp_path / "gcloud.calls").exists()  # a dry run runs nothing
+  proc = _run(*args[:4], "--run", *args[4:], env=env)
+  assert proc.returncode == 0, proc.stderr
+  calls = (tmp_path / "gcloud.calls").read_text().splitlines()
+  assert len(calls) == 3 and all("--zone=us-east5-a" in c for c in calls)
+
+
+def test_sweep_grid_and_seeded_random_search():
+  sweep = Sweep(grid={"optimizer.warmup_steps": [10, 50]},
+                random={"optimizer.learning_rate": LogUniform(1e-4, 1e-2),
+                        "model.dropout_rate": Choice((0.0, 0.1))},
+                num_samples=3, seed=7, fixed={"train.steps": 100})
+  trials = sweep.trials()
+  assert len(trials) == 6 and len({t.name for t in trials}) == 6
+  assert all(1e-4 <= t.overrides["optimizer.learning_rate"] <= 1e-2 for t in trials)
+  assert all(t.overrides["train.steps"] == 100 for t in trials)
+  assert [t.overrides for t in trials] == [t.overrides for t in sweep.trials()]  # seeded
+  lr_tiny = load_sweep(os.path.join(ROOT, "experiments", "sweeps", "lr_tiny.py")).trials()
+  assert len(lr_tiny) == 4
+
+
+def test_sweep_runs_trials_summarizes_and_skips_finished(tmp_path):
+  workdir = tmp_path / "sweep"
+  overrides = dict(TINY_OVERRIDES, **{"train.steps": 6, "train.eval_every": 3,
+                                      "data.cache_dir": str(tmp_path / "cache")})
+  args = ["launch.sweep", "--config=experiments/clm_tiny.py",
+          "--sweep=experiments/sweeps/lr_tiny.py", f"--workdir={workdir}", "--parallel=2", "--",
+          *[f"--config.{k}={v}" for k, v in overrides.items()]]
+  proc = _run(*args, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = list(csv.DictReader(open(workdir / "summary.csv")))
+  assert len(rows) == 4
+  best = [float(r["best_eval_loss"]) for r in rows]
+  assert best == sorted(best) and all(float(r["tokens_per_s"]) > 0 for r in rows)
+  assert "| 1 |" in (workdir / "summary.md").read_text()
+  assert (workdir / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+  again = _run(*args, timeout=120)
+  assert again.returncode == 0 and "4 finished, 0 to run" in again.stderr
+
+
+def test_runtime_settings_reach_xla(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  monkeypatch.setattr("jax.config.update", lambda *a: None)  # the backend is already up
+  apply_runtime(RuntimeConfig(gpu_collective_combine_bytes=1 << 26, xla_flags="--foo=1"))
+  flags = os.environ["XLA_FLAGS"].split()
+  assert flags[0] == "--xla_dump_to=/tmp/x"
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
+  assert "--xla_gpu_all_gather_combine_threshold_bytes=67108864" in flags and flags[-1] == "--foo=1"
+
+
+def test_distributed_settings_from_flags_then_environment(monkeypatch):
+  monkeypatch.setenv("LMJAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  monkeypatch.setenv("LMJAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("LMJAX_PROCESS_ID", "2")
+  cfg = DistributedConfig.from_env(process_id=-1, num_processes=0, coordinator_address="")
+  assert (cfg.coordinator_address, cfg.num_processes, cfg.process_id) == ("10.0.0.1:1234", 4, 2)
+  cfg = DistributedConfig.from_env(process_id=1, heartbeat_timeout_s=5)
+  assert cfg.process_id == 1 and cfg.heartbeat_timeout_s == 5
