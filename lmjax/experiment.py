@@ -33,6 +33,7 @@ class TrainConfig:
   keep_checkpoints: int = 3  # newest checkpoints kept
   async_checkpoints: bool = True  # write checkpoints in the background
   peak_flops_per_device: float = 0.0  # for MFU; 0 guesses from the device kind
+  max_consecutive_skips: int = 10  # stop after this many non-finite steps in a row (0: never)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ from lmjax.metrics import MetricsWriter, Throughput, flops_per_token
 from lmjax.model import build_model
 from lmjax.objectives import ObjectiveConfig
 from lmjax.optim import learning_rate_schedule, make_optimizer
+from lmjax.preemption import PreemptionWatch
 from lmjax.sharding import (batch_sharding, logical_to_shardings, make_mesh,
                             replicated)
 
@@ -113,10 +114,15 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
     (grads, sums), _ = jax.lax.scan(accumulate, zero, (jnp.arange(n), micro))
   updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  # A non-finite loss or gradient skips the update: parameters and optimizer state stay.
+  finite = jnp.isfinite(sums["objective"]) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   metrics = objectives.summarize(sums)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  metrics["learning_rate"] = fns.schedule(state.step)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  metrics.update(grad_norm=grad_norm, learning_rate=fns.schedule(state.step),
+                 skipped=1.0 - finite.astype(jnp.float32))
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state))
   return new_state, metrics
 
 
@@ -292,8 +298,9 @@ def train_loop(run: Run) -> dict[str, float]:
   speed = Throughput(t.batch_size * exp.data.seq_len, flops_per_token(exp.model, exp.data.seq_len),
                      peak_flops(t.peak_flops_per_device) * jax.device_count(), t.steps)
   pending: list[Metrics] = []  # fetched from the device only at log steps
+  skips = 0  # consecutive skipped (non-finite) steps
   eval_metrics: dict[str, float] = {}
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+  with concurrent.futures.ThreadPoolExecutor(1) as pool, PreemptionWatch() as preemption:
     upcoming = pool.submit(host_batch, step)  # the next host batch is built during the step
     while step < t.steps:
       batch = put(upcoming.result())
@@ -306,20 +313,40 @@ def train_loop(run: Run) -> dict[str, float]:
         jax.block_until_ready(metrics)
         logging.info("first step (with compilation) took %.1fs", speed.restart(step))
       if step % t.log_every == 0 or step == t.steps:
-        values = jax.device_get(pending)
-        values = {k: float(np.mean([v[k] for v in values])) for k in values[0] if k != "tokens"}
+        fetched = jax.device_get(pending)
+        skips = check_skips(fetched, step, skips, t.max_consecutive_skips)
+        values = {k: float(np.nanmean([v[k] for v in fetched])) for k in fetched[0]
+                  if k != "tokens"}
+        values["skipped"] = float(sum(v["skipped"] for v in fetched))
         run.writer.write(step, "train", {**values, **speed.measure(step)}, t.steps)
         pending = []
       if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
         eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put)
         run.writer.write(step, "eval", eval_metrics, t.steps)
         speed.restart(step)  # keep evaluation out of the training rate
-      if step % t.checkpoint_every == 0 or step == t.steps:
+      stop = preemption.requested(step)
+      if step % t.checkpoint_every == 0 or step == t.steps or stop:
         run.ckpt.save(step, state, {**run.meta, "step": step})
+      if stop:
+        run.ckpt.wait()
+        logging.warning("preempted: checkpoint of step %d is saved; exiting", step)
+        return eval_metrics
   if not eval_metrics:  # nothing left to train: report the checkpoint as it is
     logging.info("workdir already at step %d of %d; nothing to train", step, t.steps)
     eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put)
   return eval_metrics
+
+
+def check_skips(fetched: list[dict[str, Any]], step: int, skips: int, limit: int) -> int:
+  """Updates the count of consecutive non-finite steps; stops the run past `limit`."""
+  for offset, metrics in enumerate(fetched):
+    skips = skips + 1 if metrics["skipped"] else 0
+    if limit and skips >= limit:
+      bad = step - len(fetched) + offset + 1
+      raise UserError(f"{skips} consecutive steps had a non-finite loss or gradient (last: step "
+                      f"{bad}); stopped, the last checkpoint holds the last good parameters. "
+                      "Lower optimizer.learning_rate or check the data")
+  return skips
 
 
 def unbox(tree: Any) -> Any:

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -78,3 +80,29 @@ def test_train_tokenizer_launcher(tmp_path):
   assert out.is_file() and "500 pieces" in proc.stdout
   proc = launch("launch.train_tokenizer", "--input=nope.txt", f"--output={out}")
   assert proc.returncode == 2 and "input file not found: nope.txt" in proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_current_step_and_exits_zero(tmp_path, sig):
+  workdir = tmp_path / "run"
+  flags = tiny_flags(tmp_path, **{"train.steps": 100000, "train.log_every": 2,
+                                  "train.checkpoint_every": 100000})
+  proc = subprocess.Popen([sys.executable, "-m", "launch.train", "--config=experiments/clm_tiny.py",
+                           f"--workdir={workdir}", *flags], cwd=ROOT, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + TIMEOUT
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+    time.sleep(0.2)
+  sent = time.monotonic()
+  proc.send_signal(sig)
+  _, stderr = proc.communicate(timeout=60)
+  assert proc.returncode == 0, stderr[-2000:]
+  assert time.monotonic() - sent < 30
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+  assert len(saved) == 1 and saved[0] >= 4 and "preempted" in stderr
+  again = launch("launch.train", "--config=experiments/clm_tiny.py", f"--workdir={workdir}",
+                 *tiny_flags(tmp_path, **{"train.steps": saved[0] + 2}))
+  assert again.returncode == 0 and f"step {saved[0]}" in again.stderr
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())[-1] == saved[0] + 2

@@ -11,6 +11,7 @@ from lmjax import train as train_lib
 from lmjax.checkpoint import Checkpointer
 from lmjax.data import batches
 from lmjax.data.tokenizer import SpecialTokens
+from lmjax.errors import UserError
 from lmjax.experiment import experiment_from_dict
 from lmjax.model import TransformerConfig, build_model
 from lmjax.objectives import ObjectiveConfig
@@ -140,3 +141,33 @@ def test_larger_step_count_continues_a_finished_run(tmp_path):
   steps = [int(line.split('"step": ')[1].split(",")[0])
            for line in open(os.path.join(workdir, "metrics.jsonl")) if '"train"' in line]
   assert steps == [5, 6, 10]
+
+
+def test_non_finite_step_leaves_parameters_and_optimizer_state_unchanged():
+  fns = _fns("clm", 1)
+  state = _init(fns)
+  step = jax.jit(functools.partial(train_lib.train_step, fns))
+  state, _ = step(state, _batch())
+  poisoned = state.replace(params=jax.tree.map(lambda x: x, state.params))
+  emb = poisoned.params["transformer"]["embed"]["tokens"]["embedding"]
+  poisoned.params["transformer"]["embed"]["tokens"]["embedding"] = emb.at[7].set(jnp.nan)
+  after, metrics = step(poisoned, _batch())
+  assert float(metrics["skipped"]) == 1.0 and int(after.step) == int(poisoned.step) + 1
+  jax.tree.map(np.testing.assert_array_equal, after.params, poisoned.params)
+  jax.tree.map(np.testing.assert_array_equal, after.opt_state, poisoned.opt_state)
+  _, ok = step(state, _batch())
+  assert float(ok["skipped"]) == 0.0
+
+
+def test_run_stops_after_consecutive_non_finite_steps(tmp_path):
+  config = tiny_config("clm_tiny", tmp_path, train__steps=40, train__checkpoint_every=2,
+                       train__max_consecutive_skips=3, train__log_every=1,
+                       optimizer__learning_rate=1e30, optimizer__warmup_steps=0,
+                       optimizer__clip_grad_norm=0.0)
+  workdir = tmp_path / "run"
+  with pytest.raises(UserError, match=r"3 consecutive steps had a non-finite loss .*step \d+"):
+    train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(workdir))
+  ckpt = Checkpointer(str(workdir))
+  saved = ckpt.restore_arrays(ckpt.latest_step())
+  ckpt.close()
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
