@@ -6,11 +6,9 @@
 Defaults to the bundled corpus and tokenizer so it runs as is.
 """
 
-import os
-
 import ml_collections
 
-from lmjax.data import BUNDLED_DIR
+from lmjax.data import bundled_corpus
 from lmjax.experiment import default_config
 
 
@@ -27,11 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       dropout_rate=0.1,
       dtype="bfloat16",
       scan_layers=True, remat_policy="none")
-  c.data.update(
-      train_files=(os.path.join(BUNDLED_DIR, "train.txt"),),
-      eval_files=(os.path.join(BUNDLED_DIR, "valid.txt"),),
-      tokenizer=os.path.join(BUNDLED_DIR, "tokenizer.model"),
-      seq_len=128)  # BERT's phase 1; a phase-2 run raises it to 512
+  c.data.update(**bundled_corpus(), seq_len=128)  # BERT phase 1; phase 2 raises it to 512
   c.objective.update(kind="mlm", mask_rate=0.15, mask_token_prob=0.8, random_token_prob=0.1)
   c.optimizer.update(learning_rate=1e-4, warmup_steps=10_000, schedule="linear", end_lr_ratio=0.0,
                      b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01, clip_grad_norm=1.0)

@@ -7,11 +7,9 @@ Variants (after the colon): `gpt2` (default: learned positions, LayerNorm, GELU,
 tied head) or `llama` (RoPE, RMSNorm, SwiGLU, 2 KV heads, untied head).
 """
 
-import os
-
 import ml_collections
 
-from lmjax.data import BUNDLED_DIR
+from lmjax.data import bundled_corpus
 from lmjax.experiment import default_config
 
 
@@ -28,11 +26,7 @@ def get_config(arg: str = "gpt2") -> ml_collections.ConfigDict:
                    num_kv_heads=2, d_ff=344, use_bias=False, tie_embeddings=False)
   elif arg != "gpt2":
     raise ValueError(f"clm_tiny variants are gpt2 and llama, got {arg!r}")
-  c.data.update(
-      train_files=(os.path.join(BUNDLED_DIR, "train.txt"),),
-      eval_files=(os.path.join(BUNDLED_DIR, "valid.txt"),),
-      tokenizer=os.path.join(BUNDLED_DIR, "tokenizer.model"),
-      seq_len=128)
+  c.data.update(**bundled_corpus(), seq_len=128)
   c.objective.kind = "clm"
   c.optimizer.update(learning_rate=2e-3, warmup_steps=30, weight_decay=0.1)
   c.train.update(steps=300, batch_size=32, log_every=10, eval_every=100, eval_batches=8,

@@ -8,11 +8,9 @@ The bundled Shakespeare slice and its tokenizer are the defaults, so the file
 runs as is; point data.* at a real corpus (and a 32k-50k tokenizer) for real work.
 """
 
-import os
-
 import ml_collections
 
-from lmjax.data import BUNDLED_DIR
+from lmjax.data import bundled_corpus
 from lmjax.experiment import default_config
 
 
@@ -28,11 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       tie_embeddings=True, dropout_rate=0.0,
       dtype="bfloat16",  # float32 master weights, bfloat16 compute
       scan_layers=True, remat_policy="dots_no_batch")
-  c.data.update(
-      train_files=(os.path.join(BUNDLED_DIR, "train.txt"),),
-      eval_files=(os.path.join(BUNDLED_DIR, "valid.txt"),),
-      tokenizer=os.path.join(BUNDLED_DIR, "tokenizer.model"),
-      seq_len=1024)
+  c.data.update(**bundled_corpus(), seq_len=1024)
   c.objective.kind = "clm"
   c.optimizer.update(learning_rate=6e-4, warmup_steps=2000, schedule="cosine", end_lr_ratio=0.1,
                      b1=0.9, b2=0.95, weight_decay=0.1, clip_grad_norm=1.0)

@@ -6,11 +6,9 @@
 Variant `:fsdp` shards parameters and optimizer state over all devices (fsdp=-1).
 """
 
-import os
-
 import ml_collections
 
-from lmjax.data import BUNDLED_DIR
+from lmjax.data import bundled_corpus
 from lmjax.experiment import default_config
 
 
@@ -25,11 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       mlp="swiglu", activation="silu", use_bias=False, tie_embeddings=False,
       dtype="bfloat16",
       scan_layers=True, remat_policy="dots_no_batch")
-  c.data.update(
-      train_files=(os.path.join(BUNDLED_DIR, "train.txt"),),
-      eval_files=(os.path.join(BUNDLED_DIR, "valid.txt"),),
-      tokenizer=os.path.join(BUNDLED_DIR, "tokenizer.model"),
-      seq_len=2048)
+  c.data.update(**bundled_corpus(), seq_len=2048)
   c.objective.kind = "clm"
   c.optimizer.update(learning_rate=3e-4, warmup_steps=2000, schedule="cosine", end_lr_ratio=0.1,
                      b1=0.9, b2=0.95, weight_decay=0.1, clip_grad_norm=1.0)

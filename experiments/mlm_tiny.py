@@ -3,11 +3,9 @@
   python -m launch.train --config experiments/mlm_tiny.py --workdir runs/mlm_tiny
 """
 
-import os
-
 import ml_collections
 
-from lmjax.data import BUNDLED_DIR
+from lmjax.data import bundled_corpus
 from lmjax.experiment import default_config
 
 
@@ -22,11 +20,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       norm_position="post", embedding_norm=True, activation="gelu_exact",
       norm_eps=1e-12, type_vocab_size=2,  # BERT's layout
       scan_layers=True)
-  c.data.update(
-      train_files=(os.path.join(BUNDLED_DIR, "train.txt"),),
-      eval_files=(os.path.join(BUNDLED_DIR, "valid.txt"),),
-      tokenizer=os.path.join(BUNDLED_DIR, "tokenizer.model"),
-      seq_len=128)
+  c.data.update(**bundled_corpus(), seq_len=128)
   c.objective.update(kind="mlm", mask_rate=0.15)
   # MLM learns from the 15% masked tokens only, so it gets more steps than clm_tiny.
   c.optimizer.update(learning_rate=3e-3, warmup_steps=30, weight_decay=0.01, b2=0.98)

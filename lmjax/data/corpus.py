@@ -24,6 +24,13 @@ from lmjax.data.tokenizer import Tokenizer, file_sha256
 from lmjax.errors import UserError
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "shakespeare")
+def bundled_corpus() -> dict[str, object]:
+  """Data config entries for the bundled Shakespeare slice and its 2,048-piece tokenizer."""
+  return {"train_files": (os.path.join(BUNDLED_DIR, "train.txt"),),
+          "eval_files": (os.path.join(BUNDLED_DIR, "valid.txt"),),
+          "tokenizer": os.path.join(BUNDLED_DIR, "tokenizer.model")}
+
+
 CACHE_FORMAT = 1  # bump when the cache layout changes
 _ENCODE_CHUNK = 4096  # documents per tokenizer call: bounds memory on large corpora
 

@@ -18,39 +18,40 @@ from lmjax.model.transformer import Transformer
 Array = jax.Array
 
 
-class DecoderLM(nn.Module):
+class LanguageModel(nn.Module):
+  """The shared backbone; subclasses add the head: (B, T) ids -> (B, T, V) float32 logits."""
+
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens: Array, segment_ids: Array | None = None,
+               positions: Array | None = None, token_types: Array | None = None,
+               prefix_len: Array | None = None) -> Array:
+    backbone = Transformer(self.cfg, self.deterministic, name="transformer")
+    h = backbone(tokens, segment_ids, positions, token_types, prefix_len)  # (B, T, D)
+    logits = self.head(backbone, h).astype(jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def head(self, backbone: Transformer, h: Array) -> Array:
+    raise NotImplementedError
+
+
+class DecoderLM(LanguageModel):
   """Causal Transformer with a (tied or untied) LM head."""
 
-  cfg: TransformerConfig
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, tokens: Array, segment_ids: Array | None = None,
-               positions: Array | None = None, token_types: Array | None = None,
-               prefix_len: Array | None = None) -> Array:
+  def head(self, backbone: Transformer, h: Array) -> Array:
     cfg = self.cfg
-    backbone = Transformer(cfg, self.deterministic, name="transformer")
-    h = backbone(tokens, segment_ids, positions, token_types, prefix_len)  # (B, T, D)
     if cfg.tie_embeddings:
-      logits = backbone.attend(h)
-    else:
-      logits = dense(cfg, cfg.vocab_size, 1, ("embed", "vocab"), ("vocab",), "lm_head")(h)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+      return backbone.attend(h)
+    return dense(cfg, cfg.vocab_size, 1, ("embed", "vocab"), ("vocab",), "lm_head")(h)
 
 
-class EncoderMLM(nn.Module):
+class EncoderMLM(LanguageModel):
   """Bidirectional Transformer with BERT's MLM head (dense, activation, norm, tied decoder)."""
 
-  cfg: TransformerConfig
-  deterministic: bool = True
-
-  @nn.compact
-  def __call__(self, tokens: Array, segment_ids: Array | None = None,
-               positions: Array | None = None, token_types: Array | None = None,
-               prefix_len: Array | None = None) -> Array:
+  def head(self, backbone: Transformer, h: Array) -> Array:
     cfg = self.cfg
-    backbone = Transformer(cfg, self.deterministic, name="transformer")
-    h = backbone(tokens, segment_ids, positions, token_types, prefix_len)  # (B, T, D)
     h = dense(cfg, cfg.d_model, 1, ("embed", None), (None,), "transform")(h)
     h = Norm(cfg, name="transform_norm")(ACTIVATIONS[cfg.activation](h))
     if cfg.tie_embeddings:
@@ -59,8 +60,7 @@ class EncoderMLM(nn.Module):
       logits = dense(cfg.replace(use_bias=False), cfg.vocab_size, 1, ("embed", "vocab"), (),
                      "decoder")(h)
     bias = self.param("output_bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
-    logits = logits.astype(jnp.float32) + bias.astype(jnp.float32)  # (B, T, V)
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    return logits.astype(jnp.float32) + bias.astype(jnp.float32)  # (B, T, V)
 
 
 def build_model(cfg: TransformerConfig, deterministic: bool = True) -> nn.Module:
