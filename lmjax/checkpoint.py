@@ -1,16 +1,53 @@
 """Checkpoints in WORKDIR/checkpoints through one orbax CheckpointManager.
 
 Each step directory holds two named items: `state` (params, optimizer state,
-step, rng) and `meta` (the resolved config, tokenizer sha256, lmjax version).
-Saves are asynchronous; `wait` blocks until the last one is durable.
+step, rng) and `meta` (the resolved config, tokenizer sha256, lmjax version and
+a checksum per array). Saves are asynchronous; `wait` blocks until the last one
+is durable. Orbax restores flipped bytes silently, so restores verify the
+checksums; whatever is damaged or foreign is moved to WORKDIR/checkpoints_damaged,
+never deleted.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  """Position-weighted sum of the raw bits mod 2**32: any single flipped bit changes it,
+  and it does not depend on how the array is sharded."""
+  if x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  else:
+    bits = x.astype(jnp.uint32)
+  weights = 2 * jax.lax.iota(jnp.uint32, x.size).reshape(x.shape) + 1
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def state_checksums(state: Any) -> dict[str, int]:
+  """{array path: checksum} of a (possibly sharded, multi-process) state."""
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+  sums = jax.jit(lambda s: [_checksum(x) for x in jax.tree.leaves(s)])(state)
+  return dict(zip(paths, (int(v) for v in jax.device_get(sums))))
+
+
+class DamagedCheckpoint(Exception):
+  """A step whose contents do not match what was saved."""
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
@@ -20,9 +57,34 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True, create=True)
+        cleanup_tmp_directories=False, create=True)  # we move them aside instead
+    self.damaged_dir = os.path.join(os.path.abspath(workdir), "checkpoints_damaged")
+    self._set_aside_foreign_entries()
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
+
+  def _set_aside_foreign_entries(self) -> None:
+    """Only numeric step directories stay: interrupted saves (temporary directories) and
+    anything else are moved aside with a warning."""
+    if os.path.isdir(self.directory) and jax.process_index() == 0:
+      for name in sorted(os.listdir(self.directory)):
+        if not name.isdigit():
+          reason = "unfinished save" if "tmp" in name else "not a step directory"
+          self._move_aside(name, reason)
+    _barrier("lmjax_checkpoint_scan")
+
+  def _move_aside(self, name: str, reason: str) -> None:
+    os.makedirs(self.damaged_dir, exist_ok=True)
+    target = os.path.join(self.damaged_dir, f"{name}.{int(time.time() * 1000)}")
+    os.rename(os.path.join(self.directory, name), target)
+    logging.warning("checkpoint %s: %s; moved to %s", name, reason, target)
+
+  def set_aside(self, step: int, reason: str) -> None:
+    """Moves a damaged step out of the way (all processes call this together)."""
+    if jax.process_index() == 0:
+      self._move_aside(str(step), f"damaged ({reason})")
+    _barrier(f"lmjax_set_aside_{step}")
+    self._manager.reload()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -34,14 +96,22 @@ class Checkpointer:
     """Starts an async save of `state` and `meta` at `step` (no-op if it exists)."""
     if step in self._manager.all_steps():
       return False
+    meta = {**meta, "checksums": state_checksums(state)}
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores `state` onto the shardings in `abstract_state` (ShapeDtypeStructs)."""
+    """Restores `state` onto the shardings in `abstract_state` (ShapeDtypeStructs) and
+    verifies its checksums; a mismatch raises `DamagedCheckpoint`."""
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return out.state, dict(out.meta)
+    meta = dict(out.meta)
+    expected = meta.get("checksums", {})
+    bad = [k for k, v in state_checksums(out.state).items() if expected.get(k) != v]
+    if bad:
+      raise DamagedCheckpoint(f"checksum mismatch in {bad[0]}" +
+                              (f" and {len(bad) - 1} more arrays" if len(bad) > 1 else ""))
+    return out.state, meta
 
   def restore_arrays(self, step: int) -> dict[str, Any]:
     """The saved state as nested dicts of host arrays, without a target structure."""

@@ -201,25 +201,40 @@ def check_experiment(exp: Experiment, tokenizer_vocab: int, data_parallel: int) 
 
 def restore_or_init(fns: StepFns, exp: Experiment, ckpt: Checkpointer, shardings: Any,
                     tokenizer_sha: str) -> TrainState:
-  """The newest checkpoint if the workdir has one (same architecture only), else a fresh state."""
+  """The newest intact checkpoint (same architecture only), else a fresh state.
+
+  A step that cannot be read or fails its checksums is moved aside with a
+  warning naming it and the reason, and the next older one is tried.
+  """
   make = functools.partial(init_state, fns, exp.train.seed, (1, exp.data.seq_len))
   abstract = unbox(jax.eval_shape(make))
-  step = ckpt.latest_step()
-  if step is None:
-    return jax.jit(lambda: nn.meta.unbox(make()), out_shardings=shardings)()
-  meta = ckpt.read_meta(step)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  for step in sorted(ckpt.all_steps(), reverse=True):
+    try:
+      meta = ckpt.read_meta(step)
+      check_resumable(meta, exp, tokenizer_sha, ckpt.directory, step)
+      state, _ = ckpt.restore(step, target)
+    except UserError:
+      raise
+    except Exception as e:  # unreadable, truncated, missing files, checksum mismatch
+      ckpt.set_aside(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+      continue
+    logging.info("resumed from %s step %d", ckpt.directory, step)
+    return state
+  return jax.jit(lambda: unbox(make()), out_shardings=shardings)()
+
+
+def check_resumable(meta: dict[str, Any], exp: Experiment, tokenizer_sha: str, where: str,
+                    step: int) -> None:
+  """Refuses to mix a checkpoint of another architecture or tokenizer into this run."""
   saved, current = architecture(meta["config"]["model"]), architecture(exp.to_dict()["model"])
   if saved != current:
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    raise UserError(f"{ckpt.directory} holds a different architecture (model.{', model.'.join(diff)}"
+    raise UserError(f"{where} holds a different architecture (model.{', model.'.join(diff)}"
                     "); use a new --workdir")
   if meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
     raise UserError(f"checkpoint step {step} was trained with another tokenizer")
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-  state, _ = ckpt.restore(step, target)
-  logging.info("resumed from %s step %d", ckpt.directory, step)
-  return state
 
 
 def evaluate(eval_fn: Callable, params: Any, data: PackedDataset, exp: Experiment,

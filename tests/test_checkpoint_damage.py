@@ -1,0 +1,113 @@
+"""A damaged newest checkpoint is named in a warning, moved aside (not deleted), and the
+run resumes from the newest intact step."""
+
+import os
+import shutil
+
+import pytest
+from absl import logging
+
+from lmjax import train as train_lib
+from lmjax.checkpoint import Checkpointer
+from lmjax.experiment import experiment_from_dict
+from tiny import tiny_config
+
+
+def _flip_bytes(step_dir):
+  data = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(step_dir, "state"))
+          for f in files if os.sep + "d" + os.sep in os.path.join(d, f)]
+  path = max(data, key=os.path.getsize)  # the largest chunk: parameters
+  raw = bytearray(open(path, "rb").read())
+  for i in range(len(raw) // 2, len(raw) // 2 + 64):
+    raw[i] ^= 0xFF
+  open(path, "wb").write(bytes(raw))
+
+
+def _truncate(step_dir):
+  data = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(step_dir, "state"))
+          for f in files if os.sep + "d" + os.sep in os.path.join(d, f)]
+  path = max(data, key=os.path.getsize)
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _delete_metadata(step_dir):
+  os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def _empty(step_dir):
+  shutil.rmtree(step_dir)
+  os.mkdir(step_dir)
+
+
+DAMAGE = {"flipped bytes": _flip_bytes, "truncated file": _truncate,
+          "deleted metadata": _delete_metadata, "empty directory": _empty}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("damage")
+  config = tiny_config("clm_tiny", tmp, train__steps=4, train__checkpoint_every=2)
+  train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(tmp / "run"))
+  return tmp, config
+
+
+def _resume_after(tmp_path, trained, damage):
+  src_tmp, config = trained
+  workdir = tmp_path / "run"
+  shutil.copytree(src_tmp / "run", workdir)
+  damage(workdir)
+  warnings = []
+  original = logging.warning
+  logging.warning = lambda msg, *args: warnings.append(msg % args if args else msg)
+  try:
+    train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(workdir))
+  finally:
+    logging.warning = original
+  return workdir, warnings
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damaged_newest_step_is_set_aside(tmp_path, trained, kind):
+  workdir, warnings = _resume_after(tmp_path, trained,
+                                    lambda w: DAMAGE[kind](str(w / "checkpoints" / "4")))
+  assert any(w.startswith("checkpoint 4: damaged") for w in warnings), warnings
+  aside = os.listdir(workdir / "checkpoints_damaged")
+  assert len(aside) == 1 and aside[0].startswith("4.")
+  ckpt = Checkpointer(str(workdir))
+  assert ckpt.all_steps() == [2, 4]  # resumed from 2, trained 3 and 4 again
+  ckpt.close()
+
+
+@pytest.mark.parametrize("name,reason", [("6.orbax-checkpoint-tmp-1700000000", "unfinished save"),
+                                         ("latest", "not a step directory")])
+def test_stray_entries_are_set_aside(tmp_path, trained, name, reason):
+  workdir, warnings = _resume_after(
+      tmp_path, trained, lambda w: os.mkdir(w / "checkpoints" / name))
+  assert any(w.startswith(f"checkpoint {name}: {reason}") for w in warnings), warnings
+  assert os.listdir(workdir / "checkpoints_damaged")[0].startswith(name)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
+def test_checksums_catch_what_orbax_restores_silently(tmp_path):
+  import json
+
+  import jax
+  import jax.numpy as jnp
+
+  from lmjax.checkpoint import DamagedCheckpoint, state_checksums
+  state = {"w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4), "step": jnp.int32(3)}
+  sums = state_checksums(state)
+  flipped = {"w": state["w"].at[1, 2].set(jnp.float32(6.0000005)), "step": state["step"]}
+  assert state_checksums(flipped)["['w']"] != sums["['w']"]  # one low bit
+  ckpt = Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, state, {"config": {}})
+  meta_file = tmp_path / "checkpoints" / "1" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  assert meta["checksums"] == sums
+  meta["checksums"]["['w']"] += 1  # as if the stored bytes had changed
+  meta_file.write_text(json.dumps(meta))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
+  with pytest.raises(DamagedCheckpoint, match=r"checksum mismatch in \['w'\]"):
+    ckpt.restore(1, target)
+  ckpt.close()
