@@ -68,17 +68,20 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str, active: bool = True):
-    self.active = active
-    self._jsonl = self._tb = None
-    if active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-      from tensorboardX import SummaryWriter  # heavy import, only on the writing process
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.workdir, self.active = workdir, active
+    self._jsonl = self._tb = None  # opened at the first record: a failed start writes nothing
+
+  def _open(self) -> None:
+    os.makedirs(self.workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    from tensorboardX import SummaryWriter  # heavy import, only on the writing process
+    self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any], total_steps: int = 0) -> None:
     if not self.active:
       return
+    if self._jsonl is None:
+      self._open()
     values = {k: float(v) for k, v in metrics.items() if k != "eta_s"}
     record = {"step": int(step), "split": split, **values}
     self._jsonl.write(json.dumps(record) + "\n")
@@ -101,6 +104,6 @@ class MetricsWriter:
     return line
 
   def close(self) -> None:
-    if self.active:
+    if self._jsonl is not None:
       self._jsonl.close()
       self._tb.close()

@@ -58,46 +58,61 @@ def check_files(paths: Sequence[str], what: str) -> None:
       raise UserError(f"{what} file is not readable: {path}")
 
 
-def read_documents(path: str) -> Iterator[str]:
+def _lines(path: str, bad_utf8: str) -> Iterator[tuple[int, str]]:
+  """(line number, text) of a file; invalid UTF-8 fails or is skipped and counted."""
+  skipped = 0
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        yield lineno, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        if bad_utf8 != "skip":
+          raise UserError(f"{path}:{lineno}: invalid UTF-8 (byte {e.start}); fix the file or "
+                          "set data.bad_utf8=skip") from None
+        skipped += 1
+  if skipped:
+    logging.warning("%s: skipped %d lines of invalid UTF-8", path, skipped)
+
+
+def read_documents(path: str, bad_utf8: str = "fail") -> Iterator[str]:
   """Documents of one .txt (blank-line separated) or .jsonl (`text` field) file."""
-  with open(path, encoding="utf-8", errors="strict") as f:
-    try:
-      if path.endswith(".jsonl"):
-        for lineno, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            text = json.loads(line)["text"]
-          except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
-          if text.strip():
-            yield text
-        return
-      doc: list[str] = []
-      for line in f:
-        if line.strip():
-          doc.append(line.rstrip("\n"))
-        elif doc:
-          yield "\n".join(doc)
-          doc = []
-      if doc:
-        yield "\n".join(doc)
-    except UnicodeDecodeError as e:
-      raise UserError(f"{path} is not valid UTF-8 (byte {e.start}): convert it first") from None
+  if path.endswith(".jsonl"):
+    for lineno, line in _lines(path, bad_utf8):
+      if not line.strip():
+        continue
+      try:
+        text = json.loads(line)["text"]
+      except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+      if not isinstance(text, str):
+        raise UserError(f"{path}:{lineno}: the 'text' field must be a string")
+      if text.strip():
+        yield text
+    return
+  doc: list[str] = []
+  for _, line in _lines(path, bad_utf8):
+    if line.strip():
+      doc.append(line.rstrip("\r\n"))
+    elif doc:
+      yield "\n".join(doc)
+      doc = []
+  if doc:
+    yield "\n".join(doc)
 
 
-def _cache_key(paths: Sequence[str], tokenizer: Tokenizer, begin: int, end: int) -> str:
-  digest = hashlib.sha256(f"{CACHE_FORMAT}:{tokenizer.sha256}:{begin}:{end}".encode())
+def _cache_key(paths: Sequence[str], tokenizer: Tokenizer, begin: int, end: int,
+               bad_utf8: str) -> str:
+  digest = hashlib.sha256(f"{CACHE_FORMAT}:{tokenizer.sha256}:{begin}:{end}:{bad_utf8}".encode())
   for path in paths:
     digest.update(file_sha256(path).encode())
   return digest.hexdigest()[:24]
 
 
-def _tokenize(paths: Sequence[str], tokenizer: Tokenizer, begin: int, end: int):
+def _tokenize(paths: Sequence[str], tokenizer: Tokenizer, begin: int, end: int, bad_utf8: str):
   dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
   pieces, starts, offset = [], [], 0
   for path in paths:
-    docs = list(read_documents(path))
+    docs = list(read_documents(path, bad_utf8))
     for i in range(0, len(docs), _ENCODE_CHUNK):
       for ids in tokenizer.encode(docs[i:i + _ENCODE_CHUNK]):
         starts.append(offset)
@@ -109,12 +124,12 @@ def _tokenize(paths: Sequence[str], tokenizer: Tokenizer, begin: int, end: int):
 
 
 def load_token_stream(paths: Sequence[str], tokenizer: Tokenizer, cache_dir: str,
-                      begin: int, end: int) -> TokenStream:
+                      begin: int, end: int, bad_utf8: str = "fail") -> TokenStream:
   """Tokenizes `paths` once (atomic write into the cache) and memory-maps the result."""
-  key = _cache_key(paths, tokenizer, begin, end)
+  key = _cache_key(paths, tokenizer, begin, end, bad_utf8)
   entry = os.path.join(os.path.expanduser(cache_dir), key)
   if not os.path.isfile(os.path.join(entry, "meta.json")):
-    tokens, starts = _tokenize(paths, tokenizer, begin, end)
+    tokens, starts = _tokenize(paths, tokenizer, begin, end, bad_utf8)
     os.makedirs(os.path.dirname(entry), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(entry), prefix=f".{key}.")
     np.save(os.path.join(tmp, "tokens.npy"), tokens)

@@ -16,6 +16,11 @@ class DataConfig:
   tokenizer: str = ""  # SentencePiece model from `python -m launch.train_tokenizer`
   cache_dir: str = "~/.cache/lmjax/tokens"  # token caches shared by runs
   seq_len: int = 128  # tokens per packed row
+  bad_utf8: str = "fail"  # invalid UTF-8 lines: "fail" with the line number, or "skip" and count
+
+  def __post_init__(self):
+    if self.bad_utf8 not in ("fail", "skip"):
+      raise ValueError(f"data.bad_utf8 must be 'fail' or 'skip', got {self.bad_utf8!r}")
 
 
 def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, objective: str,
@@ -28,7 +33,8 @@ def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, objective: str,
   check_files(cfg.eval_files, "eval")
   sp = tokenizer.special
   begin, end = (sp.bos, sp.eos) if objective == "clm" else (sp.cls, sp.sep)
-  train = load_token_stream(cfg.train_files, tokenizer, cfg.cache_dir, begin, end)
-  held_out = load_token_stream(cfg.eval_files, tokenizer, cfg.cache_dir, begin, end)
+  train = load_token_stream(cfg.train_files, tokenizer, cfg.cache_dir, begin, end, cfg.bad_utf8)
+  held_out = load_token_stream(cfg.eval_files, tokenizer, cfg.cache_dir, begin, end,
+                               cfg.bad_utf8)
   return (PackedDataset(train, cfg.seq_len, seed, shuffle=True),
           PackedDataset(held_out, cfg.seq_len, seed, shuffle=False))
