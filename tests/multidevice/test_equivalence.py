@@ -47,8 +47,8 @@ def baselines(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,mesh", [
-    ("clm_tiny", (8, 1, 1)), ("clm_tiny", (2, 4, 1)), ("clm_tiny", (2, 2, 2)),
-    ("clm_tiny", (1, 1, 8)), ("mlm_tiny", (2, 4, 1)), ("mlm_tiny", (1, 1, 8))])
+    ("clm_tiny", (8, 1, 1)), ("clm_tiny", (2, 4, 1)), ("clm_tiny", (1, 1, 8)),
+    ("mlm_tiny", (2, 2, 2))])
 def test_sharded_training_matches_one_device(tmp_path, monkeypatch, baselines, name, mesh):
   train, evals = _losses(_experiment(tmp_path, name, mesh), tmp_path / "run", monkeypatch)
   assert len(train) == 5
