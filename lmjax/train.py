@@ -330,7 +330,7 @@ def train_loop(run: Run) -> dict[str, float]:
       if step % t.log_every == 0 or step == t.steps:
         fetched = jax.device_get(pending)
         skips = check_skips(fetched, step, skips, t.max_consecutive_skips)
-        values = {k: float(np.nanmean([v[k] for v in fetched])) for k in fetched[0]
+        values = {k: float(np.mean([v[k] for v in fetched])) for k in fetched[0]
                   if k != "tokens"}
         values["skipped"] = float(sum(v["skipped"] for v in fetched))
         run.writer.write(step, "train", {**values, **speed.measure(step)}, t.steps)
