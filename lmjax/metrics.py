@@ -8,6 +8,8 @@ import os
 import time
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 from absl import logging
 
 from lmjax.model.config import TransformerConfig
@@ -27,6 +29,32 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
   """Training FLOPs per token: 6N plus attention, 12*L*H*Dh*T bidirectional, half causal."""
   attention = 12 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len
   return 6 * matmul_params(cfg) + (attention / 2 if cfg.causal else attention)
+
+
+def peak_flops(configured: float) -> float:
+  """Peak FLOP/s of one device: the config's value, else a table by device kind."""
+  if configured > 0:
+    return configured
+  kind = jax.devices()[0].device_kind.lower()
+  table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5 lite": 197e12, "v5p": 459e12,
+           "v4": 275e12, "v6": 918e12}
+  for name, flops in table.items():
+    if name in kind:
+      return flops
+  return measure_matmul_flops()  # CPUs vary too much for a table
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Best-of-`repeats` float32 FLOP/s of an n x n matmul on the default device."""
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
 
 
 def format_duration(seconds: float) -> str:

@@ -12,7 +12,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-import time
 from typing import Any, Callable
 
 import flax
@@ -30,7 +29,7 @@ from lmjax.data.pipeline import build_datasets
 from lmjax.data.tokenizer import SpecialTokens, install_tokenizer
 from lmjax.errors import UserError
 from lmjax.experiment import Experiment, architecture
-from lmjax.metrics import MetricsWriter, Throughput, flops_per_token
+from lmjax.metrics import MetricsWriter, Throughput, flops_per_token, peak_flops
 from lmjax.model import build_model
 from lmjax.objectives import ObjectiveConfig
 from lmjax.optim import learning_rate_schedule, make_optimizer
@@ -157,32 +156,6 @@ def jit_steps(fns: StepFns, state_sharding: Any, batch_sharding: Any, replicated
 # ----------------------------------------------------------------------------- the loop
 
 
-def peak_flops(configured: float) -> float:
-  """Peak FLOP/s of one device: the config's value, else a table by device kind."""
-  if configured > 0:
-    return configured
-  kind = jax.devices()[0].device_kind.lower()
-  table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5 lite": 197e12, "v5p": 459e12,
-           "v4": 275e12, "v6": 918e12}
-  for name, flops in table.items():
-    if name in kind:
-      return flops
-  return measure_matmul_flops()  # CPUs vary too much for a table
-
-
-def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-  """Best-of-`repeats` float32 FLOP/s of an n x n matmul on the default device."""
-  a = jnp.ones((n, n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best
-
-
 def check_experiment(exp: Experiment, tokenizer_vocab: int, data_parallel: int) -> None:
   m, t, d = exp.model, exp.train, exp.data
   if d.seq_len > m.max_len:
@@ -199,17 +172,16 @@ def check_experiment(exp: Experiment, tokenizer_vocab: int, data_parallel: int) 
     raise UserError("train.steps, train.log_every and train.checkpoint_every must be >= 1")
 
 
-def restore_or_init(fns: StepFns, exp: Experiment, ckpt: Checkpointer, shardings: Any,
-                    tokenizer_sha: str) -> TrainState:
+def restore_or_init(fns: StepFns, exp: Experiment, ckpt: Checkpointer, boxed: Any,
+                    shardings: Any, tokenizer_sha: str) -> TrainState:
   """The newest intact checkpoint (same architecture only), else a fresh state.
 
   A step that cannot be read or fails its checksums is moved aside with a
   warning naming it and the reason, and the next older one is tried.
   """
   make = functools.partial(init_state, fns, exp.train.seed, (1, exp.data.seq_len))
-  abstract = unbox(jax.eval_shape(make))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
+                        unbox(boxed), shardings)
   for step in sorted(ckpt.all_steps(), reverse=True):
     try:
       meta = ckpt.read_meta(step)
@@ -300,7 +272,8 @@ def train_loop(run: Run) -> dict[str, float]:
   exp, t, rules = run.exp, run.exp.train, run.exp.mesh.rules
   abstract = jax.eval_shape(functools.partial(init_state, run.fns, t.seed, (1, exp.data.seq_len)))
   shardings = logical_to_shardings(abstract, run.mesh, rules)
-  state = restore_or_init(run.fns, exp, run.ckpt, shardings, run.meta["tokenizer_sha256"])
+  state = restore_or_init(run.fns, exp, run.ckpt, abstract, shardings,
+                          run.meta["tokenizer_sha256"])
   in_sharding = batch_sharding(run.mesh, rules)
   train_fn, eval_fn = jit_steps(run.fns, shardings, in_sharding, replicated(run.mesh))
   put = lambda b: {k: jax.make_array_from_process_local_data(in_sharding, v) for k, v in b.items()}

@@ -6,7 +6,6 @@ import stat
 import subprocess
 import sys
 
-import pytest
 
 from lmjax.distributed import DistributedConfig, RuntimeConfig, apply_runtime
 from lmjax.sweep import Choice, LogUniform, Sweep, load_sweep
