@@ -36,7 +36,9 @@ class DistributedConfig:
         "process_id": int(env.get("LMJAX_PROCESS_ID", -1)),
         "cpu_devices": int(env.get("LMJAX_CPU_DEVICES", 0)),
     }
-    values.update({k: v for k, v in explicit.items() if v not in (None, "", 0, -1)})
+    defaults = cls()  # an explicit value equal to the field's default counts as unset
+    values.update({k: v for k, v in explicit.items()
+                   if v is not None and v != getattr(defaults, k)})
     return cls(**values)
 
 

@@ -118,3 +118,5 @@ def test_distributed_settings_from_flags_then_environment(monkeypatch):
   assert (cfg.coordinator_address, cfg.num_processes, cfg.process_id) == ("10.0.0.1:1234", 4, 2)
   cfg = DistributedConfig.from_env(process_id=1, heartbeat_timeout_s=5)
   assert cfg.process_id == 1 and cfg.heartbeat_timeout_s == 5
+  cfg = DistributedConfig.from_env(process_id=0)  # process 0 is a value, not "unset"
+  assert cfg.process_id == 0
