@@ -4,21 +4,49 @@ from __future__ import annotations
 
 import functools
 import logging as py_logging
+import os
 import sys
+import threading
 from typing import Callable
 
 from absl import flags, logging
 
-from lmjax.errors import UserError
+from lmjax.errors import CheckpointSaveError, UserError
 
 # Libraries whose INFO lines drown the training log; their warnings still show.
 _QUIET = ("orbax", "tensorstore", "jax/_src", "etils")
 
 
 class _QuietLibraries(py_logging.Filter):
+  """Drops library INFO lines; library errors keep their first line, not their traceback
+  (the failure they report reaches the user as one `error:` line anyway)."""
+
   def filter(self, record: py_logging.LogRecord) -> bool:
-    noisy = record.levelno < py_logging.WARNING and any(n in record.pathname for n in _QUIET)
-    return not noisy
+    if not any(n in record.pathname for n in _QUIET):
+      return True
+    if record.levelno >= py_logging.ERROR:
+      record.msg, record.args = record.getMessage().splitlines()[0][:300], None
+      record.exc_info = record.exc_text = None
+    return record.levelno >= py_logging.WARNING
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+  """A library's worker thread that dies logs one line instead of a traceback."""
+  where = args.thread.name if args.thread else "a thread"
+  logging.warning("%s stopped: %s: %s", where, args.exc_type.__name__,
+                  str(args.exc_value).splitlines()[0][:300] if str(args.exc_value) else "")
+
+
+_seen_unraisable: set[str] = set()
+
+
+def _unraisable(args) -> None:
+  """Callbacks that fire after their event loop closed (orbax after a failed write):
+  one line per distinct message."""
+  line = f"{args.exc_type.__name__}: {str(args.exc_value)[:300]}"
+  if line not in _seen_unraisable:
+    _seen_unraisable.add(line)
+    logging.warning("ignored %s", line)
 
 
 def cli_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
@@ -27,8 +55,16 @@ def cli_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    threading.excepthook = _thread_exception
+    sys.unraisablehook = _unraisable
     try:
       main(argv)
+    except CheckpointSaveError as e:
+      # Orbax's background writers are still unwinding; their shutdown noise would bury
+      # the one line, and there is nothing left to flush.
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      logging.flush()
+      os._exit(2)
     except UserError as e:
       _fail(str(e))
   return wrapped

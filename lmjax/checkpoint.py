@@ -10,7 +10,9 @@ never deleted.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import time
 from typing import Any
 
@@ -19,6 +21,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+from lmjax.errors import CheckpointSaveError
 
 
 def _checksum(x: jax.Array) -> jax.Array:
@@ -62,6 +66,7 @@ class Checkpointer:
     self._set_aside_foreign_entries()
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
+    self._pending: int | None = None  # step of the save that may still be in flight
 
   def _set_aside_foreign_entries(self) -> None:
     """Only numeric step directories stay: interrupted saves (temporary directories) and
@@ -93,12 +98,29 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> bool:
-    """Starts an async save of `state` and `meta` at `step` (no-op if it exists)."""
+    """Starts an async save of `state` and `meta` at `step` (no-op if it exists).
+    A failed write, this one's or the previous async one's, raises CheckpointSaveError."""
     if step in self._manager.all_steps():
       return False
     meta = {**meta, "checksums": state_checksums(state)}
-    return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    with self._saving(step):
+      self._manager.wait_until_finished()  # a failed earlier save is reported as such
+      self._pending = step
+      return self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  @contextlib.contextmanager
+  def _saving(self, step: int):
+    try:
+      yield
+    except Exception as e:  # orbax reports I/O failures as assorted exception types
+      failed = self._pending if self._pending is not None else step
+      good = [s for s in self._manager.all_steps() if s != failed]
+      kept = f"step {max(good)} is intact" if good else "no earlier step exists"
+      raise CheckpointSaveError(
+          f"writing checkpoint step {failed} in {self.directory} failed ({_os_reason(e)}); "
+          f"{kept}; the partial write is moved aside at the next start. Free space and "
+          "run the same command again") from None
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores `state` onto the shardings in `abstract_state` (ShapeDtypeStructs) and
@@ -123,8 +145,21 @@ class Checkpointer:
     return dict(out.meta)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._saving(-1):
+      self._manager.wait_until_finished()
+    self._pending = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+
+def _os_reason(error: Exception) -> str:
+  """'No space left on device' rather than a page of tensorstore context."""
+  text = str(error)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return os.strerror(int(code.group(1)))
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"

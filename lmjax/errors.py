@@ -7,3 +7,9 @@ is a bug and keeps its traceback.
 
 class UserError(Exception):
   """A problem in the user's input, with a message that says how to fix it."""
+
+
+class CheckpointSaveError(UserError):
+  """A checkpoint could not be written (disk full, quota, permissions). The previous
+  steps are untouched; the process should exit at once, without waiting for the
+  checkpointer's background writers to wind down."""

@@ -264,8 +264,10 @@ def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(exp.mesh.rules):
       return train_loop(run)
   finally:
-    run.ckpt.close()  # also on errors: never leave a half-written save behind
-    run.writer.close()
+    try:
+      run.ckpt.close()  # also on errors: never leave a half-written save behind
+    finally:
+      run.writer.close()
 
 
 def train_loop(run: Run) -> dict[str, float]:

@@ -111,3 +111,48 @@ def test_checksums_catch_what_orbax_restores_silently(tmp_path):
   with pytest.raises(DamagedCheckpoint, match=r"checksum mismatch in \['w'\]"):
     ckpt.restore(1, target)
   ckpt.close()
+
+
+def _digest(folder):
+  import hashlib
+  return {os.path.relpath(os.path.join(d, f), folder):
+          hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+          for d, _, files in os.walk(folder) for f in files}
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
+  """A file-size limit makes every large write fail as a full disk does (EFBIG instead of
+  ENOSPC): the run exits with one line naming the intact step, and the next start
+  resumes from it."""
+  import resource
+  import signal
+  import subprocess
+  import sys
+
+  from tiny import ROOT, TINY_OVERRIDES
+  values = dict(TINY_OVERRIDES, **{"data.cache_dir": str(tmp_path / "cache"),
+                                   "runtime.compilation_cache_dir": str(tmp_path / "xla"),
+                                   "train.checkpoint_every": 2})
+  workdir = tmp_path / "run"
+  args = [sys.executable, "-m", "launch.train", "--config=experiments/clm_tiny.py",
+          f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in values.items()]]
+
+  def full_disk():  # parameters alone are ~250 KB: no checkpoint fits in 100 KB files
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+  run = lambda steps, **kw: subprocess.run([*args, f"--config.train.steps={steps}"], cwd=ROOT,
+                                           capture_output=True, text=True, timeout=300, **kw)
+  assert run(2).returncode == 0
+  before = _digest(workdir / "checkpoints" / "2")
+  failed = run(4, preexec_fn=full_disk)
+  assert failed.returncode == 2, failed.stderr[-3000:]
+  last = failed.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: writing checkpoint step 4") and "(File too large)" in last
+  assert "step 2 is intact" in last and "Traceback" not in failed.stderr
+  assert _digest(workdir / "checkpoints" / "2") == before
+
+  again = run(4)
+  assert again.returncode == 0 and "step 2" in again.stderr, again.stderr[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert os.listdir(workdir / "checkpoints_damaged")[0].startswith("4.orbax-checkpoint-tmp")
