@@ -24,6 +24,8 @@ flags.DEFINE_integer("num_processes", 0, "number of processes (multi-process run
 flags.DEFINE_integer("process_id", -1, "this process's index (multi-process runs)")
 flags.DEFINE_integer("cpu_devices", 0, "simulated CPU devices per process (0: default)")
 flags.DEFINE_integer("heartbeat_timeout", 60, "seconds before a silent peer counts as dead")
+flags.DEFINE_string("init_from", None, "start a new run from these weights: an lmjax run "
+                    "or a Hugging Face directory (same as --config.train.init_from)")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -32,7 +34,10 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  exp = experiment_from_dict(FLAGS.config.to_dict())  # config errors before any device work
+  config = FLAGS.config.to_dict()
+  if FLAGS.init_from:
+    config.setdefault("train", {})["init_from"] = FLAGS.init_from
+  exp = experiment_from_dict(config)  # config errors before any device work
   distributed.apply_runtime(exp.runtime)
   distributed.initialize(distributed.DistributedConfig.from_env(
       coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,

@@ -57,23 +57,31 @@ def _barrier(name: str) -> None:
 class Checkpointer:
   """Save/restore of (state, meta) pairs, keeping the newest `keep` steps."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    """`read_only` opens another run's checkpoints (inference, --init_from): nothing in
+    that directory is created, moved or written."""
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=False, create=True)  # we move them aside instead
+        max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=False,  # we move them aside instead
+        create=not read_only, read_only=read_only)
     self.damaged_dir = os.path.join(os.path.abspath(workdir), "checkpoints_damaged")
-    self._set_aside_foreign_entries()
+    if not read_only:
+      self._set_aside_foreign_entries()
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
     self._pending: int | None = None  # step of the save that may still be in flight
 
   def _set_aside_foreign_entries(self) -> None:
-    """Only numeric step directories stay: interrupted saves (temporary directories) and
-    anything else are moved aside with a warning."""
+    """Only numeric step directories stay: interrupted saves (temporary directories),
+    links and anything else are moved aside with a warning."""
     if os.path.isdir(self.directory) and jax.process_index() == 0:
       for name in sorted(os.listdir(self.directory)):
-        if not name.isdigit():
+        if os.path.islink(os.path.join(self.directory, name)):
+          self._move_aside(name, "a link, which could lead outside the workdir")
+        elif not name.isdigit():
           reason = "unfinished save" if "tmp" in name else "not a step directory"
           self._move_aside(name, reason)
     _barrier("lmjax_checkpoint_scan")
@@ -139,6 +147,16 @@ class Checkpointer:
     """The saved state as nested dicts of host arrays, without a target structure."""
     out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return out.state
+
+  def restore_params(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(params, meta) of `step` as host arrays, checksums verified (inference, init_from)."""
+    meta = self.read_meta(step)
+    params = self.restore_arrays(step)["params"]
+    expected = meta.get("checksums", {})
+    for key, value in state_checksums(params).items():
+      if expected.get(".params" + key) != value:
+        raise DamagedCheckpoint(f"checksum mismatch in params{key}")
+    return params, meta
 
   def read_meta(self, step: int) -> dict[str, Any]:
     out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

@@ -34,6 +34,7 @@ class TrainConfig:
   async_checkpoints: bool = True  # write checkpoints in the background
   peak_flops_per_device: float = 0.0  # for MFU; 0 guesses from the device kind
   max_consecutive_skips: int = 10  # stop after this many non-finite steps in a row (0: never)
+  init_from: str = ""  # a fresh run starts from these weights: an lmjax run or HF directory
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ from lmjax.data.batches import PackedDataset
 from lmjax.data.pipeline import build_datasets
 from lmjax.data.tokenizer import SpecialTokens, install_tokenizer
 from lmjax.errors import UserError
-from lmjax.experiment import Experiment, architecture
+from lmjax.experiment import NON_ARCHITECTURE_FIELDS, Experiment, architecture
 from lmjax.metrics import MetricsWriter, Throughput, flops_per_token, peak_flops
 from lmjax.model import build_model
 from lmjax.objectives import ObjectiveConfig
@@ -168,12 +168,15 @@ def check_experiment(exp: Experiment, tokenizer_vocab: int, data_parallel: int) 
   if (t.batch_size // t.grad_accum_steps) % data_parallel:
     raise UserError(f"microbatch {t.batch_size // t.grad_accum_steps} is not divisible by the "
                     f"data-parallel size {data_parallel} (mesh data x fsdp)")
+  if t.init_from and not os.path.isdir(t.init_from):
+    raise UserError(f"train.init_from={t.init_from} is not a directory (an lmjax run or a "
+                    "Hugging Face model directory)")
   if t.steps < 1 or t.log_every < 1 or t.checkpoint_every < 1:
     raise UserError("train.steps, train.log_every and train.checkpoint_every must be >= 1")
 
 
 def restore_or_init(fns: StepFns, exp: Experiment, ckpt: Checkpointer, boxed: Any,
-                    shardings: Any, tokenizer_sha: str) -> TrainState:
+                    shardings: Any, tokenizer_sha: str, init_params: Any = None) -> TrainState:
   """The newest intact checkpoint (same architecture only), else a fresh state.
 
   A step that cannot be read or fails its checksums is moved aside with a
@@ -194,7 +197,30 @@ def restore_or_init(fns: StepFns, exp: Experiment, ckpt: Checkpointer, boxed: An
       continue
     logging.info("resumed from %s step %d", ckpt.directory, step)
     return state
-  return jax.jit(lambda: unbox(make()), out_shardings=shardings)()
+  state = jax.jit(lambda: unbox(make()), out_shardings=shardings)()
+  if init_params is not None:  # from train.init_from, checked in setup_run
+    state = state.replace(params=jax.device_put(init_params, shardings.params))
+  return state
+
+
+def pretrained_params(exp: Experiment, fresh: Any, tokenizer_sha: str) -> Any:
+  """The weights of `exp.train.init_from` as host arrays shaped like `fresh` (arrays or
+  ShapeDtypeStructs); they must fit exactly."""
+  from lmjax import pretrained
+  source = pretrained.load(exp.train.init_from)
+  loaded = pretrained.to_layout(source.params, source.model, exp.model)
+  params = pretrained.merge_params(fresh, loaded, exp.train.init_from)
+  ignore = NON_ARCHITECTURE_FIELDS + ("scan_layers",)
+  mine, theirs = dataclasses.asdict(exp.model), dataclasses.asdict(source.model)
+  differ = sorted(k for k in mine if k not in ignore and mine[k] != theirs[k])
+  if differ:
+    raise UserError(f"--init_from {exp.train.init_from}: model.{', model.'.join(differ)} "
+                    "differ from this experiment's")
+  if source.tokenizer.sha256 != tokenizer_sha:
+    raise UserError(f"--init_from {exp.train.init_from} uses another tokenizer than "
+                    "data.tokenizer; point data.tokenizer at it")
+  logging.info("initialised from %s", source.source)
+  return params
 
 
 def check_resumable(meta: dict[str, Any], exp: Experiment, tokenizer_sha: str, where: str,
@@ -236,13 +262,15 @@ class Run:
   ckpt: Checkpointer
   writer: MetricsWriter
   meta: dict[str, Any]  # written beside every checkpoint
+  init_params: Any = None  # host arrays from train.init_from for a fresh state
 
 
 def setup_run(exp: Experiment, workdir: str) -> Run:
-  """Validates the experiment against tokenizer and devices, then builds the run's parts."""
+  """Validates the experiment against tokenizer, devices and `init_from`, then builds the
+  run's parts; nothing is written to `workdir` before every check has passed."""
   workdir = os.path.abspath(workdir)
   t = exp.train
-  tokenizer = install_tokenizer(exp.data.tokenizer, workdir)
+  tokenizer = install_tokenizer(exp.data.tokenizer, workdir, write=False)
   mesh = make_mesh(exp.mesh)
   check_experiment(exp, tokenizer.vocab_size, mesh.shape["data"] * mesh.shape["fsdp"])
   train_data, eval_data = build_datasets(exp.data, tokenizer, exp.objective.kind, t.seed)
@@ -250,11 +278,21 @@ def setup_run(exp: Experiment, workdir: str) -> Run:
                 build_model(exp.model), make_optimizer(exp.optimizer, t.steps),
                 learning_rate_schedule(exp.optimizer, t.steps), exp.objective,
                 tokenizer.special, t.grad_accum_steps)
+  init_params = None
+  if t.init_from and not _has_checkpoints(workdir):
+    abstract = jax.eval_shape(functools.partial(init_state, fns, t.seed, (1, exp.data.seq_len)))
+    init_params = pretrained_params(exp, unbox(abstract.params), tokenizer.sha256)
+  tokenizer = install_tokenizer(exp.data.tokenizer, workdir)
   meta = {"config": exp.to_dict(), "tokenizer_sha256": tokenizer.sha256,
           "lmjax_version": __version__}
   return Run(exp, fns, mesh, train_data, eval_data,
              Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoints),
-             MetricsWriter(workdir, active=jax.process_index() == 0), meta)
+             MetricsWriter(workdir, active=jax.process_index() == 0), meta, init_params)
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  folder = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
 def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
@@ -275,7 +313,7 @@ def train_loop(run: Run) -> dict[str, float]:
   abstract = jax.eval_shape(functools.partial(init_state, run.fns, t.seed, (1, exp.data.seq_len)))
   shardings = logical_to_shardings(abstract, run.mesh, rules)
   state = restore_or_init(run.fns, exp, run.ckpt, abstract, shardings,
-                          run.meta["tokenizer_sha256"])
+                          run.meta["tokenizer_sha256"], run.init_params)
   in_sharding = batch_sharding(run.mesh, rules)
   train_fn, eval_fn = jit_steps(run.fns, shardings, in_sharding, replicated(run.mesh))
   put = lambda b: {k: jax.make_array_from_process_local_data(in_sharding, v) for k, v in b.items()}

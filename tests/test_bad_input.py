@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 
+import jax
 import pytest
 
 from lmjax import train as train_lib
@@ -72,6 +73,7 @@ def _run_cases(tmp):
       (lambda: {"model__vocab_size": 1000}, "tokenizer has 2048 pieces but model.vocab_size=1000"),
       (lambda: {"mesh__data": 3}, "does not divide 1 devices"),
       (lambda: {"train__steps": 0}, "must be >= 1"),
+      (lambda: {"train__init_from": str(tmp / "missing_run")}, "is not a directory"),
   ]
 
 
@@ -106,6 +108,39 @@ def test_bad_run_inputs_change_nothing(workdir):
     assert message in str(err.value), (message, str(err.value))
     assert "\n" not in str(err.value)
     assert _digest(run) == before, message  # checkpoints, metrics, tokenizer untouched
+
+
+def test_init_from_checks_shapes_architecture_and_tokenizer(workdir, tmp_path):
+  """A fresh workdir started from `workdir`'s run: wrong shapes, other architecture
+  fields and another tokenizer are refused before anything is written."""
+  source = str(workdir / "run")
+  cases = [({"model__d_model": 64}, "transformer/embed/positions/embedding "
+                                    "has shape (256, 32) there but (256, 64) in this model"),
+           ({"model__num_layers": 3}, "layers/attention/key/bias has shape (2, 2, 16) there but (3, 2, 16)"),
+           ({"model__activation": "relu"}, "model.activation differ from this experiment's"),
+           ({"data__tokenizer": str(workdir / "other.model"), "model__vocab_size": 2048},
+            "uses another tokenizer than data.tokenizer")]
+  for overrides, message in cases:
+    config = tiny_config("clm_tiny", workdir, train__steps=1, train__init_from=source,
+                         **overrides)
+    target = tmp_path / "fresh"
+    with pytest.raises(UserError) as err:
+      train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(target))
+    assert message in str(err.value), (message, str(err.value))
+    assert not target.exists()  # checked before anything is written
+  # The layout is converted; with a zero learning rate the step keeps the loaded weights.
+  config = tiny_config("clm_tiny", workdir, train__steps=1, train__init_from=source,
+                       model__scan_layers=False, optimizer__learning_rate=0.0)
+  train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(tmp_path / "ok"))
+  import numpy as np
+
+  from lmjax.checkpoint import Checkpointer
+  from lmjax.model.transformer import unstack_layers
+  got, _ = Checkpointer(str(tmp_path / "ok"), read_only=True).restore_params(1)
+  want, _ = Checkpointer(source, read_only=True).restore_params(2)
+  want = unstack_layers(want, 2)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 
 def test_invalid_utf8_lines_can_be_skipped(workdir):

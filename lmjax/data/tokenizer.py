@@ -123,11 +123,13 @@ def train_tokenizer(lines: Iterable[str], output_path: str, vocab_size: int,
   return Tokenizer(output_path)
 
 
-def install_tokenizer(source: str, workdir: str) -> Tokenizer:
+def install_tokenizer(source: str, workdir: str, write: bool = True) -> Tokenizer:
   """Copies the run's tokenizer into WORKDIR/tokenizer.model once and loads that copy.
 
   A workdir keeps the vocabulary it was trained with: a different `source`
-  later is refused rather than silently decoding with the wrong pieces.
+  later is refused rather than silently decoding with the wrong pieces. With
+  `write=False` only the checks run (the launcher validates everything before
+  it writes anything).
   """
   dest = os.path.join(workdir, "tokenizer.model")
   if not source and not os.path.exists(dest):
@@ -139,6 +141,8 @@ def install_tokenizer(source: str, workdir: str) -> Tokenizer:
       raise UserError(f"{source} differs from the tokenizer this workdir was trained with "
                       f"({dest}); use a new --workdir or the original tokenizer")
     return installed
+  if not write:
+    return wanted  # type: ignore[return-value]
   os.makedirs(workdir, exist_ok=True)
   tmp = f"{dest}.{os.getpid()}.tmp"  # processes sharing a workdir write identical bytes
   with open(source, "rb") as src, open(tmp, "wb") as out:
