@@ -74,6 +74,9 @@ def _run_cases(tmp):
       (lambda: {"mesh__data": 3}, "does not divide 1 devices"),
       (lambda: {"train__steps": 0}, "must be >= 1"),
       (lambda: {"train__init_from": str(tmp / "missing_run")}, "is not a directory"),
+      (lambda: {"data__train_files": (_write(tmp / "long.txt", b"x" * (17 << 20)),)},
+       "long.txt:1: line longer than 16 MiB"),
+      (lambda: {"data__eval_files": (str(tmp),)}, "is a directory"),
   ]
 
 

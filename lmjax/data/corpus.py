@@ -48,6 +48,8 @@ def check_files(paths: Sequence[str], what: str) -> None:
   if not paths:
     raise UserError(f"no {what} files given (set --config.data.{what}_files)")
   for path in paths:
+    if os.path.isdir(path):
+      raise UserError(f"{what} file {path} is a directory; list the files in it")
     if not os.path.isfile(path):
       raise UserError(f"{what} file not found: {path}")
     if not path.endswith((".txt", ".jsonl")):
@@ -58,11 +60,18 @@ def check_files(paths: Sequence[str], what: str) -> None:
       raise UserError(f"{what} file is not readable: {path}")
 
 
+# A longer line is a broken or binary file, not text; reading stops before it fills memory.
+MAX_LINE_BYTES = 16 << 20
+
+
 def _lines(path: str, bad_utf8: str) -> Iterator[tuple[int, str]]:
   """(line number, text) of a file; invalid UTF-8 fails or is skipped and counted."""
   skipped = 0
   with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, 1):
+    for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+      if len(raw) > MAX_LINE_BYTES:
+        raise UserError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB; is "
+                        "this a text file? Split long documents into lines")
       try:
         yield lineno, raw.decode("utf-8")
       except UnicodeDecodeError as e:
