@@ -67,11 +67,41 @@ def attention(q: Array, k: Array, v: Array, mask: Array, implementation: str) ->
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+class CacheMask(nn.Module):
+  """Decoding: which cache slots each new token may attend to.
+
+  The cache has L slots (the length of the call that created it); each call
+  appends its T tokens at `index`. A slot is visible if it holds a real token
+  (segment id != 0: left padding of short prompts is not) at or before the
+  query's own slot.
+  """
+
+  @nn.compact
+  def __call__(self, segment_ids: Array) -> Array:
+    """(B, T) segment ids of the new tokens -> (B, 1, T, L) bool mask."""
+    ready = self.has_variable("cache", "valid")
+    valid = self.variable("cache", "valid", jnp.zeros, segment_ids.shape, jnp.bool_)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if not ready:  # the call that sizes the cache is an ordinary forward pass
+      return make_attention_mask(segment_ids, causal=True)
+    t, slots = segment_ids.shape[1], valid.value.shape[1]
+    valid.value = jax.lax.dynamic_update_slice(valid.value, segment_ids != 0, (0, index.value))
+    q_slot = index.value + jnp.arange(t)
+    mask = valid.value[:, None, :] & (jnp.arange(slots)[None, :] <= q_slot[:, None])[None]
+    index.value = index.value + t
+    return (mask & (segment_ids != 0)[:, :, None])[:, None]  # (B, 1, T, L)
+
+
 class MultiHeadAttention(nn.Module):
-  """Multi-head attention with `num_kv_heads` KV heads (MHA, GQA or MQA)."""
+  """Multi-head attention with `num_kv_heads` KV heads (MHA, GQA or MQA).
+
+  With `decode`, keys and values are appended to a preallocated cache (the
+  "cache" collection) and the new queries attend over all of it.
+  """
 
   cfg: TransformerConfig
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
@@ -83,6 +113,8 @@ class MultiHeadAttention(nn.Module):
     v = proj(kv_heads, "value")(x)  # (B, T, K, Dh)
     if cfg.position == "rope":
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    if self.decode:
+      k, v = self._cached(k, v)  # (B, L, K, Dh)
     impl = resolve_implementation(cfg.attention_impl, cfg.compute_dtype)
     out = attention(q, k, v, mask, impl)  # (B, T, H, Dh)
     out = checkpoint_name(out, "attention_out")  # kept by remat policy save_attention_out
@@ -91,3 +123,17 @@ class MultiHeadAttention(nn.Module):
     std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     y = dense(cfg, cfg.d_model, 2, ("heads", "kv", "embed"), ("embed",), "out", std)(out)
     return nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)  # (B, T, D)
+
+  def _cached(self, k: Array, v: Array) -> tuple[Array, Array]:
+    """Writes the new keys/values at the cache index; returns the whole cache."""
+    ready = self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if not ready:
+      return k, v
+    at = (0, index.value, 0, 0)
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, at)
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, at)
+    index.value = index.value + k.shape[1]
+    return cached_k.value, cached_v.value

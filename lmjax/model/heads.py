@@ -23,12 +23,13 @@ class LanguageModel(nn.Module):
 
   cfg: TransformerConfig
   deterministic: bool = True
+  decode: bool = False  # incremental decoding with a KV cache (see Transformer)
 
   @nn.compact
   def __call__(self, tokens: Array, segment_ids: Array | None = None,
                positions: Array | None = None, token_types: Array | None = None,
                prefix_len: Array | None = None) -> Array:
-    backbone = Transformer(self.cfg, self.deterministic, name="transformer")
+    backbone = Transformer(self.cfg, self.deterministic, self.decode, name="transformer")
     h = backbone(tokens, segment_ids, positions, token_types, prefix_len)  # (B, T, D)
     logits = self.head(backbone, h).astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
@@ -63,6 +64,7 @@ class EncoderMLM(LanguageModel):
     return logits.astype(jnp.float32) + bias.astype(jnp.float32)  # (B, T, V)
 
 
-def build_model(cfg: TransformerConfig, deterministic: bool = True) -> nn.Module:
-  """The model family named by `cfg.family`."""
-  return (DecoderLM if cfg.family == "decoder" else EncoderMLM)(cfg, deterministic)
+def build_model(cfg: TransformerConfig, deterministic: bool = True,
+                decode: bool = False) -> nn.Module:
+  """The model family named by `cfg.family` (`decode`: with a KV cache, decoders only)."""
+  return (DecoderLM if cfg.family == "decoder" else EncoderMLM)(cfg, deterministic, decode)

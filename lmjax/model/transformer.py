@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.model.attention import MultiHeadAttention, make_attention_mask
+from lmjax.model.attention import CacheMask, MultiHeadAttention, make_attention_mask
 from lmjax.model.config import TransformerConfig
 from lmjax.model.layers import Embeddings, Mlp, Norm
 
@@ -33,11 +33,12 @@ class Block(nn.Module):
 
   cfg: TransformerConfig
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array) -> tuple[Array, None]:
     cfg, det = self.cfg, self.deterministic
-    attn = MultiHeadAttention(cfg, det, name="attention")
+    attn = MultiHeadAttention(cfg, det, self.decode, name="attention")
     mlp = Mlp(cfg, det, name="mlp")
     attn_norm, mlp_norm = Norm(cfg, name="attention_norm"), Norm(cfg, name="mlp_norm")
     if cfg.norm_position == "pre":
@@ -55,6 +56,7 @@ class LayerStack(nn.Module):
 
   cfg: TransformerConfig
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
@@ -64,26 +66,33 @@ class LayerStack(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      scanned = nn.scan(block, variable_axes={"params": 0},
+      scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, self.deterministic, name="layers")(x, mask, positions)
+      x, _ = scanned(cfg, self.deterministic, self.decode, name="layers")(x, mask, positions)
       return x
     for i in range(cfg.num_layers):
-      x, _ = block(cfg, self.deterministic, name=f"layers_{i}")(x, mask, positions)
+      x, _ = block(cfg, self.deterministic, self.decode, name=f"layers_{i}")(x, mask, positions)
     return x
 
 
 class Transformer(nn.Module):
-  """Embeddings, the layer stack and (pre-norm) a final norm: ids -> hidden states."""
+  """Embeddings, the layer stack and (pre-norm) a final norm: ids -> hidden states.
+
+  `decode` (decoders only) keeps a key/value cache in the "cache" collection:
+  the first call, with the full cache length, creates it; later calls append.
+  """
 
   cfg: TransformerConfig
   deterministic: bool = True
+  decode: bool = False
 
   def setup(self):
     self.embed = Embeddings(self.cfg, self.deterministic)
-    self.stack = LayerStack(self.cfg, self.deterministic)
+    self.stack = LayerStack(self.cfg, self.deterministic, self.decode)
+    if self.decode:
+      self.cache_mask = CacheMask()
     if self.cfg.norm_position == "pre":
       self.final_norm = Norm(self.cfg)
 
@@ -95,7 +104,10 @@ class Transformer(nn.Module):
       segment_ids = jnp.ones_like(tokens)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    mask = make_attention_mask(segment_ids, self.cfg.causal, prefix_len)  # (B, 1, T, T)
+    if self.decode:
+      mask = self.cache_mask(segment_ids)  # (B, 1, T, cache length)
+    else:
+      mask = make_attention_mask(segment_ids, self.cfg.causal, prefix_len)  # (B, 1, T, T)
     x = self.embed(tokens, positions, token_types)  # (B, T, D)
     x = self.stack(x, mask, positions)
     if self.cfg.norm_position == "pre":

@@ -1,0 +1,1 @@
+"""Using trained models: text generation with a KV cache, and fill-mask."""
