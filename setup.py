@@ -20,6 +20,7 @@ setup(
         "numpy>=1.26",
         "tensorboardX>=2.6",
         "safetensors>=0.4",
+        "tokenizers>=0.19",  # Hugging Face tokenizers of imported models
         "matplotlib>=3.7",  # sweep loss curves
     ],
     extras_require={

@@ -35,7 +35,8 @@ class SpecialTokens:
   @property
   def ids(self) -> tuple[int, ...]:
     """Every id that is never a prediction target nor a random MLM replacement."""
-    return tuple(sorted({self.pad, self.unk, self.bos, self.eos, self.mask, self.cls, self.sep}))
+    ids = {self.pad, self.unk, self.bos, self.eos, self.mask, self.cls, self.sep}
+    return tuple(sorted(i for i in ids if i >= 0))  # -1: a tokenizer without that token
 
 
 def file_sha256(path: str) -> str:

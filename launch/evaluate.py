@@ -1,0 +1,59 @@
+"""Evaluates a run (or a Hugging Face model) on text files; prints and writes JSON.
+
+  python -m launch.evaluate --workdir runs/clm_tiny --data lmjax/assets/shakespeare/valid.txt \
+      [--seq_len 0 --batch_size 8 --max_batches 0 --output evaluation.json]
+
+Loss, perplexity (CLM), token or masked-token accuracy (MLM) and the number of
+tokens evaluated; the JSON lands inside --workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+from launch.cli import cli_main, parse_flags
+from lmjax.errors import UserError
+
+flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
+flags.DEFINE_multi_string("data", None, ".txt or .jsonl files to evaluate on (repeatable)")
+flags.DEFINE_integer("seq_len", 0, "tokens per row (0: the model's max_len, at most 512)")
+flags.DEFINE_integer("batch_size", 8, "rows per batch")
+flags.DEFINE_integer("max_batches", 0, "stop after this many batches (0: all)")
+flags.DEFINE_integer("seed", 0, "MLM masking seed")
+flags.DEFINE_string("output", "evaluation.json", "JSON file name, inside --workdir")
+flags.mark_flags_as_required(["workdir", "data"])
+FLAGS = flags.FLAGS
+
+
+def output_path(workdir: str, name: str) -> str:
+  """`name` inside `workdir`; a path that leads elsewhere is refused."""
+  root = os.path.realpath(workdir)
+  path = os.path.realpath(os.path.join(root, name))
+  if os.path.isabs(name) or not path.startswith(root + os.sep):
+    raise UserError(f"--output={name} must be a file name inside --workdir")
+  return path
+
+
+@cli_main
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  out = output_path(FLAGS.workdir, FLAGS.output)
+  from lmjax import pretrained
+  from lmjax.evaluation import evaluate_files
+  source = pretrained.load(FLAGS.workdir)
+  metrics = evaluate_files(source, FLAGS.data, FLAGS.seq_len, FLAGS.batch_size,
+                           FLAGS.max_batches, FLAGS.seed)
+  result = {"model": source.source, "data": FLAGS.data, **metrics}
+  print(json.dumps(result, indent=2))
+  tmp = f"{out}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,90 @@
+"""Generates text from a decoder run or an imported Hugging Face model.
+
+  python -m launch.generate --workdir runs/clm_tiny --prompt "ROMEO." \
+      [--max_new_tokens 64 --temperature 0.8 --top_k 0 --top_p 0.95 --seed 0 --num_samples 1]
+  python -m launch.generate --workdir runs/clm_tiny --interactive
+
+`--interactive` reads a line at a time, streams the reply as it is produced,
+and keeps the whole conversation as context (the oldest tokens drop out once
+it exceeds the model's length).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags, logging
+
+from launch.cli import cli_main, parse_flags
+from lmjax.errors import UserError
+
+flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
+flags.DEFINE_string("prompt", None, "text to continue")
+flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per sample (or per reply)")
+flags.DEFINE_float("temperature", 0.8, "0 = greedy")
+flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
+flags.DEFINE_float("top_p", 0.95, "sample among the most likely tokens holding this mass")
+flags.DEFINE_integer("seed", 0, "random seed for sampling")
+flags.DEFINE_integer("num_samples", 1, "completions of the prompt")
+flags.DEFINE_bool("interactive", False, "a prompt loop that streams replies")
+flags.DEFINE_string("stop", "\n\n", "interactive: a reply ends at this text (empty: only EOS)")
+flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+
+
+@cli_main
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.prompt is None and not FLAGS.interactive:
+    raise UserError("give --prompt TEXT or --interactive")
+  if FLAGS.num_samples < 1:
+    raise UserError("--num_samples must be >= 1")
+  from lmjax import pretrained
+  from lmjax.inference.generate import Generator, SamplingConfig
+  sampling = SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  source = pretrained.load(FLAGS.workdir)
+  tok = source.tokenizer
+  gen = Generator(source.model, source.params, eos=tok.special.eos, pad=tok.special.pad)
+  start = [tok.special.bos] if tok.special.bos >= 0 else []
+  if FLAGS.interactive:
+    converse(gen, tok, start, sampling)
+    return
+  prompt = start + tok.encode([FLAGS.prompt])[0]
+  began = time.perf_counter()
+  outputs = gen.generate([prompt] * FLAGS.num_samples, sampling, FLAGS.seed)
+  seconds = time.perf_counter() - began
+  for i, ids in enumerate(outputs):
+    if FLAGS.num_samples > 1:
+      print(f"--- sample {i + 1}")
+    print(FLAGS.prompt + tok.decode(ids))
+  logging.info("%d tokens in %.2fs (with compilation)", sum(map(len, outputs)), seconds)
+
+
+def converse(gen, tok, history: list[int], sampling) -> None:
+  """Prompt loop: each reply streams; the conversation so far is the next prompt."""
+  turn = 0
+  while True:
+    try:
+      line = input("> ")
+    except EOFError:
+      print()
+      return
+    history = history + tok.encode([line + "\n"])[0]
+    reply: list[int] = []
+    shown = ""
+    for token in gen.stream(history, sampling, FLAGS.seed + turn):
+      reply.append(token)
+      text = tok.decode(reply)
+      print(text[len(shown):], end="", flush=True)
+      shown = text
+      if FLAGS.stop and FLAGS.stop in text:
+        break
+    print(flush=True)
+    history += reply
+    turn += 1
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

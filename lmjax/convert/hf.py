@@ -1,0 +1,359 @@
+"""GPT-2, BERT and LLaMA checkpoints of Hugging Face `transformers`, in and out.
+
+A Hugging Face model directory holds `config.json` and `model.safetensors`
+(or shards listed in `model.safetensors.index.json`); weights are read and
+written with `safetensors.numpy`, so neither torch nor pickle is involved.
+Each family is one table of (Hugging Face name, lmjax paths, conversion both
+ways); the same table serves import and export, which keeps them exact inverses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+from absl import logging
+
+from lmjax.convert.hf_tokenizer import FILES as TOKENIZER_FILES
+from lmjax.convert.hf_tokenizer import HFTokenizer, find_tokenizer_file
+from lmjax.data.tokenizer import Tokenizer
+from lmjax.errors import UserError
+from lmjax.model.config import TransformerConfig
+from lmjax.model.transformer import stack_layers, unstack_layers
+
+ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_exact",
+               "silu": "silu", "swish": "silu", "relu": "relu"}
+ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu_exact": "gelu", "silu": "silu", "relu": "relu"}
+PREFIXES = {"gpt2": "transformer.", "bert": "bert.", "llama": "model."}
+# Buffers and heads lmjax has no use for; anything else left over gets a warning.
+IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "pooler.", "position_ids",
+           "lm_head.weight", "cls.predictions.decoder.", "cls.seq_relationship")
+
+
+class Entry(NamedTuple):
+  hf: str  # name in the Hugging Face state dict (without the family's prefix)
+  paths: tuple[str, ...]  # lmjax parameter paths it feeds, '/'-joined
+  to_lmjax: Callable[[np.ndarray], list[np.ndarray]]
+  to_hf: Callable[[list[np.ndarray]], np.ndarray]
+
+
+def _same(hf, path):
+  return Entry(hf, (path,), lambda a: [a], lambda xs: xs[0])
+
+
+def _linear(hf, path):  # torch Linear (out, in) <-> kernel (in, out)
+  return Entry(hf, (path,), lambda w: [w.T], lambda xs: xs[0].T)
+
+
+def _heads_in(hf, path, heads):  # (H*Dh, D) <-> (D, H, Dh); bias (H*Dh,) <-> (H, Dh)
+  if hf.endswith(".bias"):
+    return Entry(hf, (path,), lambda b: [b.reshape(heads, -1)], lambda xs: xs[0].reshape(-1))
+  return Entry(hf, (path,), lambda w: [w.T.reshape(w.shape[1], heads, -1)],
+               lambda xs: xs[0].reshape(xs[0].shape[0], -1).T)
+
+
+def _heads_out(hf, path, heads):  # (D, H*Dh) <-> (H, Dh, D)
+  return Entry(hf, (path,), lambda w: [w.T.reshape(heads, -1, w.shape[0])],
+               lambda xs: xs[0].reshape(-1, xs[0].shape[-1]).T)
+
+
+def _norm(hf, path, bias=True):
+  out = [_same(f"{hf}.weight", f"{path}/norm/scale")]
+  return out + [_same(f"{hf}.bias", f"{path}/norm/bias")] if bias else out
+
+
+def _gpt2(cfg: TransformerConfig) -> list[Entry]:
+  h = cfg.num_heads
+  table = [_same("wte.weight", "transformer/embed/tokens/embedding"),
+           _same("wpe.weight", "transformer/embed/positions/embedding"),
+           *_norm("ln_f", "transformer/final_norm")]
+  for i in range(cfg.num_layers):
+    a, p = f"h.{i}.", f"transformer/stack/layers_{i}/"
+    qkv = tuple(f"{p}attention/{n}" for n in ("query", "key", "value"))
+    table += [
+        *_norm(f"{a}ln_1", f"{p}attention_norm"), *_norm(f"{a}ln_2", f"{p}mlp_norm"),
+        Entry(f"{a}attn.c_attn.weight", tuple(f"{q}/kernel" for q in qkv),  # Conv1D: (in, out)
+              lambda w: [x.reshape(w.shape[0], h, -1) for x in np.split(w, 3, axis=1)],
+              lambda xs: np.concatenate([x.reshape(x.shape[0], -1) for x in xs], axis=1)),
+        Entry(f"{a}attn.c_attn.bias", tuple(f"{q}/bias" for q in qkv),
+              lambda b: [x.reshape(h, -1) for x in np.split(b, 3)],
+              lambda xs: np.concatenate([x.reshape(-1) for x in xs])),
+        Entry(f"{a}attn.c_proj.weight", (f"{p}attention/out/kernel",),
+              lambda w: [w.reshape(h, -1, w.shape[1])], lambda xs: xs[0].reshape(-1, xs[0].shape[-1])),
+        _same(f"{a}attn.c_proj.bias", f"{p}attention/out/bias"),
+        _same(f"{a}mlp.c_fc.weight", f"{p}mlp/wi/kernel"), _same(f"{a}mlp.c_fc.bias", f"{p}mlp/wi/bias"),
+        _same(f"{a}mlp.c_proj.weight", f"{p}mlp/wo/kernel"),
+        _same(f"{a}mlp.c_proj.bias", f"{p}mlp/wo/bias")]
+  return table
+
+
+def _bert(cfg: TransformerConfig, with_head: bool) -> list[Entry]:
+  h, e = cfg.num_heads, "embeddings."
+  table = [_same(f"{e}word_embeddings.weight", "transformer/embed/tokens/embedding"),
+           _same(f"{e}position_embeddings.weight", "transformer/embed/positions/embedding"),
+           _same(f"{e}token_type_embeddings.weight", "transformer/embed/token_types/embedding"),
+           *_norm(f"{e}LayerNorm", "transformer/embed/norm")]
+  for i in range(cfg.num_layers):
+    a, p = f"encoder.layer.{i}.", f"transformer/stack/layers_{i}/"
+    for name in ("query", "key", "value"):
+      table += [_heads_in(f"{a}attention.self.{name}.weight", f"{p}attention/{name}/kernel", h),
+                _heads_in(f"{a}attention.self.{name}.bias", f"{p}attention/{name}/bias", h)]
+    table += [
+        _heads_out(f"{a}attention.output.dense.weight", f"{p}attention/out/kernel", h),
+        _same(f"{a}attention.output.dense.bias", f"{p}attention/out/bias"),
+        *_norm(f"{a}attention.output.LayerNorm", f"{p}attention_norm"),
+        _linear(f"{a}intermediate.dense.weight", f"{p}mlp/wi/kernel"),
+        _same(f"{a}intermediate.dense.bias", f"{p}mlp/wi/bias"),
+        _linear(f"{a}output.dense.weight", f"{p}mlp/wo/kernel"),
+        _same(f"{a}output.dense.bias", f"{p}mlp/wo/bias"),
+        *_norm(f"{a}output.LayerNorm", f"{p}mlp_norm")]
+  if with_head:  # BertForMaskedLM's head sits outside the `bert.` prefix
+    table += [_linear("^cls.predictions.transform.dense.weight", "transform/kernel"),
+              _same("^cls.predictions.transform.dense.bias", "transform/bias"),
+              *_norm("^cls.predictions.transform.LayerNorm", "transform_norm"),
+              _same("^cls.predictions.bias", "output_bias")]
+  return table
+
+
+def _llama(cfg: TransformerConfig) -> list[Entry]:
+  h, k = cfg.num_heads, cfg.kv_heads
+  table = [_same("embed_tokens.weight", "transformer/embed/tokens/embedding"),
+           *_norm("norm", "transformer/final_norm", bias=False)]
+  if not cfg.tie_embeddings:
+    table.append(_linear("^lm_head.weight", "lm_head/kernel"))
+  for i in range(cfg.num_layers):
+    a, p = f"layers.{i}.", f"transformer/stack/layers_{i}/"
+    table += [
+        _heads_in(f"{a}self_attn.q_proj.weight", f"{p}attention/query/kernel", h),
+        _heads_in(f"{a}self_attn.k_proj.weight", f"{p}attention/key/kernel", k),
+        _heads_in(f"{a}self_attn.v_proj.weight", f"{p}attention/value/kernel", k),
+        _heads_out(f"{a}self_attn.o_proj.weight", f"{p}attention/out/kernel", h),
+        _linear(f"{a}mlp.gate_proj.weight", f"{p}mlp/gate/kernel"),
+        _linear(f"{a}mlp.up_proj.weight", f"{p}mlp/up/kernel"),
+        _linear(f"{a}mlp.down_proj.weight", f"{p}mlp/wo/kernel"),
+        *_norm(f"{a}input_layernorm", f"{p}attention_norm", bias=False),
+        *_norm(f"{a}post_attention_layernorm", f"{p}mlp_norm", bias=False)]
+  return table
+
+
+def _table(kind: str, cfg: TransformerConfig, with_head: bool = True) -> list[Entry]:
+  return {"gpt2": lambda: _gpt2(cfg), "bert": lambda: _bert(cfg, with_head),
+          "llama": lambda: _llama(cfg)}[kind]()
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf: dict[str, Any]) -> tuple[str, TransformerConfig]:
+  kind = hf.get("model_type")
+  get = lambda *names, default=None: next((hf[n] for n in names if hf.get(n) is not None),
+                                          default)
+  act = get("activation_function", "hidden_act", default="gelu_new")
+  if act not in ACT_FROM_HF:
+    raise UserError(f"activation {act!r} is not supported (known: {', '.join(ACT_FROM_HF)})")
+  common = dict(vocab_size=hf["vocab_size"], activation=ACT_FROM_HF[act], scan_layers=True)
+  if kind == "gpt2":
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+      raise UserError("GPT-2 variants with per-layer attention scaling are not supported")
+    d = hf["n_embd"]
+    return kind, TransformerConfig(
+        family="decoder", max_len=hf["n_positions"], d_model=d, num_layers=hf["n_layer"],
+        num_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), **common)
+  if kind == "bert":
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+      raise UserError("BERT with relative position embeddings is not supported")
+    return kind, TransformerConfig(
+        family="encoder", max_len=hf["max_position_embeddings"], d_model=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        d_ff=hf["intermediate_size"], norm_eps=hf.get("layer_norm_eps", 1e-12),
+        norm_position="post", embedding_norm=True, type_vocab_size=hf.get("type_vocab_size", 2),
+        tie_embeddings=hf.get("tie_word_embeddings", True), **common)
+  if kind == "llama":
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+      raise UserError(f"LLaMA rope scaling {rope.get('rope_type')!r} is not supported")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+      raise UserError("LLaMA variants with attention or MLP biases are not supported")
+    heads = hf["num_attention_heads"]
+    return kind, TransformerConfig(
+        family="decoder", max_len=hf["max_position_embeddings"], d_model=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or 0, d_ff=hf["intermediate_size"], mlp="swiglu",
+        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope",
+        rope_theta=float(get("rope_theta", default=rope.get("rope_theta", 10000.0))),
+        use_bias=False, tie_embeddings=hf.get("tie_word_embeddings", False), **common)
+  raise UserError(f"model_type {kind!r} is not supported (lmjax imports gpt2, bert, llama)")
+
+
+def _require(cfg: TransformerConfig, kind: str, **fields) -> None:
+  wrong = [f"model.{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in fields.items()
+           if getattr(cfg, k) != v]
+  if wrong:
+    raise UserError(f"this model cannot be exported as {kind}: {', '.join(wrong)}")
+
+
+def config_to_hf(cfg: TransformerConfig, special: Any) -> tuple[str, dict[str, Any]]:
+  """(family, config.json contents) for the Hugging Face class that matches `cfg`."""
+  ids = {"bos_token_id": special.bos, "eos_token_id": special.eos, "pad_token_id": special.pad}
+  if cfg.family == "encoder":
+    _require(cfg, "BERT", norm_position="post", embedding_norm=True, position="learned",
+             norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True, head_dim=0,
+             num_kv_heads=0)
+    return "bert", dict(
+        model_type="bert", architectures=["BertForMaskedLM"], vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.d_ff,
+        hidden_act=ACT_TO_HF[cfg.activation], max_position_embeddings=cfg.max_len,
+        type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=True, pad_token_id=special.pad)
+  if cfg.position == "learned":
+    _require(cfg, "GPT-2", norm_position="pre", embedding_norm=False, norm="layernorm",
+             mlp="gelu", use_bias=True, tie_embeddings=True, type_vocab_size=0, head_dim=0,
+             num_kv_heads=0)
+    return "gpt2", dict(
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_len, n_embd=cfg.d_model, n_layer=cfg.num_layers,
+        n_head=cfg.num_heads, n_inner=cfg.d_ff, activation_function=ACT_TO_HF[cfg.activation],
+        layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True, **ids)
+  _require(cfg, "LLaMA", norm_position="pre", embedding_norm=False, norm="rmsnorm",
+           mlp="swiglu", use_bias=False, type_vocab_size=0)
+  return "llama", dict(
+      model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=cfg.vocab_size,
+      hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+      head_dim=cfg.dim_per_head, max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default",
+                                                  "rope_theta": cfg.rope_theta},
+      hidden_act=ACT_TO_HF[cfg.activation], tie_word_embeddings=cfg.tie_embeddings,
+      attention_bias=False, mlp_bias=False, **ids)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def read_safetensors(directory: str) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file
+  index = os.path.join(directory, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+    files = ["model.safetensors"]
+  else:
+    raise UserError(f"{directory} has no model.safetensors (only safetensors weights are "
+                    "imported, never pickle files such as pytorch_model.bin)")
+  tensors: dict[str, np.ndarray] = {}
+  for name in files:
+    try:
+      tensors.update(load_file(os.path.join(directory, name)))
+    except Exception as e:  # safetensors raises its own error types
+      raise UserError(f"cannot read {directory}/{name}: {str(e).splitlines()[0][:200]}") from None
+  return tensors
+
+
+def _nest(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _hf_name(entry_name: str, kind: str, prefixed: bool) -> str:
+  """'^name' lives outside the family's prefix (heads); others inside it."""
+  if entry_name.startswith("^"):
+    return entry_name[1:]
+  return PREFIXES[kind] + entry_name if prefixed else entry_name
+
+
+def import_hf(directory: str):
+  """A Hugging Face directory as `lmjax.pretrained.Pretrained` (float32, scanned layout)."""
+  from lmjax.pretrained import Pretrained
+  with open(os.path.join(directory, "config.json")) as f:
+    hf_config = json.load(f)
+  kind, cfg = config_from_hf(hf_config)
+  tensors = read_safetensors(directory)
+  prefixed = any(k.startswith(PREFIXES[kind]) for k in tensors)
+  with_head = kind != "bert" or "cls.predictions.bias" in tensors
+  flat, used = {}, set()
+  for entry in _table(kind, cfg, with_head):
+    name = _hf_name(entry.hf, kind, prefixed)
+    if name not in tensors and name.endswith((".weight", ".bias")):  # old BERT: gamma/beta
+      old = name[:-len(".weight")] + ".gamma" if name.endswith(".weight") else name[:-5] + ".beta"
+      name = old if "LayerNorm" in name and old in tensors else name
+    if name not in tensors:
+      raise UserError(f"{directory}: weight {name} is missing for a {kind} model of "
+                      f"{cfg.num_layers} layers")
+    used.add(name)
+    for path, value in zip(entry.paths, entry.to_lmjax(np.asarray(tensors[name], np.float32))):
+      flat[path] = np.ascontiguousarray(value)
+  unused = [k for k in tensors if k not in used and not any(s in k for s in IGNORED)]
+  if unused:
+    logging.warning("%s: %d weights not used, e.g. %s", directory, len(unused), unused[:3])
+  params = stack_layers(_nest(flat), cfg.num_layers)
+  objective = "mlm" if kind == "bert" else "clm"
+  return Pretrained(cfg, params, load_tokenizer(directory), objective,
+                    f"{directory} (Hugging Face {kind})")
+
+
+def load_tokenizer(directory: str) -> Any:
+  """The directory's Hugging Face tokenizer, else the SentencePiece model an lmjax export
+  put there."""
+  if find_tokenizer_file(directory) is None:
+    spm = os.path.join(directory, "tokenizer.model")
+    if os.path.isfile(spm):
+      return Tokenizer(spm)
+  return HFTokenizer(directory)
+
+
+def export_hf(source, directory: str) -> str:
+  """Writes `source` (a `Pretrained`) as a directory `transformers` loads; returns the family."""
+  from safetensors.numpy import save_file
+  cfg = source.model
+  kind, hf_config = config_to_hf(cfg, source.tokenizer.special)
+  params = unstack_layers(source.params, cfg.num_layers) if cfg.scan_layers else source.params
+  flat = _flatten(params)
+  with_head = "output_bias" in flat
+  tensors = {}
+  for entry in _table(kind, cfg, with_head):
+    missing = [p for p in entry.paths if p not in flat]
+    if missing and kind == "bert" and entry.paths[0].startswith("transformer/embed/token_types"):
+      flat[entry.paths[0]] = np.zeros((1, cfg.d_model), np.float32)  # no token types: one zero row
+    elif missing:
+      raise UserError(f"cannot export: parameter {missing[0]} is missing")
+    value = entry.to_hf([np.asarray(flat[p], np.float32) for p in entry.paths])
+    tensors[_hf_name(entry.hf, kind, True)] = np.ascontiguousarray(value)
+  if not with_head and kind == "bert":
+    hf_config["architectures"] = ["BertModel"]
+  os.makedirs(directory, exist_ok=True)
+  save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  _copy_tokenizer(source.tokenizer, directory)
+  return kind
+
+
+def _copy_tokenizer(tokenizer: Any, directory: str) -> None:
+  """The tokenizer travels with the weights: HF files as they are, or lmjax's SentencePiece."""
+  if isinstance(tokenizer, HFTokenizer):
+    origin = os.path.dirname(tokenizer.path)
+    for name in (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json"):
+      if os.path.isfile(os.path.join(origin, name)):
+        shutil.copyfile(os.path.join(origin, name), os.path.join(directory, name))
+  else:
+    shutil.copyfile(tokenizer.path, os.path.join(directory, "tokenizer.model"))

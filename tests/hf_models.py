@@ -1,0 +1,61 @@
+"""Small random Hugging Face models (GPT-2, BERT, LLaMA) with real tokenizers, written to
+local directories as `save_pretrained` does; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+from lmjax.data import BUNDLED_DIR
+
+VOCAB = 300
+
+
+def _lines(n=3000):
+  with open(os.path.join(BUNDLED_DIR, "train.txt")) as f:
+    return [line for _, line in zip(range(n), f) if line.strip()]
+
+
+def _tokenizer(kind: str, directory: str) -> None:
+  import tokenizers
+  if kind == "bert":
+    tok = tokenizers.BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(_lines(), vocab_size=VOCAB,
+                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.save_model(directory)  # vocab.txt
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      f.write('{"do_lower_case": true}')
+    return
+  tok = tokenizers.ByteLevelBPETokenizer()
+  specials = ["<|endoftext|>"] if kind == "gpt2" else ["<unk>", "<s>", "</s>"]
+  tok.train_from_iterator(_lines(), vocab_size=VOCAB, special_tokens=specials)
+  tok.save(os.path.join(directory, "tokenizer.json"))
+
+
+def make_hf_model(kind: str, directory: str, seed: int = 0, **overrides):
+  """Writes a random `kind` model and its tokenizer to `directory`; returns the torch model."""
+  import torch
+  import transformers as T
+  torch.manual_seed(seed)
+  os.makedirs(directory, exist_ok=True)
+  _tokenizer(kind, directory)
+  if kind == "gpt2":
+    cfg = T.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                       bos_token_id=0, eos_token_id=0, **overrides)
+    model = T.GPT2LMHeadModel(cfg)
+  elif kind == "bert":
+    cfg = T.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                       **overrides)
+    model = T.BertForMaskedLM(cfg)
+  else:
+    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                        max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                        rope_theta=500.0, **overrides)
+    model = T.LlamaForCausalLM(cfg)
+  with torch.no_grad():  # HF initialises norms to 1/0 and biases to 0: perturb them all
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  model.eval()
+  model.save_pretrained(directory)
+  return model
