@@ -80,7 +80,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
   return value
 
 
-def _section(name: str, cls: type, values: Mapping[str, Any]):
+def section_from_dict(name: str, cls: type, values: Mapping[str, Any]):
   fields = {f.name: f for f in dataclasses.fields(cls)}
   kwargs = {}
   for key, value in values.items():
@@ -101,7 +101,8 @@ def experiment_from_dict(config: Mapping[str, Any]) -> Experiment:
   if unknown:
     raise UserError(f"unknown config section(s) {', '.join(unknown)} "
                     f"(known: {', '.join(_CLASSES)})")
-  sections = {name: _section(name, cls, config.get(name, {})) for name, cls in _CLASSES.items()}
+  sections = {name: section_from_dict(name, cls, config.get(name, {}))
+              for name, cls in _CLASSES.items()}
   sections["mesh"] = dataclasses.replace(sections["mesh"], rules=check_rules(sections["mesh"].rules))
   return Experiment(**sections)
 

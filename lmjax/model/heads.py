@@ -64,6 +64,48 @@ class EncoderMLM(LanguageModel):
     return logits.astype(jnp.float32) + bias.astype(jnp.float32)  # (B, T, V)
 
 
+class SequenceClassifier(nn.Module):
+  """Backbone + one label distribution per sequence: (B, T) ids -> (B, num_labels).
+
+  Encoders pool the first token ([CLS]); decoders the last real token, the only
+  one that has seen the whole sequence.
+  """
+
+  cfg: TransformerConfig
+  num_labels: int
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens: Array, segment_ids: Array, token_types: Array | None = None
+               ) -> Array:
+    h = Transformer(self.cfg, self.deterministic, name="transformer")(
+        tokens, segment_ids, token_types=token_types)  # (B, T, D)
+    if self.cfg.causal:
+      last = jnp.maximum(jnp.sum(segment_ids != 0, axis=1) - 1, 0)  # (B,)
+      pooled = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+    else:
+      pooled = h[:, 0]  # (B, D)
+    pooled = nn.Dropout(self.cfg.dropout_rate)(pooled, deterministic=self.deterministic)
+    logits = dense(self.cfg, self.num_labels, 1, ("embed", None), (None,), "classifier")(pooled)
+    return logits.astype(jnp.float32)
+
+
+class SpanExtractor(nn.Module):
+  """Backbone + start/end scores per token for extractive QA: (B, T) -> 2 x (B, T)."""
+
+  cfg: TransformerConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, tokens: Array, segment_ids: Array, token_types: Array | None = None
+               ) -> tuple[Array, Array]:
+    h = Transformer(self.cfg, self.deterministic, name="transformer")(
+        tokens, segment_ids, token_types=token_types)  # (B, T, D)
+    scores = dense(self.cfg, 2, 1, ("embed", None), (None,), "span")(h).astype(jnp.float32)
+    scores = jnp.where((segment_ids != 0)[..., None], scores, -1e9)  # never a padding token
+    return scores[..., 0], scores[..., 1]  # (B, T) start, end
+
+
 def build_model(cfg: TransformerConfig, deterministic: bool = True,
                 decode: bool = False) -> nn.Module:
   """The model family named by `cfg.family` (`decode`: with a KV cache, decoders only)."""

@@ -1,0 +1,38 @@
+"""Fine-tunes a pretrained run or Hugging Face model on a classification or QA task.
+
+  python -m launch.finetune --config experiments/finetune_genre.py \
+      --init_from runs/mlm_tiny --workdir runs/genre [--config.train.steps=500 ...]
+
+Prints held-out accuracy and writes it to WORKDIR/results.json; checkpoints go
+to WORKDIR/checkpoints, and running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch.cli import cli_main, parse_flags
+
+config_flags.DEFINE_config_file("config", None, "fine-tuning experiment, e.g. "
+                                "experiments/finetune_genre.py[:random]")
+flags.DEFINE_string("init_from", None, "an lmjax run directory or a Hugging Face directory")
+flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and results.json")
+flags.mark_flags_as_required(["config", "init_from", "workdir"])
+FLAGS = flags.FLAGS
+
+
+@cli_main
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from lmjax.finetune import finetune, finetune_from_dict
+  exp = finetune_from_dict(FLAGS.config.to_dict())
+  result = finetune(exp, FLAGS.init_from, FLAGS.workdir)
+  print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

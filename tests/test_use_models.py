@@ -1,0 +1,132 @@
+"""The launchers that use trained models, as a user runs them: generate, fill_mask,
+evaluate, convert and finetune, on tiny clm/mlm runs and on Hugging Face directories."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hf_models import make_hf_model
+from lmjax import pretrained
+from lmjax import train as train_lib
+from lmjax.data import BUNDLED_DIR
+from lmjax.experiment import experiment_from_dict
+from tiny import ROOT, tiny_config
+
+VALID = os.path.join(BUNDLED_DIR, "valid.txt")
+
+
+def launch(module, *args, stdin=None):
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, input=stdin)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("use")
+  for name in ("clm_tiny", "mlm_tiny"):
+    config = tiny_config(name, tmp, train__steps=30, train__checkpoint_every=30,
+                         optimizer__learning_rate=0.005)
+    train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(tmp / name))
+  for kind in ("gpt2", "bert", "llama"):
+    make_hf_model(kind, str(tmp / kind))
+  return tmp
+
+
+def test_generate_from_a_run_and_from_gpt2(runs):
+  out = launch("launch.generate", f"--workdir={runs / 'clm_tiny'}", "--prompt=ROMEO.",
+               "--max_new_tokens=12", "--num_samples=2", "--seed=3").stdout
+  assert out.count("--- sample") == 2 and out.count("ROMEO.") == 2
+  again = launch("launch.generate", f"--workdir={runs / 'clm_tiny'}", "--prompt=ROMEO.",
+                 "--max_new_tokens=12", "--num_samples=2", "--seed=3").stdout
+  assert out == again  # seeded
+  hf = launch("launch.generate", f"--workdir={runs / 'gpt2'}", "--prompt=To be",
+              "--temperature=0", "--max_new_tokens=5").stdout
+  assert hf.startswith("To be")
+
+
+def test_interactive_generation_streams_and_keeps_the_conversation(runs):
+  proc = launch("launch.generate", f"--workdir={runs / 'llama'}", "--interactive",
+                "--max_new_tokens=6", "--temperature=0", stdin="Who is there?\nSay more.\n")
+  assert proc.stdout.count("> ") == 3  # two turns, then end of input
+
+  from lmjax.inference.generate import Generator, SamplingConfig
+  source = pretrained.load(str(runs / "llama"))
+  tok = source.tokenizer
+  gen = Generator(source.model, source.params, tok.special.eos, tok.special.pad)
+  cfg = SamplingConfig(max_new_tokens=6)
+  history = [tok.special.bos] + tok.encode(["Who is there?\n"])[0]
+  first = list(gen.stream(history, cfg))
+  history += first + tok.encode(["Say more.\n"])[0]
+  second = list(gen.stream(history, cfg))  # the reply to turn 2 sees turn 1 and its reply
+  replies = [line for line in proc.stdout.split("> ") if line.strip()]
+  assert replies[0].strip() == tok.decode(first).strip()
+  assert replies[1].strip() == tok.decode(second).strip()
+
+
+def test_fill_mask_on_a_run_and_on_bert(runs):
+  out = launch("launch.fill_mask", f"--workdir={runs / 'mlm_tiny'}",
+               "--text=To be, or not to <mask>, that is the <mask>.").stdout
+  assert out.count("<mask>") == 2 and len(out.strip().splitlines()) == 12
+  probs = [float(line.split()[0]) for line in out.splitlines() if not line.startswith("<")]
+  assert all(0 <= p <= 1 for p in probs) and probs[:5] == sorted(probs[:5], reverse=True)
+  out = launch("launch.fill_mask", f"--workdir={runs / 'bert'}", "--text=to be or <mask>",
+               "--top_k=3").stdout
+  assert len(out.strip().splitlines()) == 4
+
+
+@pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny", "llama"])
+def test_evaluate_writes_deterministic_json(runs, name):
+  args = [f"--workdir={runs / name}", f"--data={VALID}", "--max_batches=2", "--seq_len=32"]
+  first = json.loads(launch("launch.evaluate", *args).stdout)
+  written = json.loads((runs / name / "evaluation.json").read_text())
+  assert first == written and first["tokens"] > 0 and np.isfinite(first["loss"])
+  assert ("perplexity" in first) == (name != "mlm_tiny")
+  from lmjax.evaluation import evaluate_files
+  again = evaluate_files(pretrained.load(str(runs / name)), [VALID], 32, 8, 2)
+  assert again["loss"] == first["loss"] and again["accuracy"] == first["accuracy"]
+
+
+def test_evaluate_output_stays_inside_the_workdir(runs):
+  proc = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--workdir={runs / 'clm_tiny'}",
+                         f"--data={VALID}", "--output=../escape.json"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "inside --workdir" in proc.stderr
+  assert not (runs / "escape.json").exists()
+
+
+@pytest.mark.parametrize("name,cls", [("clm_tiny", "GPT2LMHeadModel"),
+                                      ("mlm_tiny", "BertForMaskedLM")])
+def test_convert_exports_a_run_that_transformers_loads(runs, name, cls, tmp_path):
+  import torch
+  import transformers
+  out = tmp_path / "hf"
+  assert "identical" in launch("launch.convert", f"--input={runs / name}", f"--output={out}").stdout
+  model = getattr(transformers, cls).from_pretrained(str(out)).eval()
+  source = pretrained.load(str(runs / name))
+  tokens = np.array([[2, 50, 60, 70, 80, 3]])
+  from lmjax.model import build_model
+  want = np.asarray(build_model(source.model).apply({"params": source.params}, tokens))
+  with torch.no_grad():
+    got = model(input_ids=torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_finetune_from_a_run_and_from_bert_then_resume(runs, tmp_path):
+  args = ["--config=experiments/finetune_genre.py", "--config.train.steps=4",
+          "--config.train.batch_size=8", "--config.train.eval_every=4",
+          "--config.train.eval_batch_size=256", "--config.task.seq_len=32"]
+  out = launch("launch.finetune", *args, f"--init_from={runs / 'mlm_tiny'}",
+               f"--workdir={tmp_path / 'a'}").stdout
+  result = json.loads(out[out.index("{"):])
+  assert result["examples"] == 770 and 0 <= result["accuracy"] <= 1
+  assert json.loads((tmp_path / "a" / "results.json").read_text()) == result
+  more = launch("launch.finetune", *args, "--config.train.steps=6",
+                f"--init_from={runs / 'mlm_tiny'}", f"--workdir={tmp_path / 'a'}")
+  assert "resumed from step 4" in more.stderr
+  launch("launch.finetune", *args, f"--init_from={runs / 'bert'}", f"--workdir={tmp_path / 'b'}")
