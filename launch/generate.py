@@ -11,7 +11,6 @@ it exceeds the model's length).
 
 from __future__ import annotations
 
-import sys
 import time
 
 from absl import app, flags, logging

@@ -22,3 +22,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `experiments` and `launch` import from the checkout
 
 collect_ignore = ["multidevice"]  # run by test_multidevice.py with 8 simulated devices
+
+
+import pytest  # noqa: E402  (after the XLA settings above)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+  """Tiny clm_tiny and mlm_tiny runs (30 steps) and random GPT-2, BERT and LLaMA Hugging
+  Face directories, shared by the tests that use trained models."""
+  from hf_models import make_hf_model
+  from lmjax import train as train_lib
+  from lmjax.experiment import experiment_from_dict
+  from tiny import tiny_config
+  tmp = tmp_path_factory.mktemp("models")
+  for name in ("clm_tiny", "mlm_tiny"):
+    config = tiny_config(name, tmp, train__steps=30, train__checkpoint_every=30,
+                         optimizer__learning_rate=0.005)
+    train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(tmp / name))
+  for kind in ("gpt2", "bert", "llama"):
+    make_hf_model(kind, str(tmp / kind))
+  return tmp

@@ -9,12 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from hf_models import make_hf_model
 from lmjax import pretrained
-from lmjax import train as train_lib
 from lmjax.data import BUNDLED_DIR
-from lmjax.experiment import experiment_from_dict
-from tiny import ROOT, tiny_config
+from tiny import ROOT
 
 VALID = os.path.join(BUNDLED_DIR, "valid.txt")
 
@@ -26,16 +23,9 @@ def launch(module, *args, stdin=None):
   return proc
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("use")
-  for name in ("clm_tiny", "mlm_tiny"):
-    config = tiny_config(name, tmp, train__steps=30, train__checkpoint_every=30,
-                         optimizer__learning_rate=0.005)
-    train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(tmp / name))
-  for kind in ("gpt2", "bert", "llama"):
-    make_hf_model(kind, str(tmp / kind))
-  return tmp
+@pytest.fixture
+def runs(tiny_runs):
+  return tiny_runs
 
 
 def test_generate_from_a_run_and_from_gpt2(runs):
@@ -126,7 +116,14 @@ def test_finetune_from_a_run_and_from_bert_then_resume(runs, tmp_path):
   result = json.loads(out[out.index("{"):])
   assert result["examples"] == 770 and 0 <= result["accuracy"] <= 1
   assert json.loads((tmp_path / "a" / "results.json").read_text()) == result
-  more = launch("launch.finetune", *args, "--config.train.steps=6",
-                f"--init_from={runs / 'mlm_tiny'}", f"--workdir={tmp_path / 'a'}")
-  assert "resumed from step 4" in more.stderr
-  launch("launch.finetune", *args, f"--init_from={runs / 'bert'}", f"--workdir={tmp_path / 'b'}")
+
+  from experiments import finetune_genre
+  from lmjax.finetune import finetune, finetune_from_dict
+  config = finetune_genre.get_config()
+  config.train.update(steps=6, batch_size=8, eval_every=0, eval_batch_size=256)
+  config.task.seq_len = 32
+  more = finetune(finetune_from_dict(config.to_dict()), str(runs / "mlm_tiny"), str(tmp_path / "a"))
+  assert more["steps"] == 6 and (tmp_path / "a" / "checkpoints" / "6").is_dir()
+  config.train.steps = 2
+  from_hf = finetune(finetune_from_dict(config.to_dict()), str(runs / "bert"), str(tmp_path / "b"))
+  assert from_hf["examples"] == 770

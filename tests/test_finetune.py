@@ -1,0 +1,86 @@
+"""Fine-tuning pieces: task encodings, pooling, batches, and training that learns."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax import pretrained
+from lmjax.data import genres, tasks
+from lmjax.errors import UserError
+from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict, train_batch
+from lmjax.model import SequenceClassifier, TransformerConfig
+
+
+def test_genre_examples_hold_out_one_play_per_genre():
+  train, held_out = genres.genre_examples("train"), genres.genre_examples("eval")
+  assert sorted(set(l for _, l in train)) == sorted(set(l for _, l in held_out)) == [0, 1, 2]
+  assert not {p for p, _ in train} & {p for p, _ in held_out}
+  assert all(p.count("\n") == 11 for p, _ in held_out[:50])
+  assert not any("PERSONS REPRESENTED" in p for p, _ in train)
+
+
+def test_qa_encoding_marks_the_answer_tokens(tiny_runs):
+  tok = pretrained.load(str(tiny_runs / "mlm_tiny")).tokenizer
+  examples = [("Who doth call?", "Enter ROMEO and JULIET upon the stage.", "JULIET"),
+              ("What?", "A horse! a horse! my kingdom for a horse!", "kingdom")]
+  enc = tasks.encode_qa(tok, examples, 32, "encoder")
+  for i, (_, _, answer) in enumerate(examples):
+    span = enc["tokens"][i, enc["starts"][i]:enc["ends"][i] + 1]
+    assert tok.decode(span).strip() == answer
+    assert enc["token_types"][i, enc["starts"][i]] == 1 and enc["token_types"][i, 1] == 0
+  short = tasks.encode_qa(tok, examples + [("q", "word " * 40 + "end", "end")], 32, "encoder")
+  assert len(short["starts"]) == 2  # the answer beyond seq_len is dropped
+
+
+def test_decoder_classifier_pools_the_last_real_token():
+  cfg = TransformerConfig(vocab_size=50, max_len=16, d_model=16, num_layers=1, num_heads=2,
+                          d_ff=32)
+  model = SequenceClassifier(cfg, 3)
+  tokens = jnp.array([[1, 5, 6, 7, 0, 0], [1, 5, 6, 7, 9, 9]])
+  segments = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]])
+  params = model.init(jax.random.PRNGKey(0), tokens, segments)["params"]
+  out = model.apply({"params": params}, tokens, segments)
+  np.testing.assert_allclose(out[0], out[1], atol=1e-6)  # padding content is invisible
+  cut = model.apply({"params": params}, tokens[:, :4], segments[:, :4])
+  np.testing.assert_allclose(out, cut, atol=1e-5)
+
+
+def test_train_batches_are_a_function_of_seed_and_step():
+  data = {"x": np.arange(10)}
+  a = [train_batch(data, s, 4, 0)["x"].tolist() for s in range(5)]
+  assert a == [train_batch(data, s, 4, 0)["x"].tolist() for s in range(5)]
+  assert sorted(a[0] + a[1] + a[2][:2]) == list(range(10))  # one epoch covers every example
+
+
+def test_qa_head_learns_a_toy_span_task(tiny_runs, tmp_path):
+  """Question: a word; context: a line that contains it; answer: that word."""
+  rng = np.random.default_rng(0)
+  lines = [l for l in genres.genre_examples("train")[0][0].split("\n") if len(l.split()) > 4]
+  rows = []
+  for i in range(64):
+    words = lines[i % len(lines)].split()
+    w = words[rng.integers(len(words))]
+    rows.append({"question": w, "context": " ".join(words), "answer": w})
+  import json
+  for name in ("train", "eval"):
+    (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  config = default_finetune_config()
+  config["task"].update(kind="qa", train_file=str(tmp_path / "train.jsonl"),
+                        eval_file=str(tmp_path / "eval.jsonl"), seq_len=48, dropout_rate=0.0)
+  config["optimizer"].update(learning_rate=3e-3, warmup_steps=5)
+  config["train"].update(steps=60, batch_size=16, eval_every=0, log_every=60)
+  start = finetune(finetune_from_dict({**config, "train": {**config["train"], "steps": 1}}),
+                   str(tiny_runs / "mlm_tiny"), str(tmp_path / "first"))
+  result = finetune(finetune_from_dict(config), str(tiny_runs / "mlm_tiny"), str(tmp_path / "qa"))
+  assert result["loss"] < start["loss"] - 1.0, (start, result)
+  assert result["accuracy"] > start["accuracy"]
+
+
+def test_finetune_config_errors():
+  with pytest.raises(UserError, match="unknown config key train.stepz"):
+    finetune_from_dict({"train": {"stepz": 1}})
+  with pytest.raises(UserError, match="train.init must be 'pretrained' or 'random'"):
+    finetune_from_dict({"train": {"init": "zeros"}})
+  with pytest.raises(UserError, match="--init_from is required"):
+    finetune(finetune_from_dict({}), "", "/tmp/x")
