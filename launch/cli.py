@@ -15,6 +15,8 @@ from lmjax.errors import CheckpointSaveError, UserError
 
 # Libraries whose INFO lines drown the training log; their warnings still show.
 _QUIET = ("orbax", "tensorstore", "jax/_src", "etils")
+# Library warnings that describe what lmjax asked for (reading another run's checkpoints).
+_EXPECTED = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -24,6 +26,8 @@ class _QuietLibraries(py_logging.Filter):
   def filter(self, record: py_logging.LogRecord) -> bool:
     if not any(n in record.pathname for n in _QUIET):
       return True
+    if record.levelno == py_logging.WARNING and str(record.msg).startswith(_EXPECTED):
+      return False
     if record.levelno >= py_logging.ERROR:
       record.msg, record.args = record.getMessage().splitlines()[0][:300], None
       record.exc_info = record.exc_text = None

@@ -199,7 +199,8 @@ def _require(cfg: TransformerConfig, kind: str, **fields) -> None:
 
 def config_to_hf(cfg: TransformerConfig, special: Any) -> tuple[str, dict[str, Any]]:
   """(family, config.json contents) for the Hugging Face class that matches `cfg`."""
-  ids = {"bos_token_id": special.bos, "eos_token_id": special.eos, "pad_token_id": special.pad}
+  ids = {f"{k}_token_id": (v if v >= 0 else None)
+         for k, v in (("bos", special.bos), ("eos", special.eos), ("pad", special.pad))}
   if cfg.family == "encoder":
     _require(cfg, "BERT", norm_position="post", embedding_norm=True, position="learned",
              norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True, head_dim=0,
@@ -355,5 +356,5 @@ def _copy_tokenizer(tokenizer: Any, directory: str) -> None:
     for name in (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json"):
       if os.path.isfile(os.path.join(origin, name)):
         shutil.copyfile(os.path.join(origin, name), os.path.join(directory, name))
-  else:
+  elif getattr(tokenizer, "path", None):  # weights without a tokenizer (benchmarks) have none
     shutil.copyfile(tokenizer.path, os.path.join(directory, "tokenizer.model"))
