@@ -1,0 +1,41 @@
+"""The FLOPs behind MFU: the formula equals the matmul FLOPs of the compiled train step."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lmjax import train as train_lib
+from lmjax.data.tokenizer import Tokenizer
+from lmjax.experiment import experiment_from_dict
+from lmjax.metrics import flops_per_token, lowered_dot_flops
+from lmjax.model import build_model
+from lmjax.optim import learning_rate_schedule, make_optimizer
+from tiny import tiny_config
+
+
+def step_costs(name, tmp_path, arg=None, **overrides):
+  config = tiny_config(name, tmp_path, arg, model__scan_layers=False,  # a loop body counts once
+                       **overrides)
+  exp = experiment_from_dict(config.to_dict())
+  tok = Tokenizer(exp.data.tokenizer)
+  fns = train_lib.StepFns(build_model(exp.model), build_model(exp.model),
+                          make_optimizer(exp.optimizer, 10),
+                          learning_rate_schedule(exp.optimizer, 10), exp.objective, tok.special)
+  state = jax.eval_shape(lambda: train_lib.unbox(train_lib.init_state(fns, 0, (1, 8))))
+  b, t = exp.train.batch_size, exp.data.seq_len
+  batch = {k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in ("tokens", "segment_ids", "positions")}
+  lowered = jax.jit(functools.partial(train_lib.train_step, fns)).lower(state, batch)
+  cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return (lowered_dot_flops(lowered.as_text()) / (b * t), cost["flops"] / (b * t),
+          flops_per_token(exp.model, t))
+
+
+@pytest.mark.parametrize("name,arg", [("clm_tiny", None), ("clm_tiny", "llama"), ("mlm_tiny", None)])
+def test_mfu_formula_matches_the_compiled_step(tmp_path, name, arg):
+  dots, total, formula = step_costs(name, tmp_path, arg, model__num_kv_heads=1 if arg else 0)
+  assert abs(dots / formula - 1) < 0.02, (dots, formula)
+  # XLA's cost analysis adds the elementwise work (norms, softmax, GELU, Adam): a few percent.
+  assert 1.0 <= total / formula < 1.15, (total, formula)
