@@ -23,9 +23,6 @@ from lmjax import train as train_lib
 from lmjax.experiment import experiment_from_dict
 from lmjax.sharding import batch_sharding
 
-config_flags.DEFINE_config_file("config", "experiments/clm_tiny.py", "experiment file")
-flags.DEFINE_integer("steps", 20, "train steps timed")
-flags.DEFINE_integer("batches", 200, "host batches timed")
 FLAGS = flags.FLAGS
 
 
@@ -53,17 +50,24 @@ def step_rate(exp, steps: int) -> float:
 @cli_main
 def main(argv):
   del argv
-  exp = experiment_from_dict(FLAGS.config.to_dict())
-  with tempfile.TemporaryDirectory() as workdir:
-    run = train_lib.setup_run(exp, workdir)
-    data = data_rate(run, FLAGS.batches)
-    run.ckpt.close()
-    run.writer.close()
-  step = step_rate(exp, FLAGS.steps)
+  data, step = measure(experiment_from_dict(FLAGS.config.to_dict()), FLAGS.batches, FLAGS.steps)
   print(f"data path  {data:12,.0f} tokens/s")
   print(f"train step {step:12,.0f} tokens/s (compiled, steady state)")
   print(f"ratio      {data / step:12.1f}x")
 
 
+def measure(exp, batches: int, steps: int) -> tuple[float, float]:
+  """(input pipeline tokens/s, train step tokens/s) for one experiment."""
+  with tempfile.TemporaryDirectory() as workdir:
+    run = train_lib.setup_run(exp, workdir)
+    data = data_rate(run, batches)
+    run.ckpt.close()
+    run.writer.close()
+  return data, step_rate(exp, steps)
+
+
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", "experiments/clm_tiny.py", "experiment file")
+  flags.DEFINE_integer("steps", 20, "train steps timed")
+  flags.DEFINE_integer("batches", 200, "host batches timed")
   app.run(main)

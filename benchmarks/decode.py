@@ -26,14 +26,6 @@ from lmjax.data.tokenizer import SpecialTokens
 from lmjax.inference.generate import Generator, SamplingConfig
 from lmjax.model import TransformerConfig, build_model
 
-flags.DEFINE_string("workdir", None, "an lmjax run or Hugging Face directory (default: random)")
-flags.DEFINE_integer("d_model", 256, "random model width")
-flags.DEFINE_integer("layers", 4, "random model depth")
-flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
-flags.DEFINE_integer("prompt_tokens", 16, "prompt length")
-flags.DEFINE_integer("batch", 1, "rows decoded together")
-flags.DEFINE_integer("repeats", 3, "timed repeats (the minimum is reported)")
-flags.DEFINE_bool("hf", True, "also time transformers' generate on the same weights")
 FLAGS = flags.FLAGS
 
 
@@ -109,5 +101,17 @@ def main(argv: list[str]) -> None:
     print(f"  {name:12s} {rate:10,.1f} tokens/s   {rate / rates['kv_cache']:6.3f}x of kv_cache")
 
 
+def _define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "an lmjax run or Hugging Face directory (default: random)")
+  flags.DEFINE_integer("d_model", 256, "random model width")
+  flags.DEFINE_integer("layers", 4, "random model depth")
+  flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
+  flags.DEFINE_integer("prompt_tokens", 16, "prompt length")
+  flags.DEFINE_integer("batch", 1, "rows decoded together")
+  flags.DEFINE_integer("repeats", 3, "timed repeats (the minimum is reported)")
+  flags.DEFINE_bool("hf", True, "also time transformers' generate on the same weights")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -14,17 +14,16 @@ import tempfile
 
 from absl import app, flags
 
-flags.DEFINE_string("config", "experiments/clm_tiny.py", "experiment file")
-flags.DEFINE_integer("steps", 20, "timed steps (after one compiled step)")
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUPS = [("1 process x 1 device", 1, 1), ("1 process x 2 devices", 1, 2),
           ("2 processes x 1 device (gloo)", 2, 1)]
 
 
-def tokens_per_s(processes: int, devices: int, workdir: str) -> float:
-  train = [f"--config={FLAGS.config}", f"--workdir={workdir}",
-           f"--config.train.steps={FLAGS.steps + 1}", f"--config.train.log_every={FLAGS.steps + 1}",
+def tokens_per_s(processes: int, devices: int, workdir: str, config: str = "experiments/clm_tiny.py",
+                 steps: int = 20) -> float:
+  train = [f"--config={config}", f"--workdir={workdir}",
+           f"--config.train.steps={steps + 1}", f"--config.train.log_every={steps + 1}",
            "--config.train.eval_batches=1", "--config.train.checkpoint_every=1000000"]
   if processes == 1:
     cmd = ["launch.train", f"--cpu_devices={devices}", *train]
@@ -41,7 +40,7 @@ def main(argv):
   rates = []
   for name, processes, devices in SETUPS:
     with tempfile.TemporaryDirectory() as workdir:
-      rates.append((name, tokens_per_s(processes, devices, workdir)))
+      rates.append((name, tokens_per_s(processes, devices, workdir, FLAGS.config, FLAGS.steps)))
   base = rates[0][1]
   print(f"{'setup':32s} {'tokens/s':>10s} {'step time vs 1x1':>17s}")
   for name, rate in rates:
@@ -49,4 +48,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.DEFINE_string("config", "experiments/clm_tiny.py", "experiment file")
+  flags.DEFINE_integer("steps", 20, "timed steps (after one compiled step)")
   app.run(main)

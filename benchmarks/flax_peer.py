@@ -1,0 +1,110 @@
+"""Hugging Face Flax peers (transformers 4.57, the last release with Flax models), run in
+their own virtual environment: `transformers` 5 dropped Flax.
+
+`ensure_venv()` creates it on first use (system site packages for jax, flax and
+optax; only transformers 4.57 is installed into it). The worker is this file run
+by that environment's python: it builds FlaxGPT2LMHeadModel or
+FlaxBertForMaskedLM, compiles one AdamW train step, then answers each "run"
+line on stdin with the seconds `steps` steps took, so the parent can interleave
+it with the other candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+VENV = os.path.expanduser("~/.cache/lmjax/bench-venvs/hf-flax-4.57")
+PYTHON = os.path.join(VENV, "bin", "python")
+
+
+def ensure_venv() -> str:
+  """Path of the venv's python; created on first use (about a minute)."""
+  if not os.path.exists(PYTHON):
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", VENV], check=True)
+    subprocess.run([PYTHON, "-m", "pip", "install", "-q", "transformers>=4.57,<4.58"],
+                   check=True, capture_output=True)
+  return PYTHON
+
+
+class FlaxPeer:
+  """A worker process for one shape; `run()` times `steps` steps inside it."""
+
+  def __init__(self, objective: str, d_model: int, layers: int, seq_len: int, batch: int,
+               vocab: int, steps: int):
+    args = json.dumps(dict(objective=objective, d_model=d_model, layers=layers,
+                           seq_len=seq_len, batch=batch, vocab=vocab, steps=steps))
+    self.proc = subprocess.Popen([ensure_venv(), os.path.abspath(__file__), args],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    ready = self.proc.stdout.readline()
+    if ready.strip() != "ready":
+      raise RuntimeError(f"Flax peer failed to start: {ready!r}")
+
+  def run(self) -> float:
+    self.proc.stdin.write("run\n")
+    self.proc.stdin.flush()
+    return float(self.proc.stdout.readline())
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait(timeout=60)
+
+
+def _worker(spec: dict) -> None:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  import transformers as T
+  d, h = spec["d_model"], max(spec["d_model"] // 64, 1)
+  if spec["objective"] == "clm":
+    model = T.FlaxGPT2LMHeadModel(T.GPT2Config(
+        vocab_size=spec["vocab"], n_positions=spec["seq_len"], n_embd=d, n_layer=spec["layers"],
+        n_head=h, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), seed=0)
+  else:
+    model = T.FlaxBertForMaskedLM(T.BertConfig(
+        vocab_size=spec["vocab"], hidden_size=d, num_hidden_layers=spec["layers"],
+        num_attention_heads=h, intermediate_size=4 * d, max_position_embeddings=spec["seq_len"],
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), seed=0)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(10, spec["vocab"], (spec["batch"], spec["seq_len"])), jnp.int32)
+  weights = (jnp.ones(tokens.shape) if spec["objective"] == "clm"
+             else jnp.asarray(rng.random(tokens.shape) < 0.15, jnp.float32))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4))
+
+  def loss_fn(params):
+    logits = model(tokens, params=params, train=False).logits
+    if spec["objective"] == "clm":  # next-token targets, as GPT2LMHeadModel's loss
+      logits, targets, w = logits[:, :-1], tokens[:, 1:], weights[:, 1:]
+    else:
+      targets, w = tokens, weights
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(ce * w) / jnp.sum(w)
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  params = model.params
+  opt_state = tx.init(params)
+  params, opt_state, loss = step(params, opt_state)
+  loss.block_until_ready()
+  print("ready", flush=True)
+  for line in sys.stdin:
+    if line.strip() != "run":
+      break
+    start = time.perf_counter()
+    for _ in range(spec["steps"]):
+      params, opt_state, loss = step(params, opt_state)
+    loss.block_until_ready()
+    print(time.perf_counter() - start, flush=True)
+
+
+if __name__ == "__main__":
+  _worker(json.loads(sys.argv[1]))
