@@ -24,7 +24,7 @@ setup(
         "matplotlib>=3.7",  # sweep loss curves
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.40", "torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.40", "torch==2.13.0"],
         "bench": ["transformers>=4.40", "torch==2.13.0"],
     },
 )

@@ -13,7 +13,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lmjax import train as train_lib

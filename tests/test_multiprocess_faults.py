@@ -4,7 +4,6 @@ The processes are started directly (not through launch.local, which would stop
 the others itself) so that what is tested is the runtime's own behaviour.
 """
 
-import os
 import signal
 import socket
 import subprocess
