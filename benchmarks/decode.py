@@ -25,6 +25,7 @@ from lmjax import pretrained
 from lmjax.data.tokenizer import SpecialTokens
 from lmjax.inference.generate import Generator, SamplingConfig
 from lmjax.model import TransformerConfig, build_model
+from lmjax.train import unbox
 
 FLAGS = flags.FLAGS
 
@@ -39,8 +40,7 @@ def random_source(d_model: int, layers: int) -> pretrained.Pretrained:
   cfg = TransformerConfig(vocab_size=2048, max_len=1024, d_model=d_model, num_layers=layers,
                           num_heads=max(d_model // 64, 1), d_ff=4 * d_model)
   params = build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  params = jax.tree.map(lambda x: np.asarray(x.unbox() if hasattr(x, "unbox") else x), params,
-                        is_leaf=lambda x: hasattr(x, "unbox"))
+  params = jax.tree.map(np.asarray, unbox(params))
   return pretrained.Pretrained(cfg, params, _NoTokenizer(), "clm", "random")
 
 

@@ -30,6 +30,7 @@ from lmjax.experiment import section_from_dict
 from lmjax.metrics import MetricsWriter
 from lmjax.model import SequenceClassifier, SpanExtractor
 from lmjax.optim import OptimizerConfig, make_optimizer
+from lmjax.train import unbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +185,7 @@ def finetune(exp: FinetuneExperiment, init_from: str, workdir: str) -> dict[str,
   sample = _rows(train_data, np.arange(1))
   fresh = eval_model.init(jax.random.PRNGKey(t.seed), sample["tokens"], sample["segment_ids"],
                           sample["token_types"])["params"]
-  fresh = jax.tree.map(lambda x: x.unbox() if isinstance(x, nn.meta.AxisMetadata) else x, fresh,
-                       is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  fresh = unbox(fresh)
   if t.init == "pretrained":
     head = lambda name: name.startswith(("classifier/", "span/"))
     fresh = pretrained.merge_params(fresh, source.params, init_from, may_be_new=head)

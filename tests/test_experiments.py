@@ -19,8 +19,10 @@ from lmjax.data.tokenizer import SpecialTokens
 
 EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
                      if not p.endswith("__init__.py"))
+FINETUNING = {"finetune_genre": [None, "random"]}  # configs for launch.finetune
 VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp"]}
-CASES = [(name, arg) for name in EXPERIMENTS for arg in VARIANTS.get(name, [None])]
+CASES = [(name, arg) for name in EXPERIMENTS if name not in FINETUNING
+         for arg in VARIANTS.get(name, [None])]
 
 
 def test_all_experiments_are_covered():
@@ -45,6 +47,18 @@ def test_experiment_builds_abstractly(name, arg):
   logits = jax.eval_shape(lambda p, t: fns.model.apply({"params": p}, t),
                           abstract.params, batch)
   assert logits.shape == (2, exp.data.seq_len, exp.model.vocab_size)
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in FINETUNING.items() for a in args])
+def test_finetuning_experiment_parses(name, arg):
+  from lmjax.finetune import finetune_from_dict
+  module = importlib.import_module(f"experiments.{name}")
+  exp = finetune_from_dict((module.get_config(arg) if arg else module.get_config()).to_dict())
+  assert exp.train.init == (arg or "pretrained") and exp.task.dataset == "shakespeare_genre"
+
+
+def test_all_experiment_files_are_tested():
+  assert set(EXPERIMENTS) == {n for n, _ in CASES} | set(FINETUNING)
 
 
 def test_default_config_covers_every_field():
