@@ -37,5 +37,6 @@ def step_costs(name, tmp_path, arg=None, **overrides):
 def test_mfu_formula_matches_the_compiled_step(tmp_path, name, arg):
   dots, total, formula = step_costs(name, tmp_path, arg, model__num_kv_heads=1 if arg else 0)
   assert abs(dots / formula - 1) < 0.02, (dots, formula)
-  # XLA's cost analysis adds the elementwise work (norms, softmax, GELU, Adam): a few percent.
+  # XLA's cost analysis adds the elementwise work (norms, softmax, GELU, Adam): measured
+  # 9-13% at these toy widths (d_model 32), 1.5-2.4% at d_model 256 (benchmarks.run).
   assert 1.0 <= total / formula < 1.15, (total, formula)
