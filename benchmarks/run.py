@@ -213,7 +213,7 @@ def run_flops(quick: bool) -> list[dict]:
     lowered = jax.jit(functools.partial(train_lib.train_step, fns)).lower(state, batch)
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    formula = flops_per_token(cfg, 256) * 4 * 256
+    formula = flops_per_token(cfg, 256, ObjectiveConfig(kind=objective).predictions(256)) * 4 * 256
     row = {"objective": objective, "formula": formula,
            "matmul_flops": lowered_dot_flops(lowered.as_text()), "cost_analysis": cost["flops"]}
     rows.append(row)

@@ -22,18 +22,25 @@ def matmul_params(cfg: TransformerConfig) -> int:
   d, dh = cfg.d_model, cfg.dim_per_head
   attn = d * dh * (2 * cfg.num_heads + 2 * cfg.kv_heads)  # q, out; k, v
   mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
-  head = cfg.vocab_size * d + (d * d if cfg.family == "encoder" else 0)
-  return cfg.num_layers * (attn + mlp) + head
+  return cfg.num_layers * (attn + mlp) + head_params(cfg)
 
 
-def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+def head_params(cfg: TransformerConfig) -> int:
+  """Matmul parameters of the output head: vocabulary projection (+ BERT's transform)."""
+  return cfg.vocab_size * cfg.d_model + (cfg.d_model ** 2 if cfg.family == "encoder" else 0)
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int, predictions: int | None = None
+                    ) -> float:
   """Training matmul FLOPs per token: 6N plus attention's 12*L*H*Dh*T (PaLM, appendix B).
 
-  Causal attention is counted in full, as XLA computes it (the mask does not skip
-  work); `tests/test_metrics.py` checks this against the compiled step's matmuls.
+  `predictions`: positions per sequence the head runs on (MLM: the K targets; default
+  all). Causal attention is counted in full, as XLA computes it (the mask does not
+  skip work); `tests/test_flops.py` checks this against the compiled step's matmuls.
   """
   attention = 12 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len
-  return 6 * matmul_params(cfg) + attention
+  skipped = 1 - (seq_len if predictions is None else predictions) / seq_len
+  return 6 * (matmul_params(cfg) - skipped * head_params(cfg)) + attention
 
 
 _DOT = re.compile(r"stablehlo\.dot_general[^\n]*?contracting_dims = \[([\d, ]*)\] x[^\n]*?"

@@ -8,6 +8,7 @@ gradient accumulation over microbatches equals one large batch exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -33,6 +34,10 @@ class ObjectiveConfig:
       raise ValueError("objective: need 0 < mask_rate < 1 and mask_token_prob + "
                        "random_token_prob <= 1")
 
+  def predictions(self, seq_len: int) -> int:
+    """Positions per row the output head runs on: all (CLM) or the K MLM targets."""
+    return seq_len if self.kind == "clm" else max_predictions(seq_len, self.mask_rate)
+
 
 def clm_targets(tokens: Array, segment_ids: Array) -> tuple[Array, Array]:
   """Next-token targets within a document; no target across a boundary or on padding.
@@ -45,26 +50,43 @@ def clm_targets(tokens: Array, segment_ids: Array) -> tuple[Array, Array]:
   return targets, weights.astype(jnp.float32)
 
 
+def max_predictions(seq_len: int, mask_rate: float) -> int:
+  """Positions per row the MLM head is applied to: ceil(mask_rate * seq_len)."""
+  return max(1, math.ceil(mask_rate * seq_len))
+
+
 def mlm_mask(rng: Array, tokens: Array, segment_ids: Array, cfg: ObjectiveConfig,
              mask_id: int, special_ids: tuple[int, ...], vocab_size: int
-             ) -> tuple[Array, Array, Array]:
-  """BERT masking: select `mask_rate` of ordinary tokens, then 80/10/10 mask/random/keep.
+             ) -> tuple[Array, Array, Array, Array]:
+  """BERT masking: select round(mask_rate x ordinary tokens) per row, then 80/10/10
+  mask/random/keep.
 
-  Padding and special tokens are never selected, and random replacements are
-  drawn from ordinary tokens only. Returns (inputs, targets, weights), all (B, T).
+  An exact count per row, as the original BERT data pipeline, bounds the targets by
+  K = `max_predictions(T, mask_rate)`, so the MLM head and the loss run on (B, K)
+  gathered positions instead of all (B, T) (the head is a quarter of a small BERT's
+  FLOPs). Padding and special tokens are never selected; random replacements are
+  ordinary tokens. Returns inputs (B, T) and positions, targets, weights (B, K);
+  weight 0 marks unused slots of rows with fewer ordinary tokens.
   """
   select_key, action_key, random_key = jax.random.split(rng, 3)
-  special = jnp.isin(tokens, jnp.asarray(special_ids)) | (segment_ids == 0)
-  selected = jax.random.bernoulli(select_key, cfg.mask_rate, tokens.shape) & ~special
+  ordinary = ~jnp.isin(tokens, jnp.asarray(special_ids)) & (segment_ids != 0)
+  k = max_predictions(tokens.shape[1], cfg.mask_rate)
+  scores = jnp.where(ordinary, jax.random.uniform(select_key, tokens.shape), 2.0)
+  _, positions = jax.lax.top_k(-scores, k)  # (B, K): ordinary tokens in random order first
+  count = jnp.round(cfg.mask_rate * jnp.sum(ordinary, axis=1))  # (B,)
+  weights = jnp.arange(k)[None, :] < count[:, None]  # (B, K)
+  rows = jnp.arange(tokens.shape[0])[:, None]
+  selected = jnp.zeros(tokens.shape, bool).at[rows, positions].set(weights)  # (B, T)
   u = jax.random.uniform(action_key, tokens.shape)
   use_mask = selected & (u < cfg.mask_token_prob)
   use_random = selected & (u >= cfg.mask_token_prob) & (
       u < cfg.mask_token_prob + cfg.random_token_prob)
-  ordinary = np.setdiff1d(np.arange(vocab_size), np.asarray(special_ids))  # static table
-  random_tokens = jnp.asarray(ordinary, jnp.int32)[
-      jax.random.randint(random_key, tokens.shape, 0, ordinary.size)]
+  ordinary_ids = np.setdiff1d(np.arange(vocab_size), np.asarray(special_ids))  # static table
+  random_tokens = jnp.asarray(ordinary_ids, jnp.int32)[
+      jax.random.randint(random_key, tokens.shape, 0, ordinary_ids.size)]
   inputs = jnp.where(use_mask, mask_id, jnp.where(use_random, random_tokens, tokens))
-  return inputs, tokens, selected.astype(jnp.float32)
+  targets = jnp.take_along_axis(tokens, positions, axis=1)
+  return inputs, positions, targets, weights.astype(jnp.float32)
 
 
 def cross_entropy_sums(logits: Array, targets: Array, weights: Array, z_loss: float = 0.0,

@@ -69,9 +69,11 @@ def prepare(fns: StepFns, batch: dict[str, Array], rng: Array) -> dict[str, Arra
     targets, weights = objectives.clm_targets(tokens, segments)
     inputs = tokens
   else:
-    inputs, targets, weights = objectives.mlm_mask(
+    inputs, predict_at, targets, weights = objectives.mlm_mask(
         rng, tokens, segments, fns.objective, fns.special.mask, fns.special.ids,
         fns.model.cfg.vocab_size)
+    return {"inputs": inputs, "segment_ids": segments, "positions": batch["positions"],
+            "predict_at": predict_at, "targets": targets, "weights": weights}
   return {"inputs": inputs, "segment_ids": segments, "positions": batch["positions"],
           "targets": targets, "weights": weights}
 
@@ -80,7 +82,7 @@ def loss_sums(model: nn.Module, params: Any, b: dict[str, Array], objective: Obj
               dropout_rng: Array | None = None) -> dict[str, Array]:
   rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
   logits = model.apply({"params": params}, b["inputs"], b["segment_ids"], b["positions"],
-                       rngs=rngs)  # (B, T, V) float32
+                       predict_at=b.get("predict_at"), rngs=rngs)  # (B, T or K, V) float32
   return objectives.cross_entropy_sums(logits, b["targets"], b["weights"],
                                        objective.z_loss, objective.label_smoothing)
 
@@ -323,7 +325,9 @@ def train_loop(run: Run) -> dict[str, float]:
   logging.info("%s: %.1fM parameters; steps %d..%d on %d device(s), mesh %s", exp.model.family,
                count_params(state.params) / 1e6, step, t.steps, jax.device_count(),
                dict(run.mesh.shape))
-  speed = Throughput(t.batch_size * exp.data.seq_len, flops_per_token(exp.model, exp.data.seq_len),
+  seq = exp.data.seq_len
+  speed = Throughput(t.batch_size * seq,
+                     flops_per_token(exp.model, seq, exp.objective.predictions(seq)),
                      peak_flops(t.peak_flops_per_device) * jax.device_count(), t.steps)
   pending: list[Metrics] = []  # fetched from the device only at log steps
   skips = 0  # consecutive skipped (non-finite) steps

@@ -30,13 +30,14 @@ def step_costs(name, tmp_path, arg=None, **overrides):
   cost = lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return (lowered_dot_flops(lowered.as_text()) / (b * t), cost["flops"] / (b * t),
-          flops_per_token(exp.model, t))
+          flops_per_token(exp.model, t, exp.objective.predictions(t)))
 
 
 @pytest.mark.parametrize("name,arg", [("clm_tiny", None), ("clm_tiny", "llama"), ("mlm_tiny", None)])
 def test_mfu_formula_matches_the_compiled_step(tmp_path, name, arg):
   dots, total, formula = step_costs(name, tmp_path, arg, model__num_kv_heads=1 if arg else 0)
   assert abs(dots / formula - 1) < 0.02, (dots, formula)
-  # XLA's cost analysis adds the elementwise work (norms, softmax, GELU, Adam): measured
-  # 9-13% at these toy widths (d_model 32), 1.5-2.4% at d_model 256 (benchmarks.run).
-  assert 1.0 <= total / formula < 1.15, (total, formula)
+  # XLA's cost analysis adds the elementwise work (norms, softmax, GELU, Adam, MLM target
+  # selection): measured 9-20% at these toy widths (d_model 32), 1.5-3% at d_model 256
+  # (benchmarks.run).
+  assert 1.0 <= total / formula < 1.3, (total, formula)

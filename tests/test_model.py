@@ -106,3 +106,14 @@ def test_causal_logits_do_not_see_the_future():
   a, b = model.apply({"params": params}, tokens), model.apply({"params": params}, changed)
   np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-6)
   assert not np.allclose(a[:, 5:], b[:, 5:])
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_head_on_gathered_positions_equals_full_logits(family):
+  model, params = _init(TransformerConfig(**FAMILIES[family]))
+  predict_at = jnp.array([[6, 0, 3], [2, 2, 7]])  # (B, K) as the MLM targets are gathered
+  full = model.apply({"params": params}, *_inputs())  # (B, T, V)
+  gathered = model.apply({"params": params}, *_inputs(), predict_at=predict_at)  # (B, K, V)
+  assert gathered.shape == (2, 3, 64)
+  np.testing.assert_allclose(gathered, np.take_along_axis(full, predict_at[..., None], 1),
+                             rtol=1e-5, atol=1e-5)

@@ -2,8 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.objectives import (ObjectiveConfig, clm_targets, cross_entropy_sums, mlm_mask,
-                              summarize)
+from lmjax.objectives import (ObjectiveConfig, clm_targets, cross_entropy_sums,
+                              max_predictions, mlm_mask, summarize)
 
 SPECIAL = (0, 1, 2, 3, 4, 5, 6)
 MASK_ID, VOCAB = 4, 50
@@ -53,25 +53,43 @@ def test_mlm_masking_statistics():
   tokens, seg = jnp.asarray(tokens), jnp.asarray(seg)
   special = np.isin(np.asarray(tokens), SPECIAL) | (np.asarray(seg) == 0)
   draw = jax.jit(lambda key: mlm_mask(key, tokens, seg, cfg, MASK_ID, SPECIAL, VOCAB))
+  k = max_predictions(128, 0.15)
   selected = masked = randomized = kept = 0
   for i in range(20):
-    inputs, targets, weights = map(np.asarray, draw(jax.random.PRNGKey(i)))
-    sel = weights > 0
+    inputs, positions, targets, weights = map(np.asarray, draw(jax.random.PRNGKey(i)))
+    assert positions.shape == targets.shape == weights.shape == (64, k)
+    rows = np.arange(64)[:, None]
+    np.testing.assert_array_equal(targets, np.asarray(tokens)[rows, positions])
+    sel = np.zeros(special.shape, bool)
+    sel[rows, positions] = weights > 0
+    assert (sel.sum(1) == weights.sum(1)).all(), "a position was selected twice"
+    # BERT's exact count: round(15% of the ordinary tokens) in every row.
+    np.testing.assert_array_equal(sel.sum(1), np.round(0.15 * (~special).sum(1)))
     assert not (sel & special).any(), "special tokens or padding were selected"
-    np.testing.assert_array_equal(targets, np.asarray(tokens))
     selected += sel.sum()
     masked += (sel & (inputs == MASK_ID)).sum()
     kept += (sel & (inputs == np.asarray(tokens))).sum()
     randomized += (sel & (inputs != MASK_ID) & (inputs != np.asarray(tokens))).sum()
     assert not np.isin(inputs[sel & (inputs != MASK_ID)], SPECIAL).any()
     np.testing.assert_array_equal(inputs[~sel], np.asarray(tokens)[~sel])
-  candidates = 20 * (~special).sum()
-  np.testing.assert_allclose(selected / candidates, 0.15, atol=0.01)
   np.testing.assert_allclose(masked / selected, 0.8, atol=0.02)
   # A random replacement equals the original 1/(V - specials) of the time: counted as kept.
   p_same = 1 / (VOCAB - len(SPECIAL))
   np.testing.assert_allclose(randomized / selected, 0.1 * (1 - p_same), atol=0.015)
   np.testing.assert_allclose(kept / selected, 0.1 + 0.1 * p_same, atol=0.015)
+
+
+def test_mlm_selection_is_uniform_over_ordinary_tokens():
+  cfg = ObjectiveConfig(kind="mlm")
+  tokens = jnp.arange(10, 50).reshape(1, 40).at[0, 5].set(5)  # one special token
+  seg = jnp.ones_like(tokens)
+  draw = jax.jit(jax.vmap(lambda key: mlm_mask(key, tokens, seg, cfg, MASK_ID, SPECIAL,
+                                                VOCAB)[1:4:2]))
+  positions, weights = draw(jax.random.split(jax.random.PRNGKey(0), 4000))
+  counts = np.bincount(np.asarray(positions)[np.asarray(weights) > 0], minlength=40)
+  assert counts[5] == 0
+  share = np.delete(counts, 5) / counts.sum()  # 39 ordinary tokens, 6 chosen per draw
+  np.testing.assert_allclose(share, 1 / 39, rtol=0.15)
 
 
 def test_mlm_mask_depends_only_on_the_key():
@@ -82,4 +100,4 @@ def test_mlm_mask_depends_only_on_the_key():
   b = mlm_mask(jax.random.PRNGKey(3), tokens, seg, cfg, MASK_ID, SPECIAL, VOCAB)
   c = mlm_mask(jax.random.PRNGKey(4), tokens, seg, cfg, MASK_ID, SPECIAL, VOCAB)
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert not np.array_equal(a[2], c[2])
+  assert not np.array_equal(a[1], c[1])

@@ -54,7 +54,7 @@ def test_gradient_accumulation_equals_one_big_batch(kind):
       state, metrics = step(state, _batch())
     states.append((state, metrics))
   (a, ma), (b, mb) = states
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-4),
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=3e-5, rtol=1e-4),
                a.params, b.params)
   for key in ("loss", "accuracy", "grad_norm", "tokens"):
     np.testing.assert_allclose(ma[key], mb[key], rtol=1e-5)

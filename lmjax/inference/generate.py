@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax.errors import UserError
-from lmjax.model import TransformerConfig, build_model
+from lmjax.model import TransformerConfig, build_model, unstack_layers
 
 Array = jax.Array
 PROMPT_BUCKET = 16  # prompt lengths are rounded up to this, so few shapes get compiled
@@ -75,6 +75,11 @@ class Generator:
     if cfg.family != "decoder":
       raise UserError("generation needs a decoder (CLM) model; use fill_mask for encoders")
     cfg = cfg.replace(dropout_rate=0.0, remat_policy="none")
+    if cfg.scan_layers:
+      # Unrolled: a scanned decode step slices every layer's weights and cache out of the
+      # stacked arrays and writes the cache back, several times the bytes a step must read.
+      params = unstack_layers(params, cfg.num_layers)
+      cfg = cfg.replace(scan_layers=False)
     self.cfg, self.params, self.eos, self.pad = cfg, params, eos, pad
     self.model = build_model(cfg, decode=True)
     self.full_model = build_model(cfg)

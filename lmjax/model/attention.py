@@ -60,6 +60,21 @@ def reference_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return out.reshape(b, t, h, d)
 
 
+def cached_attention(q: Array, k_t: Array, v: Array, mask: Array) -> Array:
+  """Attention over a KV cache in the layouts its two matmuls read in place.
+
+  q (B, T, H, Dh); k_t: keys transposed, (B, K, Dh, L); v (B, K, L, Dh); mask
+  (B, 1, T, L). Decoding otherwise transposes the whole cache for every new token.
+  """
+  b, t, h, d = q.shape
+  kv_heads = k_t.shape[1]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # (B, T, K, G, Dh)
+  logits = jnp.einsum("btkgd,bkds->bkgts", q, k_t, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask[:, :, None], logits * (d ** -0.5), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (B, K, G, T, L)
+  return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
+
+
 def attention(q: Array, k: Array, v: Array, mask: Array, implementation: str) -> Array:
   """Dispatches to `reference` or `jax.nn.dot_product_attention` (`xla`, `cudnn`)."""
   if implementation == "reference":
@@ -114,9 +129,10 @@ class MultiHeadAttention(nn.Module):
     if cfg.position == "rope":
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     if self.decode:
-      k, v = self._cached(k, v)  # (B, L, K, Dh)
-    impl = resolve_implementation(cfg.attention_impl, cfg.compute_dtype)
-    out = attention(q, k, v, mask, impl)  # (B, T, H, Dh)
+      out = cached_attention(q, *self._cached(k, v), mask)  # (B, T, H, Dh)
+    else:
+      impl = resolve_implementation(cfg.attention_impl, cfg.compute_dtype)
+      out = attention(q, k, v, mask, impl)  # (B, T, H, Dh)
     out = checkpoint_name(out, "attention_out")  # kept by remat policy save_attention_out
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     # Residual-stream projections get GPT-2's depth-scaled init.
@@ -125,15 +141,16 @@ class MultiHeadAttention(nn.Module):
     return nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)  # (B, T, D)
 
   def _cached(self, k: Array, v: Array) -> tuple[Array, Array]:
-    """Writes the new keys/values at the cache index; returns the whole cache."""
+    """Writes the new (B, T, K, Dh) keys/values at the cache index; returns the whole
+    cache as `cached_attention` reads it: keys (B, K, Dh, L), values (B, K, L, Dh)."""
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
     ready = self.has_variable("cache", "cached_key")
     cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     if not ready:
       return k, v
-    at = (0, index.value, 0, 0)
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, at)
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, at)
-    index.value = index.value + k.shape[1]
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, 0, 0, index.value))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, index.value, 0))
+    index.value = index.value + v.shape[2]
     return cached_k.value, cached_v.value

@@ -28,9 +28,12 @@ class LanguageModel(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, segment_ids: Array | None = None,
                positions: Array | None = None, token_types: Array | None = None,
-               prefix_len: Array | None = None) -> Array:
+               prefix_len: Array | None = None, predict_at: Array | None = None) -> Array:
+    """`predict_at` (B, K): positions to return logits for (MLM targets); default all."""
     backbone = Transformer(self.cfg, self.deterministic, self.decode, name="transformer")
     h = backbone(tokens, segment_ids, positions, token_types, prefix_len)  # (B, T, D)
+    if predict_at is not None:
+      h = jnp.take_along_axis(h, predict_at[..., None], axis=1)  # (B, K, D)
     logits = self.head(backbone, h).astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 

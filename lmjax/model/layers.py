@@ -7,6 +7,7 @@ axes with the logical names of `lmjax.sharding` (embed, heads, kv, mlp, vocab,
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -53,8 +54,12 @@ class Dense(nn.Module):
     in_shape = x.shape[x.ndim - self.num_in:]
     kernel = self.param("kernel", normal_init(self.std, self.kernel_names),
                         (*in_shape, *self.features), self.param_dtype)
-    contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    # One 2-D matmul on row-major views (free reshapes): a dot_general over several
+    # kernel axes makes XLA transpose the weight gradient and copy it back, every step.
+    batch_shape = x.shape[:x.ndim - self.num_in]
+    x2 = x.reshape(-1, math.prod(in_shape)).astype(self.dtype)
+    y = x2 @ kernel.reshape(x2.shape[1], -1).astype(self.dtype)
+    y = y.reshape(*batch_shape, *self.features)
     if self.use_bias:
       bias = self.param("bias", zeros_init(self.bias_names), self.features, self.param_dtype)
       y = y + bias.astype(self.dtype)
