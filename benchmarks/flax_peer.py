@@ -3,10 +3,10 @@ their own virtual environment: `transformers` 5 dropped Flax.
 
 `ensure_venv()` creates it on first use (system site packages for jax, flax and
 optax; only transformers 4.57 is installed into it). The worker is this file run
-by that environment's python: it builds FlaxGPT2LMHeadModel or
-FlaxBertForMaskedLM, compiles one AdamW train step, then answers each "run"
-line on stdin with the seconds `steps` steps took, so the parent can interleave
-it with the other candidates.
+by that environment's python, one process for the whole run: each "build" line
+on stdin makes FlaxGPT2LMHeadModel or FlaxBertForMaskedLM and compiles one AdamW
+train step; each "run" line is answered with the seconds `steps` steps took, so
+the parent can interleave it with the other candidates.
 """
 
 from __future__ import annotations
@@ -31,30 +31,37 @@ def ensure_venv() -> str:
 
 
 class FlaxPeer:
-  """A worker process for one shape; `run()` times `steps` steps inside it."""
+  """One worker process for the whole run: `build()` compiles a shape's step inside it,
+  `run()` times `steps` steps of the current shape."""
 
-  def __init__(self, objective: str, d_model: int, layers: int, seq_len: int, batch: int,
-               vocab: int, steps: int):
-    args = json.dumps(dict(objective=objective, d_model=d_model, layers=layers,
-                           seq_len=seq_len, batch=batch, vocab=vocab, steps=steps))
-    self.proc = subprocess.Popen([ensure_venv(), os.path.abspath(__file__), args],
+  def __init__(self):
+    self.proc = subprocess.Popen([ensure_venv(), os.path.abspath(__file__)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-    ready = self.proc.stdout.readline()
-    if ready.strip() != "ready":
-      raise RuntimeError(f"Flax peer failed to start: {ready!r}")
+
+  def _ask(self, line: str) -> str:
+    self.proc.stdin.write(line + "\n")
+    self.proc.stdin.flush()
+    return self.proc.stdout.readline().strip()
+
+  def build(self, objective: str, d_model: int, layers: int, seq_len: int, batch: int,
+            vocab: int, steps: int) -> None:
+    spec = dict(objective=objective, d_model=d_model, layers=layers, seq_len=seq_len,
+                batch=batch, vocab=vocab, steps=steps)
+    answer = self._ask("build " + json.dumps(spec))
+    if answer != "ready":
+      raise RuntimeError(f"Flax peer failed to build {spec}: {answer!r}")
 
   def run(self) -> float:
-    self.proc.stdin.write("run\n")
-    self.proc.stdin.flush()
-    return float(self.proc.stdout.readline())
+    return float(self._ask("run"))
 
   def close(self) -> None:
     self.proc.stdin.close()
     self.proc.wait(timeout=60)
 
 
-def _worker(spec: dict) -> None:
+def _build(spec: dict):
+  """A compiled AdamW train step of the Flax model `spec` names: run() -> seconds."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -91,20 +98,32 @@ def _worker(spec: dict) -> None:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  params = model.params
-  opt_state = tx.init(params)
-  params, opt_state, loss = step(params, opt_state)
-  loss.block_until_ready()
-  print("ready", flush=True)
-  for line in sys.stdin:
-    if line.strip() != "run":
-      break
+  state = [model.params, tx.init(model.params)]
+  jax.block_until_ready(step(*state))
+
+  def run() -> float:
     start = time.perf_counter()
     for _ in range(spec["steps"]):
-      params, opt_state, loss = step(params, opt_state)
+      params, opt_state, loss = step(*state)
+      state[:] = [params, opt_state]
     loss.block_until_ready()
-    print(time.perf_counter() - start, flush=True)
+    return time.perf_counter() - start
+  return run
+
+
+def _worker() -> None:
+  run = None
+  for line in sys.stdin:
+    command, _, arg = line.strip().partition(" ")
+    if command == "build":
+      run = None  # free the previous shape first
+      run = _build(json.loads(arg))
+      print("ready", flush=True)
+    elif command == "run" and run is not None:
+      print(run(), flush=True)
+    else:
+      break
 
 
 if __name__ == "__main__":
-  _worker(json.loads(sys.argv[1]))
+  _worker()

@@ -28,7 +28,43 @@ def matmul_flops(dtype: str, n: int, repeats: int = 5) -> float:
 
 
 def copy_bandwidth(megabytes: int, repeats: int = 5) -> float:
-  """Bytes/s moved by copying a large float32 array (read + write)."""
+  """Bytes/s (read + write) of an in-place elementwise pass over a large float32 array.
+
+  Donated, so no fresh output buffer is allocated: first-touch page faults on a new
+  buffer would otherwise be timed and the figure would be several times too low.
+  """
+  box = [jnp.zeros((megabytes * 2**20 // 4,), jnp.float32)]
+  add = jax.jit(lambda v: v + 1.0, donate_argnums=0)
+
+  def run():
+    box[0] = add(box[0])
+    box[0].block_until_ready()
+  return 2 * box[0].nbytes / best_time(run, repeats)
+
+
+def read_bandwidth(megabytes: int, repeats: int = 5) -> float:
+  """Bytes/s of reading a large float32 array once (a sum): what a decode step does
+  with its weights."""
   x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
-  copy = jax.jit(lambda v: v * 1.0 + 0.0)  # one fused elementwise pass: a read and a write
-  return 2 * x.nbytes / best_time(lambda: copy(x).block_until_ready(), repeats)
+  total = jax.jit(jnp.sum)
+  return x.nbytes / best_time(lambda: total(x).block_until_ready(), repeats)
+
+
+class MatmulProbe:
+  """A float32 matmul timed between benchmark candidates: the peak measured at the same
+  moments as the steps it divides (this machine's speed drifts by tens of percent)."""
+
+  def __init__(self, n: int = 1024, seconds: float = 0.2):
+    a = jnp.ones((n, n), jnp.float32)
+    self.mm = jax.jit(lambda x: x @ x)
+    self.a, self.flops = a, 2 * n**3
+    once = best_time(lambda: self.mm(a).block_until_ready(), 2)
+    self.calls = max(1, int(seconds / once))
+    self.best = 0.0
+
+  def run(self) -> None:
+    start = time.perf_counter()
+    for _ in range(self.calls):
+      out = self.mm(self.a)
+    out.block_until_ready()
+    self.best = max(self.best, self.calls * self.flops / (time.perf_counter() - start))

@@ -59,20 +59,24 @@ def run_limits(quick: bool) -> dict:
   n = 1024 if quick else 2048
   out = {"matmul_f32_flops": limits.matmul_flops("float32", n),
          "matmul_bf16_flops": limits.matmul_flops("bfloat16", n),
-         "copy_bytes_per_s": limits.copy_bandwidth(128 if quick else 512)}
+         "copy_bytes_per_s": limits.copy_bandwidth(128 if quick else 512),
+         "read_bytes_per_s": limits.read_bandwidth(128 if quick else 512)}
   print(f"   matmul float32  {out['matmul_f32_flops'] / 1e9:8.1f} GFLOP/s  ({n}^3)")
   print(f"   matmul bfloat16 {out['matmul_bf16_flops'] / 1e9:8.1f} GFLOP/s")
-  print(f"   memory copy     {out['copy_bytes_per_s'] / 1e9:8.1f} GB/s")
+  print(f"   memory copy     {out['copy_bytes_per_s'] / 1e9:8.1f} GB/s  (read + write, in place)")
+  print(f"   memory read     {out['read_bytes_per_s'] / 1e9:8.1f} GB/s")
   return out
 
 
 @section("train")
-def run_train(quick: bool, peak: float) -> list[dict]:
+def run_train(quick: bool) -> list[dict]:
   from benchmarks.flax_peer import FlaxPeer
-  layers, batch, steps, repeats = (2, 4, 1, 2) if quick else (4, 8, 3, 3)
+  layers, batch, steps, repeats = (2, 4, 1, 4) if quick else (4, 8, 2, 5)
+  peer = FlaxPeer() if FLAGS.flax_peer else None
+  probe = limits.MatmulProbe()
   rows = []
-  print(f"   {'step':12s} {'lmjax tok/s':>11s} {'MFU':>6s} {'/torch32':>9s} {'/torch16':>9s}"
-        f" {'/flax':>7s}   (step-time ratios: lower is faster)")
+  print(f"   {'step':10s} {'lmjax tok/s':>11s} {'MFU':>6s} {'peak':>6s} {'/torch32':>9s} "
+        f"{'/torch16':>9s} {'/flax':>6s}   (step-time ratios: lower is faster)")
   for objective in ("clm", "mlm"):
     for d in (256, 512, 768):
       shape = Shape(objective, d, layers, 256, batch)
@@ -82,26 +86,27 @@ def run_train(quick: bool, peak: float) -> list[dict]:
       # float32 here); --quick times it at the smallest width only.
       if not quick or d == 256:
         candidates["torch_bf16"] = torch_step(shape, steps, bf16=True)
-      peer = None
-      if FLAGS.flax_peer:
-        peer = FlaxPeer(objective, d, layers, 256, batch, shape.vocab, steps)
-        candidates["hf_flax"] = peer.run
-      times = time_interleaved(candidates, repeats)
       if peer:
-        peer.close()
+        peer.build(objective, d, layers, 256, batch, shape.vocab, steps)
+        candidates["hf_flax"] = peer.run
+      probe.best = 0.0  # the peak measured between this shape's candidates
+      candidates["peak"] = probe.run
+      times = time_interleaved(candidates, repeats)
+      del times["peak"]
       per_step = {k: v[0] / steps for k, v in times.items()}
       row = {"objective": objective, "d_model": d, "layers": layers, "batch": batch,
-             "seq_len": 256, "step_s": per_step,
+             "seq_len": 256, "step_s": per_step, "peak_flops": probe.best,
              "median_step_s": {k: v[1] / steps for k, v in times.items()},
              "tokens_per_s": batch * 256 / per_step["lmjax"],
-             "mfu": shape.flops_per_step / per_step["lmjax"] / peak}
+             "mfu": {k: shape.flops_per_step / t / probe.best for k, t in per_step.items()}}
       row["ratio"] = {k: per_step["lmjax"] / v for k, v in per_step.items() if k != "lmjax"}
       rows.append(row)
       r = row["ratio"]
-      print(f"   {objective} d{d:<8d} {row['tokens_per_s']:11,.0f} {row['mfu']:6.1%} "
-            f"{r['torch_f32']:9.2f} {r.get('torch_bf16', float('nan')):9.2f} "
-            f"{r.get('hf_flax', float('nan')):7.2f}",
-            flush=True)
+      print(f"   {objective} d{d:<6d} {row['tokens_per_s']:11,.0f} {row['mfu']['lmjax']:6.1%} "
+            f"{probe.best / 1e9:6.0f} {r['torch_f32']:9.2f} {r.get('torch_bf16', float('nan')):9.2f} "
+            f"{r.get('hf_flax', float('nan')):6.2f}", flush=True)
+  if peer:
+    peer.close()
   return rows
 
 
@@ -129,13 +134,16 @@ def run_compile(quick: bool) -> dict:
       start = time.perf_counter()
       step.lower(state, batch).compile()
       cold = time.perf_counter() - start
-      jax.clear_caches()
-      start = time.perf_counter()
-      step.lower(state, batch).compile()  # from the persistent cache written just now
-      warm = time.perf_counter() - start
+      warm = None
+      if not (quick and not scan and depth == 32):  # --quick: tracing 32 layers twice is 40s
+        jax.clear_caches()
+        start = time.perf_counter()
+        step.lower(state, batch).compile()  # from the persistent cache written just now
+        warm = time.perf_counter() - start
       key = f"{'scan' if scan else 'unrolled'}_{depth}"
       out[key] = {"cold_s": cold, "warm_cache_s": warm}
-      print(f"   {key:12s} cold {cold:6.2f}s   warm cache {warm:6.2f}s", flush=True)
+      print(f"   {key:12s} cold {cold:6.2f}s   warm cache "
+            f"{'   -   ' if warm is None else f'{warm:6.2f}s'}", flush=True)
   out["ratio_32_vs_2_scan"] = out["scan_32"]["cold_s"] / out["scan_2"]["cold_s"]
   print(f"   32 vs 2 layers (scanned): {out['ratio_32_vs_2_scan']:.2f}x")
   return out
@@ -225,15 +233,17 @@ def run_flops(quick: bool) -> list[dict]:
 def check_targets() -> list[tuple[str, bool, str]]:
   out = []
   for row in RESULTS.get("train", []):
+    name, mfu = f"{row['objective']} d{row['d_model']}", row["mfu"]
     if row["d_model"] in (512, 768):
-      r = row["ratio"]
-      name = f"{row['objective']} d{row['d_model']}"
-      if "hf_flax" in r:
-        out.append((f"{name} step <= 0.9x HF Flax", r["hf_flax"] <= 0.9, f"{r['hf_flax']:.2f}x"))
-      out.append((f"{name} step <= 0.6x PyTorch f32", r["torch_f32"] <= 0.6,
-                  f"{r['torch_f32']:.2f}x"))
+      for peer, label, goal in (("hf_flax", "HF Flax", 0.9), ("torch_f32", "PyTorch f32", 0.6)):
+        if peer in row["ratio"]:
+          # The MFU lmjax would need to meet the goal (over 100%: beyond this machine).
+          need = mfu[peer] / goal
+          out.append((f"{name} step <= {goal}x {label}", row["ratio"][peer] <= goal,
+                      f"{row['ratio'][peer]:.2f}x  (lmjax MFU {mfu['lmjax']:.0%}; "
+                      f"{goal}x needs {need:.0%})"))
     if row["d_model"] == 768:
-      out.append((f"{row['objective']} d768 MFU >= 60%", row["mfu"] >= 0.6, f"{row['mfu']:.1%}"))
+      out.append((f"{name} MFU >= 60%", mfu["lmjax"] >= 0.6, f"{mfu['lmjax']:.1%}"))
   if "compile" in RESULTS:
     ratio = RESULTS["compile"]["ratio_32_vs_2_scan"]
     out.append(("compile 32 layers <= 1.3x 2 layers", ratio <= 1.3, f"{ratio:.2f}x"))
@@ -260,9 +270,10 @@ def main(argv: list[str]) -> None:
   print(f"lmjax benchmarks on {jax.devices()[0].device_kind} x {jax.device_count()}, "
         f"{os.cpu_count()} CPUs{' (quick)' if quick else ''}")
   run_limits(quick)
-  peak = RESULTS.get("limits", {}).get("matmul_f32_flops") or limits.matmul_flops("float32", 1024)
-  bandwidth = (RESULTS.get("limits", {}).get("copy_bytes_per_s") or limits.copy_bandwidth(128))
-  run_train(quick, peak)
+  measured = RESULTS.get("limits", {})
+  bandwidth = max(measured.get("copy_bytes_per_s") or limits.copy_bandwidth(128),
+                  measured.get("read_bytes_per_s") or limits.read_bandwidth(128))
+  run_train(quick)
   run_compile(quick)
   run_decode(quick, bandwidth)
   run_data(quick)

@@ -21,7 +21,7 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   kind: Literal["clm", "mlm"] = "clm"
-  mask_rate: float = 0.15  # MLM: fraction of ordinary tokens selected as targets
+  mask_rate: float = 0.15  # MLM: share of ordinary tokens selected as targets (exact per row)
   mask_token_prob: float = 0.8  # of the selected: replaced by [MASK]
   random_token_prob: float = 0.1  # of the selected: replaced by a random token; rest kept
   z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting

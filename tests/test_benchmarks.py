@@ -2,6 +2,7 @@
 before a GPU is at hand."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,3 +19,19 @@ def test_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
   result = json.loads(out.read_text())
   assert len(result["sweep"]) == 2 and all(r["tokens_per_s"] > 0 for r in result["sweep"])
   assert 0 < result["best"]["mfu"] < 1 and result["decode"]["tokens_per_s"] > 0
+
+
+def test_benchmark_suite_limits_and_flop_check(tmp_path):
+  out = tmp_path / "bench.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the tests' -O0 flags
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick",
+                         "--sections=limits,flops", f"--json={out}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  limits = result["limits"]
+  assert limits["matmul_f32_flops"] > 1e9 and limits["read_bytes_per_s"] > 1e8
+  # In place (donated): a freshly allocated output times page faults, 0.2x the read rate here.
+  assert limits["copy_bytes_per_s"] > limits["read_bytes_per_s"] / 2
+  assert [t["met"] for t in result["targets"]] == [True, True], result["targets"]
+  assert "clm FLOP formula within 2%" in proc.stdout
