@@ -117,3 +117,11 @@ def test_head_on_gathered_positions_equals_full_logits(family):
   assert gathered.shape == (2, 3, 64)
   np.testing.assert_allclose(gathered, np.take_along_axis(full, predict_at[..., None], 1),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_float32_on_cpu(monkeypatch):
+  cfg = TransformerConfig(**GPT2)
+  assert cfg.dtype == "auto" and cfg.compute_dtype == jnp.float32  # the tests run on CPU
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert cfg.compute_dtype == jnp.bfloat16 and cfg.weight_dtype == jnp.float32

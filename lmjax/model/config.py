@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 
 Family = Literal["decoder", "encoder"]
@@ -42,7 +43,9 @@ class TransformerConfig:
   dropout_rate: float = 0.0
   init_std: float = 0.02
   attention_impl: str = "auto"  # reference | xla | cudnn | auto (cudnn on GPU)
-  dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
+  # Compute dtype; parameters stay in param_dtype. auto: bfloat16 on GPU and TPU,
+  # float32 on CPU (no bfloat16 units on most: slower than float32 there).
+  dtype: str = "auto"
   param_dtype: str = "float32"
   scan_layers: bool = True  # one compiled layer applied num_layers times
   remat_policy: str = "none"  # what a layer keeps for the backward pass
@@ -61,9 +64,10 @@ class TransformerConfig:
       raise ValueError(f"model.attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"model.{name} must be float32, bfloat16 or float16")
+    if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+      raise ValueError("model.dtype must be auto, float32, bfloat16 or float16")
+    if self.param_dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError("model.param_dtype must be float32, bfloat16 or float16")
 
   @property
   def kv_heads(self) -> int:
@@ -79,6 +83,8 @@ class TransformerConfig:
 
   @property
   def compute_dtype(self) -> jnp.dtype:
+    if self.dtype == "auto":
+      return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
     return jnp.dtype(self.dtype)
 
   @property
