@@ -65,17 +65,15 @@ class StepFns:
 def prepare(fns: StepFns, batch: dict[str, Array], rng: Array) -> dict[str, Array]:
   """Adds model inputs, targets and weights to a packed batch, per the objective."""
   tokens, segments = batch["tokens"], batch["segment_ids"]
+  out = {"segment_ids": segments, "positions": batch["positions"]}
   if fns.objective.kind == "clm":
-    targets, weights = objectives.clm_targets(tokens, segments)
-    inputs = tokens
-  else:
-    inputs, predict_at, targets, weights = objectives.mlm_mask(
+    out["targets"], out["weights"] = objectives.clm_targets(tokens, segments)
+    out["inputs"] = tokens
+  else:  # targets, weights: (B, K) at the gathered positions `predict_at`
+    out["inputs"], out["predict_at"], out["targets"], out["weights"] = objectives.mlm_mask(
         rng, tokens, segments, fns.objective, fns.special.mask, fns.special.ids,
         fns.model.cfg.vocab_size)
-    return {"inputs": inputs, "segment_ids": segments, "positions": batch["positions"],
-            "predict_at": predict_at, "targets": targets, "weights": weights}
-  return {"inputs": inputs, "segment_ids": segments, "positions": batch["positions"],
-          "targets": targets, "weights": weights}
+  return out
 
 
 def loss_sums(model: nn.Module, params: Any, b: dict[str, Array], objective: ObjectiveConfig,

@@ -33,11 +33,14 @@ def step_costs(name, tmp_path, arg=None, **overrides):
           flops_per_token(exp.model, t, exp.objective.predictions(t)))
 
 
-@pytest.mark.parametrize("name,arg", [("clm_tiny", None), ("clm_tiny", "llama"), ("mlm_tiny", None)])
-def test_mfu_formula_matches_the_compiled_step(tmp_path, name, arg):
+# XLA's cost analysis adds the elementwise work (norms, softmax, GELU, Adam, MLM target
+# selection) to the matmuls: measured at these toy widths (d_model 32) 1.091 (clm),
+# 1.098 (llama), 1.196 (mlm: its head runs on 15% of the positions, so matmuls are a
+# smaller share); 1.015-1.03 at d_model 256 (benchmarks.run).
+@pytest.mark.parametrize("name,arg,elementwise_bound", [("clm_tiny", None, 1.15),
+                                                        ("clm_tiny", "llama", 1.15),
+                                                        ("mlm_tiny", None, 1.25)])
+def test_mfu_formula_matches_the_compiled_step(tmp_path, name, arg, elementwise_bound):
   dots, total, formula = step_costs(name, tmp_path, arg, model__num_kv_heads=1 if arg else 0)
   assert abs(dots / formula - 1) < 0.02, (dots, formula)
-  # XLA's cost analysis adds the elementwise work (norms, softmax, GELU, Adam, MLM target
-  # selection): measured 9-20% at these toy widths (d_model 32), 1.5-3% at d_model 256
-  # (benchmarks.run).
-  assert 1.0 <= total / formula < 1.3, (total, formula)
+  assert 1.0 <= total / formula < elementwise_bound, (total, formula)
