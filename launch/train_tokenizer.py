@@ -9,10 +9,12 @@ from __future__ import annotations
 from absl import app, flags
 
 from launch.cli import cli_main, parse_flags
-from lmjax.data.corpus import check_files, read_documents
+from lmjax.data.readers import expand_inputs, read_documents
 from lmjax.data.tokenizer import train_tokenizer
 
-flags.DEFINE_multi_string("input", None, ".txt or .jsonl files to learn the vocabulary from")
+flags.DEFINE_multi_string("input", None, "files, directories or globs to learn the vocabulary "
+                          "from (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet)")
+flags.DEFINE_string("text_field", "text", "JSON field / parquet column holding the text")
 flags.DEFINE_string("output", None, "path of the SentencePiece model to write")
 flags.DEFINE_integer("vocab_size", 8192, "number of pieces, special and byte pieces included")
 flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "SentencePiece algorithm")
@@ -21,17 +23,17 @@ flags.mark_flags_as_required(["input", "output"])
 FLAGS = flags.FLAGS
 
 
-def lines(paths):
+def lines(paths, text_field="text"):
   for path in paths:
-    for doc in read_documents(path):
+    for doc in read_documents(path, text_field=text_field):
       yield from doc.split("\n")
 
 
 @cli_main
 def main(argv: list[str]) -> None:
   del argv
-  check_files(FLAGS.input, "input")
-  tok = train_tokenizer(lines(FLAGS.input), FLAGS.output, FLAGS.vocab_size,
+  files = expand_inputs(FLAGS.input)
+  tok = train_tokenizer(lines(files, FLAGS.text_field), FLAGS.output, FLAGS.vocab_size,
                         FLAGS.model_type, FLAGS.max_sentences)
   print(f"wrote {FLAGS.output}: {tok.vocab_size} pieces, sha256 {tok.sha256}")
 

@@ -1,4 +1,4 @@
-"""Held-out evaluation of any model lmjax can load, on any text files.
+"""Held-out evaluation of any model lmjax can load, on any text files or token store.
 
 Deterministic: rows are the files' documents packed in order, and MLM masks
 come from a fixed key per batch, so two runs give the same numbers.
@@ -12,7 +12,8 @@ import optax
 
 from lmjax import objectives
 from lmjax.data.batches import PackedDataset
-from lmjax.data.corpus import check_files, load_token_stream
+from lmjax.data.corpus import open_corpus
+from lmjax.data.pipeline import delimiters
 from lmjax.errors import UserError
 from lmjax.model import build_model
 from lmjax.objectives import ObjectiveConfig
@@ -28,11 +29,10 @@ def evaluate_files(source: Pretrained, files: list[str], seq_len: int = 0, batch
   seq_len = seq_len or min(cfg.max_len, 512)
   if seq_len > cfg.max_len:
     raise UserError(f"seq_len={seq_len} exceeds the model's max_len={cfg.max_len}")
-  check_files(files, "eval")
   sp = source.tokenizer.special
-  begin, end = (sp.bos, sp.eos) if source.objective == "clm" else (sp.cls, sp.sep)
-  stream = load_token_stream(files, source.tokenizer, cache_dir, begin, end)
-  data = PackedDataset(stream, seq_len, seed, shuffle=False)
+  begin, end = delimiters(source.tokenizer, source.objective)
+  corpus = open_corpus(files, source.tokenizer, begin, end, source.objective, cache_dir, "eval")
+  data = PackedDataset(corpus, seq_len, seed, shuffle=False)
   model = build_model(cfg.replace(dropout_rate=0.0, remat_policy="none"))
   fns = StepFns(model, model, optax.identity(), optax.constant_schedule(0.0),
                 ObjectiveConfig(kind=source.objective), sp)

@@ -50,13 +50,19 @@ def _write(path, data: bytes):
   return str(path)
 
 
+def _mkdir(path):
+  path.mkdir(exist_ok=True)
+  (path / "notes.md").write_text("not a corpus")
+  return str(path)
+
+
 def _run_cases(tmp):
   """(override builder, expected message): each gets the tmp dir, returns config overrides."""
   other_tok = str(tmp / "other.model")
   return [
       (lambda: {"data__train_files": (str(tmp / "missing.txt"),)}, "train file not found"),
       (lambda: {"data__train_files": (_write(tmp / "empty.txt", b""),)}, "train file is empty"),
-      (lambda: {"data__eval_files": (_write(tmp / "x.csv", b"a,b\n"),)}, "must end in .txt or .jsonl"),
+      (lambda: {"data__eval_files": (_write(tmp / "x.csv", b"a,b\n"),)}, "must end in one of .txt, .jsonl,"),
       (lambda: {"data__train_files": (_write(tmp / "bad.txt", b"ok line\n\xff\xfe bad\n"),)},
        "bad.txt:2: invalid UTF-8"),
       (lambda: {"data__train_files": (_write(tmp / "bad.jsonl", b'{"txt": "x"}\n'),)},
@@ -76,7 +82,10 @@ def _run_cases(tmp):
       (lambda: {"train__init_from": str(tmp / "missing_run")}, "is not a directory"),
       (lambda: {"data__train_files": (_write(tmp / "long.txt", b"x" * (17 << 20)),)},
        "long.txt:1: line longer than 16 MiB"),
-      (lambda: {"data__eval_files": (str(tmp),)}, "is a directory"),
+      (lambda: {"data__eval_files": (_mkdir(tmp / "no_text"),)}, "holds no .txt/.jsonl"),
+      (lambda: {"data__train_files": (str(tmp / "nothing" / "*.parquet"),)}, "matches no files"),
+      (lambda: {"data__train_files": (_write(tmp / "blank.jsonl", b'{"text": " "}\n'),)},
+       "blank.jsonl: no documents"),
   ]
 
 

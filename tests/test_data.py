@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from lmjax.data import BUNDLED_DIR, PackedDataset, Tokenizer, load_token_stream, read_documents
+from lmjax.data import BUNDLED_DIR, PackedDataset, Tokenizer, read_documents
 from lmjax.data import corpus
 from lmjax.data.tokenizer import install_tokenizer, train_tokenizer
 from lmjax.errors import UserError
@@ -64,18 +64,25 @@ def test_txt_and_jsonl_documents(tmp_path):
     list(read_documents(str(jsonl)))
 
 
-def test_token_cache_is_built_once_and_reused(tmp_path, tokenizer, monkeypatch):
+def test_text_entries_are_prepared_once_into_the_cache_and_reused(tmp_path, tokenizer,
+                                                                 monkeypatch):
+  from lmjax.data import open_corpus
+  from lmjax.data import prepare as prepare_lib
   path = tmp_path / "c.txt"
   path.write_text("To be, or not to be.\n\nThat is the question.\n")
-  stream = load_token_stream([str(path)], tokenizer, str(tmp_path / "cache"), 2, 3)
-  assert stream.doc_starts.tolist() == [0, stream.doc_starts[1]]
-  assert stream.tokens[0] == 2 and stream.tokens[stream.doc_starts[1] - 1] == 3
-  monkeypatch.setattr(corpus, "_tokenize", lambda *a: pytest.fail("re-tokenized"))
-  again = load_token_stream([str(path)], tokenizer, str(tmp_path / "cache"), 2, 3)
-  np.testing.assert_array_equal(again.tokens, stream.tokens)
+  cache = str(tmp_path / "cache")
+  source = open_corpus([str(path)], tokenizer, 2, 3, "clm", cache)
+  tokens, starts = np.zeros(source.num_tokens, np.int32), np.zeros(source.num_tokens, bool)
+  source.window(0, source.num_tokens, tokens, starts)
+  second = int(np.flatnonzero(starts)[1])
+  assert np.flatnonzero(starts).tolist() == [0, second]
+  assert tokens[0] == 2 and tokens[second - 1] == 3 and tokens[-1] == 3
+  monkeypatch.setattr(prepare_lib, "prepare", lambda *a, **k: pytest.fail("re-tokenized"))
+  again = open_corpus([str(path)], tokenizer, 2, 3, "clm", cache)
+  assert again.num_tokens == source.num_tokens
   path.write_text("Changed text.\n")  # new contents, new cache entry
   with pytest.raises(pytest.fail.Exception):
-    load_token_stream([str(path)], tokenizer, str(tmp_path / "cache"), 2, 3)
+    open_corpus([str(path)], tokenizer, 2, 3, "clm", cache)
 
 
 def _dataset(seed=0):

@@ -1,9 +1,11 @@
-"""Tokenizers, token caches and packed batches."""
+"""Tokenizers, corpus readers, token stores and packed batches."""
 
 from lmjax.data.batches import Batch, PackedDataset
-from lmjax.data.corpus import (BUNDLED_DIR, TokenStream, bundled_corpus, load_token_stream,
-                               read_documents)
+from lmjax.data.corpus import BUNDLED_DIR, bundled_corpus, open_corpus
+from lmjax.data.readers import expand_inputs, read_documents
+from lmjax.data.store import TokenSource, TokenStore, TokenStream
 from lmjax.data.tokenizer import SpecialTokens, Tokenizer, train_tokenizer
 
-__all__ = ["BUNDLED_DIR", "Batch", "PackedDataset", "SpecialTokens", "TokenStream", "Tokenizer",
-           "bundled_corpus", "load_token_stream", "read_documents", "train_tokenizer"]
+__all__ = ["BUNDLED_DIR", "Batch", "PackedDataset", "SpecialTokens",
+           "TokenSource", "TokenStore", "TokenStream", "Tokenizer", "bundled_corpus",
+           "expand_inputs", "open_corpus", "read_documents", "train_tokenizer"]

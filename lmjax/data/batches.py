@@ -1,10 +1,12 @@
 """Fixed-length packed rows, and the batch of a step as a pure function of (seed, step).
 
 The token stream is cut into non-overlapping windows of `seq_len` tokens. Epoch
-e visits the windows in the order of a permutation seeded by (seed, e); the
-global batch of step s is windows [s*B, (s+1)*B) of that endless sequence. No
-iterator state exists, so a resumed run sees exactly the batches it would have
-seen, whatever the number of hosts; each process materialises only its rows.
+e visits the windows in the order of a keyed permutation of (seed, e), computed
+for just the windows a batch needs (`permutation.permute`), so nothing the size
+of the corpus is ever materialised; the global batch of step s is positions
+[s*B, (s+1)*B) of that endless sequence. No iterator state exists, so a resumed
+run sees exactly the batches it would have seen, whatever the number of hosts;
+each process reads only its own rows.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import functools
 
 import numpy as np
 
-from lmjax.data.corpus import TokenStream
+from lmjax.data.permutation import permute, round_keys
+from lmjax.data.store import Shard, TokenSource
 from lmjax.errors import UserError
 
 Batch = dict[str, np.ndarray]  # tokens, segment_ids, positions: (rows, seq_len) int32
@@ -22,52 +25,55 @@ Batch = dict[str, np.ndarray]  # tokens, segment_ids, positions: (rows, seq_len)
 class PackedDataset:
   """Random access to packed rows: tokens, segment ids (1.. per document, 0 = pad), positions."""
 
-  def __init__(self, stream: TokenStream, seq_len: int, seed: int, shuffle: bool = True):
-    self.stream, self.seq_len, self.seed, self.shuffle = stream, seq_len, seed, shuffle
-    self.num_windows = int(stream.tokens.size // seq_len)
+  def __init__(self, source: TokenSource | Shard, seq_len: int, seed: int, shuffle: bool = True):
+    self.source = source if isinstance(source, TokenSource) else TokenSource([source])
+    self.seq_len, self.seed, self.shuffle = seq_len, seed, shuffle
+    self.num_windows = self.source.num_tokens // seq_len
     if self.num_windows == 0:
-      raise UserError(f"corpus has {stream.tokens.size} tokens, fewer than one row of "
+      raise UserError(f"corpus has {self.source.num_tokens} tokens, fewer than one row of "
                       f"seq_len={seq_len}")
 
-  @functools.lru_cache(maxsize=4)
-  def _epoch_order(self, epoch: int) -> np.ndarray:
-    if not self.shuffle:
-      return np.arange(self.num_windows)
-    return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+  @functools.lru_cache(maxsize=8)
+  def _keys(self, epoch: int) -> np.ndarray:
+    return round_keys([self.seed, epoch])
 
   def window_ids(self, start: int, count: int) -> np.ndarray:
     """Window ids at positions [start, start + count) of the endless epoch sequence."""
     flat = np.arange(start, start + count, dtype=np.int64)
+    if not self.shuffle:
+      return flat % self.num_windows
     epochs, offsets = np.divmod(flat, self.num_windows)
     out = np.empty(count, dtype=np.int64)
     for epoch in np.unique(epochs):
       sel = epochs == epoch
-      out[sel] = self._epoch_order(int(epoch))[offsets[sel]]
+      out[sel] = permute(offsets[sel], self.num_windows, self._keys(int(epoch)))
     return out
 
   def rows(self, window_ids: np.ndarray) -> Batch:
     """Packs the given windows; ids < 0 give all-padding rows."""
-    t = self.seq_len
-    valid = window_ids >= 0
-    starts = np.where(valid, window_ids, 0)[:, None] * t  # (n, 1)
-    pos = starts + np.arange(t)  # (n, T) offsets into the stream
-    doc = np.searchsorted(self.stream.doc_starts, pos, side="right") - 1  # (n, T)
-    doc_start = np.maximum(self.stream.doc_starts[doc], starts)  # clip docs begun earlier
-    tokens = np.asarray(self.stream.tokens[pos.ravel()], dtype=np.int32).reshape(pos.shape)
-    segments = (doc - doc[:, :1] + 1).astype(np.int32)
-    positions = (pos - doc_start).astype(np.int32)
-    return {"tokens": np.where(valid[:, None], tokens, 0),
-            "segment_ids": np.where(valid[:, None], segments, 0),
-            "positions": np.where(valid[:, None], positions, 0)}
+    n, t = len(window_ids), self.seq_len
+    tokens = np.zeros((n, t), np.int32)
+    is_start = np.zeros((n, t), bool)  # a document begins here
+    valid = np.asarray(window_ids) >= 0
+    for r in np.flatnonzero(valid):
+      self.source.window(int(window_ids[r]) * t, t, tokens[r], is_start[r])
+    is_start[:, 0] = True  # a document begun before the window restarts at its edge
+    index = np.arange(t)
+    segments = np.cumsum(is_start, axis=1, dtype=np.int32)  # (n, T) 1, 2, ... per document
+    positions = index - np.maximum.accumulate(np.where(is_start, index, 0), axis=1)
+    keep = valid[:, None]
+    return {"tokens": tokens,
+            "segment_ids": np.where(keep, segments, 0).astype(np.int32),
+            "positions": np.where(keep, positions, 0).astype(np.int32)}
 
   def batch(self, step: int, global_batch: int, process_index: int = 0,
             process_count: int = 1) -> Batch:
     """This process's rows of the global batch of `step`."""
     if global_batch % process_count:
       raise UserError(f"batch size {global_batch} is not divisible by {process_count} processes")
-    ids = self.window_ids(step * global_batch, global_batch)
     per = global_batch // process_count
-    return self.rows(ids[process_index * per:(process_index + 1) * per])
+    ids = self.window_ids(step * global_batch + process_index * per, per)
+    return self.rows(ids)
 
   def eval_batch(self, index: int, global_batch: int, process_index: int = 0,
                  process_count: int = 1) -> Batch:
