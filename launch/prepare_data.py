@@ -31,7 +31,7 @@ flags.DEFINE_string("ray_address", "", "Ray cluster to join ('auto' on a started
                     "empty starts Ray on this machine")
 flags.DEFINE_string("text_field", "text", "JSON field / parquet column holding each document")
 flags.DEFINE_enum("bad_utf8", "fail", ["fail", "skip"], "invalid UTF-8 lines: fail or skip")
-flags.DEFINE_integer("split_mb", 64, "uncompressed text and parquet are cut into shards of "
+flags.DEFINE_float("split_mb", 64, "uncompressed text and parquet are cut into shards of "
                      "about this many MiB of input")
 flags.mark_flags_as_required(["input", "tokenizer", "output"])
 FLAGS = flags.FLAGS

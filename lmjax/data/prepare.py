@@ -43,7 +43,7 @@ class PrepareConfig:
   end: int  # eos (CLM) or [SEP] (MLM)
   text_field: str = "text"  # JSON field / parquet column holding the text
   bad_utf8: str = "fail"  # "fail" with the line, or "skip" and count
-  split_mb: int = 64  # uncompressed text and parquet are cut into parts of about this size
+  split_mb: float = 64  # uncompressed text and parquet are cut into parts of about this size
   workers: int = 0  # processes (local) or concurrent tasks (ray); 0: every core
   engine: str = "local"  # "local" process pool or "ray" tasks
   ray_address: str = ""  # "auto" joins a running cluster; "" starts a local Ray
@@ -216,6 +216,11 @@ def _remove_stale(folder: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+  try:  # a zombie (killed, not yet reaped by an init that may never reap it) is dead
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+  except (OSError, IndexError):
+    pass
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -388,8 +393,8 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> Summary:
   start = time.monotonic()
   if cfg.engine not in ("local", "ray"):
     raise UserError(f"engine must be 'local' or 'ray', got {cfg.engine!r}")
-  if cfg.split_mb < 1:
-    raise UserError(f"split_mb must be >= 1, got {cfg.split_mb}")
+  if not cfg.split_mb > 0:
+    raise UserError(f"split_mb must be positive, got {cfg.split_mb}")
   if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
     raise UserError(f"output {cfg.output} exists and is not a directory")
   files = readers.expand_inputs(cfg.inputs)
@@ -400,7 +405,7 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> Summary:
                         cfg.text_field, cfg.bad_utf8, num_threads=1 if workers > 1 else -1)
   run = (functools.partial(_run_ray, address=cfg.ray_address) if cfg.engine == "ray"
          else _run_local)
-  inputs = run([(inspect, (p, cfg.split_mb << 20)) for p in files], workers, on_progress=None)
+  inputs = run([(inspect, (p, int(cfg.split_mb * 2**20))) for p in files], workers, on_progress=None)
   jobs = _jobs(inputs, settings)
   os.makedirs(os.path.join(cfg.output, store.SHARDS), exist_ok=True)
   _remove_stale(os.path.join(cfg.output, store.SHARDS))
@@ -442,7 +447,7 @@ def _index(inputs, jobs, records, settings: Settings, cfg: PrepareConfig) -> dic
           "begin_id": settings.begin, "end_id": settings.end,
           "dtype": store.token_dtype(settings.vocab_size).str,
           "text_field": settings.text_field, "bad_utf8": settings.bad_utf8,
-          "split_mb": cfg.split_mb, "num_tokens": sum(r["tokens"] for r in records),
+          "split_mb": float(cfg.split_mb), "num_tokens": sum(r["tokens"] for r in records),
           "num_docs": sum(r["docs"] for r in records),
           "inputs": [{"path": i["path"], "size": i["size"], "sha256": i["sha256"]}
                      for i in inputs],

@@ -166,12 +166,47 @@ def _open_binary(path: str) -> BinaryIO:
   if kind == "gzip":
     return gzip.open(path, "rb")
   if kind == "zstd":
-    import zstandard
-    raw = open(path, "rb")  # closed with the reader (closefd)
-    # Long-distance frames (the Pile's) need windows above the 128 MiB default.
-    reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(raw, closefd=True)
-    return io.BufferedReader(reader, buffer_size=1 << 20)
+    return io.BufferedReader(_ZstdStream(path), buffer_size=1 << 20)
   return open(path, "rb")
+
+
+class _ZstdStream(io.RawIOBase):
+  """Decompressed bytes of a .zst file, frame after frame. Unlike zstandard's stream_reader,
+  a file that ends inside a frame (a cut download) is an error, not a silent end."""
+
+  def __init__(self, path: str):
+    import zstandard
+    self._zstd, self._file, self._pending = zstandard, open(path, "rb"), b""
+    self._obj = self._new()
+
+  def _new(self):
+    # Long-distance frames (the Pile's) need windows above the 128 MiB default.
+    return self._zstd.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    while not self._pending:
+      chunk = self._file.read(1 << 20)
+      if not chunk:
+        if not self._obj.eof and self._started:
+          raise self._zstd.ZstdError("the file ends inside a frame (truncated)")
+        return 0
+      self._started = True
+      self._pending = self._obj.decompress(chunk)
+      while self._obj.eof and self._obj.unused_data:  # the next frame starts in this chunk
+        rest, self._obj = self._obj.unused_data, self._new()
+        self._pending += self._obj.decompress(rest)
+    n = min(len(buffer), len(self._pending))
+    buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+    return n
+
+  _started = False
+
+  def close(self) -> None:
+    self._file.close()
+    super().close()
 
 
 def _decompression_errors() -> tuple[type[BaseException], ...]:

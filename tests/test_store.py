@@ -1,0 +1,328 @@
+"""Token stores: every format, both engines, crashes, reruns, bad input, and training from one."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tiny import ROOT, tiny_config
+from lmjax import train as train_lib
+from lmjax.data import BUNDLED_DIR, PackedDataset, TokenSource, TokenStore, Tokenizer
+from lmjax.data import read_documents
+from lmjax.data.prepare import PrepareConfig, prepare
+from lmjax.errors import UserError
+from lmjax.experiment import experiment_from_dict
+
+TOKENIZER = os.path.join(BUNDLED_DIR, "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return Tokenizer(TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def docs():
+  return list(read_documents(os.path.join(BUNDLED_DIR, "valid.txt")))
+
+
+def _jsonl(docs) -> bytes:
+  return "".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)).encode()
+
+
+def _write_formats(folder, docs) -> dict[str, str]:
+  """The same documents as txt, jsonl, jsonl.gz, jsonl.zst and parquet (several row groups)."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+  folder.mkdir(exist_ok=True)
+  paths = {k: str(folder / f"docs.{k}") for k in ("txt", "jsonl", "jsonl.gz", "jsonl.zst",
+                                                  "parquet")}
+  open(paths["txt"], "w").write("\n\n".join(docs) + "\n")
+  open(paths["jsonl"], "wb").write(_jsonl(docs))
+  open(paths["jsonl.gz"], "wb").write(gzip.compress(_jsonl(docs)))
+  open(paths["jsonl.zst"], "wb").write(zstandard.ZstdCompressor().compress(_jsonl(docs)))
+  pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), paths["parquet"],
+                 row_group_size=200)
+  return paths
+
+
+def _prepare(inputs, output, **kwargs):
+  kwargs = {"begin": 2, "end": 3, "tokenizer": TOKENIZER, "workers": 1, **kwargs}
+  return prepare(PrepareConfig(inputs=tuple(map(str, inputs)), output=str(output), **kwargs),
+                 show_progress=False)
+
+
+def _stream(path) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, global document starts) of a whole store."""
+  store = TokenStore.open(str(path))
+  source = TokenSource(store.shards)
+  tokens = np.zeros(source.num_tokens, np.int32)
+  starts = np.zeros(source.num_tokens, bool)
+  source.window(0, source.num_tokens, tokens, starts)
+  return tokens, np.flatnonzero(starts)
+
+
+def _digest(folder) -> dict[str, str]:
+  out = {}
+  for d, _, files in os.walk(folder):
+    for f in files:
+      path = os.path.join(d, f)
+      out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  return out
+
+
+def test_every_format_gives_the_tokenize_path_stream(tmp_path, tokenizer, docs):
+  paths = _write_formats(tmp_path / "in", docs)
+  # What tokenizing the documents in one piece gives: [bos] ids [eos] back to back.
+  want = np.concatenate([[2, *ids, 3] for ids in tokenizer.encode(docs)])
+  want_starts = np.cumsum([0] + [len(ids) + 2 for ids in tokenizer.encode(docs)])[:-1]
+  for kind, path in paths.items():
+    # 20 KB parts: the text formats are cut at document boundaries, parquet by row group.
+    summary = _prepare([path], tmp_path / kind, split_mb=0.02, workers=2)
+    compressed = kind in ("jsonl.gz", "jsonl.zst")  # a compressed stream is read whole
+    assert summary.shards == 1 if compressed else summary.shards > 3, kind
+    tokens, starts = _stream(tmp_path / kind)
+    np.testing.assert_array_equal(tokens, want, err_msg=kind)
+    np.testing.assert_array_equal(starts, want_starts, err_msg=kind)
+    index = json.load(open(tmp_path / kind / "index.json"))
+    assert index["num_docs"] == len(docs) and index["inputs"][0]["size"] == os.path.getsize(path)
+    assert index["inputs"][0]["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert (index["tokenizer_sha256"], index["begin_id"], index["end_id"]) == (
+        tokenizer.sha256, 2, 3)
+
+
+def test_directories_and_globs_expand_in_sorted_order(tmp_path, docs):
+  folder = tmp_path / "corpus" / "sub"
+  folder.mkdir(parents=True)
+  (folder / "b.jsonl").write_bytes(_jsonl(docs[:5]))
+  (tmp_path / "corpus" / "a.jsonl").write_bytes(_jsonl(docs[5:9]))
+  (tmp_path / "corpus" / "README.md").write_text("not a corpus")
+  by_dir = _prepare([tmp_path / "corpus"], tmp_path / "s1")
+  by_glob = _prepare([str(tmp_path / "corpus" / "**" / "*.jsonl")], tmp_path / "s2")
+  assert by_dir.num_docs == by_glob.num_docs == 9
+  inputs = [i["path"] for i in json.load(open(tmp_path / "s1" / "index.json"))["inputs"]]
+  assert inputs == [str(tmp_path / "corpus" / "a.jsonl"), str(folder / "b.jsonl")]
+  np.testing.assert_array_equal(_stream(tmp_path / "s1")[0], _stream(tmp_path / "s2")[0])
+
+
+def test_ray_engine_writes_the_same_bytes_as_the_local_engine(tmp_path, docs):
+  ray = pytest.importorskip("ray")  # in the test extras: always there in CI
+  paths = _write_formats(tmp_path / "in", docs)
+  inputs = [paths["txt"], paths["jsonl.gz"], paths["parquet"]]
+  _prepare(inputs, tmp_path / "local", split_mb=0.05, workers=2)
+  ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+  try:
+    summary = _prepare(inputs, tmp_path / "ray", split_mb=0.05, workers=2, engine="ray")
+  finally:
+    ray.shutdown()
+  assert summary.shards >= 6
+  assert _digest(tmp_path / "ray") == _digest(tmp_path / "local")
+
+
+def _big_corpus(folder) -> list[str]:
+  """~7 MB of text in 3 files: slow enough to be killed part way."""
+  text = open(os.path.join(BUNDLED_DIR, "train.txt")).read()
+  folder.mkdir(exist_ok=True)
+  for i in range(3):
+    (folder / f"part{i}.txt").write_text(f"Copy {i}.\n\n" + text + text)
+  return sorted(str(p) for p in folder.iterdir())
+
+
+def _cli(inputs, output, *extra):
+  return [sys.executable, "-m", "launch.prepare_data", *[f"--input={p}" for p in inputs],
+          f"--tokenizer={TOKENIZER}", f"--output={output}", "--split_mb=0.25", *extra]
+
+
+@pytest.mark.parametrize("records_before_kill", [2, 12])
+def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path, records_before_kill):
+  inputs = _big_corpus(tmp_path / "in")
+  subprocess.run(_cli(inputs, tmp_path / "whole", "--workers=2"), cwd=ROOT, check=True,
+                 capture_output=True, timeout=300)
+  out = tmp_path / "killed"
+  proc = subprocess.Popen(_cli(inputs, out, "--workers=2"), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 120
+  while time.monotonic() < deadline and proc.poll() is None:
+    shards = out / "shards"
+    if shards.is_dir() and sum(n.endswith(".json") for n in os.listdir(shards)) >= records_before_kill:
+      break
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=30)
+  assert not (out / "index.json").exists(), "killed too late: raise the corpus size"
+  rerun = subprocess.run(_cli(inputs, out, "--workers=2"), cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert f"({records_before_kill}" in rerun.stdout or " reused)" in rerun.stdout
+  reused = int(rerun.stdout.split(" reused)")[0].rsplit("(", 1)[1])
+  assert reused >= records_before_kill
+  assert _digest(out) == _digest(tmp_path / "whole")
+
+
+def test_rerun_keeps_complete_shards_redoes_damaged_ones_and_adds_new_inputs(tmp_path, docs):
+  a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+  a.write_bytes(_jsonl(docs[:300]))
+  b.write_bytes(_jsonl(docs[300:]))
+  first = _prepare([a], tmp_path / "s", split_mb=0.02)
+  assert first.reused == 0 and first.shards >= 3
+  again = _prepare([a], tmp_path / "s", split_mb=0.02)
+  assert again.reused == again.shards == first.shards
+  shard = sorted((tmp_path / "s" / "shards").glob("*.tokens"))[0]
+  damaged = bytearray(shard.read_bytes())
+  damaged[10] ^= 0xFF
+  shard.write_bytes(bytes(damaged))
+  repaired = _prepare([a], tmp_path / "s", split_mb=0.02)
+  assert repaired.reused == first.shards - 1
+  grown = _prepare([a, b], tmp_path / "s", split_mb=0.02)
+  assert grown.reused == first.shards and grown.shards > first.shards
+  _prepare([a, b], tmp_path / "fresh", split_mb=0.02)
+  assert _digest(tmp_path / "s") == _digest(tmp_path / "fresh")
+
+
+def test_epoch_order_visits_every_window_once_whatever_the_process_count(tmp_path):
+  data = PackedDataset(TokenSource([_synthetic_shard(1000 * 16 + 5)]), seq_len=16, seed=3)
+  n = data.num_windows
+  assert n == 1000
+  seen = data.window_ids(0, 2 * n)
+  assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:]) == list(range(n))
+  assert not np.array_equal(seen[:n], seen[n:]) and not np.array_equal(seen[:n], np.arange(n))
+  for processes in (1, 2, 4, 8):
+    rows = [data.batch(7, 64, p, processes)["tokens"] for p in range(processes)]
+    np.testing.assert_array_equal(np.concatenate(rows), data.batch(7, 64)["tokens"])
+
+
+class _synthetic_shard:
+  """Token i is i % 50000; a document starts every 100 tokens (no memory per token)."""
+
+  def __init__(self, num_tokens: int):
+    self.num_tokens = num_tokens
+
+  def tokens(self, lo, hi):
+    return np.arange(lo, hi) % 50000
+
+  def starts_in(self, lo, hi):
+    return np.arange(-(-lo // 100) * 100, hi, 100)
+
+
+def test_ten_billion_windows_cost_no_memory_per_window():
+  data = PackedDataset(TokenSource([_synthetic_shard(128 * 10**8)] * 100), seq_len=128, seed=0)
+  assert data.num_windows == 10**10
+  batch = data.batch(10**7, 32)
+  starts = data.window_ids(10**7 * 32, 32) * 128
+  np.testing.assert_array_equal(batch["tokens"][:, 0], starts % (128 * 10**8) % 50000)
+  assert (batch["positions"][:, 1:] - batch["positions"][:, :-1] != 1).sum() >= 32
+
+
+def test_training_from_a_store_equals_training_from_the_text_files(tmp_path):
+  _prepare([os.path.join(BUNDLED_DIR, "train.txt")], tmp_path / "train_store", split_mb=0.1,
+           workers=2)
+  _prepare([os.path.join(BUNDLED_DIR, "valid.txt")], tmp_path / "eval_store")
+  losses = []
+  for name, files in (("text", None), ("store", (tmp_path / "train_store", tmp_path / "eval_store"))):
+    extra = {} if files is None else {"data__train_files": (str(files[0]),),
+                                      "data__eval_files": (str(files[1]),)}
+    config = tiny_config("clm_tiny", tmp_path / name, train__steps=6, train__log_every=2,
+                         train__eval_every=6, **extra)
+    train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(tmp_path / name))
+    losses.append([json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")])
+  assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_two_processes_train_from_a_store(tmp_path):
+  _prepare([os.path.join(BUNDLED_DIR, "train.txt")], tmp_path / "store", split_mb=0.2)
+  args = [sys.executable, "-m", "launch.local", "--num_processes=2", "--",
+          "--config=experiments/clm_tiny.py", f"--workdir={tmp_path / 'run'}",
+          f"--config.data.train_files=('{tmp_path / 'store'}',)",
+          f"--config.data.cache_dir={tmp_path / 'cache'}",
+          "--config.model.d_model=32", "--config.model.num_layers=1", "--config.model.d_ff=64",
+          "--config.data.seq_len=32", "--config.train.batch_size=8", "--config.train.steps=4",
+          "--config.train.log_every=2", "--config.train.eval_every=0",
+          "--config.train.eval_batches=1"]
+  proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
+  # The store was read, not prepared again: the only cache entry is the eval text's.
+  assert len(os.listdir(tmp_path / "cache")) == 1
+
+
+def _zstd(data: bytes) -> bytes:
+  import zstandard
+  return zstandard.ZstdCompressor(write_checksum=True).compress(data)
+
+
+BAD_INPUTS = [  # (file name, its bytes from the documents, the message)
+    ("c.jsonl.gz", lambda d: (lambda g: g[:-8] + bytes(4) + g[-4:])(gzip.compress(_jsonl(d))),
+     "c.jsonl.gz: corrupt gzip stream"),
+    ("t.jsonl.gz", lambda d: gzip.compress(_jsonl(d))[:-300], "t.jsonl.gz: corrupt gzip stream"),
+    ("c.jsonl.zst", lambda d: _zstd(_jsonl(d))[:-4] + b"oops", "c.jsonl.zst: corrupt zstd stream"),
+    ("t.jsonl.zst", lambda d: _zstd(_jsonl(d))[:-300], "t.jsonl.zst: corrupt zstd stream"),
+    ("u.jsonl.gz", lambda d: gzip.compress(b'{"text": "ok"}\n{"text": "\xff"}\n'),
+     "u.jsonl.gz:2: invalid UTF-8"),
+    ("e.jsonl.zst", lambda d: _zstd(b"\n\n"),
+     "e.jsonl.zst: no documents"),
+    ("f.jsonl", lambda d: b'{"body": "x"}\n', "f.jsonl:1: expected a JSON object with a 'text'"),
+    ("n.parquet", lambda d: b"PAR1 not really", "n.parquet: not a readable parquet file"),
+]
+
+
+@pytest.mark.parametrize("name,make,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_are_one_line_and_leave_no_store(tmp_path, docs, name, make, message):
+  path = tmp_path / name
+  path.write_bytes(make(docs))
+  with pytest.raises(UserError) as err:
+    _prepare([path], tmp_path / "store", workers=2)
+  assert message in str(err.value) and "\n" not in str(err.value)
+  assert not (tmp_path / "store" / "index.json").exists()
+  shards = tmp_path / "store" / "shards"
+  assert not shards.exists() or not [n for n in os.listdir(shards) if n.startswith(".")]
+
+
+def test_parquet_without_the_text_column_and_globs_matching_nothing(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"content": ["a", "b"]}), str(tmp_path / "p.parquet"))
+  with pytest.raises(UserError, match=r"p.parquet: no column 'text' \(columns: content\)"):
+    _prepare([tmp_path / "p.parquet"], tmp_path / "store")
+  assert _prepare([tmp_path / "p.parquet"], tmp_path / "ok", text_field="content").num_docs == 2
+  with pytest.raises(UserError, match="matches no files"):
+    _prepare([str(tmp_path / "missing" / "*.parquet")], tmp_path / "store")
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+  (tmp_path / "bad.jsonl.gz").write_bytes(b"\x1f\x8b not gzip at all")
+  proc = subprocess.run(_cli([tmp_path / "bad.jsonl.gz"], tmp_path / "store"), cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "Traceback" not in proc.stderr and "bad.jsonl.gz" in proc.stderr
+
+
+def test_runs_refuse_stores_of_another_tokenizer_or_delimiters_or_damaged(tmp_path):
+  from lmjax.data.tokenizer import train_tokenizer
+  other = train_tokenizer(["a b c d e f g"] * 50, str(tmp_path / "other.model"), 273)
+  valid = os.path.join(BUNDLED_DIR, "valid.txt")
+  _prepare([valid], tmp_path / "other_tok", tokenizer=other.path)
+  _prepare([valid], tmp_path / "mlm", begin=5, end=6)
+  _prepare([valid], tmp_path / "damaged")
+  shard = sorted((tmp_path / "damaged" / "shards").glob("*.tokens"))[0]
+  shard.write_bytes(shard.read_bytes()[:-2])
+  cases = [("other_tok", "was prepared with another tokenizer"),
+           ("mlm", "frames documents with ids 5/6, a clm run needs 2/3"),
+           ("damaged", "bytes, the index says")]
+  for store, message in cases:
+    config = tiny_config("clm_tiny", tmp_path, train__steps=1,
+                         data__train_files=(str(tmp_path / store),))
+    with pytest.raises(UserError, match=message):
+      train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
