@@ -22,9 +22,13 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.19",  # Hugging Face tokenizers of imported models
         "matplotlib>=3.7",  # sweep loss curves
+        "pyarrow>=14",  # parquet corpora
+        "zstandard>=0.22",  # .jsonl.zst corpora
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.40", "torch==2.13.0"],
+        "ray": ["ray>=2.9"],  # launch.prepare_data --engine ray
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.40", "torch==2.13.0",
+                 "ray>=2.9"],
         "bench": ["transformers>=4.40", "torch==2.13.0"],
     },
 )

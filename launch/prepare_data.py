@@ -17,11 +17,12 @@ from absl import app, flags
 from launch.cli import cli_main, parse_flags
 from lmjax.data.pipeline import delimiters
 from lmjax.data.prepare import PrepareConfig, prepare
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.data.tokenizer import load_tokenizer
 from lmjax.errors import UserError
 
 flags.DEFINE_multi_string("input", None, "files, directories or glob patterns (quote globs)")
-flags.DEFINE_string("tokenizer", None, "SentencePiece model (from launch.train_tokenizer)")
+flags.DEFINE_string("tokenizer", None, "SentencePiece model (from launch.train_tokenizer), or "
+                    "a Hugging Face tokenizer.json or model directory")
 flags.DEFINE_string("output", None, "token store directory to write or complete")
 flags.DEFINE_enum("objective", "clm", ["clm", "mlm"],
                   "frames documents [bos]..[eos] (clm) or [CLS]..[SEP] (mlm)")
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> None:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])} (give each file as --input)")
   if FLAGS.workers < 0:
     raise UserError(f"--workers must be >= 0, got {FLAGS.workers}")
-  begin, end = delimiters(Tokenizer(FLAGS.tokenizer), FLAGS.objective)
+  begin, end = delimiters(load_tokenizer(FLAGS.tokenizer), FLAGS.objective)
   summary = prepare(PrepareConfig(
       inputs=tuple(FLAGS.input), output=FLAGS.output, tokenizer=FLAGS.tokenizer, begin=begin,
       end=end, text_field=FLAGS.text_field, bad_utf8=FLAGS.bad_utf8, split_mb=FLAGS.split_mb,

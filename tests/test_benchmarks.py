@@ -35,3 +35,15 @@ def test_benchmark_suite_limits_and_flop_check(tmp_path):
   assert limits["copy_bytes_per_s"] > limits["read_bytes_per_s"] / 2
   assert [t["met"] for t in result["targets"]] == [True, True], result["targets"]
   assert "clm FLOP formula within 2%" in proc.stdout
+
+
+def test_data_prep_benchmark_runs_small(tmp_path):
+  out = tmp_path / "prep.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.data_prep", "--sizes_mb=2,4",
+                         "--noray", f"--json={out}", f"--workdir={tmp_path / 'work'}"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["stores_identical"] and result["local_2_workers"]["tokens"] > 5e5
+  assert result["reader_simulated"]["windows"] == 10**10
+  assert result["reader_store"]["batch_ms"] > 0 and "targets" in proc.stdout

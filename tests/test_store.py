@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tiny import ROOT, tiny_config
+from benchmarks.data_prep import SyntheticShard
 from lmjax import train as train_lib
 from lmjax.data import BUNDLED_DIR, PackedDataset, TokenSource, TokenStore, Tokenizer
 from lmjax.data import read_documents
@@ -190,7 +191,7 @@ def test_rerun_keeps_complete_shards_redoes_damaged_ones_and_adds_new_inputs(tmp
 
 
 def test_epoch_order_visits_every_window_once_whatever_the_process_count(tmp_path):
-  data = PackedDataset(TokenSource([_synthetic_shard(1000 * 16 + 5)]), seq_len=16, seed=3)
+  data = PackedDataset(TokenSource([SyntheticShard(1000 * 16 + 5)]), seq_len=16, seed=3)
   n = data.num_windows
   assert n == 1000
   seen = data.window_ids(0, 2 * n)
@@ -201,21 +202,8 @@ def test_epoch_order_visits_every_window_once_whatever_the_process_count(tmp_pat
     np.testing.assert_array_equal(np.concatenate(rows), data.batch(7, 64)["tokens"])
 
 
-class _synthetic_shard:
-  """Token i is i % 50000; a document starts every 100 tokens (no memory per token)."""
-
-  def __init__(self, num_tokens: int):
-    self.num_tokens = num_tokens
-
-  def tokens(self, lo, hi):
-    return np.arange(lo, hi) % 50000
-
-  def starts_in(self, lo, hi):
-    return np.arange(-(-lo // 100) * 100, hi, 100)
-
-
 def test_ten_billion_windows_cost_no_memory_per_window():
-  data = PackedDataset(TokenSource([_synthetic_shard(128 * 10**8)] * 100), seq_len=128, seed=0)
+  data = PackedDataset(TokenSource([SyntheticShard(128 * 10**8)] * 100), seq_len=128, seed=0)
   assert data.num_windows == 10**10
   batch = data.batch(10**7, 32)
   starts = data.window_ids(10**7 * 32, 32) * 128

@@ -45,6 +45,10 @@ class HFTokenizer:
         self._tok = tokenizers.BertWordPieceTokenizer(path, lowercase=lower)
     except Exception as e:  # the tokenizers library raises plain Exceptions
       raise UserError(f"cannot read tokenizer {path}: {str(e).splitlines()[0][:200]}") from None
+    # A tokenizer.json may enable padding and truncation (sentence-transformers' do, at 128):
+    # lmjax frames, packs and pads itself, so text must encode to all of its ids, unpadded.
+    self._tok.no_padding()
+    self._tok.no_truncation()
     config = _read_json(os.path.join(directory, "config.json"))
     self.special = self._special(config)
 
@@ -70,6 +74,12 @@ class HFTokenizer:
   def encode(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
     del num_threads
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def serialized(self) -> bytes:
+    """The whole tokenizer as tokenizer.json bytes (WordPiece from vocab.txt included), for
+    workers that rebuild it with `tokenizers.Tokenizer.from_str`."""
+    inner = getattr(self._tok, "_tokenizer", self._tok)  # BertWordPieceTokenizer wraps one
+    return inner.to_str().encode()
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -38,7 +39,7 @@ Progress = Callable[[int, int], None]  # (input bytes done, tokens written) incr
 class PrepareConfig:
   inputs: tuple[str, ...]  # files, directories or globs
   output: str  # the store directory
-  tokenizer: str  # SentencePiece model
+  tokenizer: str  # SentencePiece model, or a Hugging Face tokenizer.json / model directory
   begin: int  # id framing each document: bos (CLM) or [CLS] (MLM)
   end: int  # eos (CLM) or [SEP] (MLM)
   text_field: str = "text"  # JSON field / parquet column holding the text
@@ -53,7 +54,8 @@ class PrepareConfig:
 class Settings:
   """What every shard's bytes depend on besides its input: sent to each worker."""
 
-  tokenizer_proto: bytes
+  tokenizer_kind: str  # "sentencepiece" or "huggingface"
+  tokenizer_data: bytes  # the model, as `tokenizer.encoder` rebuilds it
   tokenizer_sha256: str
   vocab_size: int
   begin: int
@@ -87,11 +89,9 @@ def shard_name(settings: Settings, input_sha256: str, part: Sequence[int]) -> st
 
 
 @functools.lru_cache(maxsize=2)
-def _processor(proto: bytes, num_threads: int):
-  import sentencepiece as spm
-  sp = spm.SentencePieceProcessor()
-  sp.LoadFromSerializedProto(proto)
-  return sp
+def _encoder(kind: str, data: bytes, num_threads: int) -> Callable[[list[str]], list[list[int]]]:
+  from lmjax.data.tokenizer import encoder
+  return encoder(kind, data, num_threads)
 
 
 def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
@@ -154,7 +154,7 @@ def write_shard(output: str, settings: Settings, job: dict[str, Any],
 
 def _tokenize_part(folder: str, name: str, part: readers.Part, settings: Settings,
                    progress: Progress) -> dict[str, Any]:
-  sp = _processor(settings.tokenizer_proto, settings.num_threads)
+  encode = _encoder(settings.tokenizer_kind, settings.tokenizer_data, settings.num_threads)
   dtype = store.token_dtype(settings.vocab_size)
   tmp = {k: os.path.join(folder, f".{name}.{k}.{_tmp_tag()}") for k in ("tokens", "docs", "json")}
   digests = {k: hashlib.sha256() for k in ("tokens", "docs")}
@@ -162,11 +162,9 @@ def _tokenize_part(folder: str, name: str, part: readers.Part, settings: Setting
   try:
     with open(tmp["tokens"], "wb") as tok_f, open(tmp["docs"], "wb") as doc_f:
       for chunk in _chunks(readers.read_documents(part, settings.bad_utf8, settings.text_field)):
-        ids = sp.encode(chunk, num_threads=settings.num_threads)
-        lengths = np.fromiter((len(x) + 2 for x in ids), np.int64, len(ids))
+        ids = encode(chunk)
+        flat, lengths = _framed(ids, settings.begin, settings.end, dtype)
         starts = (offset + np.cumsum(lengths) - lengths).astype("<i8")
-        flat = np.fromiter((t for x in ids for t in (settings.begin, *x, settings.end)),
-                           dtype, int(lengths.sum()))
         for f, key, data in ((tok_f, "tokens", flat.tobytes()), (doc_f, "docs", starts.tobytes())):
           f.write(data)
           digests[key].update(data)
@@ -228,6 +226,19 @@ def _alive(pid: int) -> bool:
   except PermissionError:
     return True
   return True
+
+
+def _framed(ids: list[list[int]], begin: int, end: int, dtype: np.dtype
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """[begin] ids [end] of each document back to back, and each framed length."""
+  lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + 2
+  ends = np.cumsum(lengths)  # one past each document's end token
+  flat = np.empty(int(ends[-1]) if len(ids) else 0, dtype)
+  body = np.ones(flat.size, bool)
+  body[ends - lengths] = body[ends - 1] = False
+  flat[~body] = np.stack([np.full(len(ids), begin), np.full(len(ids), end)], 1).ravel()
+  flat[body] = np.fromiter(itertools.chain.from_iterable(ids), dtype, flat.size - 2 * len(ids))
+  return flat, lengths
 
 
 def _peak_rss_mb() -> float:
@@ -389,7 +400,7 @@ class Summary:
 
 def prepare(cfg: PrepareConfig, show_progress: bool = True) -> Summary:
   """Writes (or completes) the token store `cfg.output` from `cfg.inputs`."""
-  from lmjax.data.tokenizer import Tokenizer
+  from lmjax.data.tokenizer import load_tokenizer, serialized
   start = time.monotonic()
   if cfg.engine not in ("local", "ray"):
     raise UserError(f"engine must be 'local' or 'ray', got {cfg.engine!r}")
@@ -398,15 +409,16 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> Summary:
   if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
     raise UserError(f"output {cfg.output} exists and is not a directory")
   files = readers.expand_inputs(cfg.inputs)
-  tokenizer = Tokenizer(cfg.tokenizer)
+  tokenizer = load_tokenizer(cfg.tokenizer)
   workers = cfg.workers or os.cpu_count() or 1
-  with open(tokenizer.path, "rb") as f:
-    settings = Settings(f.read(), tokenizer.sha256, tokenizer.vocab_size, cfg.begin, cfg.end,
-                        cfg.text_field, cfg.bad_utf8, num_threads=1 if workers > 1 else -1)
+  settings = Settings(*serialized(tokenizer), tokenizer.sha256, tokenizer.vocab_size, cfg.begin,
+                      cfg.end, cfg.text_field, cfg.bad_utf8)
   run = (functools.partial(_run_ray, address=cfg.ray_address) if cfg.engine == "ray"
          else _run_local)
   inputs = run([(inspect, (p, int(cfg.split_mb * 2**20))) for p in files], workers, on_progress=None)
   jobs = _jobs(inputs, settings)
+  if workers > 1 and len(jobs) == 1:  # one job runs here: let SentencePiece use the cores
+    settings = dataclasses.replace(settings, num_threads=-1)
   os.makedirs(os.path.join(cfg.output, store.SHARDS), exist_ok=True)
   _remove_stale(os.path.join(cfg.output, store.SHARDS))
   bar = _Bar(sum(i["size"] for i in inputs), show_progress)

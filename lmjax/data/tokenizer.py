@@ -84,6 +84,36 @@ class Tokenizer:
     return self._sp.id_to_piece(int(i))
 
 
+def load_tokenizer(path: str):
+  """A SentencePiece model file, or a Hugging Face tokenizer (a model directory, its
+  tokenizer.json or its vocab.txt)."""
+  if os.path.isdir(path) or os.path.basename(path) in ("tokenizer.json", "vocab.txt"):
+    from lmjax.convert.hf_tokenizer import HFTokenizer
+    return HFTokenizer(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+  return Tokenizer(path)
+
+
+def serialized(tokenizer) -> tuple[str, bytes]:
+  """(kind, bytes) from which `encoder` rebuilds `tokenizer` in another process."""
+  if isinstance(tokenizer, Tokenizer):
+    with open(tokenizer.path, "rb") as f:
+      return "sentencepiece", f.read()
+  return "huggingface", tokenizer.serialized()
+
+
+def encoder(kind: str, data: bytes, num_threads: int = 1):
+  """texts -> ids without special tokens, from `serialized`'s output."""
+  if kind == "sentencepiece":
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(data)
+    return lambda texts: sp.encode(texts, num_threads=num_threads)
+  import tokenizers
+  tok = tokenizers.Tokenizer.from_str(data.decode())
+  tok.no_padding()
+  tok.no_truncation()
+  return lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+
 def _training_sentences(lines: Iterable[str]) -> Iterator[str]:
   """Non-empty lines, long ones cut into pieces SentencePiece will not drop."""
   for line in lines:
