@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from lmjax.data.corpus import BUNDLED_DIR
-from lmjax.data.prepare import PrepareConfig, Summary, prepare
+from lmjax.data.prepare import PrepareConfig, prepare
 
 flags.DEFINE_list("sizes_mb", ["200", "2000"], "corpus sizes; throughput uses the first")
 flags.DEFINE_string("json", "", "write every figure to this JSON file")
@@ -73,10 +74,33 @@ def make_corpus(folder: str, megabytes: int) -> list[str]:
   return paths
 
 
-def run_prepare(inputs: list[str], output: str, workers: int, engine: str = "local") -> Summary:
+def run_cli(inputs: list[str], output: str, workers: int) -> dict:
+  """`launch.prepare_data` as a user runs it (a fresh process, so workers fork from a small
+  parent): its tokens/s, seconds and peak worker memory."""
   shutil.rmtree(output, ignore_errors=True)
-  return prepare(PrepareConfig(inputs=tuple(inputs), output=output, tokenizer=TOKENIZER, begin=2,
-                               end=3, workers=workers, engine=engine), show_progress=False)
+  proc = subprocess.run([sys.executable, "-m", "launch.prepare_data",
+                         *[f"--input={p}" for p in inputs], f"--tokenizer={TOKENIZER}",
+                         f"--output={output}", f"--workers={workers}"],
+                        capture_output=True, text=True, timeout=3600, check=True)
+  found = re.search(r"([\d,]+) tokens, .* in ([\d.]+)s, ([\d,]+) tokens/s; peak worker memory "
+                    r"([\d,]+) MiB", proc.stdout)
+  tokens, seconds, rate, rss = (float(g.replace(",", "")) for g in found.groups())
+  return {"tokens": int(tokens), "seconds": seconds, "tokens_per_s": rate, "peak_rss_mb": rss}
+
+
+def run_ray(inputs: list[str], output: str, workers: int) -> dict:
+  """The Ray engine on a Ray started here first (its start timed apart)."""
+  import ray
+  shutil.rmtree(output, ignore_errors=True)
+  start = time.perf_counter()
+  ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+  started = time.perf_counter() - start
+  try:
+    s = prepare(PrepareConfig(inputs=tuple(inputs), output=output, tokenizer=TOKENIZER, begin=2,
+                              end=3, workers=workers, engine="ray"), show_progress=False)
+  finally:
+    ray.shutdown()
+  return {"tokens_per_s": s.tokens_per_s, "seconds": s.seconds, "ray_start_seconds": started}
 
 
 def store_digest(folder: str) -> str:
@@ -126,27 +150,24 @@ def measure(workdir: str, sizes_mb: list[int], with_ray: bool) -> dict:
   corpora = {mb: make_corpus(os.path.join(workdir, f"corpus{mb}"), mb) for mb in sizes_mb}
   small = corpora[sizes_mb[0]]
   for workers in (1, 2):
-    s = run_prepare(small, os.path.join(workdir, f"store_w{workers}"), workers)
-    out[f"local_{workers}_workers"] = {"tokens_per_s": s.tokens_per_s, "seconds": s.seconds,
-                                      "tokens": s.num_tokens, "peak_rss_mb": s.peak_worker_rss_mb}
-    print(f"local, {workers} worker(s), {sizes_mb[0]} MB: {s.tokens_per_s:12,.0f} tokens/s "
-          f"({s.num_tokens:,} tokens in {s.seconds:.1f}s)", flush=True)
-  digests = {k: store_digest(os.path.join(workdir, k)) for k in ("store_w1", "store_w2")}
+    out[f"local_{workers}_workers"] = r = run_cli(small, os.path.join(workdir, f"w{workers}"),
+                                                  workers)
+    print(f"local, {workers} worker(s), {sizes_mb[0]} MB: {r['tokens_per_s']:12,.0f} tokens/s "
+          f"({r['tokens']:,} tokens in {r['seconds']:.1f}s)", flush=True)
+  digests = {k: store_digest(os.path.join(workdir, k)) for k in ("w1", "w2")}
   if with_ray:
-    s = run_prepare(small, os.path.join(workdir, "store_ray"), 2, engine="ray")
-    out["ray_2_workers"] = {"tokens_per_s": s.tokens_per_s, "seconds": s.seconds}
-    digests["store_ray"] = store_digest(os.path.join(workdir, "store_ray"))
-    print(f"ray,   2 workers,   {sizes_mb[0]} MB: {s.tokens_per_s:12,.0f} tokens/s "
-          f"(with Ray's start)", flush=True)
+    out["ray_2_workers"] = r = run_ray(small, os.path.join(workdir, "ray"), 2)
+    digests["ray"] = store_digest(os.path.join(workdir, "ray"))
+    print(f"ray,   2 workers,   {sizes_mb[0]} MB: {r['tokens_per_s']:12,.0f} tokens/s "
+          f"({r['seconds']:.1f}s, after {r['ray_start_seconds']:.1f}s to start Ray)", flush=True)
   out["stores_identical"] = len(set(digests.values())) == 1
   for mb, files in corpora.items():
-    path = os.path.join(workdir, f"store_w2") if mb == sizes_mb[0] else \
-        os.path.join(workdir, f"store_{mb}")
-    s = run_prepare(files, path, 2) if mb != sizes_mb[0] else None
-    rss = s.peak_worker_rss_mb if s else out["local_2_workers"]["peak_rss_mb"]
-    out[f"peak_worker_rss_mb_{mb}"] = rss
-    print(f"peak worker memory, {mb} MB corpus: {rss:,.0f} MiB", flush=True)
-  out["reader_store"] = run_probe(f"store:{os.path.join(workdir, 'store_w2')}")
+    r = out["local_2_workers"] if mb == sizes_mb[0] else run_cli(
+        files, os.path.join(workdir, f"store{mb}"), 2)
+    out[f"peak_worker_rss_mb_{mb}"] = r["peak_rss_mb"]
+    print(f"peak worker memory, {mb} MB corpus ({r['tokens']:,} tokens): "
+          f"{r['peak_rss_mb']:,.0f} MiB", flush=True)
+  out["reader_store"] = run_probe(f"store:{os.path.join(workdir, 'w2')}")
   out["reader_simulated"] = run_probe("simulated")
   for key in ("reader_store", "reader_simulated"):
     r = out[key]

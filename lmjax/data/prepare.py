@@ -13,6 +13,7 @@ time, engine or worker count in it: local and Ray runs write identical bytes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -314,40 +315,57 @@ def _run_local(tasks: list[tuple[Callable, tuple]], workers: int,
       raise
 
 
-def _run_ray(tasks: list[tuple[Callable, tuple]], workers: int, address: str,
-             on_progress: Progress | None) -> list[Any]:
-  """The same tasks as Ray tasks, results in task order; progress as each one finishes."""
+@contextlib.contextmanager
+def _engine(cfg: PrepareConfig, workers: int) -> Iterator[Callable[..., list[Any]]]:
+  """`run(tasks, workers, on_progress)` for the configured engine; Ray starts once."""
+  if cfg.engine == "local":
+    yield _run_local
+    return
   try:
     import ray
   except ImportError:
     raise UserError("--engine ray needs Ray: pip install -e '.[ray]'") from None
   started = not ray.is_initialized()
   if started:
-    kwargs = {"address": address} if address else {"num_cpus": workers or os.cpu_count()}
+    kwargs = {"address": cfg.ray_address} if cfg.ray_address else {"num_cpus": workers}
     ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
   try:
-    remote = ray.remote(num_cpus=1)(_call)
-    refs = [remote.remote(fn, *args) for fn, args in tasks]
-    position = {ref: i for i, ref in enumerate(refs)}
-    out: list[Any] = [None] * len(refs)
-    pending = list(refs)
+    yield _run_ray
+  finally:
+    if started:
+      ray.shutdown()
+
+
+def _run_ray(tasks: list[tuple[Callable, tuple]], workers: int,
+             on_progress: Progress | None) -> list[Any]:
+  """The same tasks as Ray tasks (one CPU each, as many at once as the cluster has CPUs),
+  results in task order; progress as each one finishes."""
+  import ray
+  del workers  # Ray schedules by the CPUs it was started with
+  remote = ray.remote(num_cpus=1)(_call)
+  refs = [remote.remote(fn, *args) for fn, args in tasks]
+  position = {ref: i for i, ref in enumerate(refs)}
+  out: list[Any] = [None] * len(refs)
+  pending = list(refs)
+  try:
     while pending:
       ready, pending = ray.wait(pending, num_returns=1, timeout=None)
       for ref in ready:
+        i = position[ref]
         try:
-          out[position[ref]] = ray.get(ref)
+          out[i] = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
           cause = e.as_instanceof_cause()
           if isinstance(cause, UserError):
             raise UserError(str(cause).splitlines()[-1].split("UserError: ")[-1]) from None
           raise
-        if on_progress and tasks[position[ref]][0] is write_shard:
-          record = out[position[ref]]["record"]
-          on_progress(tasks[position[ref]][1][2]["bytes"], record["tokens"])
-    return out
-  finally:
-    if started:
-      ray.shutdown()
+        if on_progress and tasks[i][0] is write_shard:
+          on_progress(tasks[i][1][2]["bytes"], out[i]["record"]["tokens"])
+  except BaseException:
+    for ref in pending:
+      ray.cancel(ref, force=True)
+    raise
+  return out
 
 
 def _call(fn: Callable, *args: Any) -> Any:
@@ -391,7 +409,8 @@ class Summary:
   shards: int
   reused: int  # shards found complete from an earlier run
   seconds: float
-  peak_worker_rss_mb: float  # the largest resident memory of any worker (or this process)
+  peak_worker_rss_mb: float  # the largest resident memory of any worker (this process if
+  # the work ran here)
 
   @property
   def tokens_per_s(self) -> float:
@@ -413,25 +432,24 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> Summary:
   workers = cfg.workers or os.cpu_count() or 1
   settings = Settings(*serialized(tokenizer), tokenizer.sha256, tokenizer.vocab_size, cfg.begin,
                       cfg.end, cfg.text_field, cfg.bad_utf8)
-  run = (functools.partial(_run_ray, address=cfg.ray_address) if cfg.engine == "ray"
-         else _run_local)
-  inputs = run([(inspect, (p, int(cfg.split_mb * 2**20))) for p in files], workers, on_progress=None)
-  jobs = _jobs(inputs, settings)
-  if workers > 1 and len(jobs) == 1:  # one job runs here: let SentencePiece use the cores
-    settings = dataclasses.replace(settings, num_threads=-1)
-  os.makedirs(os.path.join(cfg.output, store.SHARDS), exist_ok=True)
-  _remove_stale(os.path.join(cfg.output, store.SHARDS))
-  bar = _Bar(sum(i["size"] for i in inputs), show_progress)
-  fn = write_shard if cfg.engine == "ray" else _local_write_shard
-  try:
-    results = run([(fn, (cfg.output, settings, job)) for job in jobs], workers, on_progress=bar)
-  finally:
-    bar.close()
+  with _engine(cfg, workers) as run:
+    inputs = run([(inspect, (p, int(cfg.split_mb * 2**20))) for p in files], workers, None)
+    jobs = _jobs(inputs, settings)
+    if workers > 1 and len(jobs) == 1:  # one job runs here: let SentencePiece use the cores
+      settings = dataclasses.replace(settings, num_threads=-1)
+    os.makedirs(os.path.join(cfg.output, store.SHARDS), exist_ok=True)
+    _remove_stale(os.path.join(cfg.output, store.SHARDS))
+    bar = _Bar(sum(i["size"] for i in inputs), show_progress)
+    fn = write_shard if cfg.engine == "ray" else _local_write_shard
+    try:
+      results = run([(fn, (cfg.output, settings, job)) for job in jobs], workers, bar)
+    finally:
+      bar.close()
   index = _index(inputs, jobs, [r["record"] for r in results], settings, cfg)
   _write_index(cfg.output, index)
   return Summary(cfg.output, index["num_tokens"], index["num_docs"], len(jobs),
                  sum(r["reused"] for r in results), time.monotonic() - start,
-                 max([_peak_rss_mb()] + [r["peak_rss_mb"] for r in results]))
+                 max(r["peak_rss_mb"] for r in results))
 
 
 def _jobs(inputs: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
