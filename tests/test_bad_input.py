@@ -2,7 +2,6 @@
 into one `error:` line and exit status 2, see test_launch.py), and the workdir's checkpoint
 files stay byte-for-byte unchanged."""
 
-import hashlib
 import os
 import shutil
 
@@ -13,7 +12,7 @@ from lmjax import train as train_lib
 from lmjax.data import BUNDLED_DIR
 from lmjax.errors import UserError
 from lmjax.experiment import default_config, experiment_from_dict
-from tiny import tiny_config
+from tiny import tiny_config, tree_digest
 
 CONFIG_CASES = [
     ({"bogus": {}}, "unknown config section(s) bogus"),
@@ -89,15 +88,6 @@ def _run_cases(tmp):
   ]
 
 
-def _digest(folder):
-  out = {}
-  for d, _, files in os.walk(folder):
-    for f in files:
-      path = os.path.join(d, f)
-      out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-  return out
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("bad")
@@ -110,7 +100,7 @@ def workdir(tmp_path_factory):
 
 def test_bad_run_inputs_change_nothing(workdir):
   run = workdir / "run"
-  before = _digest(run)
+  before = tree_digest(run)
   cases = _run_cases(workdir)
   assert len(cases) + len(CONFIG_CASES) >= 25
   for overrides, message in cases:
@@ -119,7 +109,7 @@ def test_bad_run_inputs_change_nothing(workdir):
       train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(run))
     assert message in str(err.value), (message, str(err.value))
     assert "\n" not in str(err.value)
-    assert _digest(run) == before, message  # checkpoints, metrics, tokenizer untouched
+    assert tree_digest(run) == before, message  # checkpoints, metrics, tokenizer untouched
 
 
 def test_init_from_checks_shapes_architecture_and_tokenizer(workdir, tmp_path):

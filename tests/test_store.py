@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from tiny import ROOT, tiny_config
+from tiny import ROOT, tiny_config, tree_digest
 from benchmarks.data_prep import SyntheticShard
 from lmjax import train as train_lib
 from lmjax.data import BUNDLED_DIR, PackedDataset, TokenSource, TokenStore, Tokenizer
@@ -73,15 +73,6 @@ def _stream(path) -> tuple[np.ndarray, np.ndarray]:
   return tokens, np.flatnonzero(starts)
 
 
-def _digest(folder) -> dict[str, str]:
-  out = {}
-  for d, _, files in os.walk(folder):
-    for f in files:
-      path = os.path.join(d, f)
-      out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-  return out
-
-
 def test_every_format_gives_the_tokenize_path_stream(tmp_path, tokenizer, docs):
   paths = _write_formats(tmp_path / "in", docs)
   # What tokenizing the documents in one piece gives: [bos] ids [eos] back to back.
@@ -127,7 +118,7 @@ def test_ray_engine_writes_the_same_bytes_as_the_local_engine(tmp_path, docs):
   finally:
     ray.shutdown()
   assert summary.shards >= 6
-  assert _digest(tmp_path / "ray") == _digest(tmp_path / "local")
+  assert tree_digest(tmp_path / "ray") == tree_digest(tmp_path / "local")
 
 
 def _big_corpus(folder) -> list[str]:
@@ -167,7 +158,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path, records_befor
   assert f"({records_before_kill}" in rerun.stdout or " reused)" in rerun.stdout
   reused = int(rerun.stdout.split(" reused)")[0].rsplit("(", 1)[1])
   assert reused >= records_before_kill
-  assert _digest(out) == _digest(tmp_path / "whole")
+  assert tree_digest(out) == tree_digest(tmp_path / "whole")
 
 
 def test_rerun_keeps_complete_shards_redoes_damaged_ones_and_adds_new_inputs(tmp_path, docs):
@@ -187,7 +178,7 @@ def test_rerun_keeps_complete_shards_redoes_damaged_ones_and_adds_new_inputs(tmp
   grown = _prepare([a, b], tmp_path / "s", split_mb=0.02)
   assert grown.reused == first.shards and grown.shards > first.shards
   _prepare([a, b], tmp_path / "fresh", split_mb=0.02)
-  assert _digest(tmp_path / "s") == _digest(tmp_path / "fresh")
+  assert tree_digest(tmp_path / "s") == tree_digest(tmp_path / "fresh")
 
 
 def test_epoch_order_visits_every_window_once_whatever_the_process_count(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 
@@ -25,3 +26,14 @@ def tiny_config(name: str, tmp_path, arg: str | None = None, **overrides):
     section, field = key.split(".")
     config[section][field] = value
   return config
+
+
+def tree_digest(folder) -> dict[str, str]:
+  """{relative path: sha256} of every file below `folder`."""
+  out = {}
+  for d, _, files in os.walk(folder):
+    for f in files:
+      path = os.path.join(d, f)
+      with open(path, "rb") as fh:
+        out[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
+  return out

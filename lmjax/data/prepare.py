@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 
 from lmjax.data import readers, store
+from lmjax.data.tokenizer import file_sha256
 from lmjax.errors import UserError
 
 _CHUNK_BYTES = 4 << 20  # text per tokenizer call: bounds a worker's memory
@@ -75,12 +76,8 @@ class Settings:
 
 def inspect(path: str, split_bytes: int) -> dict[str, Any]:
   """An input's size, sha256 and parts."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      digest.update(block)
   parts = readers.plan_parts(path, split_bytes)
-  return {"path": path, "size": os.path.getsize(path), "sha256": digest.hexdigest(),
+  return {"path": path, "size": os.path.getsize(path), "sha256": file_sha256(path),
           "parts": [[p.lo, p.hi] for p in parts]}
 
 
@@ -108,20 +105,12 @@ def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
     yield chunk
 
 
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _complete(folder: str, name: str) -> dict[str, Any] | None:
   """The shard's record if the shard is complete and its checksums hold."""
   try:
     with open(os.path.join(folder, f"{name}.json")) as f:
       record = json.load(f)
-    ok = all(_file_sha256(os.path.join(folder, f"{name}.{k}")) == record[f"{k}_sha256"]
+    ok = all(file_sha256(os.path.join(folder, f"{name}.{k}")) == record[f"{k}_sha256"]
              for k in ("tokens", "docs"))
   except (OSError, ValueError, KeyError):
     return None

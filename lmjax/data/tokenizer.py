@@ -42,7 +42,7 @@ class SpecialTokens:
 def file_sha256(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
+    for chunk in iter(lambda: f.read(1 << 22), b""):
       digest.update(chunk)
   return digest.hexdigest()
 
