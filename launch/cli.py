@@ -81,16 +81,23 @@ def parse_flags(argv: list[str]) -> list[str]:
   not exist; the message then names the override's full path.
   """
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+      flags.FLAGS.config.to_dict()  # config_flags defers a file's load error to first use
+    return rest
   except flags.Error as e:
-    _fail(str(e))
-  except (KeyError, AttributeError) as e:
-    key = str(e).strip("\"'")
-    bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and
-           key in a.split("=")[0].split(".")]
-    _fail(f"{bad[0] if bad else key}: no such config key (see the experiment file "
-          "and lmjax/experiment.py for the fields)")
+    _fail(_last_line(str(e)))
+  except OSError as e:  # --config names a file that cannot be read
+    _fail(f"--config: {str(e).splitlines()[-1].strip()}")
   return []  # unreachable
+
+
+def _last_line(text: str) -> str:
+  """A config file's error arrives with its traceback: keep the first line and the error."""
+  lines = [line for line in text.splitlines() if line.strip()]
+  if len(lines) <= 1:
+    return text
+  return f"{lines[0].rstrip(':')}: {lines[-1].strip()}"
 
 
 def _fail(message: str) -> None:

@@ -19,6 +19,8 @@ flags.DEFINE_string("output", None, "path of the SentencePiece model to write")
 flags.DEFINE_integer("vocab_size", 8192, "number of pieces, special and byte pieces included")
 flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "SentencePiece algorithm")
 flags.DEFINE_integer("max_sentences", 2_000_000, "lines sampled for training")
+flags.DEFINE_float("character_coverage", 1.0, "share of characters the vocabulary covers; "
+                   "rarer ones become byte pieces (0.9995 is usual for CJK text)")
 flags.mark_flags_as_required(["input", "output"])
 FLAGS = flags.FLAGS
 
@@ -34,7 +36,8 @@ def main(argv: list[str]) -> None:
   del argv
   files = expand_inputs(FLAGS.input)
   tok = train_tokenizer(lines(files, FLAGS.text_field), FLAGS.output, FLAGS.vocab_size,
-                        FLAGS.model_type, FLAGS.max_sentences)
+                        FLAGS.model_type, FLAGS.max_sentences,
+                        character_coverage=FLAGS.character_coverage)
   print(f"wrote {FLAGS.output}: {tok.vocab_size} pieces, sha256 {tok.sha256}")
 
 

@@ -15,6 +15,8 @@ import os
 import jax
 from absl import logging
 
+from lmjax.errors import check_ranges
+
 
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
@@ -49,6 +51,9 @@ class RuntimeConfig:
   gpu_collective_combine_bytes: int = 0  # GPU: combine threshold for all-gather,
   # reduce-scatter and all-reduce (0 = XLA's default); larger means fewer, bigger collectives
   xla_flags: str = ""  # further XLA_FLAGS, appended verbatim
+
+  def __post_init__(self):
+    check_ranges("runtime", self, non_negative=("gpu_collective_combine_bytes",))
 
 
 def apply_runtime(cfg: RuntimeConfig) -> None:

@@ -17,7 +17,7 @@ from lmjax.data.pipeline import delimiters
 from lmjax.errors import UserError
 from lmjax.model import build_model
 from lmjax.objectives import ObjectiveConfig
-from lmjax.pretrained import Pretrained
+from lmjax.pretrained import Pretrained, require_weights
 from lmjax.train import StepFns, eval_step
 
 
@@ -34,6 +34,7 @@ def evaluate_files(source: Pretrained, files: list[str], seq_len: int = 0, batch
   corpus = open_corpus(files, source.tokenizer, begin, end, source.objective, cache_dir, "eval")
   data = PackedDataset(corpus, seq_len, seed, shuffle=False)
   model = build_model(cfg.replace(dropout_rate=0.0, remat_policy="none"))
+  require_weights(source, model, jnp.zeros((1, seq_len), jnp.int32), "evaluation")
   fns = StepFns(model, model, optax.identity(), optax.constant_schedule(0.0),
                 ObjectiveConfig(kind=source.objective), sp)
   step = jax.jit(lambda p, b, r: eval_step(fns, p, b, r))

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from lmjax.data.pipeline import DataConfig
 from lmjax.distributed import RuntimeConfig
-from lmjax.errors import UserError
+from lmjax.errors import UserError, check_ranges
 from lmjax.model.config import TransformerConfig
 from lmjax.objectives import ObjectiveConfig
 from lmjax.optim import OptimizerConfig
@@ -35,6 +35,12 @@ class TrainConfig:
   peak_flops_per_device: float = 0.0  # for MFU; 0 guesses from the device kind
   max_consecutive_skips: int = 10  # stop after this many non-finite steps in a row (0: never)
   init_from: str = ""  # a fresh run starts from these weights: an lmjax run or HF directory
+
+  def __post_init__(self):
+    check_ranges("train", self, positive=("steps", "batch_size", "grad_accum_steps", "log_every",
+                                          "checkpoint_every", "keep_checkpoints"),
+                 non_negative=("seed", "eval_every", "eval_batches", "peak_flops_per_device",
+                               "max_consecutive_skips"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.errors import check_ranges
+
 Array = jax.Array
 
 
@@ -30,6 +32,8 @@ class ObjectiveConfig:
   def __post_init__(self):
     if self.kind not in ("clm", "mlm"):
       raise ValueError(f"objective.kind must be 'clm' or 'mlm', got {self.kind!r}")
+    check_ranges("objective", self, non_negative=("z_loss", "mask_token_prob", "random_token_prob"),
+                 fractions=("label_smoothing",))
     if not 0 < self.mask_rate < 1 or self.mask_token_prob + self.random_token_prob > 1:
       raise ValueError("objective: need 0 < mask_rate < 1 and mask_token_prob + "
                        "random_token_prob <= 1")

@@ -8,6 +8,8 @@ from typing import Any, Literal
 import jax
 import optax
 
+from lmjax.errors import check_ranges
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -24,6 +26,9 @@ class OptimizerConfig:
   def __post_init__(self):
     if self.schedule not in ("cosine", "linear", "constant"):
       raise ValueError(f"optimizer.schedule must be cosine, linear or constant, got {self.schedule!r}")
+    check_ranges("optimizer", self, positive=("eps",),
+                 non_negative=("learning_rate", "warmup_steps", "end_lr_ratio", "weight_decay", "clip_grad_norm"),
+                 fractions=("b1", "b2"))
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:

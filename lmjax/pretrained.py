@@ -107,6 +107,21 @@ def merge_params(fresh: dict[str, Any], loaded: dict[str, Any], source: str,
   return jax.tree_util.tree_map_with_path(pick, fresh)
 
 
+def require_weights(source: Pretrained, model: Any, sample: Any, what: str) -> None:
+  """Refuses, in one line, weights that lack arrays `model` needs (a BertModel checkpoint,
+  without the MLM head, cannot score masked tokens)."""
+  from lmjax.train import unbox
+  expected = unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), sample)["params"])
+  have = {param_name(k) for k, _ in jax.tree_util.tree_leaves_with_path(source.params)}
+  missing = [param_name(k) for k, _ in jax.tree_util.tree_leaves_with_path(expected)
+             if param_name(k) not in have]
+  if missing:
+    head = " (the MLM head: a BertModel checkpoint? use BertForMaskedLM weights)" if \
+        source.model.family == "encoder" else " (the LM head?)"
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    raise UserError(f"{source.source} lacks {missing[0]}{more}{head}; {what} needs them")
+
+
 def param_name(path: tuple) -> str:
   """'transformer/embed/tokens/embedding' for a tree path of dict keys."""
   return "/".join(str(getattr(k, "key", k)) for k in path)

@@ -269,6 +269,8 @@ def setup_run(exp: Experiment, workdir: str) -> Run:
   """Validates the experiment against tokenizer, devices and `init_from`, then builds the
   run's parts; nothing is written to `workdir` before every check has passed."""
   workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} is a file; give a directory (new or an earlier run's)")
   t = exp.train
   tokenizer = install_tokenizer(exp.data.tokenizer, workdir, write=False)
   mesh = make_mesh(exp.mesh)

@@ -77,7 +77,7 @@ def _run_cases(tmp):
       (lambda: {"model__d_model": 64}, "holds a different architecture (model.d_model)"),
       (lambda: {"model__vocab_size": 1000}, "tokenizer has 2048 pieces but model.vocab_size=1000"),
       (lambda: {"mesh__data": 3}, "does not divide 1 devices"),
-      (lambda: {"train__steps": 0}, "must be >= 1"),
+      (lambda: {"train__steps": 0}, "train.steps must be positive, got 0"),
       (lambda: {"train__init_from": str(tmp / "missing_run")}, "is not a directory"),
       (lambda: {"data__train_files": (_write(tmp / "long.txt", b"x" * (17 << 20)),)},
        "long.txt:1: line longer than 16 MiB"),

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from lmjax.convert.hf_tokenizer import FILES as TOKENIZER_FILES
-from lmjax.convert.hf_tokenizer import HFTokenizer, find_tokenizer_file
+from lmjax.convert.hf_tokenizer import HFTokenizer, find_tokenizer_file, sentencepiece_to_json
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.errors import UserError
 from lmjax.model.config import TransformerConfig
@@ -313,12 +313,15 @@ def import_hf(directory: str):
 
 
 def load_tokenizer(directory: str) -> Any:
-  """The directory's Hugging Face tokenizer, else the SentencePiece model an lmjax export
-  put there."""
-  if find_tokenizer_file(directory) is None:
-    spm = os.path.join(directory, "tokenizer.model")
-    if os.path.isfile(spm):
+  """The SentencePiece model an lmjax export put there (beside its tokenizer.json for
+  transformers), else the directory's Hugging Face tokenizer."""
+  spm = os.path.join(directory, "tokenizer.model")
+  if os.path.isfile(spm):
+    try:
       return Tokenizer(spm)
+    except UserError:  # a model of its own (LLaMA's), without lmjax's special tokens
+      if find_tokenizer_file(directory) is None:
+        raise
   return HFTokenizer(directory)
 
 
@@ -358,3 +361,15 @@ def _copy_tokenizer(tokenizer: Any, directory: str) -> None:
         shutil.copyfile(os.path.join(origin, name), os.path.join(directory, name))
   elif getattr(tokenizer, "path", None):  # weights without a tokenizer (benchmarks) have none
     shutil.copyfile(tokenizer.path, os.path.join(directory, "tokenizer.model"))
+    # For transformers: the same vocabulary as tokenizer.json (AutoTokenizer encodes and
+    # decodes as SentencePiece does), its special tokens named so `generate` stops at this
+    # vocabulary's own end of text.
+    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+      f.write(sentencepiece_to_json(tokenizer.path))
+    sp = tokenizer.special
+    names = {f"{k}_token": tokenizer.id_to_piece(v) for k, v in (
+        ("bos", sp.bos), ("eos", sp.eos), ("unk", sp.unk), ("pad", sp.pad), ("mask", sp.mask),
+        ("cls", sp.cls), ("sep", sp.sep)) if v >= 0}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
+                 "add_eos_token": False, **names}, f, indent=2)

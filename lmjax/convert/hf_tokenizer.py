@@ -96,3 +96,49 @@ def _read_json(path: str) -> dict[str, Any]:
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{path} is not valid JSON ({e})") from None
+
+
+def sentencepiece_to_json(model_path: str) -> str:
+  """An lmjax SentencePiece model as a `tokenizers` tokenizer.json that encodes and decodes
+  exactly as SentencePiece does (unigram or BPE, byte fallback, identity normaliser).
+
+  SentencePiece prefixes the text with one "▁", turns spaces into "▁" and splits
+  before each "▁"; its user-defined symbols ([MASK], [CLS], [SEP]) are matched
+  first, and "\n" is an ordinary piece with the best score.
+  """
+  import tokenizers
+  from sentencepiece import sentencepiece_model_pb2
+  from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(model_path, "rb") as f:
+    proto.ParseFromString(f.read())
+  pieces = [(p.piece, p.score) for p in proto.pieces]
+  unk = next(i for i, p in enumerate(proto.pieces) if p.type == p.UNKNOWN)
+  if proto.trainer_spec.model_type == proto.trainer_spec.UNIGRAM:
+    model = models.Unigram(pieces, unk_id=unk, byte_fallback=True)
+  else:
+    model = models.BPE({p: i for i, (p, _) in enumerate(pieces)}, _bpe_merges(pieces),
+                       unk_token=pieces[unk][0], byte_fallback=True, fuse_unk=True)
+  tok = tokenizers.Tokenizer(model)
+  tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+  tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                   decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+  control = [p.piece for p in proto.pieces if p.type == p.CONTROL]
+  user = [p.piece for p in proto.pieces if p.type == p.USER_DEFINED and p.piece != "\n"]
+  tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in control])
+  tok.add_tokens([AddedToken(s, special=False, normalized=True) for s in user])
+  return tok.to_str()
+
+
+def _bpe_merges(pieces: list[tuple[str, float]]) -> list[tuple[str, str]]:
+  """BPE merges in SentencePiece's order: a piece is made by the best-scored merge of two
+  pieces whose concatenation it is."""
+  rank = {p: i for i, (p, _) in enumerate(pieces)}
+  merges = []
+  for piece, _ in pieces:
+    for cut in range(1, len(piece)):
+      left, right = piece[:cut], piece[cut:]
+      if left in rank and right in rank:
+        merges.append((rank[piece], rank[left], rank[right], left, right))
+  return [(left, right) for *_, left, right in sorted(merges)]

@@ -8,6 +8,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from lmjax.errors import check_ranges
+
 Family = Literal["decoder", "encoder"]
 ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "cudnn", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
@@ -53,6 +55,10 @@ class TransformerConfig:
   def __post_init__(self):
     if self.family not in ("decoder", "encoder"):
       raise ValueError(f"model.family must be 'decoder' or 'encoder', got {self.family!r}")
+    check_ranges("model", self, positive=("vocab_size", "max_len", "d_model", "num_layers",
+                                          "num_heads", "d_ff", "norm_eps", "rope_theta"),
+                 non_negative=("num_kv_heads", "head_dim", "type_vocab_size", "init_std"),
+                 fractions=("dropout_rate",))
     if self.d_model % self.num_heads and not self.head_dim:
       raise ValueError(
           f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads};"
