@@ -1,10 +1,12 @@
-"""Fine-tuning a pretrained backbone for sequence classification or extractive QA.
+"""Fine-tuning a pretrained backbone: classification or regression of a text or a text pair
+(GLUE-style), and extractive QA, on the one sharded training loop of pretraining.
 
-The architecture and tokenizer come from `init_from` (an lmjax run or a Hugging
-Face directory); `train.init="random"` keeps the architecture but not the
-weights, the baseline a pretrained start must beat. Batches are a function of
-(seed, step), checkpoints go to WORKDIR/checkpoints, and a run resumes like
-pretraining does.
+A task is another objective of `lmjax.train`: its head and loss plug into the
+same jitted `train_step` (mesh, FSDP, gradient accumulation, non-finite skip),
+the same checkpointing, preemption save and exact resume. The architecture and
+tokenizer come from `init_from` (an lmjax run or a Hugging Face directory);
+`train.init="random"` keeps the architecture but not the weights, the baseline
+a pretrained start must beat. Held-out measures land in WORKDIR/results.json.
 """
 
 from __future__ import annotations
@@ -15,27 +17,27 @@ import json
 import os
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from absl import logging
 
-from lmjax import pretrained
+from lmjax import __version__, pretrained
 from lmjax.checkpoint import Checkpointer
 from lmjax.data import genres, tasks
+from lmjax.data.permutation import permute, round_keys
+from lmjax.data.pipeline import DataConfig
+from lmjax.distributed import RuntimeConfig
 from lmjax.errors import UserError
-from lmjax.experiment import section_from_dict
+from lmjax.experiment import Experiment, TrainConfig, section_from_dict
 from lmjax.metrics import MetricsWriter
 from lmjax.model import SequenceClassifier, SpanExtractor
-from lmjax.optim import OptimizerConfig, make_optimizer
-from lmjax.train import unbox
+from lmjax.objectives import TASKS, ObjectiveConfig
+from lmjax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from lmjax.sharding import MeshConfig, check_rules, make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-  kind: str = "classification"  # classification | qa
+  kind: str = "classification"  # classification | regression | qa
   dataset: str = ""  # built-in dataset ("shakespeare_genre"), else train_file/eval_file
   train_file: str = ""  # JSON lines, see lmjax/data/tasks.py
   eval_file: str = ""
@@ -44,23 +46,28 @@ class TaskConfig:
   dropout_rate: float = 0.1
 
   def __post_init__(self):
-    if self.kind not in ("classification", "qa"):
-      raise ValueError(f"task.kind must be 'classification' or 'qa', got {self.kind!r}")
+    if self.kind not in TASKS:
+      raise ValueError(f"task.kind must be one of {', '.join(TASKS)}, got {self.kind!r}")
     if self.dataset not in ("", "shakespeare_genre"):
       raise ValueError(f"task.dataset {self.dataset!r} is unknown (known: shakespeare_genre)")
+    if self.seq_len < 4:
+      raise ValueError(f"task.seq_len must be at least 4, got {self.seq_len}")
+    if not 0 <= self.dropout_rate < 1:
+      raise ValueError(f"task.dropout_rate must be in [0, 1), got {self.dropout_rate}")
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneTrainConfig:
+class FinetuneTrainConfig(TrainConfig):
+  """Pretraining's train section, with fine-tuning defaults and where the weights start."""
+
   steps: int = 300
-  batch_size: int = 32
-  seed: int = 0
-  init: str = "pretrained"  # pretrained | random (same architecture, fresh weights)
   log_every: int = 20
-  eval_every: int = 100  # 0: only at the end
-  eval_batch_size: int = 64
+  eval_batches: int = 0  # every held-out example
+  checkpoint_every: int = 100
+  init: str = "pretrained"  # pretrained | random (same architecture, fresh weights)
 
   def __post_init__(self):
+    super().__post_init__()
     if self.init not in ("pretrained", "random"):
       raise ValueError(f"train.init must be 'pretrained' or 'random', got {self.init!r}")
 
@@ -70,24 +77,31 @@ class FinetuneExperiment:
   task: TaskConfig
   optimizer: OptimizerConfig
   train: FinetuneTrainConfig
+  mesh: MeshConfig = MeshConfig()
+  runtime: RuntimeConfig = RuntimeConfig()
 
   def to_dict(self) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-_SECTIONS = {"task": TaskConfig, "optimizer": OptimizerConfig, "train": FinetuneTrainConfig}
+_SECTIONS = {"task": TaskConfig, "optimizer": OptimizerConfig, "train": FinetuneTrainConfig,
+             "mesh": MeshConfig, "runtime": RuntimeConfig}
 
 
 def finetune_from_dict(config: Mapping[str, Any]) -> FinetuneExperiment:
   unknown = sorted(set(config) - set(_SECTIONS))
   if unknown:
     raise UserError(f"unknown config section(s) {', '.join(unknown)} (known: {', '.join(_SECTIONS)})")
-  return FinetuneExperiment(**{n: section_from_dict(n, c, config.get(n, {}))
-                               for n, c in _SECTIONS.items()})
+  sections = {n: section_from_dict(n, c, config.get(n, {})) for n, c in _SECTIONS.items()}
+  sections["mesh"] = dataclasses.replace(sections["mesh"], rules=check_rules(sections["mesh"].rules))
+  return FinetuneExperiment(**sections)
 
 
 def default_finetune_config() -> dict[str, Any]:
   return {name: dataclasses.asdict(cls()) for name, cls in _SECTIONS.items()}
+
+
+# ----------------------------------------------------------------------------- data
 
 
 def load_task_data(task: TaskConfig, source: pretrained.Pretrained
@@ -101,142 +115,126 @@ def load_task_data(task: TaskConfig, source: pretrained.Pretrained
       raise UserError("a QA task needs task.train_file and task.eval_file")
     read = lambda p: tasks.encode_qa(tok, tasks.read_qa(p), task.seq_len, family)
     return read(task.train_file), read(task.eval_file), ()
+  regression = task.kind == "regression"
   if task.dataset == "shakespeare_genre":
     labels = genres.LABELS
-    train, held_out = genres.genre_examples("train"), genres.genre_examples("eval")
-  elif task.train_file and task.eval_file and task.labels:
-    labels = task.labels
-    train = tasks.read_classification(task.train_file, labels)
-    held_out = tasks.read_classification(task.eval_file, labels)
+    train, held_out = ([(p, None, label) for p, label in genres.genre_examples(split)]
+                       for split in ("train", "eval"))
+  elif task.train_file and task.eval_file and (task.labels or regression):
+    labels = () if regression else task.labels
+    train, held_out = (tasks.read_labelled(p, labels, regression)
+                       for p in (task.train_file, task.eval_file))
   else:
-    raise UserError("set task.dataset, or task.train_file, task.eval_file and task.labels")
-  encode = lambda ex: tasks.encode_classification(tok, ex, task.seq_len, family)
+    raise UserError("set task.dataset, or task.train_file and task.eval_file (and task.labels "
+                    "for classification)")
+  encode = lambda ex: tasks.encode_labelled(tok, ex, task.seq_len, family, regression)
   return encode(train), encode(held_out), tuple(labels)
 
 
+class TaskDataset:
+  """Labelled examples as batches of a pure function of (seed, step), like PackedDataset:
+  each epoch a keyed permutation of the examples; eval batches in order, padded with
+  weight-0 rows."""
+
+  def __init__(self, arrays: dict[str, np.ndarray], seed: int):
+    self.arrays, self.seed = arrays, seed
+    self.num_examples = len(next(iter(arrays.values())))
+
+  def _rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    valid = ids >= 0
+    out = {k: v[np.where(valid, ids, 0)] for k, v in self.arrays.items()}
+    out["weights"] = valid.astype(np.float32)
+    return out
+
+  def batch(self, step: int, global_batch: int, process_index: int = 0,
+            process_count: int = 1) -> dict[str, np.ndarray]:
+    per = global_batch // process_count
+    flat = np.arange(step * global_batch + process_index * per,
+                     step * global_batch + (process_index + 1) * per)
+    epochs, offsets = np.divmod(flat, self.num_examples)
+    ids = np.empty(per, np.int64)
+    for epoch in np.unique(epochs):
+      sel = epochs == epoch
+      ids[sel] = permute(offsets[sel], self.num_examples, round_keys([self.seed, int(epoch)]))
+    return self._rows(ids)
+
+  def eval_batch(self, index: int, global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> dict[str, np.ndarray]:
+    per = global_batch // process_count
+    ids = np.arange(index * global_batch + process_index * per,
+                    index * global_batch + (process_index + 1) * per)
+    return self._rows(np.where(ids < self.num_examples, ids, -1))
+
+  def num_eval_batches(self, global_batch: int) -> int:
+    return -(-self.num_examples // global_batch)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
 def task_model(exp: FinetuneExperiment, source: pretrained.Pretrained, num_labels: int,
-               deterministic: bool) -> nn.Module:
-  cfg = source.model.replace(dropout_rate=exp.task.dropout_rate, remat_policy="none")
+               deterministic: bool):
+  cfg = source.model.replace(dropout_rate=exp.task.dropout_rate)
   if exp.task.kind == "qa":
     return SpanExtractor(cfg, deterministic)
-  return SequenceClassifier(cfg, num_labels, deterministic)
+  return SequenceClassifier(cfg, 1 if exp.task.kind == "regression" else num_labels,
+                            deterministic)
 
 
-def task_loss(model: nn.Module, params: Any, batch: dict[str, jax.Array], rng: jax.Array | None
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean cross-entropy and the number of exactly right predictions in the batch."""
-  rngs = {"dropout": rng} if rng is not None else {}
-  out = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
-                    batch["token_types"], rngs=rngs)
-  ce = optax.softmax_cross_entropy_with_integer_labels
-  if "labels" in batch:
-    loss = ce(out, batch["labels"])
-    correct = jnp.argmax(out, -1) == batch["labels"]
-  else:  # QA: start and end; right only if both are
-    start, end = out
-    loss = (ce(start, batch["starts"]) + ce(end, batch["ends"])) / 2
-    correct = (jnp.argmax(start, -1) == batch["starts"]) & (jnp.argmax(end, -1) == batch["ends"])
-  weight = batch["weight"]
-  return (jnp.sum(loss * weight) / jnp.maximum(jnp.sum(weight), 1.0),
-          {"loss_sum": jnp.sum(loss * weight), "correct": jnp.sum(correct * weight),
-           "count": jnp.sum(weight)})
+def _head(name: str) -> bool:
+  return name.startswith(("classifier/", "span/"))
 
 
-def _rows(data: dict[str, np.ndarray], idx: np.ndarray, valid: np.ndarray | None = None
-          ) -> dict[str, np.ndarray]:
-  out = {k: v[idx] for k, v in data.items()}
-  out["weight"] = np.ones(len(idx), np.float32) if valid is None else valid.astype(np.float32)
-  return out
-
-
-def train_batch(data: dict[str, np.ndarray], step: int, batch_size: int, seed: int
-                ) -> dict[str, np.ndarray]:
-  """Rows of `step`: a fresh permutation of the examples per epoch, from (seed, epoch)."""
-  n = len(next(iter(data.values())))
-  first = step * batch_size
-  idx = [np.random.default_rng([seed, e]).permutation(n)[i]
-         for e, i in (divmod(j, n) for j in range(first, first + batch_size))]
-  return _rows(data, np.asarray(idx))
-
-
-def evaluate_task(eval_fn, params: Any, data: dict[str, np.ndarray], batch_size: int
-                  ) -> dict[str, float]:
-  n = len(next(iter(data.values())))
-  totals = np.zeros(3)
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    valid = idx < n  # the last batch is padded with weight-0 copies of row 0
-    sums = eval_fn(params, _rows(data, np.where(valid, idx, 0), valid))
-    totals += [float(sums["loss_sum"]), float(sums["correct"]), float(sums["count"])]
-  return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2],
-          "examples": totals[2]}
-
-
-def finetune(exp: FinetuneExperiment, init_from: str, workdir: str) -> dict[str, float]:
-  """Trains the task head (and backbone) in `workdir`; returns the final eval metrics."""
+def build_run(exp: FinetuneExperiment, init_from: str, workdir: str):
+  """A `train.Run` of the task: every check first, then the writers (nothing is written to
+  `workdir` before the data, weights and mesh are known to fit)."""
+  from lmjax import train as train_lib
   if not init_from:
     raise UserError("--init_from is required: the run or Hugging Face directory to start from")
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} is a file; give a directory (new or an earlier run's)")
   t = exp.train
   source = pretrained.load(init_from)
-  train_data, eval_data, labels = load_task_data(exp.task, source)
-  model = task_model(exp, source, len(labels), deterministic=exp.task.dropout_rate == 0)
-  eval_model = task_model(exp, source, len(labels), deterministic=True)
-  tx = make_optimizer(exp.optimizer, t.steps)
-  sample = _rows(train_data, np.arange(1))
-  fresh = eval_model.init(jax.random.PRNGKey(t.seed), sample["tokens"], sample["segment_ids"],
-                          sample["token_types"])["params"]
-  fresh = unbox(fresh)
+  train_arrays, eval_arrays, labels = load_task_data(exp.task, source)
+  model_cfg = source.model.replace(dropout_rate=exp.task.dropout_rate)
+  run_exp = Experiment(model=model_cfg, data=DataConfig(seq_len=exp.task.seq_len),
+                       objective=ObjectiveConfig(kind=exp.task.kind), optimizer=exp.optimizer,
+                       train=t, mesh=exp.mesh, runtime=exp.runtime)
+  mesh = make_mesh(exp.mesh)
+  train_lib.check_experiment(run_exp, 0, mesh.shape["data"] * mesh.shape["fsdp"])
+  fns = train_lib.StepFns(task_model(exp, source, len(labels), exp.task.dropout_rate == 0),
+                          task_model(exp, source, len(labels), True),
+                          make_optimizer(exp.optimizer, t.steps),
+                          learning_rate_schedule(exp.optimizer, t.steps), run_exp.objective,
+                          source.tokenizer.special, t.grad_accum_steps)
+  init_params = None
   if t.init == "pretrained":
-    head = lambda name: name.startswith(("classifier/", "span/"))
-    fresh = pretrained.merge_params(fresh, source.params, init_from, may_be_new=head)
-  state = {"step": jnp.int32(0), "params": fresh, "opt_state": tx.init(fresh)}
-  ckpt = Checkpointer(workdir, keep=1)
-  writer = MetricsWriter(workdir)
-  try:
-    if ckpt.latest_step() is not None:
-      target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-          x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), state)
-      state, _ = ckpt.restore(ckpt.latest_step(), target)
-      logging.info("resumed from step %d", int(state["step"]))
-    return _loop(exp, state, model, eval_model, tx, train_data, eval_data, ckpt, writer,
-                 {"config": exp.to_dict(), "init_from": init_from, "labels": list(labels),
-                  "model": dataclasses.asdict(source.model)})
-  finally:
-    ckpt.close()
-    writer.close()
+    abstract = jax.eval_shape(functools.partial(train_lib.init_state, fns, t.seed,
+                                                (1, exp.task.seq_len)))
+    init_params = pretrained.merge_params(train_lib.unbox(abstract.params), source.params,
+                                          init_from, may_be_new=_head)
+  meta = {"config": run_exp.to_dict(), "task": exp.to_dict()["task"], "init_from": init_from,
+          "labels": list(labels), "tokenizer_sha256": source.tokenizer.sha256,
+          "lmjax_version": __version__}
+  return train_lib.Run(run_exp, fns, mesh, TaskDataset(train_arrays, t.seed),
+                       TaskDataset(eval_arrays, t.seed),
+                       Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoints),
+                       MetricsWriter(workdir, active=jax.process_index() == 0), meta,
+                       init_params, num_labels=len(labels))
 
 
-def _loop(exp, state, model, eval_model, tx, train_data, eval_data, ckpt, writer, meta):
-  t = exp.train
-
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def train_step(state, batch):
-    rng = jax.random.fold_in(jax.random.PRNGKey(t.seed + 1), state["step"])
-    grads, sums = jax.grad(lambda p: task_loss(model, p, batch, rng), has_aux=True)(
-        state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-           "opt_state": opt_state}
-    return new, {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}
-
-  eval_fn = jax.jit(lambda p, b: task_loss(eval_model, p, b, None)[1])
-  step, metrics, pending = int(state["step"]), {}, []
-  while step < t.steps:
-    state, m = train_step(state, train_batch(train_data, step, t.batch_size, t.seed))
-    step += 1
-    pending.append(m)
-    if step % t.log_every == 0 or step == t.steps:
-      fetched = jax.device_get(pending)
-      writer.write(step, "train", {k: np.mean([f[k] for f in fetched]) for k in fetched[0]},
-                   t.steps)
-      pending = []
-    if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-      metrics = evaluate_task(eval_fn, state["params"], eval_data, t.eval_batch_size)
-      writer.write(step, "eval", metrics, t.steps)
-      ckpt.save(step, state, {**meta, "step": step})
-  if not metrics:
-    metrics = evaluate_task(eval_fn, state["params"], eval_data, t.eval_batch_size)
-  result = {**metrics, "steps": step, "init": t.init, "init_from": meta["init_from"]}
-  with open(os.path.join(os.path.dirname(ckpt.directory), "results.json"), "w") as f:
-    json.dump(result, f, indent=2)
+def finetune(exp: FinetuneExperiment, init_from: str, workdir: str) -> dict[str, Any]:
+  """Trains the task head (and backbone) in `workdir` through the pretraining loop, or
+  resumes it; writes and returns the held-out measures."""
+  from lmjax import train as train_lib
+  run = build_run(exp, init_from, workdir)
+  metrics = train_lib.run_training(run)
+  result = {**metrics, "steps": exp.train.steps, "init": exp.train.init, "init_from": init_from,
+            "task": exp.task.kind, "labels": run.meta["labels"]}
+  if jax.process_index() == 0:
+    path = os.path.join(os.path.dirname(run.ckpt.directory), "results.json")
+    with open(f"{path}.tmp", "w") as f:
+      json.dump(result, f, indent=2)
+    os.replace(f"{path}.tmp", path)
   return result

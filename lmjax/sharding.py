@@ -94,5 +94,11 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
 
 
+def batch_shardings(mesh: Mesh, rules: Rules, sample: dict[str, Any]) -> dict[str, NamedSharding]:
+  """Shardings of a batch's arrays by rank: (batch,) labels, (batch, length) token rows."""
+  return {k: NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length")[:v.ndim], rules))
+          for k, v in sample.items()}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())

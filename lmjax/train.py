@@ -34,8 +34,7 @@ from lmjax.model import build_model
 from lmjax.objectives import ObjectiveConfig
 from lmjax.optim import learning_rate_schedule, make_optimizer
 from lmjax.preemption import PreemptionWatch
-from lmjax.sharding import (batch_sharding, logical_to_shardings, make_mesh,
-                            replicated)
+from lmjax.sharding import batch_shardings, logical_to_shardings, make_mesh, replicated
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -64,6 +63,8 @@ class StepFns:
 
 def prepare(fns: StepFns, batch: dict[str, Array], rng: Array) -> dict[str, Array]:
   """Adds model inputs, targets and weights to a packed batch, per the objective."""
+  if fns.objective.kind in objectives.TASKS:  # labelled examples: inputs and targets as given
+    return dict(batch)
   tokens, segments = batch["tokens"], batch["segment_ids"]
   out = {"segment_ids": segments, "positions": batch["positions"]}
   if fns.objective.kind == "clm":
@@ -79,6 +80,10 @@ def prepare(fns: StepFns, batch: dict[str, Array], rng: Array) -> dict[str, Arra
 def loss_sums(model: nn.Module, params: Any, b: dict[str, Array], objective: ObjectiveConfig,
               dropout_rng: Array | None = None) -> dict[str, Array]:
   rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+  if objective.kind in objectives.TASKS:
+    out = model.apply({"params": params}, b["tokens"], b["segment_ids"], b["token_types"],
+                      rngs=rngs)
+    return objectives.task_sums(objective.kind, out, b)
   logits = model.apply({"params": params}, b["inputs"], b["segment_ids"], b["positions"],
                        predict_at=b.get("predict_at"), rngs=rngs)  # (B, T or K, V) float32
   return objectives.cross_entropy_sums(logits, b["targets"], b["weights"],
@@ -127,23 +132,32 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
 
 def eval_step(fns: StepFns, params: Any, batch: dict[str, Array], rng: Array
               ) -> dict[str, Array]:
-  """Summed loss terms of one eval batch (MLM masks drawn from a fixed `rng`)."""
-  return loss_sums(fns.eval_model, params, prepare(fns, batch, rng), fns.objective)
+  """Summed loss terms of one eval batch (MLM masks drawn from a fixed `rng`); for a task,
+  also each example's prediction, target and weight (the held-out metrics need them)."""
+  b = prepare(fns, batch, rng)
+  sums = loss_sums(fns.eval_model, params, b, fns.objective)
+  kind = fns.objective.kind
+  if kind not in objectives.TASKS:
+    return sums
+  out = fns.eval_model.apply({"params": params}, b["tokens"], b["segment_ids"],
+                             b["token_types"])
+  return {**sums, "predictions": objectives.task_predictions(kind, out),
+          "targets": b["starts"] if kind == "qa" else b["labels"], "examples": b["weights"]}
 
 
 def init_state(fns: StepFns, seed: int, batch_shape: tuple[int, int]) -> TrainState:
   """A fresh state; parameters stay boxed with their logical axis names."""
   rng = jax.random.PRNGKey(seed)
   dummy = jnp.zeros(batch_shape, jnp.int32)
-  params = fns.eval_model.init(jax.random.fold_in(rng, 1 << 30), dummy)["params"]
+  params = fns.eval_model.init(jax.random.fold_in(rng, 1 << 30), dummy,
+                               jnp.ones_like(dummy))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=fns.tx.init(params), rng=rng)
 
 
-def jit_steps(fns: StepFns, state_sharding: Any, batch_sharding: Any, replicated: Any
-              ) -> tuple[Callable, Callable]:
+def jit_steps(fns: StepFns, state_sharding: Any, batch_shardings: dict[str, Any],
+              replicated: Any) -> tuple[Callable, Callable]:
   """Jitted (train_step, eval_step) with explicit shardings; the state is donated."""
-  batch_shardings = {k: batch_sharding for k in ("tokens", "segment_ids", "positions")}
   train = jax.jit(functools.partial(train_step, fns),
                   in_shardings=(state_sharding, batch_shardings),
                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
@@ -198,8 +212,11 @@ def restore_or_init(fns: StepFns, exp: Experiment, ckpt: Checkpointer, boxed: An
     logging.info("resumed from %s step %d", ckpt.directory, step)
     return state
   state = jax.jit(lambda: unbox(make()), out_shardings=shardings)()
-  if init_params is not None:  # from train.init_from, checked in setup_run
-    state = state.replace(params=jax.device_put(init_params, shardings.params))
+  if init_params is not None:  # from train.init_from (checked in setup_run) or a task's
+    # backbone; a new task head is left abstract there and keeps its fresh values.
+    pick = lambda fresh, loaded, s: (fresh if isinstance(loaded, jax.ShapeDtypeStruct)
+                                     else jax.device_put(loaded, s))
+    state = state.replace(params=jax.tree.map(pick, state.params, init_params, shardings.params))
   return state
 
 
@@ -236,18 +253,34 @@ def check_resumable(meta: dict[str, Any], exp: Experiment, tokenizer_sha: str, w
 
 
 def evaluate(eval_fn: Callable, params: Any, data: PackedDataset, exp: Experiment,
-             put: Callable) -> dict[str, float]:
-  """Loss, accuracy and perplexity over a fixed prefix (or all) of the eval split."""
+             put: Callable, num_labels: int = 0) -> dict[str, float]:
+  """Loss, accuracy and perplexity over a fixed prefix (or all) of the eval split; for a
+  task, its held-out measures over every eval example instead."""
   n = data.num_eval_batches(exp.train.batch_size)
   n = min(n, exp.train.eval_batches) if exp.train.eval_batches else n
   base = jax.random.PRNGKey(exp.train.seed + 1)
-  total = None
+  total, examples = None, []
   for i in range(n):
     batch = put(data.eval_batch(i, exp.train.batch_size, jax.process_index(),
                                 jax.process_count()))
-    sums = eval_fn(params, batch, jax.random.fold_in(base, i))
+    out = eval_fn(params, batch, jax.random.fold_in(base, i))
+    sums = {k: out[k] for k in ("loss", "objective", "correct", "weight")}
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  return {k: float(v) for k, v in objectives.summarize(total).items()}
+    if "predictions" in out:  # replicated: every process sees every example
+      examples.append(jax.device_get({k: out[k] for k in ("predictions", "targets",
+                                                          "examples")}))
+  metrics = {k: float(v) for k, v in objectives.summarize(total).items()}
+  if not examples:
+    return metrics
+  kind = exp.objective.kind
+  got = {k: np.concatenate([e[k] for e in examples]) for k in examples[0]}
+  keep = got["examples"] > 0
+  result = {"loss": metrics["loss"], "examples": float(keep.sum())}
+  if kind != "regression":
+    result["accuracy"] = metrics["accuracy"]
+  result.update(objectives.task_metrics(kind, got["predictions"][keep], got["targets"][keep],
+                                        num_labels))
+  return result
 
 
 @dataclasses.dataclass
@@ -263,11 +296,25 @@ class Run:
   writer: MetricsWriter
   meta: dict[str, Any]  # written beside every checkpoint
   init_params: Any = None  # host arrays from train.init_from for a fresh state
+  num_labels: int = 0  # classes of a classification task (its held-out F1 and MCC)
 
 
 def setup_run(exp: Experiment, workdir: str) -> Run:
   """Validates the experiment against tokenizer, devices and `init_from`, then builds the
   run's parts; nothing is written to `workdir` before every check has passed."""
+  workdir, tokenizer, mesh, (train_data, eval_data), fns, init_params = _checked_parts(
+      exp, workdir)
+  tokenizer = install_tokenizer(exp.data.tokenizer, workdir)
+  meta = {"config": exp.to_dict(), "tokenizer_sha256": tokenizer.sha256,
+          "lmjax_version": __version__}
+  t = exp.train
+  return Run(exp, fns, mesh, train_data, eval_data,
+             Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoints),
+             MetricsWriter(workdir, active=jax.process_index() == 0), meta, init_params)
+
+
+def _checked_parts(exp: Experiment, workdir: str) -> tuple:
+  """Every check a run makes before it writes anything, and the parts they produce."""
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} is a file; give a directory (new or an earlier run's)")
@@ -275,7 +322,7 @@ def setup_run(exp: Experiment, workdir: str) -> Run:
   tokenizer = install_tokenizer(exp.data.tokenizer, workdir, write=False)
   mesh = make_mesh(exp.mesh)
   check_experiment(exp, tokenizer.vocab_size, mesh.shape["data"] * mesh.shape["fsdp"])
-  train_data, eval_data = build_datasets(exp.data, tokenizer, exp.objective.kind, t.seed)
+  datasets = build_datasets(exp.data, tokenizer, exp.objective.kind, t.seed)
   fns = StepFns(build_model(exp.model, deterministic=exp.model.dropout_rate == 0),
                 build_model(exp.model), make_optimizer(exp.optimizer, t.steps),
                 learning_rate_schedule(exp.optimizer, t.steps), exp.objective,
@@ -284,12 +331,19 @@ def setup_run(exp: Experiment, workdir: str) -> Run:
   if t.init_from and not _has_checkpoints(workdir):
     abstract = jax.eval_shape(functools.partial(init_state, fns, t.seed, (1, exp.data.seq_len)))
     init_params = pretrained_params(exp, unbox(abstract.params), tokenizer.sha256)
-  tokenizer = install_tokenizer(exp.data.tokenizer, workdir)
-  meta = {"config": exp.to_dict(), "tokenizer_sha256": tokenizer.sha256,
-          "lmjax_version": __version__}
-  return Run(exp, fns, mesh, train_data, eval_data,
-             Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoints),
-             MetricsWriter(workdir, active=jax.process_index() == 0), meta, init_params)
+  return workdir, tokenizer, mesh, datasets, fns, init_params
+
+
+def dry_run(exp: Experiment, workdir: str) -> None:
+  """Every check of a real start, then the train step traced on abstract arrays (shapes
+  and dtypes, no compilation, nothing written): a config that passes will start."""
+  _, _, mesh, (train_data, _), fns, _ = _checked_parts(exp, workdir)
+  t = exp.train
+  with jax.set_mesh(mesh), nn.logical_axis_rules(exp.mesh.rules):
+    state = jax.eval_shape(lambda: unbox(init_state(fns, t.seed, (1, exp.data.seq_len))))
+    batch = {k: jax.ShapeDtypeStruct((t.batch_size, *v.shape[1:]), v.dtype)
+             for k, v in train_data.batch(0, 1).items()}
+    jax.eval_shape(functools.partial(train_step, fns), state, batch)
 
 
 def _has_checkpoints(workdir: str) -> bool:
@@ -299,9 +353,14 @@ def _has_checkpoints(workdir: str) -> bool:
 
 def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
   """Trains (or resumes) in `workdir` until `exp.train.steps`; returns the final eval metrics."""
-  run = setup_run(exp, workdir)
+  return run_training(setup_run(exp, workdir))
+
+
+def run_training(run: Run) -> dict[str, float]:
+  """The training loop on a built run (pretraining or a fine-tuning task), then closes its
+  checkpointer and writers whatever happens."""
   try:
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(exp.mesh.rules):
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.exp.mesh.rules):
       return train_loop(run)
   finally:
     try:
@@ -316,9 +375,11 @@ def train_loop(run: Run) -> dict[str, float]:
   shardings = logical_to_shardings(abstract, run.mesh, rules)
   state = restore_or_init(run.fns, exp, run.ckpt, abstract, shardings,
                           run.meta["tokenizer_sha256"], run.init_params)
-  in_sharding = batch_sharding(run.mesh, rules)
-  train_fn, eval_fn = jit_steps(run.fns, shardings, in_sharding, replicated(run.mesh))
-  put = lambda b: {k: jax.make_array_from_process_local_data(in_sharding, v) for k, v in b.items()}
+  n, i = jax.process_count(), jax.process_index()
+  in_shardings = batch_shardings(run.mesh, rules, run.train_data.batch(0, n, i, n))
+  train_fn, eval_fn = jit_steps(run.fns, shardings, in_shardings, replicated(run.mesh))
+  put = lambda b: {k: jax.make_array_from_process_local_data(in_shardings[k], v)
+                   for k, v in b.items()}
   host_batch = lambda s: run.train_data.batch(s, t.batch_size, jax.process_index(),
                                               jax.process_count())
   step = int(jax.device_get(state.step))
@@ -353,7 +414,7 @@ def train_loop(run: Run) -> dict[str, float]:
         run.writer.write(step, "train", {**values, **speed.measure(step)}, t.steps)
         pending = []
       if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-        eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put)
+        eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put, run.num_labels)
         run.writer.write(step, "eval", eval_metrics, t.steps)
         speed.restart(step)  # keep evaluation out of the training rate
       stop = preemption.requested(step)
@@ -365,7 +426,7 @@ def train_loop(run: Run) -> dict[str, float]:
         return eval_metrics
   if not eval_metrics:  # nothing left to train: report the checkpoint as it is
     logging.info("workdir already at step %d of %d; nothing to train", step, t.steps)
-    eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put)
+    eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put, run.num_labels)
   return eval_metrics
 
 

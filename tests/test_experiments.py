@@ -19,7 +19,8 @@ from lmjax.data.tokenizer import SpecialTokens
 
 EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
                      if not p.endswith("__init__.py"))
-FINETUNING = {"finetune_genre": [None, "random"]}  # configs for launch.finetune
+FINETUNING = {"finetune_genre": [None, "random"], "finetune_pairs": [None],
+              "finetune_regression": [None]}  # configs for launch.finetune
 VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp"]}
 CASES = [(name, arg) for name in EXPERIMENTS if name not in FINETUNING
          for arg in VARIANTS.get(name, [None])]
@@ -54,7 +55,9 @@ def test_finetuning_experiment_parses(name, arg):
   from lmjax.finetune import finetune_from_dict
   module = importlib.import_module(f"experiments.{name}")
   exp = finetune_from_dict((module.get_config(arg) if arg else module.get_config()).to_dict())
-  assert exp.train.init == (arg or "pretrained") and exp.task.dataset == "shakespeare_genre"
+  assert exp.train.init == (arg or "pretrained")
+  assert exp.task.dataset == "shakespeare_genre" or (
+      os.path.isfile(exp.task.train_file) and os.path.isfile(exp.task.eval_file))
 
 
 def test_all_experiment_files_are_tested():

@@ -8,7 +8,7 @@ import pytest
 from lmjax import pretrained
 from lmjax.data import genres, tasks
 from lmjax.errors import UserError
-from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict, train_batch
+from lmjax.finetune import TaskDataset, default_finetune_config, finetune, finetune_from_dict
 from lmjax.model import SequenceClassifier, TransformerConfig
 
 
@@ -46,11 +46,16 @@ def test_decoder_classifier_pools_the_last_real_token():
   np.testing.assert_allclose(out, cut, atol=1e-5)
 
 
-def test_train_batches_are_a_function_of_seed_and_step():
-  data = {"x": np.arange(10)}
-  a = [train_batch(data, s, 4, 0)["x"].tolist() for s in range(5)]
-  assert a == [train_batch(data, s, 4, 0)["x"].tolist() for s in range(5)]
+def test_task_batches_are_a_function_of_seed_and_step():
+  data = TaskDataset({"x": np.arange(10)}, seed=0)
+  a = [data.batch(s, 4)["x"].tolist() for s in range(5)]
+  assert a == [TaskDataset({"x": np.arange(10)}, seed=0).batch(s, 4)["x"].tolist()
+               for s in range(5)]
   assert sorted(a[0] + a[1] + a[2][:2]) == list(range(10))  # one epoch covers every example
+  parts = [data.batch(3, 4, p, 2)["x"].tolist() for p in range(2)]
+  assert parts[0] + parts[1] == a[3]  # process slices make up the global batch
+  last = data.eval_batch(2, 4)
+  assert last["x"].tolist()[:2] == [8, 9] and last["weights"].tolist() == [1, 1, 0, 0]
 
 
 def test_qa_head_learns_a_toy_span_task(tiny_runs, tmp_path):

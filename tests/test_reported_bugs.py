@@ -123,3 +123,33 @@ def test_reported_tracebacks_are_one_line(tmp_path, args, message):
   proc = _cli("launch.train", *config, f"--workdir={workdir}", "--config.train.steps=1", *rest)
   assert message in _one_line_error(proc)
   assert not workdir.exists() or workdir.is_file()
+
+
+def _numeric_fields(config: dict) -> list[tuple[str, str]]:
+  return [(section, key) for section, fields in config.items() for key, value in fields.items()
+          if isinstance(value, (int, float)) and not isinstance(value, bool)]
+
+
+def test_every_numeric_field_of_the_train_launcher_starts_or_fails_in_one_line(tmp_path):
+  """0, -1 and a string in each numeric field of the config `launch.train` reads."""
+  from lmjax import train as train_lib
+  from lmjax.errors import UserError
+  from lmjax.experiment import experiment_from_dict
+  from tiny import tiny_config
+  base = tiny_config("clm_tiny", tmp_path).to_dict()
+  fields = _numeric_fields(base)
+  assert len(fields) >= 40
+  started, refused = 0, 0
+  for section, key in fields:
+    for value in (0, -1, "x"):
+      config = {s: dict(v) for s, v in base.items()}
+      config[section][key] = value
+      workdir = tmp_path / "run"
+      try:
+        train_lib.dry_run(experiment_from_dict(config), str(workdir))
+        started += 1
+      except UserError as e:
+        assert "\n" not in str(e) and str(e), (section, key, value, str(e))
+        refused += 1
+      assert not workdir.exists(), (section, key, value)
+  assert started > 20 and refused > 60

@@ -110,7 +110,7 @@ def test_convert_exports_a_run_that_transformers_loads(runs, name, cls, tmp_path
 def test_finetune_from_a_run_and_from_bert_then_resume(runs, tmp_path):
   args = ["--config=experiments/finetune_genre.py", "--config.train.steps=4",
           "--config.train.batch_size=8", "--config.train.eval_every=4",
-          "--config.train.eval_batch_size=256", "--config.task.seq_len=32"]
+          "--config.task.seq_len=32"]
   out = launch("launch.finetune", *args, f"--init_from={runs / 'mlm_tiny'}",
                f"--workdir={tmp_path / 'a'}").stdout
   result = json.loads(out[out.index("{"):])
@@ -120,7 +120,7 @@ def test_finetune_from_a_run_and_from_bert_then_resume(runs, tmp_path):
   from experiments import finetune_genre
   from lmjax.finetune import finetune, finetune_from_dict
   config = finetune_genre.get_config()
-  config.train.update(steps=6, batch_size=8, eval_every=0, eval_batch_size=256)
+  config.train.update(steps=6, batch_size=8, eval_every=0)
   config.task.seq_len = 32
   more = finetune(finetune_from_dict(config.to_dict()), str(runs / "mlm_tiny"), str(tmp_path / "a"))
   assert more["steps"] == 6 and (tmp_path / "a" / "checkpoints" / "6").is_dir()

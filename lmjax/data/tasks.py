@@ -1,10 +1,13 @@
-"""Labelled data for fine-tuning: sequence classification and extractive QA.
+"""Labelled data for fine-tuning: classification and regression of a text or a text pair
+(GLUE-style), and extractive QA.
 
-Files are JSON lines: {"text": ..., "label": ...} for classification (label a
-name from the config's label list, or its index), {"question": ..., "context":
-..., "answer": ...} for QA (the answer must occur in the context). Sequences are
-framed as the model was pretrained: [CLS] ... [SEP] for encoders, [BOS] ... [EOS]
-for decoders; QA puts the question first and the context second.
+Files are JSON lines: {"text": ..., "label": ...}, with an optional "text_pair",
+for classification (label a name from the config's label list, or its index)
+and regression (label a number); {"question": ..., "context": ..., "answer":
+...} for QA (the answer must occur in the context). Sequences are framed as the
+model was pretrained: [CLS] a [SEP] b [SEP] with token types 0/1 for encoders,
+[BOS] a [EOS] b [EOS] for decoders; QA puts the question first and the context
+second.
 """
 
 from __future__ import annotations
@@ -37,15 +40,27 @@ def _records(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
   return out
 
 
-def read_classification(path: str, labels: Sequence[str]) -> list[tuple[str, int]]:
+Example = tuple[str, "str | None", "int | float"]  # (text, text_pair or None, label)
+
+
+def read_labelled(path: str, labels: Sequence[str], regression: bool = False
+                  ) -> list[Example]:
+  """(text, text_pair, label) of a classification (label index) or regression file."""
   out = []
   for r in _records(path, ("text", "label")):
-    label = r["label"]
+    label, pair = r["label"], r.get("text_pair")
+    if pair is not None and not isinstance(pair, str):
+      raise UserError(f"{path}: text_pair {pair!r} is not a string")
+    if regression:
+      if not isinstance(label, (int, float)) or isinstance(label, bool):
+        raise UserError(f"{path}: label {label!r} is not a number (a regression task)")
+      out.append((r["text"], pair, float(label)))
+      continue
     if isinstance(label, str) and label in labels:
       label = list(labels).index(label)
     if not isinstance(label, int) or not 0 <= label < len(labels):
       raise UserError(f"{path}: label {r['label']!r} is not one of {list(labels)}")
-    out.append((r["text"], label))
+    out.append((r["text"], pair, label))
   return out
 
 
@@ -59,10 +74,12 @@ def read_qa(path: str) -> list[tuple[str, str, str]]:
 
 
 def _frame(tokenizer: Any, family: str) -> tuple[int, int, int]:
+  """(begin, separator, end): [CLS] [SEP] [SEP] for encoders; decoders end each part with
+  the end of text they were pretrained on."""
   sp = tokenizer.special
   if family == "encoder":
     return sp.cls, sp.sep, sp.sep
-  return sp.bos, (sp.sep if sp.sep >= 0 else sp.eos), sp.eos
+  return sp.bos, sp.eos, sp.eos
 
 
 def _pack(rows: list[list[int]], seq_len: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,14 +90,29 @@ def _pack(rows: list[list[int]], seq_len: int, pad: int) -> tuple[np.ndarray, np
   return tokens, segments
 
 
-def encode_classification(tokenizer: Any, examples: list[tuple[str, int]], seq_len: int,
-                          family: str) -> dict[str, np.ndarray]:
-  begin, _, end = _frame(tokenizer, family)
-  ids = tokenizer.encode([text for text, _ in examples])
-  rows = [[begin, *x[:seq_len - 2], end] for x in ids]
+def encode_labelled(tokenizer: Any, examples: list[Example], seq_len: int, family: str,
+                    regression: bool = False) -> dict[str, np.ndarray]:
+  """Rows framed as the model was pretrained; a pair is cut longest-first to fit."""
+  begin, sep, end = _frame(tokenizer, family)
+  firsts = tokenizer.encode([text for text, _, _ in examples])
+  pairs = [p for _, p, _ in examples if p is not None]
+  seconds = iter(tokenizer.encode(pairs)) if pairs else iter(())
+  rows, types = [], []
+  for (_, pair, _), a in zip(examples, firsts):
+    if pair is None:
+      rows.append([begin, *a[:seq_len - 2], end])
+      types.append([0] * len(rows[-1]))
+      continue
+    b = next(seconds)
+    while len(a) + len(b) > seq_len - 3:  # longest first, as BERT's GLUE runs did
+      a, b = (a[:-1], b) if len(a) >= len(b) else (a, b[:-1])
+    rows.append([begin, *a, sep, *b, end])
+    types.append([0] * (len(a) + 2) + [1] * (len(b) + 1))
   tokens, segments = _pack(rows, seq_len, tokenizer.special.pad)
-  return {"tokens": tokens, "segment_ids": segments, "token_types": np.zeros_like(tokens),
-          "labels": np.asarray([label for _, label in examples], np.int32)}
+  token_types, _ = _pack(types, seq_len, 0)
+  dtype = np.float32 if regression else np.int32
+  return {"tokens": tokens, "segment_ids": segments, "token_types": token_types,
+          "labels": np.asarray([label for _, _, label in examples], dtype)}
 
 
 def encode_qa(tokenizer: Any, examples: list[tuple[str, str, str]], seq_len: int,

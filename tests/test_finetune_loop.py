@@ -1,0 +1,140 @@
+"""Fine-tuning runs on the pretraining loop: sharded like it, resumed like it, preempted like
+it; GLUE-style pair classification and regression report the field's measures."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tiny import ROOT
+from lmjax.checkpoint import Checkpointer
+from lmjax.objectives import task_metrics
+
+SMALL = ["--config.task.seq_len=32", "--config.train.batch_size=16", "--config.train.log_every=1",
+         "--config.optimizer.warmup_steps=2"]
+
+
+def _finetune(init_from, workdir, *args, config="experiments/finetune_pairs.py", timeout=400):
+  return subprocess.run([sys.executable, "-m", "launch.finetune", f"--config={config}",
+                         f"--init_from={init_from}", f"--workdir={workdir}", *SMALL, *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _train_losses(workdir):
+  return [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl"))
+          if r["split"] == "train"]
+
+
+def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, tmp_path):
+  args = ["--config.train.steps=4", "--config.train.eval_every=0",
+          "--config.task.dropout_rate=0.0"]
+  one = _finetune(tiny_runs / "mlm_tiny", tmp_path / "one", "--cpu_devices=1", *args)
+  assert one.returncode == 0, one.stderr[-3000:]
+  eight = _finetune(tiny_runs / "mlm_tiny", tmp_path / "eight", "--cpu_devices=8",
+                    "--config.mesh.data=2", "--config.mesh.fsdp=4", *args)
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  assert "8 device(s), mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in eight.stderr
+  np.testing.assert_allclose(_train_losses(tmp_path / "eight"), _train_losses(tmp_path / "one"),
+                             rtol=1e-4)
+  a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "eight"))
+  assert a["examples"] == b["examples"] == 150 and a["accuracy"] == b["accuracy"]
+  assert abs(a["loss"] - b["loss"]) < 1e-4 and set(a) >= {"f1", "mcc", "accuracy"}
+
+
+def _lines(path):
+  return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_kill_9_then_rerun_ends_bitwise_equal(tiny_runs, tmp_path):
+  steps = ["--config.train.steps=12", "--config.train.checkpoint_every=2",
+           "--config.train.eval_every=6"]
+  straight = _finetune(tiny_runs / "mlm_tiny", tmp_path / "straight", *steps)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  killed, rng = tmp_path / "killed", random.Random(1)
+  command = [sys.executable, "-m", "launch.finetune", "--config=experiments/finetune_pairs.py",
+             f"--init_from={tiny_runs / 'mlm_tiny'}", f"--workdir={killed}", *SMALL, *steps]
+  for _ in range(2):
+    before = _lines(killed / "metrics.jsonl")
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while _lines(killed / "metrics.jsonl") <= before and proc.poll() is None:
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.0))
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+  final = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert final.returncode == 0, final.stderr[-3000:]
+  a, b = (Checkpointer(str(d), async_save=False) for d in (tmp_path / "straight", killed))
+  sa, sb = a.restore_arrays(12), b.restore_arrays(12)
+  a.close()
+  b.close()
+  jax.tree.map(np.testing.assert_array_equal, sa, sb)
+  assert (json.loads((killed / "results.json").read_text()) ==
+          json.loads((tmp_path / "straight" / "results.json").read_text()))
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_finishes(tiny_runs, tmp_path):
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "launch.finetune", "--config=experiments/finetune_pairs.py",
+             f"--init_from={tiny_runs / 'mlm_tiny'}", f"--workdir={workdir}", *SMALL,
+             "--config.train.steps=400", "--config.train.checkpoint_every=1000",
+             "--config.train.eval_every=0"]
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.monotonic() + 300
+  while _lines(workdir / "metrics.jsonl") < 3:
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  steps = [int(n) for n in os.listdir(workdir / "checkpoints")]
+  assert len(steps) == 1 and 3 <= steps[0] < 400 and "preempted" in err
+  rerun = subprocess.run(command[:-3] + ["--config.train.steps=" + str(steps[0] + 2),
+                                         "--config.train.eval_every=0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert rerun.returncode == 0 and f"resumed from" in rerun.stderr, rerun.stderr[-3000:]
+
+
+@pytest.mark.parametrize("config,measures", [
+    ("experiments/finetune_pairs.py", {"accuracy", "f1", "mcc"}),
+    ("experiments/finetune_regression.py", {"pearson", "spearman", "mse"}),
+])
+def test_glue_style_experiments_report_their_measures(tiny_runs, tmp_path, config, measures):
+  for init in ("mlm_tiny", "clm_tiny"):  # an encoder and a decoder backbone
+    proc = _finetune(tiny_runs / init, tmp_path / init, "--config.train.steps=3",
+                     "--config.train.eval_every=0", config=config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / init / "results.json").read_text())
+    assert measures <= set(result) and result["examples"] == 150
+    assert all(np.isfinite(result[m]) for m in measures)
+
+
+def test_task_metrics_match_their_definitions():
+  rng = np.random.default_rng(0)
+  truth = rng.integers(0, 2, 500)
+  pred = np.where(rng.random(500) < 0.8, truth, 1 - truth)
+  tp, tn = np.sum((pred == 1) & (truth == 1)), np.sum((pred == 0) & (truth == 0))
+  fp, fn = np.sum((pred == 1) & (truth == 0)), np.sum((pred == 0) & (truth == 1))
+  got = task_metrics("classification", pred, truth, 2)
+  assert got["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+  mcc = (tp * tn - fp * fn) / np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+  assert got["mcc"] == pytest.approx(mcc)
+  x = np.array([1.0, 2.0, 2.0, 3.0, 5.0])
+  y = np.array([2.0, 1.0, 4.0, 4.0, 6.0])
+  got = task_metrics("regression", x, y, 0)
+  assert got["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+  # Spearman = Pearson of average ranks: x ranks 0, 1.5, 1.5, 3, 4; y ranks 1, 0, 2.5, 2.5, 4
+  assert got["spearman"] == pytest.approx(np.corrcoef([0, 1.5, 1.5, 3, 4], [1, 0, 2.5, 2.5, 4])[0, 1])
