@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -185,9 +186,10 @@ def _head(name: str) -> bool:
   return name.startswith(("classifier/", "span/"))
 
 
-def build_run(exp: FinetuneExperiment, init_from: str, workdir: str):
+def build_run(exp: FinetuneExperiment, init_from: str, workdir: str, dry: bool = False):
   """A `train.Run` of the task: every check first, then the writers (nothing is written to
-  `workdir` before the data, weights and mesh are known to fit)."""
+  `workdir` before the data, weights and mesh are known to fit). `dry`: the checks and
+  one abstractly traced step only."""
   from lmjax import train as train_lib
   if not init_from:
     raise UserError("--init_from is required: the run or Hugging Face directory to start from")
@@ -217,8 +219,16 @@ def build_run(exp: FinetuneExperiment, init_from: str, workdir: str):
   meta = {"config": run_exp.to_dict(), "task": exp.to_dict()["task"], "init_from": init_from,
           "labels": list(labels), "tokenizer_sha256": source.tokenizer.sha256,
           "lmjax_version": __version__}
-  return train_lib.Run(run_exp, fns, mesh, TaskDataset(train_arrays, t.seed),
-                       TaskDataset(eval_arrays, t.seed),
+  train_data = TaskDataset(train_arrays, t.seed)
+  if dry:  # trace one step on abstract arrays: shapes and dtypes only, nothing written
+    with jax.set_mesh(mesh), nn.logical_axis_rules(exp.mesh.rules):
+      state = jax.eval_shape(lambda: train_lib.unbox(
+          train_lib.init_state(fns, t.seed, (1, exp.task.seq_len))))
+      batch = {k: jax.ShapeDtypeStruct((t.batch_size, *v.shape[1:]), v.dtype)
+               for k, v in train_data.batch(0, 1).items()}
+      jax.eval_shape(functools.partial(train_lib.train_step, fns), state, batch)
+    return None
+  return train_lib.Run(run_exp, fns, mesh, train_data, TaskDataset(eval_arrays, t.seed),
                        Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoints),
                        MetricsWriter(workdir, active=jax.process_index() == 0), meta,
                        init_params, num_labels=len(labels))

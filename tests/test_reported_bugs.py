@@ -153,3 +153,28 @@ def test_every_numeric_field_of_the_train_launcher_starts_or_fails_in_one_line(t
         refused += 1
       assert not workdir.exists(), (section, key, value)
   assert started > 20 and refused > 60
+
+
+def test_every_numeric_field_of_the_finetune_launcher_starts_or_fails_in_one_line(
+    tiny_runs, tmp_path):
+  from experiments import finetune_pairs
+  from lmjax.errors import UserError
+  from lmjax.finetune import build_run, finetune_from_dict
+  base = finetune_pairs.get_config().to_dict()
+  base["task"]["seq_len"] = 32
+  fields = _numeric_fields(base)
+  assert len(fields) >= 25
+  started = refused = 0
+  for section, key in fields:
+    for value in (0, -1, "x"):
+      config = {s: dict(v) for s, v in base.items()}
+      config[section][key] = value
+      workdir = tmp_path / "run"
+      try:
+        build_run(finetune_from_dict(config), str(tiny_runs / "mlm_tiny"), str(workdir), dry=True)
+        started += 1
+      except UserError as e:
+        assert "\n" not in str(e) and str(e), (section, key, value, str(e))
+        refused += 1
+      assert not workdir.exists(), (section, key, value)
+  assert started > 10 and refused > 40
