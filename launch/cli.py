@@ -92,6 +92,15 @@ def parse_flags(argv: list[str]) -> list[str]:
   return []  # unreachable
 
 
+def output_path(workdir: str, name: str) -> str:
+  """`name` inside `workdir`; a path that leads elsewhere is refused."""
+  root = os.path.realpath(workdir)
+  path = os.path.realpath(os.path.join(root, name))
+  if os.path.isabs(name) or not path.startswith(root + os.sep):
+    raise UserError(f"--output={name} must be a file name inside --workdir")
+  return path
+
+
 def _last_line(text: str) -> str:
   """A config file's error arrives with its traceback: keep the first line and the error."""
   lines = [line for line in text.splitlines() if line.strip()]

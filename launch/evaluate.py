@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from launch.cli import cli_main, parse_flags
+from launch.cli import cli_main, output_path, parse_flags
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
@@ -26,15 +26,6 @@ flags.DEFINE_integer("seed", 0, "MLM masking seed")
 flags.DEFINE_string("output", "evaluation.json", "JSON file name, inside --workdir")
 flags.mark_flags_as_required(["workdir", "data"])
 FLAGS = flags.FLAGS
-
-
-def output_path(workdir: str, name: str) -> str:
-  """`name` inside `workdir`; a path that leads elsewhere is refused."""
-  root = os.path.realpath(workdir)
-  path = os.path.realpath(os.path.join(root, name))
-  if os.path.isabs(name) or not path.startswith(root + os.sep):
-    raise UserError(f"--output={name} must be a file name inside --workdir")
-  return path
 
 
 @cli_main

@@ -371,5 +371,5 @@ def _copy_tokenizer(tokenizer: Any, directory: str) -> None:
         ("bos", sp.bos), ("eos", sp.eos), ("unk", sp.unk), ("pad", sp.pad), ("mask", sp.mask),
         ("cls", sp.cls), ("sep", sp.sep)) if v >= 0}
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-      json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
+      json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True,
                  "add_eos_token": False, **names}, f, indent=2)

@@ -108,7 +108,7 @@ def sentencepiece_to_json(model_path: str) -> str:
   """
   import tokenizers
   from sentencepiece import sentencepiece_model_pb2
-  from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+  from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
   proto = sentencepiece_model_pb2.ModelProto()
   with open(model_path, "rb") as f:
     proto.ParseFromString(f.read())
@@ -128,6 +128,11 @@ def sentencepiece_to_json(model_path: str) -> str:
   user = [p.piece for p in proto.pieces if p.type == p.USER_DEFINED and p.piece != "\n"]
   tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in control])
   tok.add_tokens([AddedToken(s, special=False, normalized=True) for s in user])
+  bos = proto.trainer_spec.bos_id
+  if bos >= 0:  # documents were pretrained as [bos] text: add_special_tokens adds it
+    piece = proto.pieces[bos].piece
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{piece} $A", pair=f"{piece} $A $B", special_tokens=[(piece, bos)])
   return tok.to_str()
 
 

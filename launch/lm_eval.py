@@ -1,0 +1,61 @@
+"""Zero- and few-shot tasks of EleutherAI's lm-evaluation-harness on an lmjax decoder.
+
+  python -m launch.lm_eval --workdir runs/clm_tiny --tasks hellaswag,arc_easy \
+      [--include_path my_tasks/] [--num_fewshot 0] [--batch_size 8] [--limit 100] \
+      [--output lm_eval.json]
+
+--workdir is an lmjax run or a Hugging Face GPT-2/LLaMA directory. Tasks come from
+lm-eval's registry or from YAML files under --include_path (their datasets must
+be local: nothing is downloaded here). Prints lm-eval's table and writes the
+results JSON inside --workdir. Needs the eval extra: pip install -e ".[eval]".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+from launch.cli import cli_main, output_path, parse_flags
+from lmjax.errors import UserError
+
+flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
+flags.DEFINE_list("tasks", None, "lm-eval task names, comma-separated")
+flags.DEFINE_string("include_path", None, "folder of extra task YAML files")
+flags.DEFINE_integer("num_fewshot", None, "examples in each prompt (default: the task's)")
+flags.DEFINE_integer("batch_size", 8, "requests per compiled batch")
+flags.DEFINE_integer("limit", None, "at most this many documents per task")
+flags.DEFINE_string("output", "lm_eval.json", "JSON file name, inside --workdir")
+flags.mark_flags_as_required(["workdir", "tasks"])
+FLAGS = flags.FLAGS
+
+
+@cli_main
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  out = output_path(FLAGS.workdir, FLAGS.output)
+  if FLAGS.batch_size < 1 or (FLAGS.limit is not None and FLAGS.limit < 1):
+    raise UserError("--batch_size and --limit must be positive")
+  if FLAGS.include_path and not os.path.isdir(FLAGS.include_path):
+    raise UserError(f"--include_path {FLAGS.include_path} is not a directory")
+  try:
+    from lm_eval.utils import handle_non_serializable, make_table
+    from lmjax import harness
+  except ImportError:
+    raise UserError('launch.lm_eval needs lm-eval: pip install -e ".[eval]"') from None
+  from lmjax import pretrained
+  source = pretrained.load(FLAGS.workdir)
+  results = harness.run(source, FLAGS.tasks, FLAGS.num_fewshot, FLAGS.batch_size, FLAGS.limit,
+                        FLAGS.include_path)
+  print(make_table(results))
+  tmp = f"{out}.tmp"
+  with open(tmp, "w") as f:
+    json.dump({"model": source.source, **results}, f, indent=2, default=handle_non_serializable)
+  os.replace(tmp, out)
+  print(f"wrote {out} ({results['compiled_shapes']} compiled shapes)")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
