@@ -35,12 +35,17 @@ class TrainConfig:
   peak_flops_per_device: float = 0.0  # for MFU; 0 guesses from the device kind
   max_consecutive_skips: int = 10  # stop after this many non-finite steps in a row (0: never)
   init_from: str = ""  # a fresh run starts from these weights: an lmjax run or HF directory
+  # lm-evaluation-harness tasks scored during training (decoders, one process; `.[eval]`):
+  lm_eval_tasks: tuple[str, ...] = ()
+  lm_eval_every: int = 0  # steps between harness runs (0: at the end only)
+  lm_eval_limit: int = 0  # documents per task (0: all)
+  lm_eval_include_path: str = ""  # folder of local task YAML files
 
   def __post_init__(self):
     check_ranges("train", self, positive=("steps", "batch_size", "grad_accum_steps", "log_every",
                                           "checkpoint_every", "keep_checkpoints"),
                  non_negative=("seed", "eval_every", "eval_batches", "peak_flops_per_device",
-                               "max_consecutive_skips"))
+                               "max_consecutive_skips", "lm_eval_every", "lm_eval_limit"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,10 +149,14 @@ class MetricsWriter:
 
   @staticmethod
   def _console_line(step: int, split: str, m: Mapping[str, Any], total_steps: int) -> str:
-    line = f"[{split}] step {step}/{total_steps} loss {float(m['loss']):.4f}"
+    line = f"[{split}] step {step}/{total_steps}"
+    if "loss" not in m:  # task metrics (lm-eval): name = value
+      return line + " " + " | ".join(f"{k} {float(v):.4f}" for k, v in sorted(m.items()))
+    line += f" loss {float(m['loss']):.4f}"
     for key, fmt in (("accuracy", "acc {:.3f}"), ("learning_rate", "lr {:.2e}"),
                      ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
-                     ("mfu", "MFU {:.1%}")):
+                     ("mfu", "MFU {:.1%}"), ("f1", "F1 {:.3f}"), ("mcc", "MCC {:.3f}"),
+                     ("pearson", "pearson {:.3f}"), ("spearman", "spearman {:.3f}")):
       if key in m:
         line += " | " + fmt.format(float(m[key]))
     if "eta_s" in m:

@@ -185,6 +185,9 @@ def check_experiment(exp: Experiment, tokenizer_vocab: int, data_parallel: int) 
   if t.init_from and not os.path.isdir(t.init_from):
     raise UserError(f"train.init_from={t.init_from} is not a directory (an lmjax run or a "
                     "Hugging Face model directory)")
+  if t.lm_eval_tasks and (m.family != "decoder" or jax.process_count() > 1):
+    raise UserError("train.lm_eval_tasks scores decoders in one-process runs; evaluate "
+                    "checkpoints of this run with `python -m launch.lm_eval`")
   if t.steps < 1 or t.log_every < 1 or t.checkpoint_every < 1:
     raise UserError("train.steps, train.log_every and train.checkpoint_every must be >= 1")
 
@@ -417,6 +420,10 @@ def train_loop(run: Run) -> dict[str, float]:
         eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put, run.num_labels)
         run.writer.write(step, "eval", eval_metrics, t.steps)
         speed.restart(step)  # keep evaluation out of the training rate
+      if t.lm_eval_tasks and ((t.lm_eval_every and step % t.lm_eval_every == 0) or
+                              step == t.steps):
+        run.writer.write(step, "lm_eval", harness_metrics(run, state.params), t.steps)
+        speed.restart(step)
       stop = preemption.requested(step)
       if step % t.checkpoint_every == 0 or step == t.steps or stop:
         run.ckpt.save(step, state, {**run.meta, "step": step})
@@ -428,6 +435,22 @@ def train_loop(run: Run) -> dict[str, float]:
     logging.info("workdir already at step %d of %d; nothing to train", step, t.steps)
     eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put, run.num_labels)
   return eval_metrics
+
+
+def harness_metrics(run: Run, params: Any) -> dict[str, float]:
+  """lm-evaluation-harness task metrics of the current parameters, as `task/metric`."""
+  from lmjax import harness
+  from lmjax.data.tokenizer import Tokenizer
+  from lmjax.pretrained import Pretrained
+  t = run.exp.train
+  tokenizer = Tokenizer(os.path.join(os.path.dirname(run.ckpt.directory), "tokenizer.model"))
+  source = Pretrained(run.exp.model, params, tokenizer, run.exp.objective.kind, "this run")
+  results = harness.run(source, list(t.lm_eval_tasks), batch_size=8,
+                        limit=t.lm_eval_limit or None, include_path=t.lm_eval_include_path or None)
+  return {f"{task}/{key.split(',')[0]}": float(value)
+          for task, values in results["results"].items() for key, value in values.items()
+          if isinstance(value, (int, float)) and not key.startswith("alias")
+          and "_stderr" not in key}
 
 
 def check_skips(fetched: list[dict[str, Any]], step: int, skips: int, limit: int) -> int:

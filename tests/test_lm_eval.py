@@ -99,3 +99,19 @@ def test_launcher_writes_results_inside_the_workdir(tiny_runs, tmp_path):
                         "--tasks=no_such_task"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_pretraining_logs_harness_metrics(tmp_path):
+  from lmjax import train as train_lib
+  from lmjax.experiment import experiment_from_dict
+  from tiny import tiny_config
+  os.chdir(ROOT)
+  config = tiny_config("clm_tiny", tmp_path, train__steps=4, train__lm_eval_tasks=("lmjax_mc",),
+                       train__lm_eval_every=2, train__lm_eval_limit=6,
+                       train__lm_eval_include_path=INCLUDE)
+  train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(tmp_path / "run"))
+  records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  scored = [r for r in records if r["split"] == "lm_eval"]
+  assert [r["step"] for r in scored] == [2, 4]
+  assert all(0 <= r["lmjax_mc/acc"] <= 1 for r in scored)
+  assert list((tmp_path / "run" / "tensorboard").iterdir())
