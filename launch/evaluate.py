@@ -15,14 +15,14 @@ import os
 from absl import app, flags
 
 from launch.cli import cli_main, output_path, parse_flags
-from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
 flags.DEFINE_multi_string("data", None, ".txt or .jsonl files to evaluate on (repeatable)")
-flags.DEFINE_integer("seq_len", 0, "tokens per row (0: the model's max_len, at most 512)")
-flags.DEFINE_integer("batch_size", 8, "rows per batch")
-flags.DEFINE_integer("max_batches", 0, "stop after this many batches (0: all)")
-flags.DEFINE_integer("seed", 0, "MLM masking seed")
+flags.DEFINE_integer("seq_len", 0, "tokens per row (0: the model's max_len, at most 512)",
+                     lower_bound=0)
+flags.DEFINE_integer("batch_size", 8, "rows per batch", lower_bound=1)
+flags.DEFINE_integer("max_batches", 0, "stop after this many batches (0: all)", lower_bound=0)
+flags.DEFINE_integer("seed", 0, "MLM masking seed", lower_bound=0)
 flags.DEFINE_string("output", "evaluation.json", "JSON file name, inside --workdir")
 flags.mark_flags_as_required(["workdir", "data"])
 FLAGS = flags.FLAGS

@@ -11,7 +11,7 @@ from launch.cli import cli_main, parse_flags
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
 flags.DEFINE_string("text", None, "text with one or more <mask>")
-flags.DEFINE_integer("top_k", 5, "candidates shown per mask")
+flags.DEFINE_integer("top_k", 5, "candidates shown per mask", lower_bound=1)
 flags.mark_flags_as_required(["workdir", "text"])
 FLAGS = flags.FLAGS
 

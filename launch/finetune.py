@@ -24,9 +24,10 @@ config_flags.DEFINE_config_file("config", None, "fine-tuning experiment, e.g. "
 flags.DEFINE_string("init_from", None, "an lmjax run directory or a Hugging Face directory")
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and results.json")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs)")
-flags.DEFINE_integer("num_processes", 0, "number of processes (multi-process runs)")
-flags.DEFINE_integer("process_id", -1, "this process's index (multi-process runs)")
-flags.DEFINE_integer("cpu_devices", 0, "simulated CPU devices per process (0: default)")
+flags.DEFINE_integer("num_processes", 0, "number of processes (multi-process runs)", lower_bound=0)
+flags.DEFINE_integer("process_id", -1, "this process's index (multi-process runs)", lower_bound=-1)
+flags.DEFINE_integer("cpu_devices", 0, "simulated CPU devices per process (0: default)",
+                     lower_bound=0)
 flags.mark_flags_as_required(["config", "init_from", "workdir"])
 FLAGS = flags.FLAGS
 

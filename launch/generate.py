@@ -20,12 +20,13 @@ from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
 flags.DEFINE_string("prompt", None, "text to continue")
-flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per sample (or per reply)")
-flags.DEFINE_float("temperature", 0.8, "0 = greedy")
-flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
+flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per sample (or per reply)",
+                     lower_bound=1)
+flags.DEFINE_float("temperature", 0.8, "0 = greedy", lower_bound=0)
+flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)", lower_bound=0)
 flags.DEFINE_float("top_p", 0.95, "sample among the most likely tokens holding this mass")
-flags.DEFINE_integer("seed", 0, "random seed for sampling")
-flags.DEFINE_integer("num_samples", 1, "completions of the prompt")
+flags.DEFINE_integer("seed", 0, "random seed for sampling", lower_bound=0)
+flags.DEFINE_integer("num_samples", 1, "completions of the prompt", lower_bound=1)
 flags.DEFINE_bool("interactive", False, "a prompt loop that streams replies")
 flags.DEFINE_string("stop", "\n\n", "interactive: a reply ends at this text (empty: only EOS)")
 flags.mark_flags_as_required(["workdir"])

@@ -23,9 +23,10 @@ from lmjax.errors import UserError
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
 flags.DEFINE_list("tasks", None, "lm-eval task names, comma-separated")
 flags.DEFINE_string("include_path", None, "folder of extra task YAML files")
-flags.DEFINE_integer("num_fewshot", None, "examples in each prompt (default: the task's)")
-flags.DEFINE_integer("batch_size", 8, "requests per compiled batch")
-flags.DEFINE_integer("limit", None, "at most this many documents per task")
+flags.DEFINE_integer("num_fewshot", None, "examples in each prompt (default: the task's)",
+                     lower_bound=0)
+flags.DEFINE_integer("batch_size", 8, "requests per compiled batch", lower_bound=1)
+flags.DEFINE_integer("limit", None, "at most this many documents per task", lower_bound=1)
 flags.DEFINE_string("output", "lm_eval.json", "JSON file name, inside --workdir")
 flags.mark_flags_as_required(["workdir", "tasks"])
 FLAGS = flags.FLAGS

@@ -16,8 +16,9 @@ from absl import app, flags
 from launch.cli import cli_main, parse_flags
 from lmjax.cluster.local import run_local
 
-flags.DEFINE_integer("num_processes", 2, "processes to start")
-flags.DEFINE_integer("devices_per_process", 0, "simulated CPU devices per process (0: default)")
+flags.DEFINE_integer("num_processes", 2, "processes to start", lower_bound=1)
+flags.DEFINE_integer("devices_per_process", 0, "simulated CPU devices per process (0: default)",
+                     lower_bound=0)
 flags.DEFINE_string("module", "launch.train", "python module each process runs")
 FLAGS = flags.FLAGS
 

@@ -26,7 +26,8 @@ flags.DEFINE_string("tokenizer", None, "SentencePiece model (from launch.train_t
 flags.DEFINE_string("output", None, "token store directory to write or complete")
 flags.DEFINE_enum("objective", "clm", ["clm", "mlm"],
                   "frames documents [bos]..[eos] (clm) or [CLS]..[SEP] (mlm)")
-flags.DEFINE_integer("workers", 0, "worker processes or Ray tasks at once (0: every core)")
+flags.DEFINE_integer("workers", 0, "worker processes or Ray tasks at once (0: every core)",
+                     lower_bound=0)
 flags.DEFINE_enum("engine", "local", ["local", "ray"], "process pool here, or Ray tasks")
 flags.DEFINE_string("ray_address", "", "Ray cluster to join ('auto' on a started cluster); "
                     "empty starts Ray on this machine")

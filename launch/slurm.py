@@ -14,8 +14,8 @@ from absl import app, flags
 from launch.cli import cli_main, parse_flags
 from lmjax.cluster.slurm import SlurmJob, sbatch_script, write_and_submit
 
-flags.DEFINE_integer("nodes", 1, "nodes")
-flags.DEFINE_integer("gpus_per_node", 8, "GPUs per node")
+flags.DEFINE_integer("nodes", 1, "nodes", lower_bound=1)
+flags.DEFINE_integer("gpus_per_node", 8, "GPUs per node", lower_bound=1)
 flags.DEFINE_enum("process_per", "gpu", ["gpu", "node"], "one process per GPU or per node")
 flags.DEFINE_string("partition", "", "SLURM partition")
 flags.DEFINE_string("account", "", "SLURM account")

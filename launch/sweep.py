@@ -29,8 +29,8 @@ flags.DEFINE_string("sweep", None, "sweep file defining get_sweep()")
 flags.DEFINE_string("workdir", None, "sweep directory; trial i runs in DIR/<trial-name>")
 flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"],
                   "local: run here; slurm: one sbatch job per trial; print: show commands")
-flags.DEFINE_integer("parallel", 1, "local trials at once")
-flags.DEFINE_integer("gpus_per_trial", 1, "slurm: GPUs per trial")
+flags.DEFINE_integer("parallel", 1, "local trials at once", lower_bound=1)
+flags.DEFINE_integer("gpus_per_trial", 1, "slurm: GPUs per trial", lower_bound=1)
 flags.DEFINE_string("partition", "", "slurm: partition")
 flags.mark_flags_as_required(["config", "sweep", "workdir"])
 FLAGS = flags.FLAGS

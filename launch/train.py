@@ -20,10 +20,12 @@ from lmjax.experiment import experiment_from_dict
 config_flags.DEFINE_config_file("config", None, "experiment file, e.g. experiments/clm_tiny.py[:ARG]")
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, TensorBoard logs")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs)")
-flags.DEFINE_integer("num_processes", 0, "number of processes (multi-process runs)")
-flags.DEFINE_integer("process_id", -1, "this process's index (multi-process runs)")
-flags.DEFINE_integer("cpu_devices", 0, "simulated CPU devices per process (0: default)")
-flags.DEFINE_integer("heartbeat_timeout", 60, "seconds before a silent peer counts as dead")
+flags.DEFINE_integer("num_processes", 0, "number of processes (multi-process runs)", lower_bound=0)
+flags.DEFINE_integer("process_id", -1, "this process's index (multi-process runs)", lower_bound=-1)
+flags.DEFINE_integer("cpu_devices", 0, "simulated CPU devices per process (0: default)",
+                     lower_bound=0)
+flags.DEFINE_integer("heartbeat_timeout", 60, "seconds before a silent peer counts as dead",
+                     lower_bound=1)
 flags.DEFINE_string("init_from", None, "start a new run from these weights: an lmjax run "
                     "or a Hugging Face directory (same as --config.train.init_from)")
 flags.mark_flags_as_required(["config", "workdir"])

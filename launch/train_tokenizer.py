@@ -16,9 +16,10 @@ flags.DEFINE_multi_string("input", None, "files, directories or globs to learn t
                           "from (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet)")
 flags.DEFINE_string("text_field", "text", "JSON field / parquet column holding the text")
 flags.DEFINE_string("output", None, "path of the SentencePiece model to write")
-flags.DEFINE_integer("vocab_size", 8192, "number of pieces, special and byte pieces included")
+flags.DEFINE_integer("vocab_size", 8192, "number of pieces, special and byte pieces included",
+                     lower_bound=1)
 flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "SentencePiece algorithm")
-flags.DEFINE_integer("max_sentences", 2_000_000, "lines sampled for training")
+flags.DEFINE_integer("max_sentences", 2_000_000, "lines sampled for training", lower_bound=1)
 flags.DEFINE_float("character_coverage", 1.0, "share of characters the vocabulary covers; "
                    "rarer ones become byte pieces (0.9995 is usual for CJK text)")
 flags.mark_flags_as_required(["input", "output"])

@@ -27,7 +27,8 @@ class OptimizerConfig:
     if self.schedule not in ("cosine", "linear", "constant"):
       raise ValueError(f"optimizer.schedule must be cosine, linear or constant, got {self.schedule!r}")
     check_ranges("optimizer", self, positive=("eps",),
-                 non_negative=("learning_rate", "warmup_steps", "end_lr_ratio", "weight_decay", "clip_grad_norm"),
+                 non_negative=("learning_rate", "warmup_steps", "end_lr_ratio", "weight_decay",
+                               "clip_grad_norm"),
                  fractions=("b1", "b2"))
 
 

@@ -105,7 +105,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_finishes(tiny_runs, tmp_pa
   rerun = subprocess.run(command[:-3] + ["--config.train.steps=" + str(steps[0] + 2),
                                          "--config.train.eval_every=0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=400)
-  assert rerun.returncode == 0 and f"resumed from" in rerun.stderr, rerun.stderr[-3000:]
+  assert rerun.returncode == 0 and "resumed from" in rerun.stderr, rerun.stderr[-3000:]
 
 
 @pytest.mark.parametrize("config,measures", [
