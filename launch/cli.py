@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging as py_logging
 import os
 import sys
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from absl import flags, logging
 
@@ -99,6 +100,14 @@ def output_path(workdir: str, name: str) -> str:
   if os.path.isabs(name) or not path.startswith(root + os.sep):
     raise UserError(f"--output={name} must be a file name inside --workdir")
   return path
+
+
+def write_json(path: str, data: Any, default: Callable | None = None) -> None:
+  """Writes `data` as indented JSON, atomically (a reader never sees half a file)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=2, default=default)
+  os.replace(tmp, path)
 
 
 def _last_line(text: str) -> str:

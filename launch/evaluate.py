@@ -10,11 +10,10 @@ tokens evaluated; the JSON lands inside --workdir.
 from __future__ import annotations
 
 import json
-import os
 
 from absl import app, flags
 
-from launch.cli import cli_main, output_path, parse_flags
+from launch.cli import cli_main, output_path, parse_flags, write_json
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
 flags.DEFINE_multi_string("data", None, ".txt or .jsonl files to evaluate on (repeatable)")
@@ -40,10 +39,7 @@ def main(argv: list[str]) -> None:
                            FLAGS.max_batches, FLAGS.seed)
   result = {"model": source.source, "data": FLAGS.data, **metrics}
   print(json.dumps(result, indent=2))
-  tmp = f"{out}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, out)
+  write_json(out, result)
 
 
 if __name__ == "__main__":

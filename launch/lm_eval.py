@@ -12,12 +12,11 @@ results JSON inside --workdir. Needs the eval extra: pip install -e ".[eval]".
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
 
-from launch.cli import cli_main, output_path, parse_flags
+from launch.cli import cli_main, output_path, parse_flags, write_json
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
@@ -37,8 +36,6 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   out = output_path(FLAGS.workdir, FLAGS.output)
-  if FLAGS.batch_size < 1 or (FLAGS.limit is not None and FLAGS.limit < 1):
-    raise UserError("--batch_size and --limit must be positive")
   if FLAGS.include_path and not os.path.isdir(FLAGS.include_path):
     raise UserError(f"--include_path {FLAGS.include_path} is not a directory")
   try:
@@ -51,10 +48,7 @@ def main(argv: list[str]) -> None:
   results = harness.run(source, FLAGS.tasks, FLAGS.num_fewshot, FLAGS.batch_size, FLAGS.limit,
                         FLAGS.include_path)
   print(make_table(results))
-  tmp = f"{out}.tmp"
-  with open(tmp, "w") as f:
-    json.dump({"model": source.source, **results}, f, indent=2, default=handle_non_serializable)
-  os.replace(tmp, out)
+  write_json(out, {"model": source.source, **results}, default=handle_non_serializable)
   print(f"wrote {out} ({results['compiled_shapes']} compiled shapes)")
 
 

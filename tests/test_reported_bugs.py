@@ -130,51 +130,47 @@ def _numeric_fields(config: dict) -> list[tuple[str, str]]:
           if isinstance(value, (int, float)) and not isinstance(value, bool)]
 
 
-def test_every_numeric_field_of_the_train_launcher_starts_or_fails_in_one_line(tmp_path):
-  """0, -1 and a string in each numeric field of the config `launch.train` reads."""
-  from lmjax import train as train_lib
+def _walk(base: dict, start, workdir) -> tuple[int, int]:
+  """Puts 0, -1 and a string in each numeric field of `base` in turn and calls `start` on
+  the config: it must start (return) or raise one line, leaving `workdir` unwritten.
+  Returns (started, refused)."""
   from lmjax.errors import UserError
-  from lmjax.experiment import experiment_from_dict
-  from tiny import tiny_config
-  base = tiny_config("clm_tiny", tmp_path).to_dict()
-  fields = _numeric_fields(base)
-  assert len(fields) >= 40
-  started, refused = 0, 0
-  for section, key in fields:
+  started = refused = 0
+  for section, key in _numeric_fields(base):
     for value in (0, -1, "x"):
       config = {s: dict(v) for s, v in base.items()}
       config[section][key] = value
-      workdir = tmp_path / "run"
       try:
-        train_lib.dry_run(experiment_from_dict(config), str(workdir))
+        start(config)
         started += 1
       except UserError as e:
         assert "\n" not in str(e) and str(e), (section, key, value, str(e))
         refused += 1
       assert not workdir.exists(), (section, key, value)
+  return started, refused
+
+
+def test_every_numeric_field_of_the_train_launcher_starts_or_fails_in_one_line(tmp_path):
+  """0, -1 and a string in each numeric field of the config `launch.train` reads."""
+  from lmjax import train as train_lib
+  from lmjax.experiment import experiment_from_dict
+  from tiny import tiny_config
+  base = tiny_config("clm_tiny", tmp_path).to_dict()
+  assert len(_numeric_fields(base)) >= 40
+  workdir = tmp_path / "run"
+  started, refused = _walk(base, lambda c: train_lib.dry_run(experiment_from_dict(c),
+                                                              str(workdir)), workdir)
   assert started > 20 and refused > 60
 
 
 def test_every_numeric_field_of_the_finetune_launcher_starts_or_fails_in_one_line(
     tiny_runs, tmp_path):
   from experiments import finetune_pairs
-  from lmjax.errors import UserError
   from lmjax.finetune import build_run, finetune_from_dict
   base = finetune_pairs.get_config().to_dict()
   base["task"]["seq_len"] = 32
-  fields = _numeric_fields(base)
-  assert len(fields) >= 25
-  started = refused = 0
-  for section, key in fields:
-    for value in (0, -1, "x"):
-      config = {s: dict(v) for s, v in base.items()}
-      config[section][key] = value
-      workdir = tmp_path / "run"
-      try:
-        build_run(finetune_from_dict(config), str(tiny_runs / "mlm_tiny"), str(workdir), dry=True)
-        started += 1
-      except UserError as e:
-        assert "\n" not in str(e) and str(e), (section, key, value, str(e))
-        refused += 1
-      assert not workdir.exists(), (section, key, value)
+  assert len(_numeric_fields(base)) >= 25
+  workdir = tmp_path / "run"
+  started, refused = _walk(base, lambda c: build_run(
+      finetune_from_dict(c), str(tiny_runs / "mlm_tiny"), str(workdir), dry=True), workdir)
   assert started > 10 and refused > 40
