@@ -83,13 +83,20 @@ def parse_flags(argv: list[str]) -> list[str]:
   """
   try:
     rest = flags.FLAGS(argv)
-    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+    config = flags.FLAGS["config"] if "config" in flags.FLAGS else None
+    if config is not None and config.present and not isinstance(config.value, str):
       flags.FLAGS.config.to_dict()  # config_flags defers a file's load error to first use
     return rest
   except flags.Error as e:
     _fail(_last_line(str(e)))
   except OSError as e:  # --config names a file that cannot be read
     _fail(f"--config: {str(e).splitlines()[-1].strip()}")
+  except (KeyError, AttributeError) as e:
+    key = str(e).strip("\"'")
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and
+           key in a.split("=")[0].split(".")]
+    _fail(f"{bad[0] if bad else key}: no such config key (see the experiment file "
+          "and lmjax/experiment.py for the fields)")
   return []  # unreachable
 
 

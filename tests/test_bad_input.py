@@ -28,7 +28,7 @@ CONFIG_CASES = [
     ({"model": {"remat_policy": "most"}}, "model.remat_policy must be one of"),
     ({"model": {"dtype": "float8"}}, "model.dtype must be auto, float32, bfloat16 or float16"),
     ({"optimizer": {"schedule": "step"}}, "optimizer.schedule must be cosine, linear or constant"),
-    ({"objective": {"kind": "span"}}, "objective.kind must be 'clm' or 'mlm'"),
+    ({"objective": {"kind": "span"}}, "objective.kind must be one of clm, mlm,"),
     ({"objective": {"mask_rate": 1.5}}, "0 < mask_rate < 1"),
     ({"data": {"bad_utf8": "ignore"}}, "data.bad_utf8 must be 'fail' or 'skip'"),
     ({"mesh": {"rules": (("batch", "model"),)}}, "unknown mesh axis 'model'"),
