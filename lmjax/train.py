@@ -135,13 +135,13 @@ def eval_step(fns: StepFns, params: Any, batch: dict[str, Array], rng: Array
   """Summed loss terms of one eval batch (MLM masks drawn from a fixed `rng`); for a task,
   also each example's prediction, target and weight (the held-out metrics need them)."""
   b = prepare(fns, batch, rng)
-  sums = loss_sums(fns.eval_model, params, b, fns.objective)
   kind = fns.objective.kind
   if kind not in objectives.TASKS:
-    return sums
+    return loss_sums(fns.eval_model, params, b, fns.objective)
   out = fns.eval_model.apply({"params": params}, b["tokens"], b["segment_ids"],
                              b["token_types"])
-  return {**sums, "predictions": objectives.task_predictions(kind, out),
+  return {**objectives.task_sums(kind, out, b),
+          "predictions": objectives.task_predictions(kind, out),
           "targets": b["starts"] if kind == "qa" else b["labels"], "examples": b["weights"]}
 
 
