@@ -28,9 +28,11 @@ setup(
     extras_require={
         "ray": ["ray>=2.9"],  # launch.prepare_data --engine ray
         "eval": ["lm-eval>=0.4.5"],  # launch.lm_eval, train.lm_eval_tasks
+        "tpu": ["jax[tpu]>=0.10"],  # TPU VMs, and launch.compile anywhere (libtpu matched to jax)
+        "gpu": ["jax[cuda12]>=0.10"],  # NVIDIA GPUs (CUDA 12 wheels matched to jax)
         # accelerate: lm-eval's own `hf` model, the reference the adapter is tested against
         "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.40", "torch==2.13.0",
-                 "ray>=2.9", "lm-eval>=0.4.5", "accelerate>=0.26"],
+                 "ray>=2.9", "lm-eval>=0.4.5", "accelerate>=0.26", "jax[tpu]>=0.10"],
         "bench": ["transformers>=4.40", "torch==2.13.0"],
     },
 )
