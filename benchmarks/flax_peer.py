@@ -1,8 +1,9 @@
 """Hugging Face Flax peers (transformers 4.57, the last release with Flax models), run in
 their own virtual environment: `transformers` 5 dropped Flax.
 
-`ensure_venv()` creates it on first use (system site packages for jax, flax and
-optax; only transformers 4.57 is installed into it). The worker is this file run
+`ensure_venv()` creates it on first use (jax, flax and optax from the running
+interpreter's environment; only transformers 4.57 is installed into it) and
+recreates it when it cannot import them. The worker is this file run
 by that environment's python, one process for the whole run: each "build" line
 on stdin makes FlaxGPT2LMHeadModel or FlaxBertForMaskedLM and compiles one AdamW
 train step; each "run" line is answered with the seconds `steps` steps took, so
@@ -11,23 +12,53 @@ the parent can interleave it with the other candidates.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 
-VENV = os.path.expanduser("~/.cache/lmjax/bench-venvs/hf-flax-4.57")
-PYTHON = os.path.join(VENV, "bin", "python")
+def venv_dir() -> str:
+  """One peer environment per parent environment (a venv of one interpreter must not be
+  reused from another's)."""
+  key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+  return os.path.expanduser(f"~/.cache/lmjax/bench-venvs/hf-flax-4.57-{key}")
 
 
 def ensure_venv() -> str:
-  """Path of the venv's python; created on first use (about a minute)."""
-  if not os.path.exists(PYTHON):
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", VENV], check=True)
-    subprocess.run([PYTHON, "-m", "pip", "install", "-q", "transformers>=4.57,<4.58"],
-                   check=True, capture_output=True)
-  return PYTHON
+  """Path of the peer's python, created (about a minute) or repaired when it cannot import
+  what it needs. It holds transformers 4.57 only; jax, flax and optax come from the running
+  interpreter's environment (`sys.prefix`: the active venv, not the base Python that
+  `--system-site-packages` would expose), added after its own site-packages."""
+  venv = venv_dir()
+  python = os.path.join(venv, "bin", "python")
+  if os.path.exists(python) and _works(python):
+    return python
+  shutil.rmtree(venv, ignore_errors=True)
+  subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+  own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                       check=True, capture_output=True, text=True).stdout.strip()  # its site
+  parents = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+  subprocess.run([python, "-m", "pip", "install", "-q", "transformers>=4.57,<4.58"],
+                 check=True, capture_output=True)
+  # After the install, so pip never sees (nor tries to replace) the parent's packages.
+  with open(os.path.join(own, "lmjax_parent.pth"), "w") as f:  # also runs the parent's .pth
+    f.write("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in sorted(parents)) +
+            "\n")
+  if not _works(python):
+    raise RuntimeError(f"the Flax peer environment {venv} cannot import jax, flax and "
+                       "transformers 4.57")
+  return python
+
+
+def _works(python: str) -> bool:
+  check = ("import jax, flax, optax, transformers; "
+           "assert transformers.__version__.startswith('4.57'), transformers.__version__; "
+           "from transformers import FlaxGPT2LMHeadModel")
+  return subprocess.run([python, "-c", check], capture_output=True).returncode == 0
 
 
 class FlaxPeer:

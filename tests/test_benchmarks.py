@@ -47,3 +47,22 @@ def test_data_prep_benchmark_runs_small(tmp_path):
   assert result["stores_identical"] and result["local_2_workers"]["tokens"] > 5e5
   assert result["reader_simulated"]["windows"] == 10**10
   assert result["reader_store"]["batch_ms"] > 0 and "targets" in proc.stdout
+
+
+def test_flax_peer_builds_from_the_running_environment(tmp_path):
+  """The peer sees this interpreter's jax and flax (a fresh venv in CI), not the base
+  Python's; a broken peer environment is rebuilt rather than reused."""
+  from benchmarks import flax_peer
+  python = flax_peer.ensure_venv()
+  assert flax_peer._works(python)
+  peer = flax_peer.FlaxPeer()
+  try:
+    peer.build("clm", d_model=32, layers=1, seq_len=16, batch=2, vocab=128, steps=2)
+    assert 0 < peer.run() < 60
+  finally:
+    peer.close()
+  site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  os.remove(os.path.join(site, "lmjax_parent.pth"))  # break it: jax is no longer importable
+  assert not flax_peer._works(python)
+  assert flax_peer._works(flax_peer.ensure_venv())  # repaired
