@@ -40,12 +40,19 @@ class TrainConfig:
   lm_eval_every: int = 0  # steps between harness runs (0: at the end only)
   lm_eval_limit: int = 0  # documents per task (0: all)
   lm_eval_include_path: str = ""  # folder of local task YAML files
+  # (first, last) step to trace with jax.profiler into WORKDIR/tensorboard (TensorBoard's
+  # profile plugin shows it); () = off
+  profile_steps: tuple[int, ...] = ()
 
   def __post_init__(self):
     check_ranges("train", self, positive=("steps", "batch_size", "grad_accum_steps", "log_every",
                                           "checkpoint_every", "keep_checkpoints"),
                  non_negative=("seed", "eval_every", "eval_batches", "peak_flops_per_device",
                                "max_consecutive_skips", "lm_eval_every", "lm_eval_limit"))
+    if self.profile_steps and not (len(self.profile_steps) == 2 and
+                                   1 <= self.profile_steps[0] <= self.profile_steps[1]):
+      raise ValueError(f"train.profile_steps must be (first, last) with 1 <= first <= last, "
+                       f"got {self.profile_steps}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -402,8 +402,16 @@ def train_loop(run: Run) -> dict[str, float]:
       batch = put(upcoming.result())
       if step + 1 < t.steps:
         upcoming = pool.submit(host_batch, step + 1)
-      state, metrics = train_fn(state, batch)
+      if t.profile_steps and step + 1 == t.profile_steps[0]:
+        jax.profiler.start_trace(os.path.join(os.path.dirname(run.ckpt.directory), "tensorboard"))
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        state, metrics = train_fn(state, batch)
       step += 1
+      if t.profile_steps and step == min(t.profile_steps[1], t.steps):
+        jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+        logging.info("profiled steps %d..%d into %s", t.profile_steps[0], step,
+                     os.path.join(os.path.dirname(run.ckpt.directory), "tensorboard"))
       pending.append(metrics)
       if not speed.started:  # keep compilation out of the throughput
         jax.block_until_ready(metrics)
