@@ -393,6 +393,8 @@ def train_loop(run: Run) -> dict[str, float]:
   speed = Throughput(t.batch_size * seq,
                      flops_per_token(exp.model, seq, exp.objective.predictions(seq)),
                      peak_flops(t.peak_flops_per_device) * jax.device_count(), t.steps)
+  profiler = StepProfiler(t.profile_steps, t.steps,
+                          os.path.join(os.path.dirname(run.ckpt.directory), "tensorboard"))
   pending: list[Metrics] = []  # fetched from the device only at log steps
   skips = 0  # consecutive skipped (non-finite) steps
   eval_metrics: dict[str, float] = {}
@@ -402,16 +404,11 @@ def train_loop(run: Run) -> dict[str, float]:
       batch = put(upcoming.result())
       if step + 1 < t.steps:
         upcoming = pool.submit(host_batch, step + 1)
-      if t.profile_steps and step + 1 == t.profile_steps[0]:
-        jax.profiler.start_trace(os.path.join(os.path.dirname(run.ckpt.directory), "tensorboard"))
+      profiler.before(step + 1)
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
         state, metrics = train_fn(state, batch)
       step += 1
-      if t.profile_steps and step == min(t.profile_steps[1], t.steps):
-        jax.block_until_ready(metrics)
-        jax.profiler.stop_trace()
-        logging.info("profiled steps %d..%d into %s", t.profile_steps[0], step,
-                     os.path.join(os.path.dirname(run.ckpt.directory), "tensorboard"))
+      profiler.after(step, metrics)
       pending.append(metrics)
       if not speed.started:  # keep compilation out of the throughput
         jax.block_until_ready(metrics)
@@ -443,6 +440,25 @@ def train_loop(run: Run) -> dict[str, float]:
     logging.info("workdir already at step %d of %d; nothing to train", step, t.steps)
     eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put, run.num_labels)
   return eval_metrics
+
+
+class StepProfiler:
+  """A jax.profiler trace of steps [first, last] (`train.profile_steps`) into `folder`,
+  where TensorBoard's profile plugin finds it; does nothing when `steps` is empty."""
+
+  def __init__(self, steps: tuple[int, ...], total: int, folder: str):
+    self.first, self.last = (steps[0], min(steps[1], total)) if steps else (0, -1)
+    self.folder = folder
+
+  def before(self, step: int) -> None:
+    if step == self.first:
+      jax.profiler.start_trace(self.folder)
+
+  def after(self, step: int, metrics: Any) -> None:
+    if step == self.last:
+      jax.block_until_ready(metrics)  # the traced steps' device work, in full
+      jax.profiler.stop_trace()
+      logging.info("profiled steps %d..%d into %s", self.first, step, self.folder)
 
 
 def harness_metrics(run: Run, params: Any) -> dict[str, float]:
