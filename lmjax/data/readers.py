@@ -27,7 +27,6 @@ from absl import logging
 
 from lmjax.errors import UserError
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
 COMPRESSED = {".gz": "gzip", ".zst": "zstd"}
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".jsonl.gz", ".json.gz", ".txt.gz", ".jsonl.zst",
             ".json.zst", ".txt.zst")
