@@ -7,7 +7,12 @@ interleaved; min and median of --repeats):
   limits   float32 / bfloat16 matmul FLOP/s and memory-copy bandwidth
   train    CLM and MLM train steps at d_model 256/512/768, seq 256: tokens/s, MFU against
            the measured float32 peak, and step time against transformers PyTorch (float32
-           and bfloat16 autocast) and transformers 4.57 Flax (its own virtual environment)
+           and bfloat16 autocast) and transformers 4.57 Flax (its own virtual environment);
+           lmjax in bfloat16 as a column of its own
+  tiny     the shipped clm_tiny model against PyTorch at its own shape (d128, 4 layers,
+           4 heads, seq 128, batch 32)
+  long     seq 1024 and 2048 (d512, 2 layers, batch 1): lmjax (blockwise attention) and
+           lmjax with XLA's dense attention against PyTorch, whose SDPA is a fused kernel
   compile  train-step compile time at 2/8/32 layers, scanned and unrolled, and from a warm
            persistent compilation cache
   decode   KV-cache greedy decoding at batch 1 and 8 against transformers' generate, and
@@ -34,8 +39,8 @@ from benchmarks.train_step import Shape, lmjax_step, time_interleaved, torch_ste
 
 flags.DEFINE_bool("quick", False, "fewer layers, repeats and steps: about 10 minutes on 2 cores")
 flags.DEFINE_string("json", "", "write every figure to this JSON file")
-flags.DEFINE_list("sections", ["limits", "train", "compile", "decode", "data", "scaling",
-                               "flops"], "sections to run")
+flags.DEFINE_list("sections", ["limits", "train", "tiny", "long", "compile", "decode", "data",
+                               "scaling", "flops"], "sections to run")
 flags.DEFINE_bool("flax_peer", True, "include the transformers 4.57 Flax peer (creates a venv)")
 FLAGS = flags.FLAGS
 RESULTS: dict = {}
@@ -76,7 +81,8 @@ def run_train(quick: bool) -> list[dict]:
   probe = limits.MatmulProbe()
   rows = []
   print(f"   {'step':10s} {'lmjax tok/s':>11s} {'MFU':>6s} {'peak':>6s} {'/torch32':>9s} "
-        f"{'/torch16':>9s} {'/flax':>6s}   (step-time ratios: lower is faster)")
+        f"{'/torch16':>9s} {'/flax':>6s} {'bf16/torch16':>12s}   (step-time ratios: lower is "
+        "faster)")
   for objective in ("clm", "mlm"):
     for d in (256, 512, 768):
       shape = Shape(objective, d, layers, 256, batch)
@@ -86,6 +92,7 @@ def run_train(quick: bool) -> list[dict]:
       # float32 here); --quick times it at the smallest width only.
       if not quick or d == 256:
         candidates["torch_bf16"] = torch_step(shape, steps, bf16=True)
+        candidates["lmjax_bf16"] = lmjax_step(shape, steps, shape.model().replace(dtype="bfloat16"))
       if peer:
         peer.build(objective, d, layers, 256, batch, shape.vocab, steps)
         candidates["hf_flax"] = peer.run
@@ -102,11 +109,47 @@ def run_train(quick: bool) -> list[dict]:
       row["ratio"] = {k: per_step["lmjax"] / v for k, v in per_step.items() if k != "lmjax"}
       rows.append(row)
       r = row["ratio"]
+      bf16 = per_step.get("lmjax_bf16", float("nan")) / per_step.get("torch_bf16", float("nan"))
       print(f"   {objective} d{d:<6d} {row['tokens_per_s']:11,.0f} {row['mfu']['lmjax']:6.1%} "
             f"{probe.best / 1e9:6.0f} {r['torch_f32']:9.2f} {r.get('torch_bf16', float('nan')):9.2f} "
-            f"{r.get('hf_flax', float('nan')):6.2f}", flush=True)
+            f"{r.get('hf_flax', float('nan')):6.2f} {bf16:12.2f}", flush=True)
   if peer:
     peer.close()
+  return rows
+
+
+@section("tiny")
+def run_tiny(quick: bool) -> dict:
+  from experiments import clm_tiny
+  from lmjax.experiment import experiment_from_dict
+  model = experiment_from_dict(clm_tiny.get_config().to_dict()).model  # as shipped
+  shape = Shape("clm", model.d_model, model.num_layers, 128, 32, vocab=model.vocab_size,
+                heads=model.num_heads)
+  steps = 2 if quick else 3
+  times = time_interleaved({"lmjax": lmjax_step(shape, steps, model),
+                            "torch_f32": torch_step(shape, steps, bf16=False)},
+                           5 if quick else 7)
+  per_step = {k: v[0] / steps for k, v in times.items()}
+  ratio = per_step["lmjax"] / per_step["torch_f32"]
+  print(f"   clm_tiny: lmjax {per_step['lmjax'] * 1e3:.0f} ms/step, PyTorch f32 "
+        f"{per_step['torch_f32'] * 1e3:.0f} ms: {ratio:.2f}x")
+  return {"step_s": per_step, "ratio": ratio}
+
+
+@section("long")
+def run_long(quick: bool) -> list[dict]:
+  rows = []
+  for seq in (1024, 2048):
+    shape = Shape("clm", 512, 2, seq, 1)
+    times = time_interleaved({
+        "lmjax": lmjax_step(shape, 1),
+        "lmjax_xla": lmjax_step(shape, 1, shape.model().replace(attention_impl="xla")),
+        "torch_f32": torch_step(shape, 1, bf16=False)}, 3 if quick else 5)
+    per_step = {k: v[0] for k, v in times.items()}
+    ratio = {k: v / per_step["torch_f32"] for k, v in per_step.items()}
+    rows.append({"seq_len": seq, "step_s": per_step, "ratio": ratio})
+    print(f"   seq {seq}: lmjax (blockwise) {per_step['lmjax'] * 1e3:5.0f} ms = "
+          f"{ratio['lmjax']:.2f}x PyTorch; dense XLA {ratio['lmjax_xla']:.2f}x", flush=True)
   return rows
 
 
@@ -210,7 +253,8 @@ def run_flops(quick: bool) -> list[dict]:
   rows = []
   for objective in ("clm", "mlm"):
     shape = Shape(objective, 256, 2, 256, 4)
-    cfg = shape.model().replace(scan_layers=False)
+    # Dense attention: the blockwise loops' matmuls would be counted once per loop body.
+    cfg = shape.model().replace(scan_layers=False, attention_impl="xla")
     opt = OptimizerConfig()
     fns = train_lib.StepFns(build_model(cfg), build_model(cfg), make_optimizer(opt, 10),
                             learning_rate_schedule(opt, 10), ObjectiveConfig(kind=objective),
@@ -244,6 +288,13 @@ def check_targets() -> list[tuple[str, bool, str]]:
                       f"{goal}x needs {need:.0%})"))
     if row["d_model"] == 768:
       out.append((f"{name} MFU >= 60%", mfu["lmjax"] >= 0.6, f"{mfu['lmjax']:.1%}"))
+  if "tiny" in RESULTS:
+    r = RESULTS["tiny"]["ratio"]
+    out.append(("clm_tiny step <= PyTorch f32", r <= 1.0, f"{r:.2f}x"))
+  for row in RESULTS.get("long", []):
+    if row["seq_len"] == 2048:
+      r = row["ratio"]["lmjax"]
+      out.append(("seq 2048 step <= 1.3x PyTorch f32", r <= 1.3, f"{r:.2f}x"))
   if "compile" in RESULTS:
     ratio = RESULTS["compile"]["ratio_32_vs_2_scan"]
     out.append(("compile 32 layers <= 1.3x 2 layers", ratio <= 1.3, f"{ratio:.2f}x"))
@@ -274,6 +325,8 @@ def main(argv: list[str]) -> None:
   bandwidth = max(measured.get("copy_bytes_per_s") or limits.copy_bandwidth(128),
                   measured.get("read_bytes_per_s") or limits.read_bandwidth(128))
   run_train(quick)
+  run_tiny(quick)
+  run_long(quick)
   run_compile(quick)
   run_decode(quick, bandwidth)
   run_data(quick)

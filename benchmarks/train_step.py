@@ -1,7 +1,7 @@
 """One training step of the same model in lmjax and in Hugging Face `transformers` (PyTorch).
 
 Shapes: GPT-2-style decoders (CLM) and BERT-style encoders (MLM), d_model with
-d_model/64 heads and a 4x MLP, no dropout, AdamW. Each candidate runs `steps`
+d_model/64 heads (unless given) and a 4x MLP, no dropout, AdamW. Each candidate runs `steps`
 steps per repeat; the caller interleaves candidates and keeps min and median.
 """
 
@@ -33,11 +33,15 @@ class Shape:
   seq_len: int
   batch: int
   vocab: int = 4096
+  heads: int = 0  # 0: d_model / 64
+
+  @property
+  def num_heads(self) -> int:
+    return self.heads or max(self.d_model // 64, 1)
 
   def model(self) -> TransformerConfig:
     common = dict(vocab_size=self.vocab, max_len=self.seq_len, d_model=self.d_model,
-                  num_layers=self.layers, num_heads=max(self.d_model // 64, 1),
-                  d_ff=4 * self.d_model, attention_impl="xla",
+                  num_layers=self.layers, num_heads=self.num_heads, d_ff=4 * self.d_model,
                   # Unrolled, as one would set for 2-4 layers: on CPU the scanned loop spends
                   # ~15% of the step stacking residuals; scanning pays off in compile time at
                   # depth (the compile section).
@@ -85,7 +89,7 @@ def torch_step(shape: Shape, steps: int, bf16: bool) -> Callable[[], None]:
   import torch
   import transformers as T
   torch.manual_seed(0)
-  d, h = shape.d_model, max(shape.d_model // 64, 1)
+  d, h = shape.d_model, shape.num_heads
   if shape.objective == "clm":
     model = T.GPT2LMHeadModel(T.GPT2Config(
         vocab_size=shape.vocab, n_positions=shape.seq_len, n_embd=d, n_layer=shape.layers,

@@ -79,8 +79,9 @@ def compile_for_topology(exp: Experiment, topology: str, num_slices: int = 1
   layers) extrapolated to the real depth; memory comes from the real program.
   """
   devices = topology_devices(topology, num_slices)
+  # `auto` as it resolves on a TPU: bfloat16 and splash attention.
   model = exp.model.replace(dtype="bfloat16" if exp.model.dtype == "auto" else exp.model.dtype,
-                            attention_impl="xla" if exp.model.attention_impl == "auto"
+                            attention_impl="splash" if exp.model.attention_impl == "auto"
                             else exp.model.attention_impl)
   exp = dataclasses.replace(exp, model=model)
   # A TPU executable cannot be stored in (or read from) this host's persistent cache.
@@ -165,6 +166,8 @@ def _report(exp: Experiment, topology: str, n: int, compiled: Any, costs: dict[s
   seconds = max(costs["flops"] / peak, costs["bytes"] / HBM_BANDWIDTH[generation])
   return {
       "topology": topology, "devices": n, "chip_hbm_bytes": hbm,
+      "attention_impl": exp.model.attention_impl,
+      "pallas_kernels": compiled.as_text().count("custom_call_target=\"tpu_custom_call\""),
       "memory_per_device": {**memory, "total": used}, "fits": used <= hbm,
       "flops_per_step": {"compiled": costs["flops"] * n, "formula": formula,
                          "ratio": costs["flops"] * n / formula if formula else 0.0},

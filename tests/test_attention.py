@@ -47,3 +47,102 @@ def test_xla_attention_equals_reference(kv_heads, causal):
   xla = attention(q, k, v, mask, "xla")
   valid = np.asarray(seg != 0)  # padded query rows are ignored downstream
   np.testing.assert_allclose(np.asarray(ref)[valid], np.asarray(xla)[valid], atol=1e-5, rtol=1e-5)
+
+
+# Blockwise and splash attention against `reference`: a packed row (three documents and
+# padding, 37 tokens: not a multiple of any block) and a one-document row.
+def _inputs(kv_heads, t=37, heads=4, dim=8):
+  kq, kk, kv, kw = jax.random.split(jax.random.PRNGKey(0), 4)
+  q = jax.random.normal(kq, (2, t, heads, dim))
+  k = jax.random.normal(kk, (2, t, kv_heads, dim))
+  v = jax.random.normal(kv, (2, t, kv_heads, dim))
+  row = [1] * (t * 3 // 10) + [2] * (t // 2)
+  row += [3] * (t - 2 - len(row)) + [0, 0]
+  seg = jnp.array([row, [1] * t])
+  return q, k, v, seg, jax.random.normal(kw, q.shape)
+
+
+def _assert_matches_reference(fn, q, k, v, seg, w, causal, prefix_len=None, tol=1e-5):
+  """Values on real tokens, and gradients of q, k, v through a loss over real tokens."""
+  mask = make_attention_mask(seg, causal, prefix_len)
+  valid = (seg != 0)[:, :, None, None]  # padded query rows are ignored downstream
+  ref = lambda q, k, v: attention(q, k, v, mask, "reference")
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.where(valid, f(q, k, v), 0.0) * w)
+  np.testing.assert_allclose(np.where(valid, fn(q, k, v), 0), np.where(valid, ref(q, k, v), 0),
+                             atol=tol, rtol=tol)
+  grads = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
+  expected = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+  for name, got, want in zip("qkv", grads, expected):
+    np.testing.assert_allclose(got, want, atol=10 * tol, rtol=10 * tol, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("blocks", [(8, 8), (16, 8), (8, 16), (64, 64)])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("mode", ["causal", "bidirectional", "prefix"])
+def test_blockwise_attention_equals_reference(mode, kv_heads, blocks):
+  from lmjax.model.blockwise import blockwise_attention
+  q, k, v, seg, w = _inputs(kv_heads)
+  causal = mode != "bidirectional"
+  prefix = jnp.array([5, 13]) if mode == "prefix" else None
+  fn = lambda q, k, v: blockwise_attention(q, k, v, seg, causal, prefix, *blocks)
+  _assert_matches_reference(jax.jit(fn), q, k, v, seg, w, causal, prefix)
+
+
+def test_blockwise_attention_never_reads_blocks_it_may_not_see():
+  """NaN values in key blocks that are above the causal diagonal, or belong only to
+  another document, would poison any row that touched them (0 * NaN = NaN)."""
+  from lmjax.model.blockwise import blockwise_attention
+  t, block = 64, 16
+  q, k, v, _, _ = _inputs(2, t=t)
+  seg = jnp.array([[1] * 32 + [2] * 32] * 2)  # two documents, two blocks each
+  v = v.at[:, 16:32].set(jnp.nan).at[:, 48:].set(jnp.nan)  # doc 1's second block; the last
+  out = blockwise_attention(q, k, v, seg, True, None, block, block)
+  assert np.isfinite(np.asarray(out[:, :16])).all()  # rows that only see the first block
+  assert np.isfinite(np.asarray(out[:, 32:48])).all()  # doc 2, first block: skips doc 1's
+  assert np.isnan(np.asarray(out[:, 16:32])).all()  # the poisoned block itself is read
+
+
+def test_blockwise_attention_memory_is_linear_in_length():
+  from lmjax.model.blockwise import blockwise_attention
+  def temporaries(impl, t):
+    q = jax.ShapeDtypeStruct((1, t, 4, 32), jnp.float32)
+    seg = jnp.ones((1, t), jnp.int32)
+    mask = make_attention_mask(seg, True)
+    f = {"blockwise": lambda q, k, v: blockwise_attention(q, k, v, seg, True, None, 256, 256),
+         "xla": lambda q, k, v: attention(q, k, v, mask, "xla")}[impl]
+    grad = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2)))
+    return grad.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+  blockwise = temporaries("blockwise", 2048) / temporaries("blockwise", 1024)
+  dense = temporaries("xla", 2048) / temporaries("xla", 1024)
+  assert blockwise < 2.5 and dense > 3.5, (blockwise, dense)
+
+
+@pytest.mark.parametrize("causal,kv_heads", [(True, 4), (True, 1), (False, 2)])
+def test_splash_attention_in_interpret_mode_equals_reference(causal, kv_heads):
+  """The TPU kernel, run by the Pallas interpreter on CPU: 200 tokens pad to 256."""
+  from lmjax.model.splash import splash_attention
+  q, k, v, seg, w = _inputs(kv_heads, t=200)
+  fn = lambda q, k, v: splash_attention(q, k, v, seg, causal)
+  _assert_matches_reference(fn, q, k, v, seg, w, causal, tol=2e-5)
+
+
+def test_splash_refuses_a_prefix_lm_mask():
+  from lmjax.model.splash import splash_attention
+  q, k, v, seg, _ = _inputs(4, t=128)
+  with pytest.raises(ValueError, match="cannot express a prefix-LM mask.*blockwise"):
+    splash_attention(q, k, v, seg, True, jnp.array([3, 4]))
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder"])
+def test_every_implementation_gives_the_same_model(family):
+  """The Transformer hands each implementation its mask in the form it reads."""
+  from lmjax.model import TransformerConfig, build_model
+  cfg = TransformerConfig(family=family, vocab_size=64, max_len=128, d_model=32, num_layers=2,
+                          num_heads=4, num_kv_heads=2, d_ff=64, dtype="float32")
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 128), 0, 64)
+  seg = jnp.concatenate([jnp.ones((2, 50), jnp.int32), jnp.full((2, 78), 2)], axis=1)
+  params = build_model(cfg).init(jax.random.PRNGKey(0), tokens, seg)
+  outs = {impl: build_model(cfg.replace(attention_impl=impl)).apply(params, tokens, seg)
+          for impl in ("reference", "xla", "blockwise", "splash")}
+  for impl, out in outs.items():
+    np.testing.assert_allclose(out, outs["reference"], atol=2e-4, rtol=2e-4, err_msg=impl)

@@ -16,8 +16,10 @@ from tiny import tiny_config
 
 
 def step_costs(name, tmp_path, arg=None, **overrides):
-  config = tiny_config(name, tmp_path, arg, model__scan_layers=False,  # a loop body counts once
-                       **overrides)
+  # Unrolled and dense attention: a loop body (scanned layers, blockwise attention's key
+  # blocks) counts once in the HLO; the formula counts attention as dense XLA computes it.
+  config = tiny_config(name, tmp_path, arg, model__scan_layers=False,
+                       model__attention_impl="xla", **overrides)
   exp = experiment_from_dict(config.to_dict())
   tok = Tokenizer(exp.data.tokenizer)
   fns = train_lib.StepFns(build_model(exp.model), build_model(exp.model),

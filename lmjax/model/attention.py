@@ -1,22 +1,27 @@
 """Attention masks, one attention function with several implementations, and the layer.
 
-Masks are boolean, True = may attend, shaped (B, 1, T, S) so they broadcast over
-heads. A row is built from segment ids (0 = padding, equal ids = same packed
-document), a causal flag, and an optional prefix length (prefix-LM: the prefix
-attends bidirectionally, the rest causally).
+Who may attend to whom is described by a `MaskSpec`: segment ids (0 = padding,
+equal ids = same packed document), a causal flag, and an optional prefix length
+(prefix-LM: the prefix attends bidirectionally, the rest causally). The blockwise
+and splash implementations read the spec and never build a (T, S) mask; the
+dense ones (`reference`, `xla`, `cudnn`) get it as a boolean (B, 1, T, S) array,
+True = may attend, which broadcasts over heads.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from lmjax.model.blockwise import blockwise_attention
 from lmjax.model.config import TransformerConfig
 from lmjax.model.layers import dense, rope
 
 Array = jax.Array
+DENSE_IMPLEMENTATIONS = ("reference", "xla", "cudnn")
 
 
 def make_attention_mask(segment_ids: Array, causal: bool,
@@ -36,12 +41,31 @@ def make_attention_mask(segment_ids: Array, causal: bool,
   return mask[:, None]
 
 
-def resolve_implementation(name: str, dtype: jnp.dtype) -> str:
-  """`auto` picks cuDNN flash attention on GPU in half precision, XLA elsewhere."""
+@flax.struct.dataclass
+class MaskSpec:
+  """A mask before it is built: (B, T) segment ids, (B,) prefix lengths or None, causal."""
+
+  segment_ids: Array
+  prefix_len: Array | None
+  causal: bool = flax.struct.field(pytree_node=False)
+
+  def dense(self) -> Array:
+    return make_attention_mask(self.segment_ids, self.causal, self.prefix_len)  # (B, 1, T, T)
+
+
+def resolve_implementation(name: str, dtype: jnp.dtype, prefix_lm: bool) -> str:
+  """`auto`: splash on TPU (XLA for prefix-LM masks, which splash cannot express), cuDNN
+  flash attention on GPU in half precision, blockwise elsewhere (CPU, GPU in float32).
+  Blockwise beat XLA's dense path on CPU at every length measured, 128 to 2048 tokens
+  (docs/performance.md)."""
   if name != "auto":
     return name
-  on_gpu = jax.default_backend() == "gpu"
-  return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+  backend = jax.default_backend()
+  if backend == "tpu":
+    return "xla" if prefix_lm else "splash"
+  if backend == "gpu" and jnp.dtype(dtype).itemsize == 2:
+    return "cudnn"
+  return "blockwise"
 
 
 def reference_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -75,8 +99,19 @@ def cached_attention(q: Array, k_t: Array, v: Array, mask: Array) -> Array:
   return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array, implementation: str) -> Array:
-  """Dispatches to `reference` or `jax.nn.dot_product_attention` (`xla`, `cudnn`)."""
+def attention(q: Array, k: Array, v: Array, mask: MaskSpec | Array, implementation: str
+              ) -> Array:
+  """q (B, T, H, Dh), k/v (B, S, K, Dh) -> (B, T, H, Dh) by `implementation`: blockwise,
+  splash (from a MaskSpec), reference, or `jax.nn.dot_product_attention` (xla, cudnn)."""
+  if implementation in ("blockwise", "splash"):
+    if not isinstance(mask, MaskSpec):
+      raise ValueError(f"attention_impl={implementation} needs a MaskSpec, not a dense mask")
+    if implementation == "blockwise":
+      return blockwise_attention(q, k, v, mask.segment_ids, mask.causal, mask.prefix_len)
+    from lmjax.model.splash import splash_attention  # Pallas: imported only when used
+    return splash_attention(q, k, v, mask.segment_ids, mask.causal, mask.prefix_len)
+  if isinstance(mask, MaskSpec):
+    mask = mask.dense()
   if implementation == "reference":
     return reference_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
@@ -119,7 +154,8 @@ class MultiHeadAttention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+  def __call__(self, x: Array, mask: MaskSpec | Array, positions: Array) -> Array:
+    """x (B, T, D); mask: a MaskSpec, or when decoding the (B, 1, T, L) cache mask."""
     cfg = self.cfg
     heads, kv_heads, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
     proj = lambda n, name: dense(cfg, (n, dh), 1, ("embed", "heads", "kv"), ("heads", "kv"), name)
@@ -131,7 +167,9 @@ class MultiHeadAttention(nn.Module):
     if self.decode:
       out = cached_attention(q, *self._cached(k, v), mask)  # (B, T, H, Dh)
     else:
-      impl = resolve_implementation(cfg.attention_impl, cfg.compute_dtype)
+      # A dense mask means the stack chose a dense implementation; say so to `auto`.
+      prefix_lm = not isinstance(mask, MaskSpec) or mask.prefix_len is not None
+      impl = resolve_implementation(cfg.attention_impl, cfg.compute_dtype, prefix_lm)
       out = attention(q, k, v, mask, impl)  # (B, T, H, Dh)
     out = checkpoint_name(out, "attention_out")  # kept by remat policy save_attention_out
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from lmjax.errors import check_ranges
 
 Family = Literal["decoder", "encoder"]
-ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "cudnn", "auto")
+ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "cudnn", "blockwise", "splash", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 
 
@@ -44,7 +44,9 @@ class TransformerConfig:
   tie_embeddings: bool = True  # output projection shares the token embedding
   dropout_rate: float = 0.0
   init_std: float = 0.02
-  attention_impl: str = "auto"  # reference | xla | cudnn | auto (cudnn on GPU)
+  # reference | xla | cudnn | blockwise | splash | auto: splash on TPU, cudnn on GPU in
+  # half precision, blockwise elsewhere.
+  attention_impl: str = "auto"
   # Compute dtype; parameters stay in param_dtype. auto: bfloat16 on GPU and TPU,
   # float32 on CPU (no bfloat16 units on most: slower than float32 there).
   dtype: str = "auto"

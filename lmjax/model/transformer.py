@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.model.attention import CacheMask, MultiHeadAttention, make_attention_mask
+from lmjax.model.attention import (DENSE_IMPLEMENTATIONS, CacheMask, MaskSpec,
+                                   MultiHeadAttention, resolve_implementation)
 from lmjax.model.config import TransformerConfig
 from lmjax.model.layers import Embeddings, Mlp, Norm
 
@@ -36,7 +37,7 @@ class Block(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array) -> tuple[Array, None]:
+  def __call__(self, x: Array, mask: MaskSpec | Array, positions: Array) -> tuple[Array, None]:
     cfg, det = self.cfg, self.deterministic
     attn = MultiHeadAttention(cfg, det, self.decode, name="attention")
     mlp = Mlp(cfg, det, name="mlp")
@@ -59,7 +60,7 @@ class LayerStack(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+  def __call__(self, x: Array, mask: MaskSpec | Array, positions: Array) -> Array:
     cfg = self.cfg
     block = Block
     if cfg.remat_policy != "none":
@@ -107,7 +108,11 @@ class Transformer(nn.Module):
     if self.decode:
       mask = self.cache_mask(segment_ids)  # (B, 1, T, cache length)
     else:
-      mask = make_attention_mask(segment_ids, self.cfg.causal, prefix_len)  # (B, 1, T, T)
+      mask = MaskSpec(segment_ids, prefix_len, self.cfg.causal)
+      impl = resolve_implementation(self.cfg.attention_impl, self.cfg.compute_dtype,
+                                    prefix_len is not None)
+      if impl in DENSE_IMPLEMENTATIONS:  # built once here, not once per layer
+        mask = mask.dense()  # (B, 1, T, T)
     x = self.embed(tokens, positions, token_types)  # (B, T, D)
     x = self.stack(x, mask, positions)
     if self.cfg.norm_position == "pre":

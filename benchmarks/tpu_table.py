@@ -1,0 +1,89 @@
+"""The docs/scaling.md table: shipped experiments compiled for TPU topologies on this CPU.
+
+  python -m benchmarks.tpu_table [--json OUT] [--quick]
+
+Each row is `launch.compile`'s report (lmjax.aot) for one variant: gpt2_small,
+bert_base and llama_1b at seq 2048 with 16K tokens per chip, data-parallel vs
+FSDP, two remat policies, on v5e-16 (v5e:4x4) and v5p-8 (v5p:2x2x1, 4 chips);
+then llama_1b's attention, splash vs XLA, at seq 2048 and 8192. Needs libtpu
+(pip install -e ".[tpu]"). --quick compiles llama_1b on v5e-16 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from absl import app, flags
+
+from lmjax import aot
+from lmjax.experiment import Experiment, experiment_from_dict
+
+flags.DEFINE_string("json", "", "write every report to this JSON file")
+flags.DEFINE_bool("quick", False, "llama_1b on v5e-16 only")
+FLAGS = flags.FLAGS
+TOPOLOGIES = {"v5e-16": "v5e:4x4", "v5p-8": "v5p:2x2x1"}
+MESHES = {"data": (-1, 1), "fsdp": (1, -1)}
+REMAT = ("dots_no_batch", "full")
+TOKENS_PER_CHIP = 8 * 2048  # per step: 8 sequences of 2048, 2 of 8192
+
+
+def experiment(name: str, seq: int, chips: int, mesh: str, remat: str,
+               attention: str = "auto") -> Experiment:
+  module = __import__(f"experiments.{name}", fromlist=["get_config"])
+  exp = experiment_from_dict(module.get_config().to_dict())
+  data, fsdp = MESHES[mesh]
+  model = exp.model.replace(max_len=max(exp.model.max_len, seq), remat_policy=remat,
+                            attention_impl=attention)
+  return dataclasses.replace(
+      exp, model=model, data=dataclasses.replace(exp.data, seq_len=seq),
+      train=dataclasses.replace(exp.train, batch_size=TOKENS_PER_CHIP // seq * chips,
+                                grad_accum_steps=1),
+      mesh=dataclasses.replace(exp.mesh, data=data, fsdp=fsdp, tensor=1))
+
+
+def measure(name: str, topology: str, seq: int, mesh: str, remat: str,
+            attention: str = "auto") -> dict:
+  chips = len(aot.topology_devices(TOPOLOGIES[topology]))
+  start = time.perf_counter()
+  report = aot.compile_for_topology(experiment(name, seq, chips, mesh, remat, attention),
+                                    TOPOLOGIES[topology])
+  row = {"model": name, "topology": topology, "seq": seq, "mesh": mesh, "remat": remat,
+         "attention": report.get("attention_impl", attention), "fits": report["fits"],
+         "compile_s": time.perf_counter() - start, "report": report}
+  gib = lambda b: b / 2**30
+  if report["fits"]:
+    mem = report["memory_per_device"]
+    line = (f"| {name} | {topology} | {seq} | {mesh} | {remat} | {row['attention']} | "
+            f"{gib(mem['total']):.1f} | {gib(mem['temporaries']):.1f} | "
+            f"{report['step_seconds_estimate'] * 1e3:.0f} | {report['mfu']:.0%} | "
+            f"{row['compile_s']:.0f} |")
+  else:
+    line = (f"| {name} | {topology} | {seq} | {mesh} | {remat} | {row['attention']} | "
+            f"does not fit: {report['compiler_says'][:60]} | | | | {row['compile_s']:.0f} |")
+  print(line, flush=True)
+  return row
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  print("| model | chips | seq | mesh | remat | attention | GiB/chip | temp GiB | est. ms/step "
+        "| MFU | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+  rows = []
+  models = ("llama_1b",) if FLAGS.quick else ("gpt2_small", "bert_base", "llama_1b")
+  for topology in (("v5e-16",) if FLAGS.quick else TOPOLOGIES):
+    for name in models:
+      for mesh in MESHES:
+        for remat in REMAT:
+          rows.append(measure(name, topology, 2048, mesh, remat))
+  for seq in (2048, 8192):
+    for attention in ("splash", "xla"):
+      rows.append(measure("llama_1b", "v5e-16", seq, "fsdp", "dots_no_batch", attention))
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
