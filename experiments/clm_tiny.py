@@ -20,7 +20,7 @@ def get_config(arg: str = "gpt2") -> ml_collections.ConfigDict:
       vocab_size=2048,  # = the bundled tokenizer
       max_len=256,
       d_model=128, num_layers=4, num_heads=4, d_ff=512,
-      scan_layers=True)
+      scan_layers=False)  # 4 layers: unrolled steps are ~25% faster on CPU; compile is quick
   if arg == "llama":
     c.model.update(position="rope", norm="rmsnorm", mlp="swiglu", activation="silu",
                    num_kv_heads=2, d_ff=344, use_bias=False, tie_embeddings=False)

@@ -19,7 +19,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       d_model=128, num_layers=4, num_heads=4, d_ff=512,
       norm_position="post", embedding_norm=True, activation="gelu_exact",
       norm_eps=1e-12, type_vocab_size=2,  # BERT's layout
-      scan_layers=True)
+      scan_layers=False)  # 4 layers: unrolled steps are ~25% faster on CPU; compile is quick
   c.data.update(**bundled_corpus(), seq_len=128)
   c.objective.update(kind="mlm", mask_rate=0.15)
   # MLM learns from the 15% masked tokens only, so it gets more steps than clm_tiny.

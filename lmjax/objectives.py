@@ -111,7 +111,11 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array, z_loss: fl
   logits (B, T, V) float32, targets (B, T), weights (B, T). `loss` is the plain
   cross-entropy (reported); `objective` adds smoothing and z-loss (optimised).
   """
-  log_z = jax.nn.logsumexp(logits, axis=-1)  # (B, T)
+  # Accuracy as "the target logit reaches the max", from the max the log-sum-exp needs
+  # anyway: argmax is an extra index reduction over (B, T, V) (18 ms of a 350 ms
+  # clm_tiny step on CPU). A tie for the max counts as correct (argmax: the first).
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))  # (B, T); log_z's gradient is exact
+  log_z = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))  # without it
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   nll = log_z - target_logit  # (B, T)
   objective = nll
@@ -120,7 +124,7 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array, z_loss: fl
     objective = (1 - label_smoothing) * nll + label_smoothing * (log_z - mean_logit)
   if z_loss:
     objective = objective + z_loss * jnp.square(log_z)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = (target_logit >= top).astype(jnp.float32)
   return {"loss": jnp.sum(nll * weights), "objective": jnp.sum(objective * weights),
           "correct": jnp.sum(correct * weights), "weight": jnp.sum(weights)}
 

@@ -18,7 +18,7 @@ from lmjax.experiment import experiment_from_dict
 @pytest.mark.parametrize("name,mesh,bound", [("clm_tiny", (4, 1, 1), 1.35),
                                              ("mlm_tiny", (1, 4, 1), 1.35)])
 def test_tiny_experiments_compile_for_a_v5e_topology(tmp_path, name, mesh, bound):
-  config = tiny_config(name, tmp_path, model__num_layers=4)
+  config = tiny_config(name, tmp_path, model__num_layers=4, model__scan_layers=True)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
   report = aot.compile_for_topology(experiment_from_dict(config.to_dict()), "v5e:2x2")
   assert report["devices"] == 4 and report["fits"]

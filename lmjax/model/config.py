@@ -47,8 +47,8 @@ class TransformerConfig:
   # reference | xla | cudnn | blockwise | splash | auto: splash on TPU, cudnn on GPU in
   # half precision, blockwise elsewhere.
   attention_impl: str = "auto"
-  # Compute dtype; parameters stay in param_dtype. auto: bfloat16 on GPU and TPU,
-  # float32 on CPU (no bfloat16 units on most: slower than float32 there).
+  # Compute dtype; parameters stay in param_dtype. auto: bfloat16 on GPU and TPU; on a
+  # CPU bfloat16 only where a layer-shaped probe measures it faster (model/precision.py).
   dtype: str = "auto"
   param_dtype: str = "float32"
   scan_layers: bool = True  # one compiled layer applied num_layers times
@@ -91,9 +91,12 @@ class TransformerConfig:
 
   @property
   def compute_dtype(self) -> jnp.dtype:
-    if self.dtype == "auto":
-      return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
-    return jnp.dtype(self.dtype)
+    if self.dtype != "auto":
+      return jnp.dtype(self.dtype)
+    if jax.default_backend() in ("gpu", "tpu"):
+      return jnp.dtype(jnp.bfloat16)
+    from lmjax.model.precision import cpu_auto_dtype  # measured once per process
+    return jnp.dtype(cpu_auto_dtype())
 
   @property
   def weight_dtype(self) -> jnp.dtype:
