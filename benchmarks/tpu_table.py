@@ -5,7 +5,8 @@
 Each row is `launch.compile`'s report (lmjax.aot) for one variant: gpt2_small,
 bert_base and llama_1b at seq 2048 with 16K tokens per chip, data-parallel vs
 FSDP, two remat policies, on v5e-16 (v5e:4x4) and v5p-8 (v5p:2x2x1, 4 chips);
-then llama_1b's attention, splash vs XLA, at seq 2048 and 8192. Needs libtpu
+and llama_1b's attention, splash vs XLA, at seq 2048 and 8192. Rows print as
+they finish (each compile takes minutes here), llama_1b first. Needs libtpu
 (pip install -e ".[tpu]"). --quick compiles llama_1b on v5e-16 only.
 """
 
@@ -22,6 +23,7 @@ from lmjax.experiment import Experiment, experiment_from_dict
 
 flags.DEFINE_string("json", "", "write every report to this JSON file")
 flags.DEFINE_bool("quick", False, "llama_1b on v5e-16 only")
+flags.DEFINE_list("only", [], "only these models' rows")
 FLAGS = flags.FLAGS
 TOPOLOGIES = {"v5e-16": "v5e:4x4", "v5p-8": "v5p:2x2x1"}
 MESHES = {"data": (-1, 1), "fsdp": (1, -1)}
@@ -66,23 +68,29 @@ def measure(name: str, topology: str, seq: int, mesh: str, remat: str,
   return row
 
 
+def plan(quick: bool, only: list[str]) -> list[tuple]:
+  """(model, topology, seq, mesh, remat, attention) rows, llama_1b first: it decides what
+  ships. --only model names keep those models' rows."""
+  rows = [("llama_1b", "v5e-16", 2048, mesh, remat) for mesh in MESHES for remat in REMAT]
+  rows += [("llama_1b", "v5e-16", 2048, "fsdp", "dots_no_batch", "xla")]
+  rows += [("llama_1b", "v5e-16", 8192, "fsdp", "dots_no_batch", a) for a in ("splash", "xla")]
+  if not quick:
+    rows += [("llama_1b", "v5p-8", 2048, mesh, remat) for mesh in MESHES for remat in REMAT]
+    rows += [(name, topology, 2048, mesh, remat) for topology in TOPOLOGIES
+             for name in ("gpt2_small", "bert_base") for mesh in MESHES for remat in REMAT]
+  return [r for r in rows if not only or r[0] in only]
+
+
 def main(argv: list[str]) -> None:
   del argv
   print("| model | chips | seq | mesh | remat | attention | GiB/chip | temp GiB | est. ms/step "
         "| MFU | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
   rows = []
-  models = ("llama_1b",) if FLAGS.quick else ("gpt2_small", "bert_base", "llama_1b")
-  for topology in (("v5e-16",) if FLAGS.quick else TOPOLOGIES):
-    for name in models:
-      for mesh in MESHES:
-        for remat in REMAT:
-          rows.append(measure(name, topology, 2048, mesh, remat))
-  for seq in (2048, 8192):
-    for attention in ("splash", "xla"):
-      rows.append(measure("llama_1b", "v5e-16", seq, "fsdp", "dots_no_batch", attention))
-  if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(rows, f, indent=1)
+  for variant in plan(FLAGS.quick, FLAGS.only):
+    rows.append(measure(*variant))
+    if FLAGS.json:  # after every row: a long table stopped early keeps what it made
+      with open(FLAGS.json, "w") as f:
+        json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

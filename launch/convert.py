@@ -34,10 +34,13 @@ def main(argv: list[str]) -> None:
     raise UserError(f"--output {FLAGS.output} exists and is not empty; choose a new directory")
   from lmjax import pretrained
   from lmjax.convert import export_hf, import_hf
+  from lmjax.model import stack_layers
   source = pretrained.load(FLAGS.input)
   kind = export_hf(source, FLAGS.output)
   back = import_hf(FLAGS.output)
-  same = jax.tree.all(jax.tree.map(np.array_equal, back.params, source.params))
+  # Compared in one layout: an unrolled run (layers_0..) reads back scanned.
+  layout = lambda params: stack_layers(params, source.model.num_layers)
+  same = jax.tree.all(jax.tree.map(np.array_equal, layout(back.params), layout(source.params)))
   if not same:
     raise UserError(f"{FLAGS.output}: reading the export back gave different weights")
   print(f"wrote {FLAGS.output} ({kind}, from {source.source}); read back: identical")

@@ -91,7 +91,8 @@ def _run_cases(tmp):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("bad")
-  config = tiny_config("clm_tiny", tmp, train__steps=2, train__checkpoint_every=2)
+  config = tiny_config("clm_tiny", tmp, train__steps=2, train__checkpoint_every=2,
+                       model__scan_layers=True)  # init_from below converts the layout
   train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(tmp / "run"))
   from lmjax.data.tokenizer import train_tokenizer
   train_tokenizer(["a b c d e f g"] * 50, str(tmp / "other.model"), 273)
@@ -104,7 +105,8 @@ def test_bad_run_inputs_change_nothing(workdir):
   cases = _run_cases(workdir)
   assert len(cases) + len(CONFIG_CASES) >= 25
   for overrides, message in cases:
-    config = tiny_config("clm_tiny", workdir, **{"train__steps": 2, **overrides()})
+    config = tiny_config("clm_tiny", workdir, **{"train__steps": 2, "model__scan_layers": True,
+                                                 **overrides()})
     with pytest.raises(UserError) as err:
       train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(run))
     assert message in str(err.value), (message, str(err.value))
@@ -124,7 +126,7 @@ def test_init_from_checks_shapes_architecture_and_tokenizer(workdir, tmp_path):
             "uses another tokenizer than data.tokenizer")]
   for overrides, message in cases:
     config = tiny_config("clm_tiny", workdir, train__steps=1, train__init_from=source,
-                         **overrides)
+                         model__scan_layers=True, **overrides)
     target = tmp_path / "fresh"
     with pytest.raises(UserError) as err:
       train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(target))

@@ -37,6 +37,20 @@ def test_benchmark_suite_limits_and_flop_check(tmp_path):
   assert "clm FLOP formula within 2%" in proc.stdout
 
 
+def test_benchmark_suite_times_clm_tiny_as_shipped_against_pytorch(tmp_path):
+  out = tmp_path / "bench.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--sections=tiny",
+                         f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  steps = result["tiny"]["step_s"]
+  assert steps["lmjax"] > 0 and steps["torch_f32"] > 0
+  assert result["tiny"]["ratio"] == steps["lmjax"] / steps["torch_f32"]
+  assert [t["target"] for t in result["targets"]] == ["clm_tiny step <= PyTorch f32"]
+
+
 def test_data_prep_benchmark_runs_small(tmp_path):
   out = tmp_path / "prep.json"
   proc = subprocess.run([sys.executable, "-m", "benchmarks.data_prep", "--sizes_mb=2,4",

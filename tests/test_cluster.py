@@ -4,6 +4,7 @@ import csv
 import os
 import stat
 import subprocess
+import tarfile
 import sys
 
 
@@ -65,6 +66,10 @@ def test_tpu_commands_printed_and_run(tmp_path):
   assert proc.returncode == 0, proc.stderr
   calls = (tmp_path / "gcloud.calls").read_text().splitlines()
   assert len(calls) == 3 and all("--zone=us-east5-a" in c for c in calls)
+  with tarfile.open("/tmp/lmjax-src.tgz") as packed:  # the source, not virtualenvs or caches
+    names = packed.getnames()
+  assert "./lmjax/train.py" in names and "./setup.py" in names
+  assert not [n for n in names if n.startswith("./.venv") or "__pycache__" in n]
 
 
 def test_sweep_grid_and_seeded_random_search():

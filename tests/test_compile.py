@@ -72,3 +72,17 @@ def test_splash_is_compiled_and_its_flops_are_counted(tmp_path):
   assert flops["xla"]["of_which_attention_kernel"] == 0
   # Dense XLA computes the full causal square; splash visits (n + 1) / 2n of the blocks.
   assert 0.5 < flops["splash"]["compiled"] / flops["xla"]["compiled"] < 1.0, flops
+
+
+def test_the_docs_table_plans_every_variant_the_issue_names():
+  from benchmarks import tpu_table
+  exp = tpu_table.experiment("llama_1b", 8192, 16, "fsdp", "full", "splash")
+  assert (exp.data.seq_len, exp.model.max_len, exp.train.batch_size) == (8192, 8192, 32)
+  assert (exp.mesh.data, exp.mesh.fsdp, exp.model.remat_policy) == (1, -1, "full")
+  rows = tpu_table.plan(quick=False, only=[])
+  for model in ("gpt2_small", "bert_base", "llama_1b"):
+    for chips in ("v5e-16", "v5p-8"):
+      assert {(r[3], r[4]) for r in rows if r[:3] == (model, chips, 2048) and len(r) == 5} == \
+          {(m, p) for m in ("data", "fsdp") for p in ("dots_no_batch", "full")}
+  assert {(r[2], r[5]) for r in rows if len(r) == 6} == {(2048, "xla"), (8192, "splash"),
+                                                         (8192, "xla")}

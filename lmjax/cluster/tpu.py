@@ -34,7 +34,10 @@ def commands(slice_: TpuSlice, train_args: Sequence[str], repo_dir: str) -> list
              "pip install -q -e . 'jax[tpu]'")
   train = f"cd {remote} && python -m launch.train {shlex.join(train_args)}"
   return [
-      ["tar", "czf", archive, "-C", repo_dir, "--exclude=.git", "--exclude=runs", "."],
+      # The source only: virtual environments (GBs with torch and libtpu) and caches stay.
+      ["tar", "czf", archive, "-C", repo_dir, "--exclude=.git", "--exclude=runs",
+       "--exclude=.venv*", "--exclude=venv", "--exclude=__pycache__", "--exclude=*.egg-info",
+       "."],
       _gcloud(slice_, "scp", archive, f"{slice_.name}:~/lmjax-src.tgz"),
       _gcloud(slice_, "ssh", slice_.name, f"--command={install}"),
       _gcloud(slice_, "ssh", slice_.name, f"--command={train}"),

@@ -65,6 +65,16 @@ def test_accumulation_and_remat_on_a_mesh_match_one_device(tmp_path, monkeypatch
   np.testing.assert_allclose(train, baselines[name][0], rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("impl", ["splash", "xla"])
+def test_attention_implementations_on_a_mesh_match_one_device(tmp_path, monkeypatch, baselines,
+                                                              impl):
+  """The baseline runs blockwise (`auto` on CPU). Splash runs in shard_map over the batch
+  (data x fsdp) and head (tensor) axes, its kernel in Pallas interpret mode."""
+  exp = _experiment(tmp_path, "clm_tiny", (2, 2, 2), model__attention_impl=impl)
+  train, _ = _losses(exp, tmp_path / "run", monkeypatch)
+  np.testing.assert_allclose(train, baselines["clm_tiny"][0], rtol=2e-4, atol=2e-4)
+
+
 def _sharded_state(exp, mesh=None):
   from lmjax.data.tokenizer import SpecialTokens
   from lmjax.model import build_model
@@ -83,7 +93,7 @@ def _sharded_state(exp, mesh=None):
 
 
 def test_parameters_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
-  state = _sharded_state(_experiment(tmp_path, "clm_tiny", (2, 2, 2)))
+  state = _sharded_state(_experiment(tmp_path, "clm_tiny", (2, 2, 2), model__scan_layers=True))
   layers = state.params["transformer"]["stack"]["layers"]
   spec = lambda x: x.sharding.spec
   assert spec(layers["attention"]["query"]["kernel"]) == P(None, "fsdp", "tensor", None)
