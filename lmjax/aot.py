@@ -98,6 +98,7 @@ def _compile_and_report(exp: Experiment, topology: str, devices: list[Any]) -> d
   compiled = _compile(exp, devices)
   if isinstance(compiled, str):  # the compiler's out-of-memory message
     return {"topology": topology, "devices": len(devices), "fits": False,
+            "attention_impl": model.attention_impl,
             "chip_hbm_bytes": CHIPS[topology.split(":")[0]][0], "compiler_says": compiled}
   costs = _costs(compiled)
   if model.scan_layers and model.num_layers > 2:
