@@ -21,7 +21,7 @@ EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(RO
                      if not p.endswith("__init__.py"))
 FINETUNING = {"finetune_genre": [None, "random"], "finetune_pairs": [None],
               "finetune_regression": [None]}  # configs for launch.finetune
-VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp"]}
+VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp", "v5e16"]}
 CASES = [(name, arg) for name in EXPERIMENTS if name not in FINETUNING
          for arg in VARIANTS.get(name, [None])]
 
