@@ -76,8 +76,10 @@ def _assert_matches_reference(fn, q, k, v, seg, w, causal, prefix_len=None, tol=
     np.testing.assert_allclose(got, want, atol=10 * tol, rtol=10 * tol, err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("blocks", [(8, 8), (16, 8), (8, 16), (64, 64)])
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+# Blocks of 16x8 and 8x16 over 37 tokens: several partial, skipped and diagonal blocks;
+# 64x64: one block longer than the row. MHA and GQA (two query heads per KV head).
+@pytest.mark.parametrize("blocks", [(16, 8), (8, 16), (64, 64)])
+@pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("mode", ["causal", "bidirectional", "prefix"])
 def test_blockwise_attention_equals_reference(mode, kv_heads, blocks):
   from lmjax.model.blockwise import blockwise_attention
