@@ -21,9 +21,6 @@ from absl import app, flags
 from lmjax import aot
 from lmjax.experiment import Experiment, experiment_from_dict
 
-flags.DEFINE_string("json", "", "write every report to this JSON file")
-flags.DEFINE_bool("quick", False, "llama_1b on v5e-16 only")
-flags.DEFINE_list("only", [], "only these models' rows")
 FLAGS = flags.FLAGS
 TOPOLOGIES = {"v5e-16": "v5e:4x4", "v5p-8": "v5p:2x2x1"}
 MESHES = {"data": (-1, 1), "fsdp": (1, -1)}
@@ -93,4 +90,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: other benchmark modules define --json too, and the tests
+  # import this one next to them.
+  flags.DEFINE_string("json", "", "write every report to this JSON file")
+  flags.DEFINE_bool("quick", False, "llama_1b on v5e-16 only")
+  flags.DEFINE_list("only", [], "only these models' rows")
   app.run(main)
