@@ -30,9 +30,12 @@ setup(
         "eval": ["lm-eval>=0.4.5"],  # launch.lm_eval, train.lm_eval_tasks
         "tpu": ["jax[tpu]>=0.10"],  # TPU VMs, and launch.compile anywhere (libtpu matched to jax)
         "gpu": ["jax[cuda12]>=0.10"],  # NVIDIA GPUs (CUDA 12 wheels matched to jax)
+        "gcs": ["gcsfs>=2024.2"],  # gs:// run directories and token stores
+        "s3": ["s3fs>=2024.2"],  # s3:// run directories and token stores
         # accelerate: lm-eval's own `hf` model, the reference the adapter is tested against
         "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.40", "torch==2.13.0",
-                 "ray>=2.9", "lm-eval>=0.4.5", "accelerate>=0.26", "jax[tpu]>=0.10"],
+                 "ray>=2.9", "lm-eval>=0.4.5", "accelerate>=0.26", "jax[tpu]>=0.10",
+                 "s3fs>=2024.2", "moto[server]>=5.0"],  # a local S3 API for the bucket tests
         "bench": ["transformers>=4.40", "torch==2.13.0"],
     },
 )

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from absl import flags, logging
 
+from lmjax import paths
 from lmjax.errors import CheckpointSaveError, UserError
 
 # Libraries whose INFO lines drown the training log; their warnings still show.
@@ -101,7 +102,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def output_path(workdir: str, name: str) -> str:
-  """`name` inside `workdir`; a path that leads elsewhere is refused."""
+  """`name` inside `workdir` (a directory or a bucket URL); a path that leads elsewhere is
+  refused."""
+  if paths.is_remote(workdir):
+    if "/" in name or name in ("", ".", ".."):
+      raise UserError(f"--output={name} must be a file name inside --workdir")
+    return paths.join(paths.resolve(workdir), name)
   root = os.path.realpath(workdir)
   path = os.path.realpath(os.path.join(root, name))
   if os.path.isabs(name) or not path.startswith(root + os.sep):
@@ -111,10 +117,7 @@ def output_path(workdir: str, name: str) -> str:
 
 def write_json(path: str, data: Any, default: Callable | None = None) -> None:
   """Writes `data` as indented JSON, atomically (a reader never sees half a file)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, default=default)
-  os.replace(tmp, path)
+  paths.write_atomic(path, json.dumps(data, indent=2, default=default))
 
 
 def _last_line(text: str) -> str:

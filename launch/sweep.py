@@ -21,6 +21,7 @@ import sys
 from absl import app, flags, logging
 
 from launch.cli import cli_main, parse_flags
+from lmjax import paths
 from lmjax.cluster.slurm import SlurmJob, sbatch_script, write_and_submit
 from lmjax.sweep import load_sweep, read_trial, summarize, trial_args
 
@@ -38,23 +39,40 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_trial(args: list[str], trial_dir: str) -> int:
-  os.makedirs(trial_dir, exist_ok=True)
-  with open(os.path.join(trial_dir, "train.log"), "a") as log:
+  """Runs one trial; its train.log is appended locally (a bucket's copy is uploaded after)."""
+  log_dir = paths.local_staging(trial_dir)
+  paths.makedirs(log_dir)
+  log_path = os.path.join(log_dir, "train.log")
+  if log_dir != trial_dir and paths.exists(paths.join(trial_dir, "train.log")):
+    with open(log_path, "wb") as f:  # an earlier attempt's log, continued
+      f.write(paths.read_bytes(paths.join(trial_dir, "train.log")))
+  with open(log_path, "a") as log:
     code = subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=REPO,
                           stdout=log, stderr=subprocess.STDOUT).returncode
+  if log_dir != trial_dir:
+    paths.put_file(log_path, paths.join(trial_dir, "train.log"))
+    paths.remove_local_staging(log_dir, trial_dir)
   if code == 0:
-    with open(os.path.join(trial_dir, "sweep_done.json"), "w") as f:
-      json.dump(read_trial(trial_dir), f)
+    paths.write_atomic(paths.join(trial_dir, "sweep_done.json"), json.dumps(read_trial(trial_dir)))
   return code
+
+
+def _job_dir(workdir: str, trial: str) -> str:
+  """Where slurm reads a trial's script and writes its log: a local (shared) path, so for a
+  bucket workdir, ./sweep_jobs/TRIAL."""
+  return os.path.join("sweep_jobs", trial) if paths.is_remote(workdir) else os.path.join(
+      workdir, trial)
 
 
 @cli_main
 def main(argv: list[str]) -> None:
   trials = load_sweep(FLAGS.sweep).trials()
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  todo = [t for t in trials if not read_trial(os.path.join(FLAGS.workdir, t.name))["done"]]
+  workdir = paths.resolve(FLAGS.workdir)
+  paths.check_access(workdir, write=True)
+  paths.makedirs(workdir)
+  todo = [t for t in trials if not read_trial(paths.join(workdir, t.name))["done"]]
   logging.info("%d trials, %d finished, %d to run", len(trials), len(trials) - len(todo), len(todo))
-  args = {t.name: trial_args(FLAGS.config, t, FLAGS.workdir, argv[1:]) for t in todo}
+  args = {t.name: trial_args(FLAGS.config, t, workdir, argv[1:]) for t in todo}
   failed = []
   if FLAGS.backend == "print":
     for t in todo:
@@ -62,16 +80,15 @@ def main(argv: list[str]) -> None:
   elif FLAGS.backend == "slurm":
     for t in todo:
       job = SlurmJob(job_name=t.name, nodes=1, gpus_per_node=FLAGS.gpus_per_trial,
-                     partition=FLAGS.partition, log_dir=os.path.join(FLAGS.workdir, t.name))
+                     partition=FLAGS.partition, log_dir=_job_dir(workdir, t.name))
       script = sbatch_script(job, ["python", "-m", "launch.train", *args[t.name]], REPO)
-      print(write_and_submit(script, os.path.join(FLAGS.workdir, t.name, "job.sbatch"), True))
+      print(write_and_submit(script, os.path.join(_job_dir(workdir, t.name), "job.sbatch"), True))
   else:
     with concurrent.futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
-      codes = pool.map(lambda t: run_trial(args[t.name], os.path.join(FLAGS.workdir, t.name)),
-                       todo)
+      codes = pool.map(lambda t: run_trial(args[t.name], paths.join(workdir, t.name)), todo)
       failed = [t.name for t, code in zip(todo, codes) if code]
-  rows = summarize(FLAGS.workdir, trials)
-  print(open(os.path.join(FLAGS.workdir, "summary.md")).read())
+  rows = summarize(workdir, trials)
+  print(paths.read_bytes(paths.join(workdir, "summary.md")).decode())
   if rows and rows[0]["curve"]:
     print(f"best: {rows[0]['trial']} (best eval loss {rows[0]['best_eval_loss']:.4f})")
   if failed:

@@ -6,12 +6,20 @@ a checksum per array). Saves are asynchronous; `wait` blocks until the last one
 is durable. Orbax restores flipped bytes silently, so restores verify the
 checksums; whatever is damaged or foreign is moved to WORKDIR/checkpoints_damaged,
 never deleted.
+
+In a bucket (gs://, s3://) a step is written in place and marked complete by its
+`commit_success.txt` (orbax's protocol for stores without atomic renames); a
+step directory without one is an interrupted save and is set aside like a local
+temporary directory. orbax 0.12 gives TensorStore's native driver to gs:// only;
+`_teach_orbax_s3` routes s3:// to TensorStore's s3 driver as well.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import posixpath
 import re
 import time
 from typing import Any
@@ -22,7 +30,47 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from lmjax import paths
 from lmjax.errors import CheckpointSaveError
+
+COMMIT_FILE = "commit_success.txt"
+
+
+@functools.cache
+def _teach_orbax_s3() -> None:
+  """Lets orbax's TensorStore specs address s3:// natively, as it does gs://.
+
+  orbax 0.12 normalizes `s3://b/x` to `s3:/b/x` and gives any non-gs:// path the
+  local `file` driver. TensorStore's `s3` driver takes the endpoint and region
+  from the spec (it does not read AWS_ENDPOINT_URL), so they come from the
+  environment here. If orbax changes these private hooks, s3:// fails loudly at
+  the first save rather than writing somewhere else.
+  """
+  from orbax.checkpoint._src.path import gcs_utils
+  from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+  normalize, kvstore = tsu._normalize_path, gcs_utils.get_kvstore_for_gcs
+
+  def _normalize(path: str) -> str:
+    if path.startswith("s3://"):
+      return "s3://" + posixpath.normpath(path[5:])
+    return normalize(path)
+
+  def _kvstore(path: str) -> dict[str, Any]:
+    if not path.startswith("s3://"):
+      return kvstore(path)
+    bucket, _, key = path[5:].partition("/")
+    spec = {"driver": "s3", "bucket": bucket, "path": key}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if endpoint:
+      spec["endpoint"] = endpoint
+    if region:
+      spec["aws_region"] = region
+    return spec
+
+  tsu._normalize_path = _normalize
+  tsu._use_gcs_driver = lambda d: d.startswith(("gs://", "s3://"))
+  gcs_utils.get_kvstore_for_gcs = _kvstore
 
 
 def _checksum(x: jax.Array) -> jax.Array:
@@ -61,13 +109,18 @@ class Checkpointer:
                read_only: bool = False):
     """`read_only` opens another run's checkpoints (inference, --init_from): nothing in
     that directory is created, moved or written."""
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    workdir = paths.resolve(workdir)
+    self.remote = paths.is_remote(workdir)
+    if self.remote:
+      _teach_orbax_s3()
+    self.directory = paths.join(workdir, "checkpoints")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=False,  # we move them aside instead
-        create=not read_only, read_only=read_only)
-    self.damaged_dir = os.path.join(os.path.abspath(workdir), "checkpoints_damaged")
+        create=not read_only, read_only=read_only,
+        temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath if self.remote else None)
+    self.damaged_dir = paths.join(workdir, "checkpoints_damaged")
     if not read_only:
       self._set_aside_foreign_entries()
     self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -75,21 +128,25 @@ class Checkpointer:
     self._pending: int | None = None  # step of the save that may still be in flight
 
   def _set_aside_foreign_entries(self) -> None:
-    """Only numeric step directories stay: interrupted saves (temporary directories),
-    links and anything else are moved aside with a warning."""
-    if os.path.isdir(self.directory) and jax.process_index() == 0:
-      for name in sorted(os.listdir(self.directory)):
-        if os.path.islink(os.path.join(self.directory, name)):
+    """Only numeric step directories stay: interrupted saves (temporary directories; in a
+    bucket, steps without their commit file), links and anything else are moved aside
+    with a warning."""
+    if jax.process_index() == 0:
+      for name in paths.listdir(self.directory):
+        path = paths.join(self.directory, name)
+        if not self.remote and os.path.islink(path):
           self._move_aside(name, "a link, which could lead outside the workdir")
         elif not name.isdigit():
           reason = "unfinished save" if "tmp" in name else "not a step directory"
           self._move_aside(name, reason)
+        elif self.remote and not paths.exists(paths.join(path, COMMIT_FILE)):
+          self._move_aside(name, f"unfinished save (no {COMMIT_FILE})")
     _barrier("lmjax_checkpoint_scan")
 
   def _move_aside(self, name: str, reason: str) -> None:
-    os.makedirs(self.damaged_dir, exist_ok=True)
-    target = os.path.join(self.damaged_dir, f"{name}.{int(time.time() * 1000)}")
-    os.rename(os.path.join(self.directory, name), target)
+    paths.makedirs(self.damaged_dir)
+    target = paths.join(self.damaged_dir, f"{name}.{int(time.time() * 1000)}")
+    paths.move(paths.join(self.directory, name), target)
     logging.warning("checkpoint %s: %s; moved to %s", name, reason, target)
 
   def set_aside(self, step: int, reason: str) -> None:

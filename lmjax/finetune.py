@@ -14,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from lmjax import __version__, pretrained
+from lmjax import __version__, paths, pretrained
 from lmjax.checkpoint import Checkpointer
 from lmjax.data import genres, tasks
 from lmjax.data.permutation import permute, round_keys
@@ -193,9 +192,7 @@ def build_run(exp: FinetuneExperiment, init_from: str, workdir: str, dry: bool =
   from lmjax import train as train_lib
   if not init_from:
     raise UserError("--init_from is required: the run or Hugging Face directory to start from")
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f"--workdir {workdir} is a file; give a directory (new or an earlier run's)")
+  workdir = train_lib.resolve_workdir(workdir)
   t = exp.train
   source = pretrained.load(init_from)
   train_arrays, eval_arrays, labels = load_task_data(exp.task, source)
@@ -228,6 +225,7 @@ def build_run(exp: FinetuneExperiment, init_from: str, workdir: str, dry: bool =
                for k, v in train_data.batch(0, 1).items()}
       jax.eval_shape(functools.partial(train_lib.train_step, fns), state, batch)
     return None
+  paths.check_access(workdir, write=True)
   return train_lib.Run(run_exp, fns, mesh, train_data, TaskDataset(eval_arrays, t.seed),
                        Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoints),
                        MetricsWriter(workdir, active=jax.process_index() == 0), meta,
@@ -243,8 +241,6 @@ def finetune(exp: FinetuneExperiment, init_from: str, workdir: str) -> dict[str,
   result = {**metrics, "steps": exp.train.steps, "init": exp.train.init, "init_from": init_from,
             "task": exp.task.kind, "labels": run.meta["labels"]}
   if jax.process_index() == 0:
-    path = os.path.join(os.path.dirname(run.ckpt.directory), "results.json")
-    with open(f"{path}.tmp", "w") as f:
-      json.dump(result, f, indent=2)
-    os.replace(f"{path}.tmp", path)
+    paths.write_atomic(paths.join(paths.dirname(run.ckpt.directory), "results.json"),
+                       json.dumps(result, indent=2))
   return result

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from typing import Any, Mapping
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from lmjax import paths
 from lmjax.model.config import TransformerConfig
 
 
@@ -128,10 +128,10 @@ class MetricsWriter:
     self._jsonl = self._tb = None  # opened at the first record: a failed start writes nothing
 
   def _open(self) -> None:
-    os.makedirs(self.workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    paths.makedirs(self.workdir)
+    self._jsonl = paths.JsonlAppender(paths.join(self.workdir, "metrics.jsonl"))
     from tensorboardX import SummaryWriter  # heavy import, only on the writing process
-    self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+    self._tb = SummaryWriter(paths.join(self.workdir, "tensorboard"))  # writes to buckets too
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any], total_steps: int = 0) -> None:
     if not self.active:
@@ -141,7 +141,6 @@ class MetricsWriter:
     values = {k: float(v) for k, v in metrics.items() if k != "eta_s"}
     record = {"step": int(step), "split": split, **values}
     self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
     for name, value in values.items():
       self._tb.add_scalar(f"{split}/{name}", value, step)
     self._tb.flush()

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from lmjax import paths
 from lmjax.checkpoint import Checkpointer
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.errors import UserError
@@ -36,14 +37,17 @@ def is_hf_dir(path: str) -> bool:
 
 
 def load(path: str) -> Pretrained:
-  """An lmjax run (its newest intact checkpoint) or a Hugging Face directory."""
-  if not os.path.isdir(path):
+  """An lmjax run (its newest intact checkpoint; local or in a bucket) or a Hugging Face
+  directory (local)."""
+  if paths.is_remote(path):
+    paths.check_access(path, write=False)
+  if not paths.isdir(path):
     raise UserError(f"{path} is not a directory (expected an lmjax run or a Hugging Face "
                     "model directory)")
-  if is_hf_dir(path):
+  if not paths.is_remote(path) and is_hf_dir(path):
     from lmjax.convert.hf import import_hf
     return import_hf(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if paths.isdir(paths.join(path, "checkpoints")):
     return load_run(path)
   raise UserError(f"{path} holds neither checkpoints/ (an lmjax run) nor config.json "
                   "(a Hugging Face model)")
@@ -64,7 +68,7 @@ def load_run(workdir: str) -> Pretrained:
                     "to set damaged steps aside") from None
   finally:
     ckpt.close()
-  tokenizer = Tokenizer(os.path.join(workdir, "tokenizer.model"))
+  tokenizer = Tokenizer(paths.join(workdir, "tokenizer.model"))
   if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
     raise UserError(f"{workdir}/tokenizer.model is not the tokenizer the run was trained with")
   model = TransformerConfig(**meta["config"]["model"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -20,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lmjax import paths
 from lmjax.errors import UserError
 
 
@@ -98,42 +100,43 @@ def load_sweep(path: str) -> Sweep:
 def trial_args(config: str, trial: Trial, workdir: str, extra: Sequence[str]) -> list[str]:
   """`launch.train` arguments of one trial; `extra` (user overrides) come first."""
   overrides = [f"--config.{k}={v}" for k, v in trial.overrides.items()]
-  return [f"--config={config}", f"--workdir={os.path.join(workdir, trial.name)}", *extra,
+  return [f"--config={config}", f"--workdir={paths.join(workdir, trial.name)}", *extra,
           *overrides]
 
 
 def read_trial(trial_dir: str) -> dict[str, Any]:
   """Eval curve, final and best eval loss and median tokens/s from a trial's metrics.jsonl."""
-  path = os.path.join(trial_dir, "metrics.jsonl")
-  records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+  path = paths.join(trial_dir, "metrics.jsonl")
+  text = paths.read_bytes(path).decode() if paths.exists(path) else ""
+  records = [json.loads(line) for line in text.splitlines() if line.strip()]
   evals = [(r["step"], r["loss"]) for r in records if r["split"] == "eval"]
   speeds = [r["tokens_per_s"] for r in records if r["split"] == "train" and "tokens_per_s" in r]
   return {"curve": evals, "final_eval_loss": evals[-1][1] if evals else float("nan"),
           "best_eval_loss": min(l for _, l in evals) if evals else float("nan"),
           "tokens_per_s": statistics.median(speeds) if speeds else float("nan"),
-          "done": os.path.exists(os.path.join(trial_dir, "sweep_done.json"))}
+          "done": paths.exists(paths.join(trial_dir, "sweep_done.json"))}
 
 
 def summarize(workdir: str, trials: Sequence[Trial]) -> list[dict[str, Any]]:
   """Writes summary.csv, summary.md and loss_curves.png in `workdir`, best trial first."""
   rows = []
   for trial in trials:
-    info = read_trial(os.path.join(workdir, trial.name))
+    info = read_trial(paths.join(workdir, trial.name))
     rows.append({"trial": trial.name, "overrides": json.dumps(trial.overrides), **info})
   rows.sort(key=lambda r: (math.isnan(r["best_eval_loss"]), r["best_eval_loss"]))
   columns = ["trial", "overrides", "final_eval_loss", "best_eval_loss", "tokens_per_s", "done"]
-  with open(os.path.join(workdir, "summary.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, columns, extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(rows)
+  paths.write_atomic(paths.join(workdir, "summary.csv"), table.getvalue())
   lines = ["| rank | trial | overrides | final eval loss | best eval loss | tokens/s | done |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
   for rank, r in enumerate(rows, 1):
     lines.append(f"| {rank} | {r['trial']} | `{r['overrides']}` | {r['final_eval_loss']:.4f} | "
                  f"{r['best_eval_loss']:.4f} | {r['tokens_per_s']:,.0f} | {r['done']} |")
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  _plot(rows, os.path.join(workdir, "loss_curves.png"))
+  paths.write_atomic(paths.join(workdir, "summary.md"), "\n".join(lines) + "\n")
+  _plot(rows, paths.join(workdir, "loss_curves.png"))
   return rows
 
 
@@ -151,5 +154,7 @@ def _plot(rows: Sequence[Mapping[str, Any]], path: str) -> None:
   ax.set_title("eval loss by trial")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  image = io.BytesIO()
+  fig.savefig(image, format="png", dpi=100)
+  paths.write_atomic(path, image.getvalue())
   plt.close(fig)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import os
 from typing import Any, Callable
 
 import flax
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from lmjax import __version__, objectives
+from lmjax import __version__, objectives, paths
 from lmjax.checkpoint import Checkpointer
 from lmjax.data.batches import PackedDataset
 from lmjax.data.pipeline import build_datasets
@@ -182,7 +181,7 @@ def check_experiment(exp: Experiment, tokenizer_vocab: int, data_parallel: int) 
   if (t.batch_size // t.grad_accum_steps) % data_parallel:
     raise UserError(f"microbatch {t.batch_size // t.grad_accum_steps} is not divisible by the "
                     f"data-parallel size {data_parallel} (mesh data x fsdp)")
-  if t.init_from and not os.path.isdir(t.init_from):
+  if t.init_from and not paths.isdir(t.init_from):
     raise UserError(f"train.init_from={t.init_from} is not a directory (an lmjax run or a "
                     "Hugging Face model directory)")
   if t.lm_eval_tasks and (m.family != "decoder" or jax.process_count() > 1):
@@ -307,6 +306,7 @@ def setup_run(exp: Experiment, workdir: str) -> Run:
   run's parts; nothing is written to `workdir` before every check has passed."""
   workdir, tokenizer, mesh, (train_data, eval_data), fns, init_params = _checked_parts(
       exp, workdir)
+  paths.check_access(workdir, write=True)
   tokenizer = install_tokenizer(exp.data.tokenizer, workdir)
   meta = {"config": exp.to_dict(), "tokenizer_sha256": tokenizer.sha256,
           "lmjax_version": __version__}
@@ -316,11 +316,19 @@ def setup_run(exp: Experiment, workdir: str) -> Run:
              MetricsWriter(workdir, active=jax.process_index() == 0), meta, init_params)
 
 
+def resolve_workdir(workdir: str) -> str:
+  """The absolute path or bucket URL of a run directory, checked before anything is
+  written: a file, a bad bucket or missing credentials give one line."""
+  workdir = paths.resolve(workdir)
+  paths.check_access(workdir, write=False)
+  if paths.isfile(workdir):
+    raise UserError(f"--workdir {workdir} is a file; give a directory (new or an earlier run's)")
+  return workdir
+
+
 def _checked_parts(exp: Experiment, workdir: str) -> tuple:
   """Every check a run makes before it writes anything, and the parts they produce."""
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f"--workdir {workdir} is a file; give a directory (new or an earlier run's)")
+  workdir = resolve_workdir(workdir)
   t = exp.train
   tokenizer = install_tokenizer(exp.data.tokenizer, workdir, write=False)
   mesh = make_mesh(exp.mesh)
@@ -350,8 +358,7 @@ def dry_run(exp: Experiment, workdir: str) -> None:
 
 
 def _has_checkpoints(workdir: str) -> bool:
-  folder = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+  return any(name.isdigit() for name in paths.listdir(paths.join(workdir, "checkpoints")))
 
 
 def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
@@ -394,7 +401,7 @@ def train_loop(run: Run) -> dict[str, float]:
                      flops_per_token(exp.model, seq, exp.objective.predictions(seq)),
                      peak_flops(t.peak_flops_per_device) * jax.device_count(), t.steps)
   profiler = StepProfiler(t.profile_steps, t.steps,
-                          os.path.join(os.path.dirname(run.ckpt.directory), "tensorboard"))
+                          paths.join(paths.dirname(run.ckpt.directory), "tensorboard"))
   pending: list[Metrics] = []  # fetched from the device only at log steps
   skips = 0  # consecutive skipped (non-finite) steps
   eval_metrics: dict[str, float] = {}
@@ -449,15 +456,20 @@ class StepProfiler:
   def __init__(self, steps: tuple[int, ...], total: int, folder: str):
     self.first, self.last = (steps[0], min(steps[1], total)) if steps else (0, -1)
     self.folder = folder
+    self._local = folder  # a bucket's trace is written locally, then uploaded
 
   def before(self, step: int) -> None:
     if step == self.first:
-      jax.profiler.start_trace(self.folder)
+      self._local = paths.local_staging(self.folder)
+      jax.profiler.start_trace(self._local)
 
   def after(self, step: int, metrics: Any) -> None:
     if step == self.last:
       jax.block_until_ready(metrics)  # the traced steps' device work, in full
       jax.profiler.stop_trace()
+      if self._local != self.folder:
+        paths.put_tree(self._local, self.folder)
+        paths.remove_local_staging(self._local, self.folder)
       logging.info("profiled steps %d..%d into %s", self.first, step, self.folder)
 
 
@@ -467,7 +479,7 @@ def harness_metrics(run: Run, params: Any) -> dict[str, float]:
   from lmjax.data.tokenizer import Tokenizer
   from lmjax.pretrained import Pretrained
   t = run.exp.train
-  tokenizer = Tokenizer(os.path.join(os.path.dirname(run.ckpt.directory), "tokenizer.model"))
+  tokenizer = Tokenizer(paths.join(paths.dirname(run.ckpt.directory), "tokenizer.model"))
   source = Pretrained(run.exp.model, params, tokenizer, run.exp.objective.kind, "this run")
   results = harness.run(source, list(t.lm_eval_tasks), batch_size=8,
                         limit=t.lm_eval_limit or None, include_path=t.lm_eval_include_path or None)

@@ -360,7 +360,8 @@ def _copy_tokenizer(tokenizer: Any, directory: str) -> None:
       if os.path.isfile(os.path.join(origin, name)):
         shutil.copyfile(os.path.join(origin, name), os.path.join(directory, name))
   elif getattr(tokenizer, "path", None):  # weights without a tokenizer (benchmarks) have none
-    shutil.copyfile(tokenizer.path, os.path.join(directory, "tokenizer.model"))
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+      f.write(tokenizer.data)  # the bytes loaded, wherever the run directory is
     # For transformers: the same vocabulary as tokenizer.json (AutoTokenizer encodes and
     # decodes as SentencePiece does), its special tokens named so `generate` stops at this
     # vocabulary's own end of text.

@@ -55,6 +55,7 @@ class PackedDataset:
     tokens = np.zeros((n, t), np.int32)
     is_start = np.zeros((n, t), bool)  # a document begins here
     valid = np.asarray(window_ids) >= 0
+    self.source.prefetch(np.asarray(window_ids)[valid] * t, t)  # a bucket's ranges, all at once
     for r in np.flatnonzero(valid):
       self.source.window(int(window_ids[r]) * t, t, tokens[r], is_start[r])
     is_start[:, 0] = True  # a document begun before the window restarts at its edge

@@ -22,12 +22,14 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from absl import logging
 
+from lmjax import paths
 from lmjax.data import readers, store
 from lmjax.data.tokenizer import file_sha256
 from lmjax.errors import UserError
@@ -105,13 +107,17 @@ def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
     yield chunk
 
 
-def _complete(folder: str, name: str) -> dict[str, Any] | None:
-  """The shard's record if the shard is complete and its checksums hold."""
+def _complete(folder: str, name: str, itemsize: int) -> dict[str, Any] | None:
+  """The shard's record if the shard is complete and its checksums hold (in a bucket: its
+  sizes, which cost no download; objects are written whole, the record last)."""
   try:
-    with open(os.path.join(folder, f"{name}.json")) as f:
-      record = json.load(f)
-    ok = all(file_sha256(os.path.join(folder, f"{name}.{k}")) == record[f"{k}_sha256"]
-             for k in ("tokens", "docs"))
+    record = json.loads(paths.read_bytes(paths.join(folder, f"{name}.json")))
+    if paths.is_remote(folder):
+      sizes = {"tokens": record["tokens"] * itemsize, "docs": record["docs"] * 8}
+      ok = all(paths.getsize(paths.join(folder, f"{name}.{k}")) == sizes[k] for k in sizes)
+    else:
+      ok = all(file_sha256(os.path.join(folder, f"{name}.{k}")) == record[f"{k}_sha256"]
+               for k in ("tokens", "docs"))
   except (OSError, ValueError, KeyError):
     return None
   return record if ok else None
@@ -121,9 +127,9 @@ def write_shard(output: str, settings: Settings, job: dict[str, Any],
                 progress: Progress | None = None) -> dict[str, Any]:
   """Tokenizes one part into one shard (or finds it complete); returns its record and the
   worker's peak resident memory."""
-  folder = os.path.join(output, store.SHARDS)
+  folder = paths.join(output, store.SHARDS)
   name, part = job["name"], readers.Part(job["path"], *job["part"])
-  record = _complete(folder, name)
+  record = _complete(folder, name, store.token_dtype(settings.vocab_size).itemsize)
   reported = [0]
 
   def report(text_bytes: int, tokens: int) -> None:  # text read, capped at the part's size
@@ -146,7 +152,10 @@ def _tokenize_part(folder: str, name: str, part: readers.Part, settings: Setting
                    progress: Progress) -> dict[str, Any]:
   encode = _encoder(settings.tokenizer_kind, settings.tokenizer_data, settings.num_threads)
   dtype = store.token_dtype(settings.vocab_size)
-  tmp = {k: os.path.join(folder, f".{name}.{k}.{_tmp_tag()}") for k in ("tokens", "docs", "json")}
+  # Written locally first: in place for a local store, in the temp dir for a bucket's
+  # (then uploaded whole), so a worker's memory stays flat either way.
+  local = tempfile.gettempdir() if paths.is_remote(folder) else folder
+  tmp = {k: os.path.join(local, f".{name}.{k}.{_tmp_tag()}") for k in ("tokens", "docs", "json")}
   digests = {k: hashlib.sha256() for k in ("tokens", "docs")}
   offset = docs = 0
   try:
@@ -168,7 +177,7 @@ def _tokenize_part(folder: str, name: str, part: readers.Part, settings: Setting
     with open(tmp["json"], "w") as f:
       json.dump(record, f, sort_keys=True)
     for key in ("tokens", "docs", "json"):  # the record last: it marks the shard complete
-      os.replace(tmp[key], os.path.join(folder, f"{name}.{key}"))
+      paths.put_file(tmp[key], paths.join(folder, f"{name}.{key}"))
     return record
   finally:
     for path in tmp.values():
@@ -187,7 +196,10 @@ def _host() -> str:
 
 
 def _remove_stale(folder: str) -> None:
-  """Deletes temporary files of writers that died (this host) or stalled for a day."""
+  """Deletes temporary files of writers that died (this host) or stalled for a day (a
+  bucket has none: its objects arrive whole)."""
+  if paths.is_remote(folder):
+    return
   host = _host()
   for name in os.listdir(folder):
     tag = name.rpartition(".")[2]
@@ -414,7 +426,8 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> Summary:
     raise UserError(f"engine must be 'local' or 'ray', got {cfg.engine!r}")
   if not cfg.split_mb > 0:
     raise UserError(f"split_mb must be positive, got {cfg.split_mb}")
-  if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+  paths.check_access(cfg.output, write=True)
+  if paths.isfile(cfg.output):
     raise UserError(f"output {cfg.output} exists and is not a directory")
   files = readers.expand_inputs(cfg.inputs)
   tokenizer = load_tokenizer(cfg.tokenizer)
@@ -426,8 +439,8 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> Summary:
     jobs = _jobs(inputs, settings)
     if workers > 1 and len(jobs) == 1:  # one job runs here: let SentencePiece use the cores
       settings = dataclasses.replace(settings, num_threads=-1)
-    os.makedirs(os.path.join(cfg.output, store.SHARDS), exist_ok=True)
-    _remove_stale(os.path.join(cfg.output, store.SHARDS))
+    paths.makedirs(paths.join(cfg.output, store.SHARDS))
+    _remove_stale(paths.join(cfg.output, store.SHARDS))
     bar = _Bar(sum(i["size"] for i in inputs), show_progress)
     fn = write_shard if cfg.engine == "ray" else _local_write_shard
     try:
@@ -474,17 +487,14 @@ def _index(inputs, jobs, records, settings: Settings, cfg: PrepareConfig) -> dic
 
 
 def _write_index(output: str, index: dict[str, Any]) -> None:
-  tmp = os.path.join(output, f".{store.INDEX}.{_tmp_tag()}")
-  with open(tmp, "w") as f:
-    json.dump(index, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, os.path.join(output, store.INDEX))
+  paths.write_atomic(paths.join(output, store.INDEX),
+                     json.dumps(index, indent=1, sort_keys=True) + "\n")
   keep = {f"{s['name']}.{k}" for s in index["shards"] for k in ("tokens", "docs", "json")}
-  folder = os.path.join(output, store.SHARDS)
-  for name in os.listdir(folder):  # complete shards of inputs no longer listed
+  folder = paths.join(output, store.SHARDS)
+  for name in paths.listdir(folder):  # complete shards of inputs no longer listed
     if name not in keep and not name.startswith("."):
       try:
-        os.remove(os.path.join(folder, name))
+        paths.remove(paths.join(folder, name))
       except OSError:
         pass
   _remove_stale(folder)

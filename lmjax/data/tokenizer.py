@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from lmjax import paths
 from lmjax.errors import UserError
 
 USER_SYMBOLS = ("[MASK]", "[CLS]", "[SEP]", "\n")
@@ -51,14 +52,15 @@ class Tokenizer:
   """A loaded SentencePiece model: encode/decode, vocabulary size, special ids, sha256."""
 
   def __init__(self, path: str):
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise UserError(f"tokenizer file not found: {path} (train one with "
                       "`python -m launch.train_tokenizer`)")
     self.path = path
-    self.sha256 = file_sha256(path)
+    self.data = paths.read_bytes(path)  # local or in a bucket: loaded from memory
+    self.sha256 = hashlib.sha256(self.data).hexdigest()
     self._sp = spm.SentencePieceProcessor()
     try:
-      self._sp.load(path)
+      self._sp.LoadFromSerializedProto(self.data)
     except (RuntimeError, OSError) as e:
       raise UserError(f"tokenizer file {path} is not a valid SentencePiece model ({e})") from None
     piece = self._sp.piece_to_id
@@ -96,8 +98,7 @@ def load_tokenizer(path: str):
 def serialized(tokenizer) -> tuple[str, bytes]:
   """(kind, bytes) from which `encoder` rebuilds `tokenizer` in another process."""
   if isinstance(tokenizer, Tokenizer):
-    with open(tokenizer.path, "rb") as f:
-      return "sentencepiece", f.read()
+    return "sentencepiece", tokenizer.data
   return "huggingface", tokenizer.serialized()
 
 
@@ -165,11 +166,11 @@ def install_tokenizer(source: str, workdir: str, write: bool = True) -> Tokenize
   `write=False` only the checks run (the launcher validates everything before
   it writes anything).
   """
-  dest = os.path.join(workdir, "tokenizer.model")
-  if not source and not os.path.exists(dest):
+  dest = paths.join(workdir, "tokenizer.model")
+  if not source and not paths.exists(dest):
     raise UserError("no tokenizer given: set --config.data.tokenizer=PATH")
   wanted = Tokenizer(source) if source else None
-  if os.path.exists(dest):
+  if paths.exists(dest):
     installed = Tokenizer(dest)
     if wanted is not None and wanted.sha256 != installed.sha256:
       raise UserError(f"{source} differs from the tokenizer this workdir was trained with "
@@ -177,9 +178,6 @@ def install_tokenizer(source: str, workdir: str, write: bool = True) -> Tokenize
     return installed
   if not write:
     return wanted  # type: ignore[return-value]
-  os.makedirs(workdir, exist_ok=True)
-  tmp = f"{dest}.{os.getpid()}.tmp"  # processes sharing a workdir write identical bytes
-  with open(source, "rb") as src, open(tmp, "wb") as out:
-    out.write(src.read())
-  os.replace(tmp, dest)
+  paths.makedirs(workdir)
+  paths.write_atomic(dest, wanted.data)  # processes sharing a workdir write identical bytes
   return Tokenizer(dest)

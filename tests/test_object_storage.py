@@ -1,0 +1,250 @@
+"""Run directories and token stores in a bucket, against a real S3 API served here (moto).
+
+One ThreadedMotoServer serves this module; s3fs, boto3 (tensorboardX) and TensorStore
+(orbax) reach it through AWS_ENDPOINT_URL, as they would reach AWS or any S3 API.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lmjax import paths
+from lmjax.checkpoint import COMMIT_FILE, Checkpointer
+from lmjax.data import store
+from lmjax.data.batches import PackedDataset
+from lmjax.data.corpus import BUNDLED_DIR
+from lmjax.data.prepare import PrepareConfig, prepare
+from tiny import ROOT, TINY_OVERRIDES
+
+TIMEOUT = 300
+TOKENIZER = os.path.join(BUNDLED_DIR, "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def s3():
+  """An S3 endpoint on 127.0.0.1 and an s3fs client; the environment points everything at it."""
+  from moto.server import ThreadedMotoServer
+  server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+  server.start()
+  host, port = server.get_host_and_port()
+  env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+         "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+         "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  import s3fs
+  fs = s3fs.S3FileSystem(skip_instance_cache=True)
+  fs.mkdir("lmjax-test")
+  yield fs
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  server.stop()
+
+
+def _bucket(fs, name):
+  """A fresh prefix in the test bucket."""
+  fs.rm(f"lmjax-test/{name}", recursive=True) if fs.exists(f"lmjax-test/{name}") else None
+  return f"s3://lmjax-test/{name}"
+
+
+def _train_command(tmp_path, workdir, **values):
+  values = dict(TINY_OVERRIDES, **{"data.cache_dir": str(tmp_path / "cache"), **values})
+  return [sys.executable, "-m", "launch.train", "--config=experiments/clm_tiny.py",
+          f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in values.items()]]
+
+
+def _run(command):
+  proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _steps(fs, url):
+  """Committed steps in a bucket run's checkpoints/."""
+  folder = url[5:] + "/checkpoints"
+  names = [p.rsplit("/", 1)[1] for p in fs.ls(folder, refresh=True)] if fs.exists(folder) else []
+  return sorted(int(n) for n in names if n.isdigit() and fs.exists(f"{folder}/{n}/{COMMIT_FILE}"))
+
+
+def test_path_layer_behaves_alike_on_disk_and_in_a_bucket(s3, tmp_path):
+  for root in (str(tmp_path / "local"), _bucket(s3, "layer")):
+    paths.makedirs(paths.join(root, "a"))
+    paths.write_atomic(paths.join(root, "a", "x.json"), '{"v": 1}')
+    assert json.loads(paths.read_bytes(paths.join(root, "a", "x.json"))) == {"v": 1}
+    log = paths.JsonlAppender(paths.join(root, "m.jsonl"), min_interval=3600)
+    log.write("1\n")
+    log.write("2\n")
+    log.close()
+    again = paths.JsonlAppender(paths.join(root, "m.jsonl"))  # appends to what is there
+    again.write("3\n")
+    again.close()
+    assert paths.read_bytes(paths.join(root, "m.jsonl")) == b"1\n2\n3\n"
+    paths.move(paths.join(root, "a"), paths.join(root, "b"))
+    assert paths.listdir(root) == ["b", "m.jsonl"] and paths.isdir(paths.join(root, "b"))
+    assert paths.listdir(paths.join(root, "b")) == ["x.json"]
+    assert paths.getsize(paths.join(root, "b", "x.json")) == 8
+
+
+def test_store_in_a_bucket_reads_byte_ranges_through_a_bounded_cache(s3, tmp_path, monkeypatch):
+  inputs = (os.path.join(BUNDLED_DIR, "train.txt"),)
+  local, remote = str(tmp_path / "store"), _bucket(s3, "store")
+  for output in (local, remote):
+    prepare(PrepareConfig(inputs=inputs, output=output, tokenizer=TOKENIZER, begin=2, end=3,
+                          workers=1, split_mb=0.05), show_progress=False)
+  assert paths.read_bytes(paths.join(remote, store.INDEX)) == open(
+      os.path.join(local, store.INDEX), "rb").read()
+  cache = paths.BlockCache(max_bytes=8 << 12, block_bytes=1 << 12)  # 8 blocks of 4 KiB
+  monkeypatch.setattr(paths, "CACHE", cache)
+  on_disk, in_bucket = (store.TokenStore.open(p) for p in (local, remote))
+  assert type(in_bucket.shards[0]).__name__ == "_RemoteShard"
+  a, b = (PackedDataset(store.TokenSource(s.shards), 32, seed=3) for s in (on_disk, in_bucket))
+  for step in range(3):
+    want, got = a.batch(step, 8), b.batch(step, 8)
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+  total = sum(paths.getsize(paths.join(remote, store.SHARDS, f"{s.name}.tokens"))
+              for s in in_bucket.shards)
+  assert cache.size_bytes <= cache.max_bytes
+  assert 0 < cache.fetches * cache.block_bytes < total / 2  # ranges, not whole shards
+
+
+def test_bucket_workdir_survives_kill_9_and_resumes_bitwise(s3, tmp_path):
+  steps = 16
+  values = {"train.steps": steps, "train.checkpoint_every": 2, "train.log_every": 2}
+  straight = tmp_path / "straight"
+  _run(_train_command(tmp_path, straight, **values))
+  url = _bucket(s3, "killed")
+  rng = random.Random(0)
+  for attempt in range(2):
+    before = (_steps(s3, url) or [0])[-1]
+    proc = subprocess.Popen(_train_command(tmp_path, url, **values), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    while (_steps(s3, url) or [0])[-1] <= before and proc.poll() is None:
+      assert time.monotonic() < deadline, "no checkpoint reached the bucket"
+      time.sleep(0.1)
+    time.sleep(rng.uniform(0.0, 1.0))  # training or in the middle of an async save
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+  final = _run(_train_command(tmp_path, url, **values))
+  assert "resumed from s3://lmjax-test/killed/checkpoints" in final.stderr
+  folder = "lmjax-test/killed/checkpoints"
+  for name in (p.rsplit("/", 1)[1] for p in s3.ls(folder, refresh=True)):
+    assert name.isdigit() and s3.exists(f"{folder}/{name}/{COMMIT_FILE}"), name
+  a, b = Checkpointer(str(straight), async_save=False), Checkpointer(url, async_save=False)
+  sa, sb = a.restore_arrays(steps), b.restore_arrays(steps)
+  a.close()
+  b.close()
+  jax.tree.map(np.testing.assert_array_equal, sa, sb)  # params, optimizer state, step, rng
+  lines = s3.cat_file("lmjax-test/killed/metrics.jsonl").decode().splitlines()
+  assert json.loads(lines[-1])["step"] == steps
+  assert s3.find("lmjax-test/killed/tensorboard") and s3.exists("lmjax-test/killed/tokenizer.model")
+
+
+def test_damaged_and_unfinished_steps_in_a_bucket_are_set_aside(s3, tmp_path):
+  url = _bucket(s3, "damaged")
+  values = {"train.steps": 4, "train.checkpoint_every": 2}
+  _run(_train_command(tmp_path, url, **values))
+  assert _steps(s3, url) == [2, 4]
+  data = [p for p in s3.find(url[5:] + "/checkpoints/4/state") if "/d/" in p]
+  biggest = max(data, key=s3.size)
+  raw = bytearray(s3.cat_file(biggest))
+  raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(b ^ 0xFF for b in raw[len(raw) // 2:][:64])
+  s3.pipe_file(biggest, bytes(raw))  # step 4: flipped bytes
+  s3.pipe_file(url[5:] + "/checkpoints/6/state/_METADATA", b"{}")  # step 6: no commit file
+  resumed = _run(_train_command(tmp_path, url, **{**values, "train.steps": 6}))
+  assert "resumed from s3://lmjax-test/damaged/checkpoints step 2" in resumed.stderr
+  aside = [p.rsplit("/", 1)[1] for p in s3.ls(url[5:] + "/checkpoints_damaged", refresh=True)]
+  assert sorted(n.split(".")[0] for n in aside) == ["4", "6"], aside
+  assert _steps(s3, url) == [2, 4, 6]
+
+
+def test_sigterm_saves_into_the_bucket(s3, tmp_path):
+  url = _bucket(s3, "sigterm")
+  proc = subprocess.Popen(_train_command(tmp_path, url, **{
+      "train.steps": 100000, "train.log_every": 2, "train.checkpoint_every": 100000}),
+      cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + TIMEOUT
+  while not s3.exists("lmjax-test/sigterm/metrics.jsonl"):
+    assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "preempted" in stderr, stderr[-2000:]
+  saved = _steps(s3, url)
+  assert len(saved) == 1 and saved[0] >= 2
+  lines = s3.cat_file("lmjax-test/sigterm/metrics.jsonl").decode().splitlines()
+  assert json.loads(lines[-1])["step"] <= saved[0]
+
+
+def test_store_prepared_into_a_bucket_trains(s3, tmp_path):
+  store_url, run_url = _bucket(s3, "prepared"), _bucket(s3, "from_store")
+  proc = subprocess.run([sys.executable, "-m", "launch.prepare_data", "--input",
+                         os.path.join(BUNDLED_DIR, "train.txt"), f"--tokenizer={TOKENIZER}",
+                         f"--output={store_url}", "--workers=2", "--split_mb=0.1"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  index = json.loads(s3.cat_file("lmjax-test/prepared/index.json"))
+  assert len(index["shards"]) > 1
+  out = _run(_train_command(tmp_path, run_url, **{"train.steps": 4, "data.train_files": store_url,
+                                                  "data.eval_files": store_url}))
+  assert "step 4/4" in out.stderr
+  assert not os.path.exists(tmp_path / "cache")  # nothing was tokenized again
+  evaluated = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--workdir={run_url}",
+                              "--data", os.path.join(BUNDLED_DIR, "valid.txt"),
+                              "--max_batches=1", "--seq_len=32"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  result = json.loads(s3.cat_file("lmjax-test/from_store/evaluation.json"))
+  assert result["model"] == f"{run_url} step 4" and result["loss"] > 0
+
+
+def test_two_processes_share_a_bucket_workdir(s3, tmp_path):
+  url = _bucket(s3, "multi")
+  local = [sys.executable, "-m", "launch.local", "--num_processes=2", "--devices_per_process=2",
+           "--"]
+  values = {"train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 2}
+  first = _run([*local, *_train_command(tmp_path, url, **values)[3:]])
+  assert "process 1 of 2" in first.stderr
+  assert _steps(s3, url) == [2, 4]
+  second = _run([*local, *_train_command(tmp_path, url, **{**values, "train.steps": 6})[3:]])
+  assert "resumed from s3://lmjax-test/multi/checkpoints step 4" in second.stderr
+  assert _steps(s3, url) == [2, 4, 6]
+  records = [json.loads(line) for line in s3.cat_file("lmjax-test/multi/metrics.jsonl").splitlines()]
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("workdir, env, says", [
+    ("s3://Bad_Bucket!/run", {}, "invalid bucket name"),
+    ("s3://no-such-bucket/run", {}, "check the bucket name"),
+    ("s3://lmjax-test/nocreds", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+                                 "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                                 "AWS_CONFIG_FILE": "/nonexistent"}, "no credentials found"),
+])
+def test_bad_bucket_or_missing_credentials_is_one_line(s3, tmp_path, workdir, env, says):
+  child = dict(os.environ)
+  for key, value in env.items():
+    child.pop(key, None) if value is None else child.__setitem__(key, value)
+  for command in (_train_command(tmp_path, workdir, **{"train.steps": 2}),
+                  [sys.executable, "-m", "launch.prepare_data", "--input",
+                   os.path.join(BUNDLED_DIR, "valid.txt"), f"--tokenizer={TOKENIZER}",
+                   f"--output={workdir}"]):
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+                          env=child)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
