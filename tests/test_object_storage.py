@@ -16,13 +16,15 @@ import jax
 import numpy as np
 import pytest
 
+from benchmarks.data_path import bucket_row, local_s3
 from lmjax import paths
 from lmjax.checkpoint import COMMIT_FILE, Checkpointer
 from lmjax.data import store
 from lmjax.data.batches import PackedDataset
 from lmjax.data.corpus import BUNDLED_DIR
 from lmjax.data.prepare import PrepareConfig, prepare
-from tiny import ROOT, TINY_OVERRIDES
+from lmjax.experiment import experiment_from_dict
+from tiny import ROOT, TINY_OVERRIDES, tiny_config
 
 TIMEOUT = 300
 TOKENIZER = os.path.join(BUNDLED_DIR, "tokenizer.model")
@@ -31,25 +33,9 @@ TOKENIZER = os.path.join(BUNDLED_DIR, "tokenizer.model")
 @pytest.fixture(scope="module")
 def s3():
   """An S3 endpoint on 127.0.0.1 and an s3fs client; the environment points everything at it."""
-  from moto.server import ThreadedMotoServer
-  server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-  server.start()
-  host, port = server.get_host_and_port()
-  env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-         "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-         "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
   import s3fs
-  fs = s3fs.S3FileSystem(skip_instance_cache=True)
-  fs.mkdir("lmjax-test")
-  yield fs
-  for key, value in saved.items():
-    if value is None:
-      os.environ.pop(key, None)
-    else:
-      os.environ[key] = value
-  server.stop()
+  with local_s3("lmjax-test"):
+    yield s3fs.S3FileSystem(skip_instance_cache=True)
 
 
 def _bucket(fs, name):
@@ -199,8 +185,10 @@ def test_store_prepared_into_a_bucket_trains(s3, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   index = json.loads(s3.cat_file("lmjax-test/prepared/index.json"))
   assert len(index["shards"]) > 1
+  s3.put_file(TOKENIZER, "lmjax-test/prepared/tok.model")  # the tokenizer in the bucket too
   out = _run(_train_command(tmp_path, run_url, **{"train.steps": 4, "data.train_files": store_url,
-                                                  "data.eval_files": store_url}))
+                                                  "data.eval_files": store_url,
+                                                  "data.tokenizer": f"{store_url}/tok.model"}))
   assert "step 4/4" in out.stderr
   assert not os.path.exists(tmp_path / "cache")  # nothing was tokenized again
   evaluated = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--workdir={run_url}",
@@ -248,3 +236,11 @@ def test_bad_bucket_or_missing_credentials_is_one_line(s3, tmp_path, workdir, en
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and says in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_data_path_benchmark_bucket_row(s3, tmp_path):
+  exp = experiment_from_dict(tiny_config("clm_tiny", tmp_path).to_dict())
+  row = bucket_row(exp, batches=3)
+  for where in ("disk", "s3"):
+    assert row[f"reader_{where}_tokens_per_s"] > 0
+    assert 0 < row[f"save_{where}_s"] < 60 and 0 < row[f"restore_{where}_s"] < 60

@@ -31,7 +31,7 @@ def commands(slice_: TpuSlice, train_args: Sequence[str], repo_dir: str) -> list
   archive = "/tmp/lmjax-src.tgz"
   remote = slice_.remote_dir
   install = (f"mkdir -p {remote} && tar xzf ~/lmjax-src.tgz -C {remote} && cd {remote} && "
-             "pip install -q -e . 'jax[tpu]'")
+             "pip install -q -e '.[tpu,gcs]'")  # gcsfs: pods share no disk, runs live in gs://
   train = f"cd {remote} && python -m launch.train {shlex.join(train_args)}"
   return [
       # The source only: virtual environments (GBs with torch and libtpu) and caches stay.
