@@ -35,7 +35,7 @@ setup(
         # accelerate: lm-eval's own `hf` model, the reference the adapter is tested against
         "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.40", "torch==2.13.0",
                  "ray>=2.9", "lm-eval>=0.4.5", "accelerate>=0.26", "jax[tpu]>=0.10",
-                 "s3fs>=2024.2", "moto[server]>=5.0"],  # a local S3 API for the bucket tests
+                 "s3fs>=2024.2", "gcsfs>=2024.2", "moto[server]>=5.0"],  # bucket tests
         "bench": ["transformers>=4.40", "torch==2.13.0"],
     },
 )

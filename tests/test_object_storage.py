@@ -23,6 +23,7 @@ from lmjax.data import store
 from lmjax.data.batches import PackedDataset
 from lmjax.data.corpus import BUNDLED_DIR
 from lmjax.data.prepare import PrepareConfig, prepare
+from lmjax.errors import UserError
 from lmjax.experiment import experiment_from_dict
 from tiny import ROOT, TINY_OVERRIDES, tiny_config
 
@@ -244,3 +245,22 @@ def test_data_path_benchmark_bucket_row(s3, tmp_path):
   for where in ("disk", "s3"):
     assert row[f"reader_{where}_tokens_per_s"] > 0
     assert 0 < row[f"save_{where}_s"] < 60 and 0 < row[f"restore_{where}_s"] < 60
+
+
+def test_bucket_urls_reach_their_filesystems_and_tensorstore_drivers(s3):
+  from orbax.checkpoint._src.path import gcs_utils
+  from orbax.checkpoint._src.serialization import tensorstore_utils as tsu
+  from lmjax.checkpoint import _teach_orbax_s3
+  _teach_orbax_s3()
+  import gcsfs
+  assert isinstance(paths.filesystem("gs://some-bucket/run")[0], gcsfs.GCSFileSystem)
+  assert type(paths.filesystem("s3://some-bucket/run")[0]).__name__ == "S3FileSystem"
+  assert tsu._normalize_path("s3://b/run/./x/") == "s3://b/run/x"
+  assert tsu._normalize_path("gs://b/run/x/") == "gs://b/run/x"
+  assert gcs_utils.get_kvstore_for_gcs("gs://b/run/x") == {"driver": "gcs", "bucket": "b",
+                                                            "path": "run/x"}
+  spec = gcs_utils.get_kvstore_for_gcs("s3://b/run/x")
+  assert spec == {"driver": "s3", "bucket": "b", "path": "run/x",
+                  "endpoint": os.environ["AWS_ENDPOINT_URL"], "aws_region": "us-east-1"}
+  with pytest.raises(UserError, match="no filesystem for nosuchscheme://"):
+    paths.filesystem("nosuchscheme://b/x")
