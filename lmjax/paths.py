@@ -82,7 +82,10 @@ def check_access(url: str, write: bool) -> None:
     return
   fs, path = filesystem(url)
   try:
-    fs.ls(path.split("/", 1)[0], detail=False)  # the bucket: exists, and we may list it
+    try:
+      fs.info(path.split("/", 1)[0])  # the bucket exists (a missing one fails here)
+    except PermissionError:  # object-level grants only: the probe below decides
+      pass
     if write:
       probe = posixpath.join(path, f".lmjax_probe.{os.getpid()}")
       fs.pipe_file(probe, b"")

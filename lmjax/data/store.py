@@ -91,6 +91,7 @@ class TokenSource:
   def __init__(self, shards: Sequence[Shard]):
     self.shards = list(shards)
     self.cum = np.cumsum([0] + [s.num_tokens for s in self.shards], dtype=np.int64)  # (S+1,)
+    self._remote = any(hasattr(s, "prefetch") for s in self.shards)
 
   @property
   def num_tokens(self) -> int:
@@ -107,6 +108,8 @@ class TokenSource:
 
   def prefetch(self, starts: Sequence[int], length: int) -> None:
     """Lets shards in a bucket fetch the token ranges of many windows at once."""
+    if not self._remote:
+      return
     wanted: dict[int, list[tuple[int, int]]] = {}
     for start in starts:
       for s, lo, hi in _spans(self.shards, self.cum, int(start), length):
