@@ -9,9 +9,10 @@
 Each document is [begin] ids [end]; a shard holds whole documents of one part of
 one input, in input order. The store's token stream is its shards back to back;
 a global offset maps to (shard, offset) through a cumulative table of shard
-sizes, and shards are memory-mapped (on disk) or read by byte ranges through a
-bounded block cache (in a bucket, `lmjax.paths.RangeFile`), so a reader's memory
-does not grow with the corpus. `python -m launch.prepare_data` writes stores (`lmjax/data/prepare.py`).
+sizes. Shards on disk are memory-mapped; shards in a bucket are read by byte
+ranges through a bounded block cache (`lmjax.paths.RangeFile`). Either way a
+reader's memory does not grow with the corpus. `python -m launch.prepare_data`
+writes stores (`lmjax/data/prepare.py`).
 """
 
 from __future__ import annotations
