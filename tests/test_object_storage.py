@@ -264,3 +264,21 @@ def test_bucket_urls_reach_their_filesystems_and_tensorstore_drivers(s3):
                   "endpoint": os.environ["AWS_ENDPOINT_URL"], "aws_region": "us-east-1"}
   with pytest.raises(UserError, match="no filesystem for nosuchscheme://"):
     paths.filesystem("nosuchscheme://b/x")
+
+
+def test_sweep_summary_in_a_bucket(s3):
+  from lmjax.sweep import Trial, read_trial, summarize
+  url = _bucket(s3, "sweep")
+  trials = [Trial("000_lr=0.1", {"optimizer.learning_rate": 0.1}),
+            Trial("001_lr=0.01", {"optimizer.learning_rate": 0.01})]
+  for trial, loss in zip(trials, (2.5, 2.0)):
+    lines = [{"step": 10, "split": "train", "loss": 3.0, "tokens_per_s": 100.0},
+             {"step": 10, "split": "eval", "loss": loss}]
+    s3.pipe_file(f"lmjax-test/sweep/{trial.name}/metrics.jsonl",
+                 "".join(json.dumps(r) + "\n" for r in lines).encode())
+  rows = summarize(url, trials)
+  assert [r["trial"] for r in rows] == ["001_lr=0.01", "000_lr=0.1"]
+  assert read_trial(paths.join(url, trials[1].name))["best_eval_loss"] == 2.0
+  for name in ("summary.csv", "summary.md", "loss_curves.png"):
+    assert s3.size(f"lmjax-test/sweep/{name}") > 0
+  assert "| 1 | 001_lr=0.01 |" in s3.cat_file("lmjax-test/sweep/summary.md").decode()
