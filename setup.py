@@ -36,6 +36,7 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.40", "torch==2.13.0",
                  "ray>=2.9", "lm-eval>=0.4.5", "accelerate>=0.26", "jax[tpu]>=0.10",
                  "s3fs>=2024.2", "gcsfs>=2024.2", "moto[server]>=5.0"],  # bucket tests
-        "bench": ["transformers>=4.40", "torch==2.13.0"],
+        # s3fs + moto: benchmarks.data_path --bucket times S3 against a local server
+        "bench": ["transformers>=4.40", "torch==2.13.0", "s3fs>=2024.2", "moto[server]>=5.0"],
     },
 )

@@ -30,6 +30,7 @@ from lmjax.data.batches import PackedDataset
 from lmjax.data.pipeline import delimiters
 from lmjax.data.prepare import PrepareConfig, prepare
 from lmjax.data.tokenizer import load_tokenizer
+from lmjax.errors import UserError
 from lmjax.experiment import experiment_from_dict
 from lmjax.sharding import batch_sharding
 
@@ -61,7 +62,10 @@ def step_rate(exp, steps: int) -> float:
 def local_s3(bucket: str = "lmjax-bench") -> Iterator[str]:
   """A moto S3 server on 127.0.0.1 with one bucket; the environment points s3fs, boto3 and
   TensorStore at it while the block runs. Yields "s3://BUCKET"."""
-  from moto.server import ThreadedMotoServer
+  try:
+    from moto.server import ThreadedMotoServer
+  except ImportError:
+    raise UserError('the S3 row needs a local S3 server: pip install -e ".[bench]"') from None
   server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
   server.start()
   host, port = server.get_host_and_port()
