@@ -17,6 +17,7 @@ import collections
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -186,10 +187,17 @@ def write_atomic(path: str, data: bytes | str) -> None:
     fs, p = filesystem(path)
     fs.pipe_file(p, data)
     return
-  tmp = f"{path}.{os.getpid()}.tmp"
+  folder, name = os.path.split(path)
+  tmp = os.path.join(folder, f".{name}.{tmp_tag()}")
   with open(tmp, "wb") as f:
     f.write(data)
   os.replace(tmp, path)
+
+
+def tmp_tag() -> str:
+  """The last dot-part of a temporary file's name: who writes it (hosts sharing a
+  directory never collide, and a later run can tell a dead writer's leftovers)."""
+  return f"tmp-{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 
 
 def put_file(local: str, dest: str) -> None:

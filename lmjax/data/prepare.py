@@ -155,7 +155,8 @@ def _tokenize_part(folder: str, name: str, part: readers.Part, settings: Setting
   # Written locally first: in place for a local store, in the temp dir for a bucket's
   # (then uploaded whole), so a worker's memory stays flat either way.
   local = tempfile.gettempdir() if paths.is_remote(folder) else folder
-  tmp = {k: os.path.join(local, f".{name}.{k}.{_tmp_tag()}") for k in ("tokens", "docs", "json")}
+  tag = paths.tmp_tag()
+  tmp = {k: os.path.join(local, f".{name}.{k}.{tag}") for k in ("tokens", "docs", "json")}
   digests = {k: hashlib.sha256() for k in ("tokens", "docs")}
   offset = docs = 0
   try:
@@ -183,12 +184,6 @@ def _tokenize_part(folder: str, name: str, part: readers.Part, settings: Setting
     for path in tmp.values():
       if os.path.exists(path):
         os.remove(path)
-
-
-def _tmp_tag() -> str:
-  """Temporary names say who writes them: hosts sharing a store never collide, and a rerun
-  can tell a dead writer's leftovers from a live one's work."""
-  return f"tmp-{_host()}-{os.getpid()}"
 
 
 def _host() -> str:
