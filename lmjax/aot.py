@@ -79,11 +79,14 @@ def compile_for_topology(exp: Experiment, topology: str, num_slices: int = 1
   layers) extrapolated to the real depth; memory comes from the real program.
   """
   devices = topology_devices(topology, num_slices)
-  # `auto` as it resolves on a TPU: bfloat16 and splash attention.
+  # `auto` as it resolves on a TPU: bfloat16, splash attention, an unfused head.
   model = exp.model.replace(dtype="bfloat16" if exp.model.dtype == "auto" else exp.model.dtype,
                             attention_impl="splash" if exp.model.attention_impl == "auto"
                             else exp.model.attention_impl)
-  exp = dataclasses.replace(exp, model=model)
+  objective = exp.objective  # `auto` fuses the vocabulary head on CPU only
+  if objective.fused_head == "auto":
+    objective = dataclasses.replace(objective, fused_head="off")
+  exp = dataclasses.replace(exp, model=model, objective=objective)
   # A TPU executable cannot be stored in (or read from) this host's persistent cache.
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
@@ -190,7 +193,7 @@ def _report(exp: Experiment, topology: str, n: int, compiled: Any, costs: dict[s
   seconds = max(costs["flops"] / peak, costs["bytes"] / HBM_BANDWIDTH[generation])
   return {
       "topology": topology, "devices": n, "chip_hbm_bytes": hbm,
-      "attention_impl": exp.model.attention_impl,
+      "attention_impl": exp.model.attention_impl, "fused_head": exp.objective.fused_head,
       "pallas_kernels": compiled.as_text().count("custom_call_target=\"tpu_custom_call\""),
       "memory_per_device": {**memory, "total": used}, "fits": used <= hbm,
       "flops_per_step": {"compiled": costs["flops"] * n, "formula": formula,

@@ -8,6 +8,7 @@ gradient accumulation over microbatches equals one large batch exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -35,6 +36,9 @@ class ObjectiveConfig:
   random_token_prob: float = 0.1  # of the selected: replaced by a random token; rest kept
   z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
   label_smoothing: float = 0.0
+  # Vocabulary head + loss fused over chunks of positions, never building the (B, T, V)
+  # logits (`fused_cross_entropy_sums`): auto (on CPU, where it is faster) | on | off.
+  fused_head: str = "auto"
 
   def __post_init__(self):
     if self.kind not in PRETRAINING + TASKS:
@@ -42,9 +46,19 @@ class ObjectiveConfig:
                        f"got {self.kind!r}")
     check_ranges("objective", self, non_negative=("z_loss", "mask_token_prob", "random_token_prob"),
                  fractions=("label_smoothing",))
+    if self.fused_head not in ("auto", "on", "off"):
+      raise ValueError(f"objective.fused_head must be auto, on or off, got {self.fused_head!r}")
     if not 0 < self.mask_rate < 1 or self.mask_token_prob + self.random_token_prob > 1:
       raise ValueError("objective: need 0 < mask_rate < 1 and mask_token_prob + "
                        "random_token_prob <= 1")
+
+  def use_fused_head(self) -> bool:
+    """Whether the train and eval steps fuse the vocabulary head into the loss. `auto`: on
+    CPU, where XLA's (N, V) logits matmuls and their transposes cost a third of a small
+    model's step; on TPU and GPU, fused matmuls of the full logits are the faster path."""
+    if self.fused_head == "auto":
+      return jax.default_backend() == "cpu"
+    return self.fused_head == "on"
 
   def predictions(self, seq_len: int) -> int:
     """Positions per row the vocabulary head runs on: all (CLM), the K MLM targets, or none
@@ -127,6 +141,129 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array, z_loss: fl
   correct = (target_logit >= top).astype(jnp.float32)
   return {"loss": jnp.sum(nll * weights), "objective": jnp.sum(objective * weights),
           "correct": jnp.sum(correct * weights), "weight": jnp.sum(weights)}
+
+
+# ------------------------------------------------------- vocabulary head fused into the loss
+
+
+@dataclasses.dataclass(frozen=True)
+class _FusedSpec:
+  vocab_first: bool  # weight (V, D) (a tied embedding) or (D, V) (a head kernel)
+  z_loss: float
+  label_smoothing: float
+  chunk: int  # positions per chunk, divides L
+
+
+def fused_cross_entropy_sums(features: Array, weight: Array, bias: Array | None,
+                             targets: Array, weights: Array, vocab_first: bool,
+                             z_loss: float = 0.0, label_smoothing: float = 0.0,
+                             chunk_elements: int = 1 << 20) -> dict[str, Array]:
+  """`cross_entropy_sums(features @ W + bias, ...)` without the (B, L, V) logits.
+
+  features (B, L, D) in the compute dtype; weight (V, D) if `vocab_first` else (D, V);
+  bias (V,) or None; targets, weights (B, L). Chunks of positions (about
+  `chunk_elements` logits each) are projected, reduced and differentiated in one pass:
+  under `jax.grad` the forward pass also leaves d/dfeatures, d/dW and d/dbias of the
+  objective, which the backward pass only scales, so neither the logits nor their
+  gradient ever exist whole. Only `objective` carries a gradient.
+  """
+  b, length = targets.shape
+  vocab = weight.shape[0 if vocab_first else 1]
+  chunk = max([c for c in range(1, length + 1)
+               if length % c == 0 and b * c * vocab <= chunk_elements] or [1])
+  spec = _FusedSpec(vocab_first, float(z_loss), float(label_smoothing), chunk)
+  objective, (loss, correct) = _fused_sums(features, weight, bias, targets, weights, spec)
+  return {"loss": jax.lax.stop_gradient(loss), "objective": objective,
+          "correct": jax.lax.stop_gradient(correct), "weight": jnp.sum(weights)}
+
+
+def _chunk_sums(spec: _FusedSpec, h: Array, w: Array, bias: Array | None, targets: Array,
+                weights: Array, grads: bool):
+  """Loss sums of one chunk (B, c) and, if `grads`, d/dlogits of the weighted objective."""
+  contract = ((h.ndim - 1,), (1 if spec.vocab_first else 0,))
+  logits = jax.lax.dot_general(h, w.astype(h.dtype), (contract, ((), ())),
+                               preferred_element_type=jnp.float32)  # (B, c, V)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  top = jnp.max(logits, axis=-1)
+  e = jnp.exp(logits - top[..., None])
+  z = jnp.sum(e, axis=-1)
+  log_z = top + jnp.log(z)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = log_z - target_logit
+  ls = spec.label_smoothing
+  objective = (1 - ls) * nll + ls * (log_z - jnp.mean(logits, axis=-1)) if ls else nll
+  if spec.z_loss:
+    objective = objective + spec.z_loss * jnp.square(log_z)
+  sums = (jnp.sum(objective * weights), jnp.sum(nll * weights),
+          jnp.sum((target_logit >= top) * weights))
+  if not grads:
+    return sums, None
+  # d objective / d logits = (1 + 2 z log Z) softmax - (1 - ls) onehot - ls / V, per weight.
+  scale = (1 + 2 * spec.z_loss * log_z) / z
+  onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == targets[..., None]
+  d = e * scale[..., None] - jnp.where(onehot, 1 - ls, 0.0) - ls / logits.shape[-1]
+  return sums, d * weights[..., None]
+
+
+def _fused_terms(h, w, bias, targets, weights, spec: _FusedSpec, grads: bool):
+  """Scans `_chunk_sums` over chunks of positions; returns the sums and, with `grads`,
+  (d features, d weight, d bias)."""
+  b, length, dim = h.shape
+  n = length // spec.chunk
+  split = lambda x: jnp.moveaxis(x.reshape(b, n, spec.chunk, *x.shape[2:]), 1, 0)
+  xs = (split(h), split(targets), split(weights))
+
+  def body(carry, x):
+    hc, tc, wc = x
+    sums, d = _chunk_sums(spec, hc, w, bias, tc, wc, grads)
+    carry = jax.tree.map(jnp.add, carry, sums)
+    if not grads:
+      return carry, None
+    dc = d.astype(h.dtype)
+    dh = jax.lax.dot_general(dc, w.astype(h.dtype), (((2,), (0 if spec.vocab_first else 1,)),
+                                                      ((), ())))  # (B, c, D)
+    rows = lambda x: x.reshape(-1, x.shape[-1])
+    pair = (rows(dc), rows(hc)) if spec.vocab_first else (rows(hc), rows(dc))
+    dw = jax.lax.dot_general(*pair, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)  # (V, D) or (D, V)
+    return carry, (dh, dw, jnp.sum(d, axis=(0, 1)))
+
+  zero = (jnp.zeros((), jnp.float32),) * 3
+  if not grads:
+    return jax.lax.scan(body, zero, xs)[0], None
+  # d weight accumulates in the carry, so only one (D, V) buffer is live.
+  def accumulate(carry, x):
+    sums, (dw_acc, db_acc) = carry
+    sums, (dh, dw, db) = body(sums, x)
+    return (sums, (dw_acc + dw, db_acc + db)), dh
+
+  acc = (jnp.zeros(w.shape, jnp.float32), jnp.zeros(w.shape[0 if spec.vocab_first else 1],
+                                                      jnp.float32))
+  (sums, (dw, db)), dh = jax.lax.scan(accumulate, (zero, acc), xs)
+  dh = jnp.moveaxis(dh, 0, 1).reshape(b, length, dim)
+  return sums, (dh, dw.astype(w.dtype), None if bias is None else db.astype(bias.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused_sums(h, w, bias, targets, weights, spec):
+  (objective, loss, correct), _ = _fused_terms(h, w, bias, targets, weights, spec, False)
+  return objective, (loss, correct)
+
+
+def _fused_sums_fwd(h, w, bias, targets, weights, spec):
+  (objective, loss, correct), grads = _fused_terms(h, w, bias, targets, weights, spec, True)
+  return (objective, (loss, correct)), grads
+
+
+def _fused_sums_bwd(spec, grads, cotangents):
+  g = cotangents[0]  # loss and correct leave through stop_gradient: no cotangent
+  dh, dw, db = grads
+  scale = lambda x: None if x is None else (g * x).astype(x.dtype)
+  return scale(dh), scale(dw), scale(db), None, None
+
+
+_fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
 
 
 def summarize(sums: dict[str, Array]) -> dict[str, Array]:

@@ -83,9 +83,14 @@ def loss_sums(model: nn.Module, params: Any, b: dict[str, Array], objective: Obj
     out = model.apply({"params": params}, b["tokens"], b["segment_ids"], b["token_types"],
                       rngs=rngs)
     return objectives.task_sums(objective.kind, out, b)
-  logits = model.apply({"params": params}, b["inputs"], b["segment_ids"], b["positions"],
-                       predict_at=b.get("predict_at"), rngs=rngs)  # (B, T or K, V) float32
-  return objectives.cross_entropy_sums(logits, b["targets"], b["weights"],
+  fused = objective.use_fused_head()
+  out = model.apply({"params": params}, b["inputs"], b["segment_ids"], b["positions"],
+                    predict_at=b.get("predict_at"), project=not fused, rngs=rngs)
+  if fused:  # out: the head's Projection; no (B, T, V) logits are built
+    return objectives.fused_cross_entropy_sums(
+        out.features, out.weight, out.bias, b["targets"], b["weights"], out.vocab_first,
+        objective.z_loss, objective.label_smoothing)
+  return objectives.cross_entropy_sums(out, b["targets"], b["weights"],  # (B, T or K, V)
                                        objective.z_loss, objective.label_smoothing)
 
 

@@ -77,7 +77,8 @@ def _assert_matches_reference(fn, q, k, v, seg, w, causal, prefix_len=None, tol=
 
 
 # Blocks of 16x8 and 8x16 over 37 tokens: several partial, skipped and diagonal blocks;
-# 64x64: one block longer than the row. MHA and GQA (two query heads per KV head).
+# 64x64: one block longer than the row, taken by the path that keeps its probabilities
+# (SAVED_PROBS_MAX_LEN). MHA and GQA (two query heads per KV head).
 @pytest.mark.parametrize("blocks", [(16, 8), (8, 16), (64, 64)])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("mode", ["causal", "bidirectional", "prefix"])

@@ -1,9 +1,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lmjax.objectives import (ObjectiveConfig, clm_targets, cross_entropy_sums,
-                              max_predictions, mlm_mask, summarize)
+                              fused_cross_entropy_sums, max_predictions, mlm_mask, summarize)
 
 SPECIAL = (0, 1, 2, 3, 4, 5, 6)
 MASK_ID, VOCAB = 4, 50
@@ -101,3 +102,55 @@ def test_mlm_mask_depends_only_on_the_key():
   c = mlm_mask(jax.random.PRNGKey(4), tokens, seg, cfg, MASK_ID, SPECIAL, VOCAB)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert not np.array_equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("vocab_first,with_bias,z_loss,smoothing", [
+    (True, False, 0.0, 0.0), (False, True, 1e-2, 0.1), (True, True, 0.0, 0.2),
+    (False, False, 1e-3, 0.0)])
+def test_fused_head_equals_logits_then_cross_entropy(vocab_first, with_bias, z_loss, smoothing):
+  b, length, d = 4, 12, 16
+  keys = jax.random.split(jax.random.PRNGKey(1), 5)
+  h = jax.random.normal(keys[0], (b, length, d))
+  w = jax.random.normal(keys[1], (VOCAB, d) if vocab_first else (d, VOCAB)) * 0.3
+  bias = jax.random.normal(keys[2], (VOCAB,)) if with_bias else None
+  targets = jax.random.randint(keys[3], (b, length), 0, VOCAB)
+  weights = (jax.random.uniform(keys[4], (b, length)) > 0.3).astype(jnp.float32)
+
+  def plain(h, w, bias):
+    logits = jnp.einsum("bld,vd->blv" if vocab_first else "bld,dv->blv", h, w)
+    logits = logits if bias is None else logits + bias
+    sums = cross_entropy_sums(logits, targets, weights, z_loss, smoothing)
+    return sums["objective"], sums
+
+  def fused(h, w, bias):  # 4 positions x 4 rows per chunk: 3 chunks
+    sums = fused_cross_entropy_sums(h, w, bias, targets, weights, vocab_first, z_loss,
+                                    smoothing, chunk_elements=16 * VOCAB)
+    return sums["objective"], sums
+
+  argnums = (0, 1, 2) if with_bias else (0, 1)
+  want_grads, want = jax.grad(plain, argnums, has_aux=True)(h, w, bias)
+  grads, got = jax.jit(jax.grad(fused, argnums, has_aux=True))(h, w, bias)
+  evaluated = jax.jit(lambda: fused(h, w, bias)[1])()  # no gradient: the plain scan
+  for key in ("loss", "objective", "correct", "weight"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+    np.testing.assert_allclose(evaluated[key], want[key], rtol=1e-5)
+  for a, e in zip(grads, want_grads):
+    np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_head_never_builds_the_logits():
+  n, d, vocab = 4096, 64, 8192  # logits: 128 MiB in float32
+  h = jnp.zeros((8, n // 8, d))
+  w = jnp.zeros((vocab, d))
+  targets, weights = jnp.zeros((8, n // 8), jnp.int32), jnp.ones((8, n // 8))
+  logits_bytes = n * vocab * 4
+
+  def temp_bytes(loss):
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  plain = temp_bytes(lambda h, w: cross_entropy_sums(
+      jnp.einsum("bld,vd->blv", h, w), targets, weights)["objective"])
+  fused = temp_bytes(lambda h, w: fused_cross_entropy_sums(
+      h, w, None, targets, weights, True)["objective"])
+  assert plain >= logits_bytes and fused < logits_bytes / 8, (plain, fused)

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import os
 
@@ -171,3 +172,28 @@ def test_run_stops_after_consecutive_non_finite_steps(tmp_path):
   saved = ckpt.restore_arrays(ckpt.latest_step())
   ckpt.close()
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
+
+
+@pytest.mark.parametrize("kind,tied", [("clm", True), ("clm", False), ("mlm", True),
+                                       ("mlm", False)])
+def test_fused_head_trains_as_the_logits_path(kind, tied):
+  """objective.fused_head=on and off take the same steps: same metrics and parameters."""
+  runs = []
+  for mode in ("off", "on"):
+    fns = _fns(kind, 1)
+    cfg = fns.model.cfg.replace(tie_embeddings=tied, use_bias=not tied)
+    fns = dataclasses.replace(fns, model=build_model(cfg), eval_model=build_model(cfg),
+                              objective=ObjectiveConfig(kind=kind, fused_head=mode, z_loss=1e-3))
+    state = _init(fns)
+    step = jax.jit(functools.partial(train_lib.train_step, fns))
+    for _ in range(3):
+      state, metrics = step(state, _batch())
+    evaluated = jax.jit(functools.partial(train_lib.eval_step, fns))(
+        state.params, _batch(), jax.random.PRNGKey(0))
+    runs.append((state.params, metrics, evaluated))
+  (a, ma, ea), (b, mb, eb) = runs
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=3e-5, rtol=1e-4), a, b)
+  for key in ("loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose(ma[key], mb[key], rtol=1e-5)
+  for key in ea:
+    np.testing.assert_allclose(ea[key], eb[key], rtol=1e-5)

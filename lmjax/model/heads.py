@@ -2,20 +2,60 @@
 
 `DecoderLM` (GPT-2 / LLaMA style) predicts the next token; `EncoderMLM` (BERT
 style) predicts masked tokens through BERT's transform + tied decoder head.
-Both return float32 logits (B, T, V) so losses are computed in full precision.
+Both return float32 logits (B, T, V) so losses are computed in full precision, or,
+with `project=False`, the head's `Projection` (features and weights) for a loss that
+fuses the vocabulary matmul.
 """
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lmjax.model.config import TransformerConfig
-from lmjax.model.layers import ACTIVATIONS, Norm, dense, zeros_init
+from lmjax.model.layers import ACTIVATIONS, Norm, dense, normal_init, zeros_init
 from lmjax.model.transformer import Transformer
 
 Array = jax.Array
+
+
+@flax.struct.dataclass
+class Projection:
+  """A vocabulary head before its last matmul: what a loss that fuses the projection
+  (`objectives.fused_cross_entropy_sums`) takes instead of logits."""
+
+  features: Array  # (B, L, D), compute dtype
+  weight: Array  # (V, D) if vocab_first (a tied embedding) else (D, V)
+  bias: Array | None  # (V,)
+  vocab_first: bool = flax.struct.field(pytree_node=False)
+
+  def logits(self) -> Array:
+    """features @ W + bias: (B, L, V) float32."""
+    h = self.features
+    contract = ((h.ndim - 1,), (1 if self.vocab_first else 0,))
+    logits = jax.lax.dot_general(h, self.weight.astype(h.dtype), (contract, ((), ())),
+                                 preferred_element_type=jnp.float32)
+    return logits if self.bias is None else logits + self.bias.astype(jnp.float32)
+
+
+class VocabKernel(nn.Module):
+  """An untied vocabulary projection's parameters (kernel (D, V), optional bias), kept
+  whole so a fused loss can take them; applied through `Projection`."""
+
+  cfg: TransformerConfig
+  use_bias: bool
+
+  def setup(self):
+    cfg = self.cfg
+    self.kernel = self.param("kernel", normal_init(cfg.init_std, ("embed", "vocab")),
+                             (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
+    self.bias = (self.param("bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
+                 if self.use_bias else None)
+
+  def __call__(self, h: Array) -> Projection:
+    return Projection(h, self.kernel, self.bias, vocab_first=False)
 
 
 class LanguageModel(nn.Module):
@@ -28,43 +68,43 @@ class LanguageModel(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, segment_ids: Array | None = None,
                positions: Array | None = None, token_types: Array | None = None,
-               prefix_len: Array | None = None, predict_at: Array | None = None) -> Array:
-    """`predict_at` (B, K): positions to return logits for (MLM targets); default all."""
+               prefix_len: Array | None = None, predict_at: Array | None = None,
+               project: bool = True) -> Array | Projection:
+    """`predict_at` (B, K): positions to return logits for (MLM targets); default all.
+    `project=False` returns the head's `Projection` instead of logits."""
     backbone = Transformer(self.cfg, self.deterministic, self.decode, name="transformer")
     h = backbone(tokens, segment_ids, positions, token_types, prefix_len)  # (B, T, D)
     if predict_at is not None:
       h = jnp.take_along_axis(h, predict_at[..., None], axis=1)  # (B, K, D)
-    logits = self.head(backbone, h).astype(jnp.float32)
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    head = self.head(backbone, h)
+    if not project:
+      return head
+    return nn.with_logical_constraint(head.logits(), ("batch", "length", "vocab"))
 
-  def head(self, backbone: Transformer, h: Array) -> Array:
+  def head(self, backbone: Transformer, h: Array) -> Projection:
     raise NotImplementedError
 
 
 class DecoderLM(LanguageModel):
   """Causal Transformer with a (tied or untied) LM head."""
 
-  def head(self, backbone: Transformer, h: Array) -> Array:
-    cfg = self.cfg
-    if cfg.tie_embeddings:
-      return backbone.attend(h)
-    return dense(cfg, cfg.vocab_size, 1, ("embed", "vocab"), ("vocab",), "lm_head")(h)
+  def head(self, backbone: Transformer, h: Array) -> Projection:
+    if self.cfg.tie_embeddings:
+      return Projection(h, backbone.embedding_table(), None, vocab_first=True)
+    return VocabKernel(self.cfg, self.cfg.use_bias, name="lm_head")(h)
 
 
 class EncoderMLM(LanguageModel):
   """Bidirectional Transformer with BERT's MLM head (dense, activation, norm, tied decoder)."""
 
-  def head(self, backbone: Transformer, h: Array) -> Array:
+  def head(self, backbone: Transformer, h: Array) -> Projection:
     cfg = self.cfg
     h = dense(cfg, cfg.d_model, 1, ("embed", None), (None,), "transform")(h)
     h = Norm(cfg, name="transform_norm")(ACTIVATIONS[cfg.activation](h))
-    if cfg.tie_embeddings:
-      logits = backbone.attend(h)
-    else:
-      logits = dense(cfg.replace(use_bias=False), cfg.vocab_size, 1, ("embed", "vocab"), (),
-                     "decoder")(h)
     bias = self.param("output_bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
-    return logits.astype(jnp.float32) + bias.astype(jnp.float32)  # (B, T, V)
+    if cfg.tie_embeddings:
+      return Projection(h, backbone.embedding_table(), bias, vocab_first=True)
+    return Projection(h, VocabKernel(cfg, False, name="decoder").kernel, bias, vocab_first=False)
 
 
 class SequenceClassifier(nn.Module):

@@ -158,7 +158,3 @@ class Embeddings(nn.Module):
       x = self.norm(x)
     x = self.dropout(x, deterministic=self.deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-  def attend(self, x: Array) -> Array:
-    """Tied output projection: (B, T, D) -> (B, T, V)."""
-    return self.tokens.attend(x)

@@ -119,8 +119,9 @@ class Transformer(nn.Module):
       x = self.final_norm(x)
     return x
 
-  def attend(self, x: Array) -> Array:
-    return self.embed.attend(x)  # (B, T, V)
+  def embedding_table(self) -> Array:
+    """The token embedding (V, D), which a tied head projects onto."""
+    return self.embed.tokens.embedding
 
 
 def stack_layers(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
