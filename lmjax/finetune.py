@@ -29,7 +29,7 @@ from lmjax.distributed import RuntimeConfig
 from lmjax.errors import UserError
 from lmjax.experiment import Experiment, TrainConfig, section_from_dict
 from lmjax.metrics import MetricsWriter
-from lmjax.model import SequenceClassifier, SpanExtractor
+from lmjax.model import SequenceClassifier, SpanExtractor, TransformerConfig
 from lmjax.objectives import TASKS, ObjectiveConfig
 from lmjax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 from lmjax.sharding import MeshConfig, check_rules, make_mesh
@@ -172,9 +172,9 @@ class TaskDataset:
 # ----------------------------------------------------------------------------- the run
 
 
-def task_model(exp: FinetuneExperiment, source: pretrained.Pretrained, num_labels: int,
+def task_model(exp: FinetuneExperiment, cfg: TransformerConfig, num_labels: int,
                deterministic: bool):
-  cfg = source.model.replace(dropout_rate=exp.task.dropout_rate)
+  """The task's head on a backbone configured by `cfg` (the source's, as the run has it)."""
   if exp.task.kind == "qa":
     return SpanExtractor(cfg, deterministic)
   return SequenceClassifier(cfg, 1 if exp.task.kind == "regression" else num_labels,
@@ -200,10 +200,12 @@ def build_run(exp: FinetuneExperiment, init_from: str, workdir: str, dry: bool =
   run_exp = Experiment(model=model_cfg, data=DataConfig(seq_len=exp.task.seq_len),
                        objective=ObjectiveConfig(kind=exp.task.kind), optimizer=exp.optimizer,
                        train=t, mesh=exp.mesh, runtime=exp.runtime)
+  config = run_exp.to_dict()
+  run_exp = train_lib.resolve_auto_dtype(run_exp, workdir)
   mesh = make_mesh(exp.mesh)
   train_lib.check_experiment(run_exp, 0, mesh.shape["data"] * mesh.shape["fsdp"])
-  fns = train_lib.StepFns(task_model(exp, source, len(labels), exp.task.dropout_rate == 0),
-                          task_model(exp, source, len(labels), True),
+  fns = train_lib.StepFns(task_model(exp, run_exp.model, len(labels), exp.task.dropout_rate == 0),
+                          task_model(exp, run_exp.model, len(labels), True),
                           make_optimizer(exp.optimizer, t.steps),
                           learning_rate_schedule(exp.optimizer, t.steps), run_exp.objective,
                           source.tokenizer.special, t.grad_accum_steps)
@@ -213,9 +215,9 @@ def build_run(exp: FinetuneExperiment, init_from: str, workdir: str, dry: bool =
                                                 (1, exp.task.seq_len)))
     init_params = pretrained.merge_params(train_lib.unbox(abstract.params), source.params,
                                           init_from, may_be_new=_head)
-  meta = {"config": run_exp.to_dict(), "task": exp.to_dict()["task"], "init_from": init_from,
+  meta = {"config": config, "task": exp.to_dict()["task"], "init_from": init_from,
           "labels": list(labels), "tokenizer_sha256": source.tokenizer.sha256,
-          "lmjax_version": __version__}
+          "lmjax_version": __version__, **train_lib.auto_dtype_meta(config, run_exp)}
   train_data = TaskDataset(train_arrays, t.seed)
   if dry:  # trace one step on abstract arrays: shapes and dtypes only, nothing written
     with jax.set_mesh(mesh), nn.logical_axis_rules(exp.mesh.rules):

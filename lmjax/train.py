@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import json
 from typing import Any, Callable
 
 import flax
@@ -29,7 +30,7 @@ from lmjax.data.tokenizer import SpecialTokens, install_tokenizer
 from lmjax.errors import UserError
 from lmjax.experiment import NON_ARCHITECTURE_FIELDS, Experiment, architecture
 from lmjax.metrics import MetricsWriter, Throughput, flops_per_token, peak_flops
-from lmjax.model import build_model
+from lmjax.model import build_model, precision
 from lmjax.objectives import ObjectiveConfig
 from lmjax.optim import learning_rate_schedule, make_optimizer
 from lmjax.preemption import PreemptionWatch
@@ -309,12 +310,13 @@ class Run:
 def setup_run(exp: Experiment, workdir: str) -> Run:
   """Validates the experiment against tokenizer, devices and `init_from`, then builds the
   run's parts; nothing is written to `workdir` before every check has passed."""
-  workdir, tokenizer, mesh, (train_data, eval_data), fns, init_params = _checked_parts(
+  config = exp.to_dict()  # as given: `auto` stays auto for whoever loads the run later
+  exp, workdir, tokenizer, mesh, (train_data, eval_data), fns, init_params = _checked_parts(
       exp, workdir)
   paths.check_access(workdir, write=True)
   tokenizer = install_tokenizer(exp.data.tokenizer, workdir)
-  meta = {"config": exp.to_dict(), "tokenizer_sha256": tokenizer.sha256,
-          "lmjax_version": __version__}
+  meta = {"config": config, "tokenizer_sha256": tokenizer.sha256,
+          "lmjax_version": __version__, **auto_dtype_meta(config, exp)}
   t = exp.train
   return Run(exp, fns, mesh, train_data, eval_data,
              Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoints),
@@ -332,8 +334,10 @@ def resolve_workdir(workdir: str) -> str:
 
 
 def _checked_parts(exp: Experiment, workdir: str) -> tuple:
-  """Every check a run makes before it writes anything, and the parts they produce."""
+  """Every check a run makes before it writes anything, and the parts they produce (the
+  experiment first, with `auto` dtype resolved)."""
   workdir = resolve_workdir(workdir)
+  exp = resolve_auto_dtype(exp, workdir)
   t = exp.train
   tokenizer = install_tokenizer(exp.data.tokenizer, workdir, write=False)
   mesh = make_mesh(exp.mesh)
@@ -347,13 +351,47 @@ def _checked_parts(exp: Experiment, workdir: str) -> tuple:
   if t.init_from and not _has_checkpoints(workdir):
     abstract = jax.eval_shape(functools.partial(init_state, fns, t.seed, (1, exp.data.seq_len)))
     init_params = pretrained_params(exp, unbox(abstract.params), tokenizer.sha256)
-  return workdir, tokenizer, mesh, datasets, fns, init_params
+  return exp, workdir, tokenizer, mesh, datasets, fns, init_params
+
+
+AUTO_DTYPE_KEY = "cpu_auto_dtype"
+
+
+def resolve_auto_dtype(exp: Experiment, workdir: str) -> Experiment:
+  """`model.dtype=auto` on CPU, fixed for the run: measured once (process 0) when it
+  starts, read back from its newest checkpoint when it resumes (`auto_dtype_meta` writes
+  it beside each checkpoint), so a resume computes as the run did before."""
+  if exp.model.dtype != "auto" or jax.default_backend() != "cpu":
+    return exp  # TPU and GPU: `auto` is bfloat16, no measurement
+  dtype = precision.run_dtype(_saved_dtype(workdir))
+  logging.info("model.dtype=auto computes in %s on this CPU", dtype)
+  return dataclasses.replace(exp, model=exp.model.replace(dtype=dtype))
+
+
+def auto_dtype_meta(config: dict[str, Any], exp: Experiment) -> dict[str, str]:
+  """The checkpoint metadata entry that remembers what `auto` resolved to on CPU."""
+  if config["model"]["dtype"] == "auto" and exp.model.dtype != "auto":
+    return {AUTO_DTYPE_KEY: exp.model.dtype}
+  return {}
+
+
+def _saved_dtype(workdir: str) -> str | None:
+  """What `auto` computed in, from the newest readable checkpoint's metadata, if any."""
+  folder = paths.join(workdir, "checkpoints")
+  steps = sorted((int(n) for n in paths.listdir(folder) if n.isdigit()), reverse=True)
+  for step in steps:
+    try:
+      meta = json.loads(paths.read_bytes(paths.join(folder, str(step), "meta", "metadata")))
+      return meta.get(AUTO_DTYPE_KEY)
+    except (OSError, ValueError, TypeError, AttributeError):
+      continue  # a damaged step: restore_or_init sets it aside
+  return None
 
 
 def dry_run(exp: Experiment, workdir: str) -> None:
   """Every check of a real start, then the train step traced on abstract arrays (shapes
   and dtypes, no compilation, nothing written): a config that passes will start."""
-  _, _, mesh, (train_data, _), fns, _ = _checked_parts(exp, workdir)
+  exp, _, _, mesh, (train_data, _), fns, _ = _checked_parts(exp, workdir)
   t = exp.train
   with jax.set_mesh(mesh), nn.logical_axis_rules(exp.mesh.rules):
     state = jax.eval_shape(lambda: unbox(init_state(fns, t.seed, (1, exp.data.seq_len))))

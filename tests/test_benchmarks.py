@@ -48,6 +48,7 @@ def test_benchmark_suite_times_clm_tiny_as_shipped_against_pytorch(tmp_path):
   steps = result["tiny"]["step_s"]
   assert steps["lmjax"] > 0 and steps["torch_f32"] > 0
   assert result["tiny"]["ratio"] == steps["lmjax"] / steps["torch_f32"]
+  assert result["tiny"]["dtype"] == "float32"  # the suite's LMJAX_CPU_DTYPE, passed on
   assert [t["target"] for t in result["targets"]] == ["clm_tiny step <= PyTorch f32"]
 
 

@@ -8,7 +8,8 @@ Key blocks entirely above the causal diagonal are never visited (the loop bound)
 and blocks in which no query may see any key (another packed document, padding)
 are skipped by a `lax.cond`. The backward pass recomputes the probabilities block
 by block from the saved log-sum-exp (FlashAttention-2), so the forward pass keeps
-only q, k, v, the output and one float per query and head.
+only q, k, v, the output and one float per query and head. Rows short enough to be one
+block (`SAVED_PROBS_MAX_LEN`) keep their probabilities instead: cheaper than recomputing.
 
 Layout: the G query heads that share a KV head are folded into the rows of a
 query block, (B, K, bq * G, Dh), so every matmul is a plain batched (B, K) matmul
@@ -224,9 +225,10 @@ def _short_bwd(spec, res, d_out):
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
   dv = jnp.einsum("bkqs,bkqd->bksd", p, d_out, **f32)
   dp = jnp.einsum("bkqd,bksd->bkqs", d_out, v, **f32)
-  ds = (p * (dp - delta) * q.shape[-1] ** -0.5).astype(q.dtype)
-  dq = jnp.einsum("bkqs,bksd->bkqd", ds, k, **f32)
-  dk = jnp.einsum("bkqs,bkqd->bksd", ds, q, **f32)
+  ds = (p * (dp - delta)).astype(q.dtype)
+  scale = q.shape[-1] ** -0.5  # on the (T, D) operands: XLA's CPU matmul fusions would
+  dq = jnp.einsum("bkqs,bksd->bkqd", ds, k * scale, **f32)  # build a (T, T) array of it
+  dk = jnp.einsum("bkqs,bkqd->bksd", ds, q * scale, **f32)
   no_grad = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad(seg),
           no_grad(prefix_len))

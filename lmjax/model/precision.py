@@ -8,6 +8,11 @@ Transformer layer does, an MLP forward and backward at width 256 on 1,024 tokens
 float32 master weights, in both dtypes; bfloat16 wins only at >= 1.2x. Measured
 once per process (~0.5 s). LMJAX_CPU_DTYPE=float32|bfloat16 skips the measurement
 (the test suite pins float32: its tolerances are float32's).
+
+A measurement near the margin can come out either way (the probe's ratio moved from
+0.62 to 1.15 between processes on one machine), so a run measures once, on process 0,
+and keeps the answer: `run_dtype` gives every process the same dtype, and a resumed run
+the dtype it was started with.
 """
 
 from __future__ import annotations
@@ -63,3 +68,16 @@ def cpu_auto_dtype() -> str:
     raise UserError(f"{ENV}={choice!r}: expected float32 or bfloat16 (or unset to measure)")
   seconds = measure()
   return "bfloat16" if seconds["float32"] >= MARGIN * seconds["bfloat16"] else "float32"
+
+
+def run_dtype(saved: str | None) -> str:
+  """What `auto` means on CPU for a whole run: the dtype its checkpoints were trained in
+  (`saved`, a resume), else process 0's measurement, the same on every process."""
+  if saved in ("float32", "bfloat16"):
+    return saved
+  choice = cpu_auto_dtype() if jax.process_index() == 0 else "float32"
+  if jax.process_count() > 1:  # processes that measured differently would compile different steps
+    from jax.experimental import multihost_utils
+    code = multihost_utils.broadcast_one_to_all(np.int32(choice == "bfloat16"))
+    choice = "bfloat16" if int(code) else "float32"
+  return choice
