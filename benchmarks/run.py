@@ -31,7 +31,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -132,7 +131,7 @@ def run_tiny(quick: bool) -> dict:
                            5 if quick else 7)
   per_step = {k: v[0] / steps for k, v in times.items()}
   ratio = per_step["lmjax"] / per_step["torch_f32"]
-  dtype = jnp.dtype(model.compute_dtype).name  # what `auto` measured for this process
+  dtype = model.resolved_dtype  # what `auto` measured for this process
   print(f"   clm_tiny ({dtype}): lmjax {per_step['lmjax'] * 1e3:.0f} ms/step, PyTorch f32 "
         f"{per_step['torch_f32'] * 1e3:.0f} ms: {ratio:.2f}x")
   return {"step_s": per_step, "ratio": ratio, "dtype": dtype}

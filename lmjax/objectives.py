@@ -152,12 +152,14 @@ class _FusedSpec:
   z_loss: float
   label_smoothing: float
   chunk: int  # positions per chunk, divides L
+  operands: str  # dtype of the projection's operands (sums in float32)
 
 
 def fused_cross_entropy_sums(features: Array, weight: Array, bias: Array | None,
                              targets: Array, weights: Array, vocab_first: bool,
                              z_loss: float = 0.0, label_smoothing: float = 0.0,
-                             chunk_elements: int = 1 << 20) -> dict[str, Array]:
+                             chunk_elements: int = 1 << 20,
+                             matmul_dtype: jnp.dtype | None = None) -> dict[str, Array]:
   """`cross_entropy_sums(features @ W + bias, ...)` without the (B, L, V) logits.
 
   features (B, L, D) in the compute dtype; weight (V, D) if `vocab_first` else (D, V);
@@ -165,13 +167,16 @@ def fused_cross_entropy_sums(features: Array, weight: Array, bias: Array | None,
   `chunk_elements` logits each) are projected, reduced and differentiated in one pass:
   under `jax.grad` the forward pass also leaves d/dfeatures, d/dW and d/dbias of the
   objective, which the backward pass only scales, so neither the logits nor their
-  gradient ever exist whole. Only `objective` carries a gradient.
+  gradient ever exist whole. Only `objective` carries a gradient. `matmul_dtype`: the
+  operands of the projection and of d/dfeatures (default: the features' dtype); d/dW is
+  summed from float32 values, as in `precision.mixed_matmul`.
   """
   b, length = targets.shape
   vocab = weight.shape[0 if vocab_first else 1]
   chunk = max([c for c in range(1, length + 1)
                if length % c == 0 and b * c * vocab <= chunk_elements] or [1])
-  spec = _FusedSpec(vocab_first, float(z_loss), float(label_smoothing), chunk)
+  operands = jnp.dtype(matmul_dtype or features.dtype).name
+  spec = _FusedSpec(vocab_first, float(z_loss), float(label_smoothing), chunk, operands)
   objective, (loss, correct) = _fused_sums(features, weight, bias, targets, weights, spec)
   return {"loss": jax.lax.stop_gradient(loss), "objective": objective,
           "correct": jax.lax.stop_gradient(correct), "weight": jnp.sum(weights)}
@@ -181,7 +186,8 @@ def _chunk_sums(spec: _FusedSpec, h: Array, w: Array, bias: Array | None, target
                 weights: Array, grads: bool):
   """Loss sums of one chunk (B, c) and, if `grads`, d/dlogits of the weighted objective."""
   contract = ((h.ndim - 1,), (1 if spec.vocab_first else 0,))
-  logits = jax.lax.dot_general(h, w.astype(h.dtype), (contract, ((), ())),
+  logits = jax.lax.dot_general(h.astype(spec.operands), w.astype(spec.operands),
+                               (contract, ((), ())),
                                preferred_element_type=jnp.float32)  # (B, c, V)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
@@ -221,8 +227,9 @@ def _fused_terms(h, w, bias, targets, weights, spec: _FusedSpec, grads: bool):
     if not grads:
       return carry, None
     dc = d.astype(h.dtype)
-    dh = jax.lax.dot_general(dc, w.astype(h.dtype), (((2,), (0 if spec.vocab_first else 1,)),
-                                                      ((), ())))  # (B, c, D)
+    dh = jax.lax.dot_general(d.astype(spec.operands), w.astype(spec.operands),
+                             (((2,), (0 if spec.vocab_first else 1,)), ((), ())),
+                             preferred_element_type=jnp.float32).astype(h.dtype)  # (B, c, D)
     rows = lambda x: x.reshape(-1, x.shape[-1])
     pair = (rows(dc), rows(hc)) if spec.vocab_first else (rows(hc), rows(dc))
     dw = jax.lax.dot_general(*pair, (((0,), (0,)), ((), ())),

@@ -90,7 +90,7 @@ def loss_sums(model: nn.Module, params: Any, b: dict[str, Array], objective: Obj
   if fused:  # out: the head's Projection; no (B, T, V) logits are built
     return objectives.fused_cross_entropy_sums(
         out.features, out.weight, out.bias, b["targets"], b["weights"], out.vocab_first,
-        objective.z_loss, objective.label_smoothing)
+        objective.z_loss, objective.label_smoothing, matmul_dtype=out.matmul_dtype)
   return objectives.cross_entropy_sums(out, b["targets"], b["weights"],  # (B, T or K, V)
                                        objective.z_loss, objective.label_smoothing)
 

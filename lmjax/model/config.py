@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from lmjax.errors import check_ranges
 
 Family = Literal["decoder", "encoder"]
+DTYPES = ("float32", "bfloat16", "float16", "bfloat16_matmuls")
 ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "cudnn", "blockwise", "splash", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 
@@ -47,8 +48,10 @@ class TransformerConfig:
   # reference | xla | cudnn | blockwise | splash | auto: splash on TPU, cudnn on GPU in
   # half precision, blockwise elsewhere.
   attention_impl: str = "auto"
-  # Compute dtype; parameters stay in param_dtype. auto: bfloat16 on GPU and TPU; on a
-  # CPU bfloat16 only where a layer-shaped probe measures it faster (model/precision.py).
+  # Compute dtype; parameters stay in param_dtype. bfloat16_matmuls: float32 activations,
+  # matmul operands in bfloat16 with float32 sums (CPUs with bfloat16 matmul units, AMX).
+  # auto: bfloat16 on GPU and TPU; on a CPU, a bfloat16 mode only where a layer-shaped
+  # probe measures it faster (model/precision.py).
   dtype: str = "auto"
   param_dtype: str = "float32"
   scan_layers: bool = True  # one compiled layer applied num_layers times
@@ -72,8 +75,8 @@ class TransformerConfig:
       raise ValueError(f"model.attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"model.remat_policy must be one of {REMAT_POLICIES}")
-    if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-      raise ValueError("model.dtype must be auto, float32, bfloat16 or float16")
+    if self.dtype not in ("auto",) + DTYPES:
+      raise ValueError(f"model.dtype must be auto, {', '.join(DTYPES)}, got {self.dtype!r}")
     if self.param_dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError("model.param_dtype must be float32, bfloat16 or float16")
 
@@ -90,13 +93,26 @@ class TransformerConfig:
     return self.family == "decoder"
 
   @property
-  def compute_dtype(self) -> jnp.dtype:
+  def resolved_dtype(self) -> str:
+    """`dtype` with `auto` resolved for this process's backend."""
     if self.dtype != "auto":
-      return jnp.dtype(self.dtype)
+      return self.dtype
     if jax.default_backend() in ("gpu", "tpu"):
-      return jnp.dtype(jnp.bfloat16)
+      return "bfloat16"
     from lmjax.model.precision import cpu_auto_dtype  # measured once per process
-    return jnp.dtype(cpu_auto_dtype())
+    return cpu_auto_dtype()
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    """The dtype of activations (and of matmuls, but for bfloat16_matmuls)."""
+    name = self.resolved_dtype
+    return jnp.dtype(jnp.float32 if name == "bfloat16_matmuls" else name)
+
+  @property
+  def matmul_dtype(self) -> jnp.dtype:
+    """The dtype of the operands of the dense layers' and vocabulary head's matmuls."""
+    name = self.resolved_dtype
+    return jnp.dtype(jnp.bfloat16 if name == "bfloat16_matmuls" else name)
 
   @property
   def weight_dtype(self) -> jnp.dtype:

@@ -30,13 +30,14 @@ class Projection:
   weight: Array  # (V, D) if vocab_first (a tied embedding) else (D, V)
   bias: Array | None  # (V,)
   vocab_first: bool = flax.struct.field(pytree_node=False)
+  matmul_dtype: jnp.dtype = flax.struct.field(pytree_node=False, default=None)  # operands
 
   def logits(self) -> Array:
     """features @ W + bias: (B, L, V) float32."""
-    h = self.features
+    h, dtype = self.features, self.matmul_dtype or self.features.dtype
     contract = ((h.ndim - 1,), (1 if self.vocab_first else 0,))
-    logits = jax.lax.dot_general(h, self.weight.astype(h.dtype), (contract, ((), ())),
-                                 preferred_element_type=jnp.float32)
+    logits = jax.lax.dot_general(h.astype(dtype), self.weight.astype(dtype),
+                                 (contract, ((), ())), preferred_element_type=jnp.float32)
     return logits if self.bias is None else logits + self.bias.astype(jnp.float32)
 
 
@@ -55,7 +56,7 @@ class VocabKernel(nn.Module):
                  if self.use_bias else None)
 
   def __call__(self, h: Array) -> Projection:
-    return Projection(h, self.kernel, self.bias, vocab_first=False)
+    return Projection(h, self.kernel, self.bias, False, self.cfg.matmul_dtype)
 
 
 class LanguageModel(nn.Module):
@@ -90,7 +91,7 @@ class DecoderLM(LanguageModel):
 
   def head(self, backbone: Transformer, h: Array) -> Projection:
     if self.cfg.tie_embeddings:
-      return Projection(h, backbone.embedding_table(), None, vocab_first=True)
+      return Projection(h, backbone.embedding_table(), None, True, self.cfg.matmul_dtype)
     return VocabKernel(self.cfg, self.cfg.use_bias, name="lm_head")(h)
 
 
@@ -103,8 +104,9 @@ class EncoderMLM(LanguageModel):
     h = Norm(cfg, name="transform_norm")(ACTIVATIONS[cfg.activation](h))
     bias = self.param("output_bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
     if cfg.tie_embeddings:
-      return Projection(h, backbone.embedding_table(), bias, vocab_first=True)
-    return Projection(h, VocabKernel(cfg, False, name="decoder").kernel, bias, vocab_first=False)
+      return Projection(h, backbone.embedding_table(), bias, True, cfg.matmul_dtype)
+    return Projection(h, VocabKernel(cfg, False, name="decoder").kernel, bias, False,
+                      cfg.matmul_dtype)
 
 
 class SequenceClassifier(nn.Module):

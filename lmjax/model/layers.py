@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.model.config import TransformerConfig
+from lmjax.model.precision import mixed_matmul
 
 Array = jax.Array
 ACTIVATIONS = {
@@ -48,6 +49,7 @@ class Dense(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   std: float
+  matmul_dtype: jnp.dtype | None = None  # operands only, float32 sums (bfloat16_matmuls)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -58,7 +60,11 @@ class Dense(nn.Module):
     # kernel axes makes XLA transpose the weight gradient and copy it back, every step.
     batch_shape = x.shape[:x.ndim - self.num_in]
     x2 = x.reshape(-1, math.prod(in_shape)).astype(self.dtype)
-    y = x2 @ kernel.reshape(x2.shape[1], -1).astype(self.dtype)
+    kernel = kernel.reshape(x2.shape[1], -1)
+    if self.matmul_dtype is not None and self.matmul_dtype != self.dtype:
+      y = mixed_matmul(x2, kernel, self.matmul_dtype).astype(self.dtype)
+    else:
+      y = x2 @ kernel.astype(self.dtype)
     y = y.reshape(*batch_shape, *self.features)
     if self.use_bias:
       bias = self.param("bias", zeros_init(self.bias_names), self.features, self.param_dtype)
@@ -72,7 +78,7 @@ def dense(cfg: TransformerConfig, features, num_in: int, kernel_names, bias_name
   features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
   return Dense(features, num_in, tuple(kernel_names), tuple(bias_names), cfg.use_bias,
                cfg.compute_dtype, cfg.weight_dtype,
-               cfg.init_std if std is None else std, name=name)
+               cfg.init_std if std is None else std, cfg.matmul_dtype, name=name)
 
 
 class Norm(nn.Module):

@@ -3,11 +3,14 @@
 CPUs differ: some run bfloat16 matmuls in hardware (AMX, AVX512-BF16), most emulate
 them. A raw large-matmul probe is not enough: on an AMX CPU XLA's bfloat16 1024^3
 matmul ran 3.3x its float32 one, yet the bfloat16 train step was 1.0-1.2x *slower*
-(casts and elementwise work dominate at these widths). So the probe times what a
-Transformer layer does, an MLP forward and backward at width 256 on 1,024 tokens with
-float32 master weights, in both dtypes; bfloat16 wins only at >= 1.2x. Measured
-once per process (~0.5 s). LMJAX_CPU_DTYPE=float32|bfloat16 skips the measurement
-(the test suite pins float32: its tolerances are float32's).
+(XLA's CPU backend converts each bfloat16 elementwise op to float32 and back). A third
+mode, `bfloat16_matmuls`, keeps activations in float32 and gives only the matmuls
+bfloat16 operands with float32 sums (PyTorch's CPU autocast does much the same). So the
+probe times what a Transformer layer does, an MLP forward and backward at width 256 on
+1,024 tokens with float32 master weights, in each mode; a bfloat16 mode wins only at
+>= 1.2x. Measured once per process (~1 s). LMJAX_CPU_DTYPE=float32|bfloat16|
+bfloat16_matmuls skips the measurement (the test suite pins float32: its tolerances are
+float32's).
 
 A measurement near the margin can come out either way (the probe's ratio moved from
 0.62 to 1.15 between processes on one machine), so a run measures once, on process 0,
@@ -27,20 +30,58 @@ import numpy as np
 
 from lmjax.errors import UserError
 
+Array = jax.Array
+
 ENV = "LMJAX_CPU_DTYPE"
 MARGIN = 1.2  # bfloat16 must be this much faster: a coin flip is not worth the precision
+CHOICES = ("float32", "bfloat16", "bfloat16_matmuls")  # what `auto` may pick on a CPU
 
 
-def _layer_seconds(dtype: jnp.dtype, tokens: int = 1024, width: int = 256) -> float:
-  """Best of 3: an MLP's forward and backward with float32 weights computed in `dtype`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_matmul(x: Array, w: Array, operand_dtype: jnp.dtype) -> Array:
+  """x (M, K) @ w (K, N) with operands in `operand_dtype` and float32 sums -> (M, N) float32.
+
+  The backward pass computes dx the same way, and dW from the float32 values: dW
+  contracts over the M rows, a layout XLA's CPU backend gives to Eigen, whose bfloat16
+  path ran slower than float32 (3.9-5.4 vs 3.0-3.5 ms at 4096 x 128 x 512), while the
+  other two ran 3.5-5x faster in bfloat16 on an AMX CPU.
+  """
+  return _dot(x, w, operand_dtype, ((1,), (0,)))
+
+
+def _dot(a: Array, b: Array, dtype: jnp.dtype, contract) -> Array:
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (contract, ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _mixed_fwd(x, w, operand_dtype):
+  return mixed_matmul(x, w, operand_dtype), (x, w)
+
+
+def _mixed_bwd(operand_dtype, res, g):
+  x, w = res
+  dx = _dot(g, w, operand_dtype, ((1,), (1,)))  # (M, K)
+  dw = _dot(x, g, jnp.float32, ((0,), (0,)))  # (K, N)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+mixed_matmul.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def _layer_seconds(name: str, tokens: int = 1024, width: int = 256) -> float:
+  """Best of 3: an MLP's forward and backward with float32 weights, in mode `name`."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((tokens, width)), jnp.float32)
   w1 = jnp.asarray(rng.standard_normal((width, 4 * width)) * 0.05, jnp.float32)
   w2 = jnp.asarray(rng.standard_normal((4 * width, width)) * 0.05, jnp.float32)
+  if name == "bfloat16_matmuls":
+    dtype, matmul = jnp.float32, lambda a, b: mixed_matmul(a, b, jnp.dtype(jnp.bfloat16))
+  else:
+    dtype, matmul = jnp.dtype(name), lambda a, b: a @ b.astype(a.dtype)
 
   def loss(w1, w2, x):
-    h = jax.nn.gelu(x.astype(dtype) @ w1.astype(dtype))
-    return jnp.sum((h @ w2.astype(dtype)).astype(jnp.float32) ** 2)
+    h = jax.nn.gelu(matmul(x.astype(dtype), w1))
+    return jnp.sum(matmul(h, w2).astype(jnp.float32) ** 2)
 
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))
   jax.block_until_ready(step(w1, w2, x))
@@ -54,30 +95,31 @@ def _layer_seconds(dtype: jnp.dtype, tokens: int = 1024, width: int = 256) -> fl
 
 @functools.lru_cache(maxsize=1)
 def measure() -> dict[str, float]:
-  """Seconds per probe step in float32 and bfloat16 on this CPU."""
+  """Seconds per probe step in each of `CHOICES` on this CPU."""
   with jax.ensure_compile_time_eval():  # may be asked while a train step is being traced
-    return {name: _layer_seconds(jnp.dtype(name)) for name in ("float32", "bfloat16")}
+    return {name: _layer_seconds(name) for name in CHOICES}
 
 
 def cpu_auto_dtype() -> str:
-  """float32 or bfloat16, whichever `auto` computes in on this CPU."""
+  """What `auto` computes in on this CPU: float32, or the fastest bfloat16 mode if it is
+  at least MARGIN times faster."""
   choice = os.environ.get(ENV, "")
-  if choice in ("float32", "bfloat16"):
+  if choice in CHOICES:
     return choice
   if choice:
-    raise UserError(f"{ENV}={choice!r}: expected float32 or bfloat16 (or unset to measure)")
+    raise UserError(f"{ENV}={choice!r}: expected {', '.join(CHOICES)} (or unset to measure)")
   seconds = measure()
-  return "bfloat16" if seconds["float32"] >= MARGIN * seconds["bfloat16"] else "float32"
+  best = min(CHOICES[1:], key=lambda name: seconds.get(name, float("inf")))
+  return best if seconds["float32"] >= MARGIN * seconds[best] else "float32"
 
 
 def run_dtype(saved: str | None) -> str:
   """What `auto` means on CPU for a whole run: the dtype its checkpoints were trained in
   (`saved`, a resume), else process 0's measurement, the same on every process."""
-  if saved in ("float32", "bfloat16"):
+  if saved in CHOICES:
     return saved
   choice = cpu_auto_dtype() if jax.process_index() == 0 else "float32"
   if jax.process_count() > 1:  # processes that measured differently would compile different steps
     from jax.experimental import multihost_utils
-    code = multihost_utils.broadcast_one_to_all(np.int32(choice == "bfloat16"))
-    choice = "bfloat16" if int(code) else "float32"
+    choice = CHOICES[int(multihost_utils.broadcast_one_to_all(np.int32(CHOICES.index(choice))))]
   return choice
