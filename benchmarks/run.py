@@ -92,7 +92,9 @@ def run_train(quick: bool) -> list[dict]:
       # float32 here); --quick times it at the smallest width only.
       if not quick or d == 256:
         candidates["torch_bf16"] = torch_step(shape, steps, bf16=True)
-        candidates["lmjax_bf16"] = lmjax_step(shape, steps, shape.model().replace(dtype="bfloat16"))
+        # lmjax's counterpart of autocast: bfloat16 matmul operands, float32 activations.
+        candidates["lmjax_bf16"] = lmjax_step(shape, steps,
+                                              shape.model().replace(dtype="bfloat16_matmuls"))
       if peer:
         peer.build(objective, d, layers, 256, batch, shape.vocab, steps)
         candidates["hf_flax"] = peer.run

@@ -44,8 +44,9 @@ class Shape:
                   num_layers=self.layers, num_heads=self.num_heads, d_ff=4 * self.d_model,
                   # Unrolled, as one would set for 2-4 layers: on CPU the scanned loop spends
                   # ~15% of the step stacking residuals; scanning pays off in compile time at
-                  # depth (the compile section).
-                  scan_layers=False)
+                  # depth (the compile section). float32 like the peers' float32 columns
+                  # (`auto` may pick a bfloat16 mode on a CPU with bfloat16 units).
+                  scan_layers=False, dtype="float32")
     if self.objective == "clm":
       return TransformerConfig(family="decoder", **common)
     return TransformerConfig(family="encoder", norm_position="post", embedding_norm=True,

@@ -91,6 +91,19 @@ def test_blockwise_attention_equals_reference(mode, kv_heads, blocks):
   _assert_matches_reference(jax.jit(fn), q, k, v, seg, w, causal, prefix)
 
 
+@pytest.mark.parametrize("mode", ["causal", "prefix"])
+def test_short_rows_with_bfloat16_matmul_operands_match_reference(mode):
+  """model.dtype=bfloat16_matmuls: float32 q, k, v; the one-block path's matmuls take
+  bfloat16 operands. Values and gradients within bfloat16's rounding of `reference`."""
+  from lmjax.model.blockwise import blockwise_attention
+  q, k, v, seg, w = _inputs(2)
+  prefix = jnp.array([5, 13]) if mode == "prefix" else None
+  fn = lambda q, k, v: blockwise_attention(q, k, v, seg, True, prefix,
+                                           matmul_dtype=jnp.bfloat16)
+  assert fn(q, k, v).dtype == jnp.float32
+  _assert_matches_reference(jax.jit(fn), q, k, v, seg, w, True, prefix, tol=2e-2)
+
+
 def test_blockwise_attention_never_reads_blocks_it_may_not_see():
   """NaN values in key blocks that are above the causal diagonal, or belong only to
   another document, would poison any row that touched them (0 * NaN = NaN)."""

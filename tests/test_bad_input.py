@@ -26,7 +26,7 @@ CONFIG_CASES = [
     ({"model": {"num_kv_heads": 3}}, "must be a multiple of model.num_kv_heads=3"),
     ({"model": {"attention_impl": "flash"}}, "model.attention_impl must be one of"),
     ({"model": {"remat_policy": "most"}}, "model.remat_policy must be one of"),
-    ({"model": {"dtype": "float8"}}, "model.dtype must be auto, float32, bfloat16 or float16"),
+    ({"model": {"dtype": "float8"}}, "model.dtype must be auto, float32, bfloat16, float16, bfloat16_matmuls"),
     ({"optimizer": {"schedule": "step"}}, "optimizer.schedule must be cosine, linear or constant"),
     ({"objective": {"kind": "span"}}, "objective.kind must be one of clm, mlm,"),
     ({"objective": {"mask_rate": 1.5}}, "0 < mask_rate < 1"),

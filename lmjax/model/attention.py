@@ -99,15 +99,17 @@ def cached_attention(q: Array, k_t: Array, v: Array, mask: Array) -> Array:
   return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
 
 
-def attention(q: Array, k: Array, v: Array, mask: MaskSpec | Array, implementation: str
-              ) -> Array:
+def attention(q: Array, k: Array, v: Array, mask: MaskSpec | Array, implementation: str,
+              matmul_dtype: jnp.dtype | None = None) -> Array:
   """q (B, T, H, Dh), k/v (B, S, K, Dh) -> (B, T, H, Dh) by `implementation`: blockwise,
-  splash (from a MaskSpec), reference, or `jax.nn.dot_product_attention` (xla, cudnn)."""
+  splash (from a MaskSpec), reference, or `jax.nn.dot_product_attention` (xla, cudnn).
+  `matmul_dtype` (bfloat16_matmuls): blockwise's matmul operands on short rows."""
   if implementation in ("blockwise", "splash"):
     if not isinstance(mask, MaskSpec):
       raise ValueError(f"attention_impl={implementation} needs a MaskSpec, not a dense mask")
     if implementation == "blockwise":
-      return blockwise_attention(q, k, v, mask.segment_ids, mask.causal, mask.prefix_len)
+      return blockwise_attention(q, k, v, mask.segment_ids, mask.causal, mask.prefix_len,
+                                 matmul_dtype=matmul_dtype)
     from lmjax.model.splash import splash_attention  # Pallas: imported only when used
     return splash_attention(q, k, v, mask.segment_ids, mask.causal, mask.prefix_len)
   if isinstance(mask, MaskSpec):
@@ -170,7 +172,7 @@ class MultiHeadAttention(nn.Module):
       # A dense mask means the stack chose a dense implementation; say so to `auto`.
       prefix_lm = not isinstance(mask, MaskSpec) or mask.prefix_len is not None
       impl = resolve_implementation(cfg.attention_impl, cfg.compute_dtype, prefix_lm)
-      out = attention(q, k, v, mask, impl)  # (B, T, H, Dh)
+      out = attention(q, k, v, mask, impl, cfg.matmul_dtype)  # (B, T, H, Dh)
     out = checkpoint_name(out, "attention_out")  # kept by remat policy save_attention_out
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     # Residual-stream projections get GPT-2's depth-scaled init.

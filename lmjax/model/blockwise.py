@@ -198,10 +198,10 @@ SAVED_PROBS_MAX_LEN = 256
 
 def _probs(q, k, seg, prefix_len, spec):
   """Normalised probabilities (B, K, T*G, T) of one whole-sequence block, 0 where masked."""
-  causal, groups = spec
+  causal, groups, operands = spec
   mask = _block_mask(seg, seg, 0, 0, groups, causal, prefix_len)  # (B, 1, T*G, T)
-  scores = jnp.einsum("bkqd,bksd->bkqs", q * q.shape[-1] ** -0.5, k,
-                      preferred_element_type=jnp.float32)
+  scores = jnp.einsum("bkqd,bksd->bkqs", (q * q.shape[-1] ** -0.5).astype(operands),
+                      k.astype(operands), preferred_element_type=jnp.float32)
   scores = jnp.where(mask, scores, _NEG)
   e = jnp.where(mask, jnp.exp(scores - scores.max(-1, keepdims=True)), 0.0)
   total = e.sum(-1, keepdims=True)
@@ -210,25 +210,31 @@ def _probs(q, k, seg, prefix_len, spec):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _short_attention(q, k, v, seg, prefix_len, spec):
+  """spec: (causal, groups, operands): the dtype of the matmuls' operands (sums float32).
+  The two matmuls that contract over the query rows (dv, dk) take float32 operands:
+  XLA's CPU backend runs that layout through Eigen, slower in bfloat16."""
   return _short_fwd(q, k, v, seg, prefix_len, spec)[0]
 
 
 def _short_fwd(q, k, v, seg, prefix_len, spec):
-  p = _probs(q, k, seg, prefix_len, spec).astype(v.dtype)
-  out = jnp.einsum("bkqs,bksd->bkqd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
-  return out, (q, k, v, seg, prefix_len, out, p)
+  operands = spec[2]
+  p = _probs(q, k, seg, prefix_len, spec).astype(operands)
+  out = jnp.einsum("bkqs,bksd->bkqd", p, v.astype(operands), preferred_element_type=jnp.float32)
+  return out.astype(q.dtype), (q, k, v, seg, prefix_len, out.astype(q.dtype), p)
 
 
 def _short_bwd(spec, res, d_out):
   q, k, v, seg, prefix_len, out, p = res
+  operands, wide = spec[2], jnp.promote_types(spec[2], q.dtype)  # wide: float32 for mixed
   f32 = dict(preferred_element_type=jnp.float32)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
-  dv = jnp.einsum("bkqs,bkqd->bksd", p, d_out, **f32)
-  dp = jnp.einsum("bkqd,bksd->bkqs", d_out, v, **f32)
-  ds = (p * (dp - delta)).astype(q.dtype)
+  dv = jnp.einsum("bkqs,bkqd->bksd", p.astype(wide), d_out.astype(wide), **f32)
+  dp = jnp.einsum("bkqd,bksd->bkqs", d_out.astype(operands), v.astype(operands), **f32)
+  ds = p.astype(jnp.float32) * (dp - delta)
   scale = q.shape[-1] ** -0.5  # on the (T, D) operands: XLA's CPU matmul fusions would
-  dq = jnp.einsum("bkqs,bksd->bkqd", ds, k * scale, **f32)  # build a (T, T) array of it
-  dk = jnp.einsum("bkqs,bkqd->bksd", ds, q * scale, **f32)
+  dq = jnp.einsum("bkqs,bksd->bkqd", ds.astype(operands),  # build a (T, T) array of it
+                  (k * scale).astype(operands), **f32)
+  dk = jnp.einsum("bkqs,bkqd->bksd", ds.astype(wide), (q * scale).astype(wide), **f32)
   no_grad = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad(seg),
           no_grad(prefix_len))
@@ -245,11 +251,12 @@ def _pad_to(x: Array, multiple: int) -> Array:
 
 def blockwise_attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool,
                         prefix_len: Array | None = None, block_q: int = 512,
-                        block_k: int = 512) -> Array:
+                        block_k: int = 512, matmul_dtype: jnp.dtype | None = None) -> Array:
   """Exact masked attention, blockwise. q (B, T, H, Dh); k, v (B, T, K, Dh), H a
   multiple of K; segment_ids (B, T) (0 = padding); prefix_len (B,) -> (B, T, H, Dh).
 
-  Rows that may attend to nothing (padding) come out as zeros.
+  Rows that may attend to nothing (padding) come out as zeros. `matmul_dtype`: the
+  operands of the one-block path's matmuls (bfloat16_matmuls); longer rows ignore it.
   """
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
@@ -263,7 +270,8 @@ def blockwise_attention(q: Array, k: Array, v: Array, segment_ids: Array, causal
   k = _pad_to(k, multiple).transpose(0, 2, 1, 3)  # (B, K, T, Dh)
   v = _pad_to(v, multiple).transpose(0, 2, 1, 3)
   if short:
-    out = _short_attention(q, k, v, seg, prefix_len, (causal, groups))
+    operands = jnp.dtype(matmul_dtype or q.dtype).name
+    out = _short_attention(q, k, v, seg, prefix_len, (causal, groups, operands))
   else:
     out = _attention(q, k, v, seg, prefix_len, (causal, groups, block_q, block_k))
   out = out.reshape(b, kv_heads, -1, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, -1, h, d)
