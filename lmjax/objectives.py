@@ -223,31 +223,24 @@ def _fused_terms(h, w, bias, targets, weights, spec: _FusedSpec, grads: bool):
   def body(carry, x):
     hc, tc, wc = x
     sums, d = _chunk_sums(spec, hc, w, bias, tc, wc, grads)
-    carry = jax.tree.map(jnp.add, carry, sums)
     if not grads:
-      return carry, None
-    dc = d.astype(h.dtype)
+      return jax.tree.map(jnp.add, carry, sums), None
+    totals, dw, db = carry  # d weight accumulates here: one (D, V) buffer, not one per chunk
     dh = jax.lax.dot_general(d.astype(spec.operands), w.astype(spec.operands),
                              (((2,), (0 if spec.vocab_first else 1,)), ((), ())),
                              preferred_element_type=jnp.float32).astype(h.dtype)  # (B, c, D)
-    rows = lambda x: x.reshape(-1, x.shape[-1])
-    pair = (rows(dc), rows(hc)) if spec.vocab_first else (rows(hc), rows(dc))
-    dw = jax.lax.dot_general(*pair, (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)  # (V, D) or (D, V)
-    return carry, (dh, dw, jnp.sum(d, axis=(0, 1)))
+    rows = lambda x: x.reshape(-1, x.shape[-1]).astype(h.dtype)
+    pair = (rows(d), rows(hc)) if spec.vocab_first else (rows(hc), rows(d))
+    dw = dw + jax.lax.dot_general(*pair, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)  # (V, D) or (D, V)
+    return (jax.tree.map(jnp.add, totals, sums), dw, db + jnp.sum(d, axis=(0, 1))), dh
 
   zero = (jnp.zeros((), jnp.float32),) * 3
   if not grads:
     return jax.lax.scan(body, zero, xs)[0], None
-  # d weight accumulates in the carry, so only one (D, V) buffer is live.
-  def accumulate(carry, x):
-    sums, (dw_acc, db_acc) = carry
-    sums, (dh, dw, db) = body(sums, x)
-    return (sums, (dw_acc + dw, db_acc + db)), dh
-
-  acc = (jnp.zeros(w.shape, jnp.float32), jnp.zeros(w.shape[0 if spec.vocab_first else 1],
-                                                      jnp.float32))
-  (sums, (dw, db)), dh = jax.lax.scan(accumulate, (zero, acc), xs)
+  vocab = w.shape[0 if spec.vocab_first else 1]
+  init = (zero, jnp.zeros(w.shape, jnp.float32), jnp.zeros(vocab, jnp.float32))
+  (sums, dw, db), dh = jax.lax.scan(body, init, xs)
   dh = jnp.moveaxis(dh, 0, 1).reshape(b, length, dim)
   return sums, (dh, dw.astype(w.dtype), None if bias is None else db.astype(bias.dtype))
 

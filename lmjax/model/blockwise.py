@@ -219,8 +219,9 @@ def _short_attention(q, k, v, seg, prefix_len, spec):
 def _short_fwd(q, k, v, seg, prefix_len, spec):
   operands = spec[2]
   p = _probs(q, k, seg, prefix_len, spec).astype(operands)
-  out = jnp.einsum("bkqs,bksd->bkqd", p, v.astype(operands), preferred_element_type=jnp.float32)
-  return out.astype(q.dtype), (q, k, v, seg, prefix_len, out.astype(q.dtype), p)
+  out = jnp.einsum("bkqs,bksd->bkqd", p, v.astype(operands),
+                   preferred_element_type=jnp.float32).astype(q.dtype)
+  return out, (q, k, v, seg, prefix_len, out, p)
 
 
 def _short_bwd(spec, res, d_out):
