@@ -101,6 +101,23 @@ def parse_flags(argv: list[str]) -> list[str]:
   return []  # unreachable
 
 
+def define_dtype_flag() -> None:
+  """`--dtype` for the launchers that compute with a loaded model."""
+  from lmjax.model.config import DTYPES
+  flags.DEFINE_enum("dtype", None, ("auto",) + DTYPES,
+                    "compute dtype (default: what the model declares: a Hugging Face "
+                    "checkpoint's dtype, float32 when absent; an lmjax run's model.dtype)")
+
+
+def load_model(path: str, dtype: str | None) -> Any:
+  """`lmjax.pretrained.load`, saying which dtype the model computes in."""
+  from lmjax import pretrained
+  source = pretrained.load(path, dtype)
+  declared = "--dtype" if dtype else f"model.dtype={source.model.dtype}"
+  logging.info("%s computes in %s (%s)", source.source, source.model.resolved_dtype, declared)
+  return source
+
+
 def output_path(workdir: str, name: str) -> str:
   """`name` inside `workdir` (a directory or a bucket URL); a path that leads elsewhere is
   refused."""

@@ -43,7 +43,9 @@ def main(argv: list[str]) -> None:
   same = jax.tree.all(jax.tree.map(np.array_equal, layout(back.params), layout(source.params)))
   if not same:
     raise UserError(f"{FLAGS.output}: reading the export back gave different weights")
-  print(f"wrote {FLAGS.output} ({kind}, from {source.source}); read back: identical")
+  declared = back.model.dtype  # config.json's dtype: what transformers will compute in
+  print(f"wrote {FLAGS.output} ({kind}, float32 weights, declared dtype {declared}, from "
+        f"{source.source}); read back: identical")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import json
 
 from absl import app, flags
 
-from launch.cli import cli_main, output_path, parse_flags, write_json
+from launch.cli import (cli_main, define_dtype_flag, load_model, output_path, parse_flags,
+                        write_json)
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
 flags.DEFINE_multi_string("data", None, ".txt or .jsonl files to evaluate on (repeatable)")
@@ -24,6 +25,7 @@ flags.DEFINE_integer("max_batches", 0, "stop after this many batches (0: all)", 
 flags.DEFINE_integer("seed", 0, "MLM masking seed", lower_bound=0)
 flags.DEFINE_string("output", "evaluation.json", "JSON file name, inside --workdir")
 flags.mark_flags_as_required(["workdir", "data"])
+define_dtype_flag()
 FLAGS = flags.FLAGS
 
 
@@ -32,12 +34,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   out = output_path(FLAGS.workdir, FLAGS.output)
-  from lmjax import pretrained
   from lmjax.evaluation import evaluate_files
-  source = pretrained.load(FLAGS.workdir)
+  source = load_model(FLAGS.workdir, FLAGS.dtype)
   metrics = evaluate_files(source, FLAGS.data, FLAGS.seq_len, FLAGS.batch_size,
                            FLAGS.max_batches, FLAGS.seed)
-  result = {"model": source.source, "data": FLAGS.data, **metrics}
+  result = {"model": source.source, "dtype": source.model.resolved_dtype, "data": FLAGS.data,
+            **metrics}
   print(json.dumps(result, indent=2))
   write_json(out, result)
 

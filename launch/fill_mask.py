@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from launch.cli import cli_main, parse_flags
+from launch.cli import cli_main, define_dtype_flag, load_model, parse_flags
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
 flags.DEFINE_string("text", None, "text with one or more <mask>")
 flags.DEFINE_integer("top_k", 5, "candidates shown per mask", lower_bound=1)
 flags.mark_flags_as_required(["workdir", "text"])
+define_dtype_flag()
 FLAGS = flags.FLAGS
 
 
@@ -20,9 +21,8 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from lmjax import pretrained
   from lmjax.inference.fill_mask import fill_mask
-  source = pretrained.load(FLAGS.workdir)
+  source = load_model(FLAGS.workdir, FLAGS.dtype)
   results = fill_mask(source.model, source.params, source.tokenizer, FLAGS.text, FLAGS.top_k)
   for i, candidates in enumerate(results):
     print(f"<mask> {i + 1}:")

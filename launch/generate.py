@@ -15,7 +15,7 @@ import time
 
 from absl import app, flags, logging
 
-from launch.cli import cli_main, parse_flags
+from launch.cli import cli_main, define_dtype_flag, load_model, parse_flags
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
@@ -30,6 +30,7 @@ flags.DEFINE_integer("num_samples", 1, "completions of the prompt", lower_bound=
 flags.DEFINE_bool("interactive", False, "a prompt loop that streams replies")
 flags.DEFINE_string("stop", "\n\n", "interactive: a reply ends at this text (empty: only EOS)")
 flags.mark_flags_as_required(["workdir"])
+define_dtype_flag()
 FLAGS = flags.FLAGS
 
 
@@ -41,10 +42,9 @@ def main(argv: list[str]) -> None:
     raise UserError("give --prompt TEXT or --interactive")
   if FLAGS.num_samples < 1:
     raise UserError("--num_samples must be >= 1")
-  from lmjax import pretrained
   from lmjax.inference.generate import Generator, SamplingConfig
   sampling = SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-  source = pretrained.load(FLAGS.workdir)
+  source = load_model(FLAGS.workdir, FLAGS.dtype)
   tok = source.tokenizer
   gen = Generator(source.model, source.params, eos=tok.special.eos, pad=tok.special.pad)
   start = [tok.special.bos] if tok.special.bos >= 0 else []

@@ -16,7 +16,8 @@ import os
 
 from absl import app, flags
 
-from launch.cli import cli_main, output_path, parse_flags, write_json
+from launch.cli import (cli_main, define_dtype_flag, load_model, output_path, parse_flags,
+                        write_json)
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
@@ -28,6 +29,7 @@ flags.DEFINE_integer("batch_size", 8, "requests per compiled batch", lower_bound
 flags.DEFINE_integer("limit", None, "at most this many documents per task", lower_bound=1)
 flags.DEFINE_string("output", "lm_eval.json", "JSON file name, inside --workdir")
 flags.mark_flags_as_required(["workdir", "tasks"])
+define_dtype_flag()
 FLAGS = flags.FLAGS
 
 
@@ -43,12 +45,12 @@ def main(argv: list[str]) -> None:
     from lmjax import harness
   except ImportError:
     raise UserError('launch.lm_eval needs lm-eval: pip install -e ".[eval]"') from None
-  from lmjax import pretrained
-  source = pretrained.load(FLAGS.workdir)
+  source = load_model(FLAGS.workdir, FLAGS.dtype)
   results = harness.run(source, FLAGS.tasks, FLAGS.num_fewshot, FLAGS.batch_size, FLAGS.limit,
                         FLAGS.include_path)
   print(make_table(results))
-  write_json(out, {"model": source.source, **results}, default=handle_non_serializable)
+  write_json(out, {"model": source.source, "dtype": source.model.resolved_dtype, **results},
+             default=handle_non_serializable)
   print(f"wrote {out} ({results['compiled_shapes']} compiled shapes)")
 
 

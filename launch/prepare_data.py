@@ -50,7 +50,8 @@ def main(argv: list[str]) -> None:
       inputs=tuple(FLAGS.input), output=FLAGS.output, tokenizer=FLAGS.tokenizer, begin=begin,
       end=end, text_field=FLAGS.text_field, bad_utf8=FLAGS.bad_utf8, split_mb=FLAGS.split_mb,
       workers=FLAGS.workers, engine=FLAGS.engine, ray_address=FLAGS.ray_address))
-  print(f"wrote {summary.path}: {summary.num_tokens:,} tokens, {summary.num_docs:,} documents, "
+  print(f"wrote {summary.path}: {summary.num_tokens:,} tokens, {summary.num_docs:,} documents "
+        f"({summary.blank_docs:,} blank or null skipped), "
         f"{summary.shards} shards ({summary.reused} reused) in {summary.seconds:.1f}s, "
         f"{summary.tokens_per_s:,.0f} tokens/s; peak worker memory "
         f"{summary.peak_worker_rss_mb:,.0f} MiB")

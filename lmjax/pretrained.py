@@ -36,9 +36,17 @@ def is_hf_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load(path: str) -> Pretrained:
+def load(path: str, dtype: str | None = None) -> Pretrained:
   """An lmjax run (its newest intact checkpoint; local or in a bucket) or a Hugging Face
-  directory (local)."""
+  directory (local). It computes in `dtype` if given, else in what it declares: a Hugging
+  Face checkpoint's `dtype`/`torch_dtype` (float32 when absent), a run's `model.dtype`."""
+  source = _load(path)
+  if dtype:
+    source.model = source.model.replace(dtype=dtype)
+  return source
+
+
+def _load(path: str) -> Pretrained:
   if paths.is_remote(path):
     paths.check_access(path, write=False)
   if not paths.isdir(path):

@@ -87,3 +87,43 @@ def test_bert_model_checkpoint_without_prefix_or_head(tmp_path):
                                    full.params["transformer"]))
   with pytest.raises(UserError, match="has no MLM head"):
     fill_mask(source.model, source.params, source.tokenizer, "to be or not to <mask>")
+
+
+def test_an_imported_model_computes_in_its_declared_dtype_whatever_the_cpu(tmp_path, monkeypatch):
+  """A BERT (MiniLM's architecture) imported on a CPU where `auto` would pick bfloat16
+  matmuls computes in float32, as its config.json declares, and stays within 1e-4 of
+  transformers; a bfloat16 checkpoint computes in bfloat16; --dtype overrides both."""
+  import json
+
+  from lmjax import pretrained
+  from lmjax.errors import UserError
+  from lmjax.model import precision
+  monkeypatch.delenv(precision.ENV, raising=False)
+  monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+  monkeypatch.setattr(precision, "measure", lambda: pytest.fail("nothing may be timed"))
+  hf = make_hf_model("bert", str(tmp_path / "bert"))
+  config = json.loads((tmp_path / "bert" / "config.json").read_text())
+  assert config.get("dtype", config.get("torch_dtype")) == "float32"
+  source = pretrained.load(str(tmp_path / "bert"))
+  assert source.model.dtype == "float32" and source.model.resolved_dtype == "float32"
+  tokens, mask = _inputs()
+  with torch.no_grad():
+    want = hf.bert(input_ids=torch.tensor(tokens),
+                   attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+  got = Transformer(source.model).apply({"params": source.params["transformer"]},
+                                        jnp.asarray(tokens), jnp.asarray(mask, jnp.int32))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(got)[valid], want[valid], atol=1e-4, rtol=1e-4)
+  assert pretrained.load(str(tmp_path / "bert"), "bfloat16").model.dtype == "bfloat16"
+
+  for key, value, expected in (("dtype", "bfloat16", "bfloat16"),
+                               ("torch_dtype", "float16", "float16"), ("dtype", None, "float32")):
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    if value:
+      config[key] = value
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
+    assert import_hf(str(tmp_path / "bert")).model.dtype == expected
+  config["dtype"] = "float64"
+  (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match="declares dtype 'float64'"):
+    import_hf(str(tmp_path / "bert"))

@@ -1,6 +1,10 @@
-"""model.dtype=auto on a CPU: a bfloat16 mode only where measured faster, and trainable there."""
+"""model.dtype=auto on a CPU: decided by the CPU's features (the same answer every time),
+a timing only on request, and trainable in what it picks."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +29,49 @@ def test_pinned_dtype_and_a_bad_value(monkeypatch):
   assert TransformerConfig().matmul_dtype == jnp.bfloat16
   monkeypatch.setenv(precision.ENV, "fp8")
   with pytest.raises(UserError, match="LMJAX_CPU_DTYPE='fp8': expected float32, bfloat16, "
-                                      "bfloat16_matmuls"):
+                                      "bfloat16_matmuls, measure"):
     TransformerConfig().compute_dtype
 
 
-def test_auto_follows_the_measurement_even_when_asked_inside_a_trace(monkeypatch):
+def test_the_rule_reads_the_cpu_features(tmp_path, monkeypatch):
+  assert precision.rule(frozenset({"avx512f", "amx_tile", "amx_bf16"})) == "bfloat16_matmuls"
+  assert precision.rule(frozenset({"avx512f", "avx512_bf16"})) == "float32"  # no AMX
+  assert precision.rule(frozenset()) == "float32"
+  x86, arm = tmp_path / "x86", tmp_path / "arm"
+  x86.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n\n"
+                 "processor\t: 1\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
+  arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+  assert "amx_bf16" in precision.cpu_flags(str(x86))
+  assert precision.rule(precision.cpu_flags(str(arm))) == "float32"
+  assert precision.cpu_flags(str(tmp_path / "none")) == frozenset()  # macOS: no cpuinfo
   monkeypatch.delenv(precision.ENV, raising=False)
+  monkeypatch.setattr(precision, "measure", lambda: pytest.fail("auto must not time anything"))
+  monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+  assert TransformerConfig().resolved_dtype == "bfloat16_matmuls"
+  monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+  assert TransformerConfig().resolved_dtype == "float32"
+
+
+def test_auto_is_one_answer_in_many_processes_on_a_loaded_machine():
+  """The complaint: five processes, two numerics. Now several processes resolve `auto`
+  while every core is busy, and all give the answer of the CPU's features."""
+  env = {k: v for k, v in os.environ.items() if k != precision.ENV}
+  burn = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+          for _ in range(os.cpu_count() or 2)]
+  try:
+    code = "from lmjax.model import TransformerConfig; print(TransformerConfig().resolved_dtype)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    answers = {p.communicate(timeout=180)[0].strip() for p in procs}
+  finally:
+    for p in burn:
+      p.kill()
+      p.wait(timeout=30)
+  assert answers == {precision.rule(precision.cpu_flags())}
+
+
+def test_measure_is_an_opt_in_and_works_inside_a_trace(monkeypatch):
+  monkeypatch.setenv(precision.ENV, precision.MEASURE)
   precision.measure.cache_clear()
   seen = []
   jax.jit(lambda x: seen.append(TransformerConfig().compute_dtype) or x)(1.0)  # traced

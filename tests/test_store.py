@@ -93,6 +93,72 @@ def test_every_format_gives_the_tokenize_path_stream(tmp_path, tokenizer, docs):
         tokenizer.sha256, 2, 3)
 
 
+def _shard_bytes(store) -> bytes:
+  """The token and document-start files of a store, in name order."""
+  folder = store / "shards"
+  return b"".join((folder / n).read_bytes() for n in sorted(os.listdir(folder))
+                  if n.endswith((".tokens", ".docs")))
+
+
+def test_corpora_shaped_like_real_dumps(tmp_path, docs):
+  """A byte-order mark, a dictionary-encoded parquet column and null texts read as the
+  plain file does: the same token and document files, blanks and nulls counted."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+  docs = docs[:40]
+  plain = _write_formats(tmp_path / "plain", docs)
+  bom = tmp_path / "bom"
+  bom.mkdir()
+  for kind, raw in (("txt", ("\n\n".join(docs) + "\n").encode()), ("jsonl", _jsonl(docs)),
+                    ("jsonl.gz", gzip.compress(b"\xef\xbb\xbf" + _jsonl(docs))),
+                    ("jsonl.zst", zstandard.ZstdCompressor().compress(b"\xef\xbb\xbf" +
+                                                                       _jsonl(docs)))):
+    (bom / f"docs.{kind}").write_bytes(raw if kind.endswith(("gz", "zst")) else
+                                       b"\xef\xbb\xbf" + raw)
+    assert list(read_documents(str(bom / f"docs.{kind}"))) == docs, kind
+    _prepare([bom / f"docs.{kind}"], tmp_path / f"s-bom-{kind}")
+    _prepare([plain[kind]], tmp_path / f"s-{kind}")
+    assert _shard_bytes(tmp_path / f"s-bom-{kind}") == _shard_bytes(tmp_path / f"s-{kind}")
+
+  table = pa.table({"text": pa.array(docs).dictionary_encode()})  # what categoricals write
+  assert pa.types.is_dictionary(table.schema.field("text").type)
+  pq.write_table(table, str(tmp_path / "dict.parquet"), row_group_size=200)
+  _prepare([tmp_path / "dict.parquet"], tmp_path / "s-dict")
+  _prepare([plain["parquet"]], tmp_path / "s-parquet")
+  assert _shard_bytes(tmp_path / "s-dict") == _shard_bytes(tmp_path / "s-parquet")
+
+  holes = [None if i % 7 == 3 else (" " if i % 11 == 5 else d) for i, d in enumerate(docs)]
+  kept = [d for d in holes if d and d.strip()]
+  pq.write_table(pa.table({"text": holes}), str(tmp_path / "holes.parquet"), row_group_size=8)
+  (tmp_path / "holes.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in holes))
+  (tmp_path / "kept.jsonl").write_bytes(_jsonl(kept))
+  _prepare([tmp_path / "kept.jsonl"], tmp_path / "s-kept")
+  for name in ("holes.parquet", "holes.jsonl"):
+    summary = _prepare([tmp_path / name], tmp_path / f"s-{name}", split_mb=0.002)
+    index = json.load(open(tmp_path / f"s-{name}" / "index.json"))
+    assert summary.blank_docs == index["blank_docs"] == len(docs) - len(kept), name
+    assert summary.num_docs == len(kept) and summary.shards > 1
+    np.testing.assert_array_equal(_stream(tmp_path / f"s-{name}")[0],
+                                  _stream(tmp_path / "s-kept")[0])
+  proc = subprocess.run(_cli([tmp_path / "holes.jsonl"], tmp_path / "s-cli"), cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+  assert f"{len(kept)} documents ({len(docs) - len(kept)} blank or null skipped)" in proc.stdout
+
+
+def test_a_line_that_is_not_json_says_so(tmp_path):
+  path = tmp_path / "broken.jsonl"
+  path.write_text('{"text": "fine"}\n{"text": "a", "id": 2,}\n')
+  with pytest.raises(UserError) as err:
+    list(read_documents(str(path)))
+  with pytest.raises(json.JSONDecodeError) as parser:  # its wording varies across Pythons
+    json.loads('{"text": "a", "id": 2,}')
+  assert str(err.value) == f"{path}:2: not valid JSON ({parser.value})"
+  path.write_text('["text"]\n')
+  with pytest.raises(UserError, match=":1: expected a JSON object with a 'text' field"):
+    list(read_documents(str(path)))
+
+
 def test_directories_and_globs_expand_in_sorted_order(tmp_path, docs):
   folder = tmp_path / "corpus" / "sub"
   folder.mkdir(parents=True)

@@ -199,16 +199,17 @@ def test_fused_head_trains_as_the_logits_path(kind, tied):
     np.testing.assert_allclose(ea[key], eb[key], rtol=1e-5)
 
 
-def test_auto_dtype_is_measured_once_per_run_and_kept_on_resume(tmp_path, monkeypatch):
-  """`model.dtype=auto` on CPU: the measurement's answer is written beside the run's
-  checkpoints, and a resume computes in it even when a new measurement says otherwise."""
+def test_auto_dtype_is_resolved_once_per_run_and_kept_on_resume(tmp_path, monkeypatch):
+  """`model.dtype=auto` on CPU: the answer is written beside the run's checkpoints, and a
+  resume computes in it even on a CPU that would answer otherwise (a run moved to another
+  machine)."""
   from lmjax.model import precision
   monkeypatch.delenv(precision.ENV, raising=False)
   config = tiny_config("clm_tiny", tmp_path, train__steps=2, train__checkpoint_every=2)
   workdir = str(tmp_path / "run")
 
-  def run_with(seconds, steps):
-    monkeypatch.setattr(precision, "measure", lambda: seconds)
+  def run_with(flags, steps):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
     config.train.steps = steps
     train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), workdir)
     ckpt = Checkpointer(workdir)
@@ -220,5 +221,5 @@ def test_auto_dtype_is_measured_once_per_run_and_kept_on_resume(tmp_path, monkey
       ckpt.close()
 
   assert config.model.dtype == "auto"
-  assert run_with({"float32": 2.0, "bfloat16": 1.0}, 2) == "bfloat16"  # measured: bf16 faster
-  assert run_with({"float32": 1.0, "bfloat16": 2.0}, 4) == "bfloat16"  # the resume keeps it
+  assert run_with({"avx512f", "amx_bf16"}, 2) == "bfloat16_matmuls"  # an AMX CPU
+  assert run_with({"avx2"}, 4) == "bfloat16_matmuls"  # the resume keeps it

@@ -36,8 +36,9 @@ def test_generate_from_a_run_and_from_gpt2(runs):
                  "--max_new_tokens=12", "--num_samples=2", "--seed=3").stdout
   assert out == again  # seeded
   hf = launch("launch.generate", f"--workdir={runs / 'gpt2'}", "--prompt=To be",
-              "--temperature=0", "--max_new_tokens=5").stdout
-  assert hf.startswith("To be")
+              "--temperature=0", "--max_new_tokens=5", "--dtype=bfloat16")
+  assert hf.stdout.startswith("To be")
+  assert "computes in bfloat16 (--dtype)" in hf.stderr
 
 
 def test_interactive_generation_streams_and_keeps_the_conversation(runs):
@@ -73,9 +74,12 @@ def test_fill_mask_on_a_run_and_on_bert(runs):
 @pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny", "llama"])
 def test_evaluate_writes_deterministic_json(runs, name):
   args = [f"--workdir={runs / name}", f"--data={VALID}", "--max_batches=2", "--seq_len=32"]
-  first = json.loads(launch("launch.evaluate", *args).stdout)
+  proc = launch("launch.evaluate", *args)
+  first = json.loads(proc.stdout)
+  assert f"computes in {first['dtype']} (model.dtype=" in proc.stderr
   written = json.loads((runs / name / "evaluation.json").read_text())
   assert first == written and first["tokens"] > 0 and np.isfinite(first["loss"])
+  assert first["dtype"] == "float32"  # llama: its config.json; the runs: the suite's pin
   assert ("perplexity" in first) == (name != "mlm_tiny")
   from lmjax.evaluation import evaluate_files
   again = evaluate_files(pretrained.load(str(runs / name)), [VALID], 32, 8, 2)

@@ -27,6 +27,7 @@ from lmjax.model.transformer import stack_layers, unstack_layers
 ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_exact",
                "silu": "silu", "swish": "silu", "relu": "relu"}
 ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu_exact": "gelu", "silu": "silu", "relu": "relu"}
+HF_DTYPES = ("float32", "bfloat16", "float16")  # what a config.json may declare
 PREFIXES = {"gpt2": "transformer.", "bert": "bert.", "llama": "model."}
 # Buffers and heads lmjax has no use for; anything else left over gets a warning.
 IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "pooler.", "position_ids",
@@ -154,7 +155,8 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[str, TransformerConfig]:
   act = get("activation_function", "hidden_act", default="gelu_new")
   if act not in ACT_FROM_HF:
     raise UserError(f"activation {act!r} is not supported (known: {', '.join(ACT_FROM_HF)})")
-  common = dict(vocab_size=hf["vocab_size"], activation=ACT_FROM_HF[act], scan_layers=True)
+  common = dict(vocab_size=hf["vocab_size"], activation=ACT_FROM_HF[act], scan_layers=True,
+                dtype=declared_dtype(hf))
   if kind == "gpt2":
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
       raise UserError("GPT-2 variants with per-layer attention scaling are not supported")
@@ -188,6 +190,17 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[str, TransformerConfig]:
         rope_theta=float(get("rope_theta", default=rope.get("rope_theta", 10000.0))),
         use_bias=False, tie_embeddings=hf.get("tie_word_embeddings", False), **common)
   raise UserError(f"model_type {kind!r} is not supported (lmjax imports gpt2, bert, llama)")
+
+
+def declared_dtype(hf: dict[str, Any]) -> str:
+  """The dtype a checkpoint declares (`dtype`, or `torch_dtype` before transformers 5;
+  float32 when absent): what transformers computes in by default, so lmjax does too,
+  whatever the CPU (never `auto`, whose answer depends on the machine)."""
+  name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+  if name not in HF_DTYPES:
+    raise UserError(f"config.json declares dtype {name!r}; lmjax computes in "
+                    f"{', '.join(HF_DTYPES)} (pass --dtype to choose)")
+  return name
 
 
 def _require(cfg: TransformerConfig, kind: str, **fields) -> None:
@@ -330,6 +343,9 @@ def export_hf(source, directory: str) -> str:
   from safetensors.numpy import save_file
   cfg = source.model
   kind, hf_config = config_to_hf(cfg, source.tokenizer.special)
+  # The weights are written in float32; the declared dtype is what lmjax computed in where
+  # that is one transformers knows (`auto` and bfloat16_matmuls: float32).
+  hf_config["dtype"] = cfg.dtype if cfg.dtype in HF_DTYPES else "float32"
   params = unstack_layers(source.params, cfg.num_layers) if cfg.scan_layers else source.params
   flat = _flatten(params)
   with_head = "output_bias" in flat

@@ -159,9 +159,11 @@ def _tokenize_part(folder: str, name: str, part: readers.Part, settings: Setting
   tmp = {k: os.path.join(local, f".{name}.{k}.{tag}") for k in ("tokens", "docs", "json")}
   digests = {k: hashlib.sha256() for k in ("tokens", "docs")}
   offset = docs = 0
+  skipped = readers.ReadStats()
   try:
     with open(tmp["tokens"], "wb") as tok_f, open(tmp["docs"], "wb") as doc_f:
-      for chunk in _chunks(readers.read_documents(part, settings.bad_utf8, settings.text_field)):
+      for chunk in _chunks(readers.read_documents(part, settings.bad_utf8, settings.text_field,
+                                                  skipped)):
         ids = encode(chunk)
         flat, lengths = _framed(ids, settings.begin, settings.end, dtype)
         starts = (offset + np.cumsum(lengths) - lengths).astype("<i8")
@@ -172,7 +174,7 @@ def _tokenize_part(folder: str, name: str, part: readers.Part, settings: Setting
         progress(sum(len(d) for d in chunk), int(lengths.sum()))
     if docs == 0 and part.hi < 0:
       raise UserError(f"{part.path}: no documents (every record is empty or blank)")
-    record = {"name": name, "tokens": offset, "docs": docs,
+    record = {"name": name, "tokens": offset, "docs": docs, "blank_docs": skipped.blank_docs,
               "tokens_sha256": digests["tokens"].hexdigest(),
               "docs_sha256": digests["docs"].hexdigest()}
     with open(tmp["json"], "w") as f:
@@ -402,6 +404,7 @@ class Summary:
   path: str
   num_tokens: int
   num_docs: int
+  blank_docs: int  # records skipped as empty, blank or null
   shards: int
   reused: int  # shards found complete from an earlier run
   seconds: float
@@ -444,8 +447,8 @@ def prepare(cfg: PrepareConfig, show_progress: bool = True) -> Summary:
       bar.close()
   index = _index(inputs, jobs, [r["record"] for r in results], settings, cfg)
   _write_index(cfg.output, index)
-  return Summary(cfg.output, index["num_tokens"], index["num_docs"], len(jobs),
-                 sum(r["reused"] for r in results), time.monotonic() - start,
+  return Summary(cfg.output, index["num_tokens"], index["num_docs"], index["blank_docs"],
+                 len(jobs), sum(r["reused"] for r in results), time.monotonic() - start,
                  max(r["peak_rss_mb"] for r in results))
 
 
@@ -476,6 +479,8 @@ def _index(inputs, jobs, records, settings: Settings, cfg: PrepareConfig) -> dic
           "text_field": settings.text_field, "bad_utf8": settings.bad_utf8,
           "split_mb": float(cfg.split_mb), "num_tokens": sum(r["tokens"] for r in records),
           "num_docs": sum(r["docs"] for r in records),
+          # shards written before blank records were counted have no count: 0
+          "blank_docs": sum(r.get("blank_docs", 0) for r in records),
           "inputs": [{"path": i["path"], "size": i["size"], "sha256": i["sha256"]}
                      for i in inputs],
           "shards": shards}
@@ -494,5 +499,5 @@ def _write_index(output: str, index: dict[str, Any]) -> None:
         pass
   _remove_stale(folder)
   _remove_stale(output)
-  logging.info("token store %s: %d tokens, %d documents, %d shards", output,
-               index["num_tokens"], index["num_docs"], len(index["shards"]))
+  logging.info("token store %s: %d tokens, %d documents (%d blank skipped), %d shards", output,
+               index["num_tokens"], index["num_docs"], index["blank_docs"], len(index["shards"]))

@@ -7,6 +7,9 @@ them), and `.parquet` (the text column, read by row group, as FineWeb ships).
 Inputs are files, directories (searched recursively) or glob patterns; each
 expands in sorted order.
 
+A leading UTF-8 byte-order mark (Windows tools write one) is dropped. Blank and null
+texts are not documents: they are skipped and counted (`ReadStats.blank_docs`).
+
 A large file is cut into `Part`s that workers read independently: uncompressed
 text at document boundaries by byte offset, parquet by row group, compressed
 files whole (their streams cannot be entered in the middle).
@@ -32,6 +35,14 @@ SUFFIXES = (".txt", ".jsonl", ".parquet", ".jsonl.gz", ".json.gz", ".txt.gz", ".
             ".json.zst", ".txt.zst")
 # A longer line is a broken or binary file, not text; reading stops before it fills memory.
 MAX_LINE_BYTES = 16 << 20
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclasses.dataclass
+class ReadStats:
+  """What a reader skipped: records whose text is empty, blank or null."""
+
+  blank_docs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,17 +148,23 @@ def _parquet_parts(path: str, split_bytes: int) -> list[Part]:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_documents(path: str | Part, bad_utf8: str = "fail",
-                   text_field: str = "text") -> Iterator[str]:
-  """The non-empty documents of a file or a part of one, in order."""
+def read_documents(path: str | Part, bad_utf8: str = "fail", text_field: str = "text",
+                   stats: ReadStats | None = None) -> Iterator[str]:
+  """The non-empty documents of a file or a part of one, in order; the blank or null
+  records skipped on the way are counted in `stats`."""
   part = path if isinstance(path, Part) else Part(path)
-  name = part.path
+  name, stats = part.path, stats if stats is not None else ReadStats()
   if name.endswith(".parquet"):
-    yield from _parquet_documents(part, text_field)
+    texts = _parquet_texts(part, text_field)
   elif _base(name) == ".txt":
-    yield from _text_documents(part, bad_utf8)
+    texts = _text_documents(part, bad_utf8)
   else:
-    yield from _json_documents(part, bad_utf8, text_field)
+    texts = _json_texts(part, bad_utf8, text_field)
+  for text in texts:
+    if text is not None and text.strip():
+      yield text
+    else:
+      stats.blank_docs += 1
 
 
 def _compression(path: str) -> str:
@@ -236,6 +253,8 @@ def _lines(part: Part, bad_utf8: str) -> Iterator[tuple[str, str]]:
         if not raw:
           break
         lineno, pos = lineno + 1, pos + len(raw)
+        if lineno == 1 and part.lo == 0 and raw.startswith(BOM):
+          raw = raw[len(BOM):]
         if len(raw) > MAX_LINE_BYTES:
           raise UserError(f"{where}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB; is "
                           "this a text file? Split long documents into lines")
@@ -265,19 +284,22 @@ def _text_documents(part: Part, bad_utf8: str) -> Iterator[str]:
     yield "\n".join(doc)
 
 
-def _json_documents(part: Part, bad_utf8: str, field: str) -> Iterator[str]:
+def _json_texts(part: Part, bad_utf8: str, field: str) -> Iterator[str | None]:
+  """The `field` of each JSON line (None where it is null); empty lines are no records."""
   for where, line in _lines(part, bad_utf8):
     if not line.strip():
       continue
     try:
-      text = json.loads(line)[field]
-    except (json.JSONDecodeError, KeyError, TypeError):
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or field not in record:
       raise UserError(f"{where}: expected a JSON object with a '{field}' field "
-                      "(set data.text_field / --text_field for another name)") from None
-    if not isinstance(text, str):
-      raise UserError(f"{where}: the '{field}' field must be a string")
-    if text.strip():
-      yield text
+                      "(set data.text_field / --text_field for another name)")
+    text = record[field]
+    if text is not None and not isinstance(text, str):
+      raise UserError(f"{where}: the '{field}' field must be a string or null")
+    yield text
 
 
 def _parquet_file(path: str):
@@ -289,7 +311,17 @@ def _parquet_file(path: str):
                     ) from None
 
 
-def _parquet_documents(part: Part, field: str) -> Iterator[str]:
+def _is_text(kind) -> bool:
+  """string, large_string, string_view, or a dictionary of them (pandas categoricals)."""
+  import pyarrow as pa
+  if pa.types.is_dictionary(kind):
+    return _is_text(kind.value_type)
+  view = getattr(pa.types, "is_string_view", lambda k: False)
+  return pa.types.is_string(kind) or pa.types.is_large_string(kind) or view(kind)
+
+
+def _parquet_texts(part: Part, field: str) -> Iterator[str | None]:
+  """The `field` column of each row (None where it is null)."""
   import pyarrow as pa
   pf = _parquet_file(part.path)
   schema = pf.schema_arrow
@@ -297,7 +329,7 @@ def _parquet_documents(part: Part, field: str) -> Iterator[str]:
     raise UserError(f"{part.path}: no column '{field}' (columns: {', '.join(schema.names)}); "
                     "set data.text_field / --text_field")
   kind = schema.field(field).type
-  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+  if not _is_text(kind):
     raise UserError(f"{part.path}: column '{field}' holds {kind}, not text")
   hi = pf.metadata.num_row_groups if part.hi < 0 else part.hi
   row = 0
@@ -306,10 +338,7 @@ def _parquet_documents(part: Part, field: str) -> Iterator[str]:
                                  columns=[field]):
       for text in batch.column(0).to_pylist():
         row += 1
-        if text is None:
-          raise UserError(f"{part.describe()}: row {row} has no '{field}' value")
-        if text.strip():
-          yield text
+        yield text
   except (pa.ArrowException, OSError) as e:
     raise UserError(f"{part.describe()}: unreadable after row {row} "
                     f"({str(e).splitlines()[0][:200]})") from None

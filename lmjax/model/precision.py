@@ -1,21 +1,26 @@
-"""What `model.dtype=auto` computes in on a CPU: bfloat16 only where it is measured faster.
+"""What `model.dtype=auto` computes in on a CPU: decided by the CPU's features, never a timing.
 
-CPUs differ: some run bfloat16 matmuls in hardware (AMX, AVX512-BF16), most emulate
-them. A raw large-matmul probe is not enough: on an AMX CPU XLA's bfloat16 1024^3
-matmul ran 3.3x its float32 one, yet the bfloat16 train step was 1.0-1.2x *slower*
-(XLA's CPU backend converts each bfloat16 elementwise op to float32 and back). A third
-mode, `bfloat16_matmuls`, keeps activations in float32 and gives only the matmuls
-bfloat16 operands with float32 sums (PyTorch's CPU autocast does much the same). So the
-probe times what a Transformer layer does, an MLP forward and backward at width 256 on
-1,024 tokens with float32 master weights, in each mode; a bfloat16 mode wins only at
->= 1.2x. Measured once per process (~1 s). LMJAX_CPU_DTYPE=float32|bfloat16|
-bfloat16_matmuls skips the measurement (the test suite pins float32: its tolerances are
-float32's).
+CPUs differ: some run bfloat16 matmuls in hardware (AMX), most emulate them. Plain
+bfloat16 is no gain on any CPU we measured: on an AMX CPU XLA's bfloat16 1024^3 matmul
+ran 3.3x its float32 one, yet the bfloat16 train step was 1.0-1.2x *slower* (XLA's CPU
+backend converts each bfloat16 elementwise op to float32 and back). A third mode,
+`bfloat16_matmuls`, keeps activations in float32 and gives only the matmuls bfloat16
+operands with float32 sums (PyTorch's CPU autocast does much the same); it ran
+clm_tiny's step at 0.87x of float32 on the AMX CPU.
 
-A measurement near the margin can come out either way (the probe's ratio moved from
-0.62 to 1.15 between processes on one machine), so a run measures once, on process 0,
-and keeps the answer: `run_dtype` gives every process the same dtype, and a resumed run
-the dtype it was started with.
+The rule (`rule`): `bfloat16_matmuls` where the CPU reports AMX bfloat16 tiles
+(`amx_bf16` in /proc/cpuinfo), float32 everywhere else. It reads a fact of the machine,
+so the same command on the same machine computes the same numbers every time. An
+earlier rule timed a layer-shaped probe at process start; its float32/bfloat16 ratio
+moved between 0.62 and 1.15 across processes on one machine, so a model's numerics
+depended on how busy the machine was. The probe is still there for whoever wants it,
+behind an explicit opt-in: LMJAX_CPU_DTYPE=measure (a bfloat16 mode then wins only at
+>= 1.2x). LMJAX_CPU_DTYPE=float32|bfloat16|bfloat16_matmuls pins the answer (the test
+suite pins float32: its tolerances are float32's).
+
+A run keeps what `auto` meant when it started (`run_dtype`): every process computes in
+process 0's answer, and a resumed run in the dtype it was started with, even on a
+machine that would now answer differently.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ from lmjax.errors import UserError
 Array = jax.Array
 
 ENV = "LMJAX_CPU_DTYPE"
-MARGIN = 1.2  # bfloat16 must be this much faster: a coin flip is not worth the precision
+MEASURE = "measure"  # LMJAX_CPU_DTYPE=measure: time the probe instead of reading the CPU
+MARGIN = 1.2  # measured: bfloat16 must be this much faster, a coin flip is not worth it
 CHOICES = ("float32", "bfloat16", "bfloat16_matmuls")  # what `auto` may pick on a CPU
+CPUINFO = "/proc/cpuinfo"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -100,26 +107,50 @@ def measure() -> dict[str, float]:
     return {name: _layer_seconds(name) for name in CHOICES}
 
 
+@functools.lru_cache(maxsize=4)
+def cpu_flags(cpuinfo: str = CPUINFO) -> frozenset[str]:
+  """The CPU's feature flags as the kernel reports them (empty where there is no
+  /proc/cpuinfo: macOS, Windows)."""
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        if line.startswith(("flags", "Features")):  # x86 and ARM spell it differently
+          return frozenset(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def rule(flags: frozenset[str]) -> str:
+  """`auto` on a CPU with these features: bfloat16 matmul operands where there are AMX
+  bfloat16 tiles, float32 elsewhere (AVX512-BF16 alone, ARM and emulated bfloat16 gain
+  nothing we measured, or lose)."""
+  return "bfloat16_matmuls" if "amx_bf16" in flags else "float32"
+
+
 def cpu_auto_dtype() -> str:
-  """What `auto` computes in on this CPU: float32, or the fastest bfloat16 mode if it is
-  at least MARGIN times faster."""
+  """What `auto` computes in on this CPU: LMJAX_CPU_DTYPE if it names a dtype, the probe's
+  answer if it says `measure`, else `rule` on the CPU's features."""
   choice = os.environ.get(ENV, "")
   if choice in CHOICES:
     return choice
+  if choice == MEASURE:
+    seconds = measure()
+    best = min(CHOICES[1:], key=lambda name: seconds.get(name, float("inf")))
+    return best if seconds["float32"] >= MARGIN * seconds[best] else "float32"
   if choice:
-    raise UserError(f"{ENV}={choice!r}: expected {', '.join(CHOICES)} (or unset to measure)")
-  seconds = measure()
-  best = min(CHOICES[1:], key=lambda name: seconds.get(name, float("inf")))
-  return best if seconds["float32"] >= MARGIN * seconds[best] else "float32"
+    raise UserError(f"{ENV}={choice!r}: expected {', '.join(CHOICES)}, {MEASURE} (time a "
+                    "probe), or unset (decided by the CPU's features)")
+  return rule(cpu_flags())
 
 
 def run_dtype(saved: str | None) -> str:
   """What `auto` means on CPU for a whole run: the dtype its checkpoints were trained in
-  (`saved`, a resume), else process 0's measurement, the same on every process."""
+  (`saved`, a resume), else process 0's answer, the same on every process."""
   if saved in CHOICES:
     return saved
   choice = cpu_auto_dtype() if jax.process_index() == 0 else "float32"
-  if jax.process_count() > 1:  # processes that measured differently would compile different steps
+  if jax.process_count() > 1:  # hosts of different CPUs would compile different steps
     from jax.experimental import multihost_utils
     choice = CHOICES[int(multihost_utils.broadcast_one_to_all(np.int32(CHOICES.index(choice))))]
   return choice
