@@ -18,8 +18,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "lmjax-tests-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
-# model.dtype=auto on CPU measures bfloat16 against float32 (lmjax/model/precision.py); the
-# suite's tolerances are float32's, so it pins that (tests/test_precision.py measures).
+# model.dtype=auto on CPU picks bfloat16 matmuls on AMX CPUs (lmjax/model/precision.py); the
+# suite's tolerances are float32's, so it pins that (tests/test_precision.py unpins it).
 os.environ.setdefault("LMJAX_CPU_DTYPE", "float32")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
