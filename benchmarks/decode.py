@@ -25,7 +25,7 @@ from lmjax import pretrained
 from lmjax.data.tokenizer import SpecialTokens
 from lmjax.inference.generate import Generator, SamplingConfig
 from lmjax.model import TransformerConfig, build_model
-from lmjax.train import unbox
+from lmjax.sharding import unbox
 
 FLAGS = flags.FLAGS
 

@@ -80,7 +80,7 @@ def sweep(cfg, seq_len: int, peak: float, deadline: float) -> list[dict]:
 
 def decode(cfg, params_dtype_bytes: int, bandwidth: float) -> dict:
   from lmjax.inference.generate import Generator, SamplingConfig
-  from lmjax.train import unbox
+  from lmjax.sharding import unbox
   params = jax.jit(lambda: unbox(build_model(cfg).init(
       jax.random.PRNGKey(0), jax.numpy.zeros((1, 8), jax.numpy.int32))["params"]))()
   params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), params)  # serve in bf16

@@ -15,7 +15,7 @@ from lmjax.data.pipeline import DataConfig
 from lmjax.distributed import RuntimeConfig
 from lmjax.errors import UserError, check_ranges
 from lmjax.model.config import TransformerConfig
-from lmjax.objectives import ObjectiveConfig
+from lmjax.objectives import ObjectiveConfig, objective_class
 from lmjax.optim import OptimizerConfig
 from lmjax.sharding import MeshConfig, check_rules
 
@@ -119,8 +119,10 @@ def experiment_from_dict(config: Mapping[str, Any]) -> Experiment:
   if unknown:
     raise UserError(f"unknown config section(s) {', '.join(unknown)} "
                     f"(known: {', '.join(_CLASSES)})")
+  classes = dict(_CLASSES)  # a registered objective may bring its own options
+  classes["objective"] = objective_class(config.get("objective", {}).get("kind", "clm")).config_class
   sections = {name: section_from_dict(name, cls, config.get(name, {}))
-              for name, cls in _CLASSES.items()}
+              for name, cls in classes.items()}
   sections["mesh"] = dataclasses.replace(sections["mesh"], rules=check_rules(sections["mesh"].rules))
   return Experiment(**sections)
 

@@ -154,3 +154,16 @@ def run(source: Pretrained, tasks: list[str], num_fewshot: int | None = None,
                sorted(model.compiled_shapes))
   results["compiled_shapes"] = len(model.compiled_shapes)
   return results
+
+
+def training_metrics(exp: Any, params: Any, tokenizer_path: str) -> dict[str, float]:
+  """`train.lm_eval_tasks` on a training run's current parameters, as `task/metric`."""
+  from lmjax.data.tokenizer import Tokenizer
+  t = exp.train
+  source = Pretrained(exp.model, params, Tokenizer(tokenizer_path), "clm", "this run")
+  results = run(source, list(t.lm_eval_tasks), batch_size=8, limit=t.lm_eval_limit or None,
+                include_path=t.lm_eval_include_path or None)
+  return {f"{task}/{key.split(',')[0]}": float(value)
+          for task, values in results["results"].items() for key, value in values.items()
+          if isinstance(value, (int, float)) and not key.startswith("alias")
+          and "_stderr" not in key}

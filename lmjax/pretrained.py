@@ -80,8 +80,9 @@ def load_run(workdir: str) -> Pretrained:
   if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
     raise UserError(f"{workdir}/tokenizer.model is not the tokenizer the run was trained with")
   model = TransformerConfig(**meta["config"]["model"])
-  return Pretrained(model, jax.tree.map(np.asarray, params), tokenizer,
-                    meta["config"]["objective"]["kind"], f"{workdir} step {steps[0]}")
+  objective = "clm" if model.family == "decoder" else "mlm"  # what the backbone models
+  return Pretrained(model, jax.tree.map(np.asarray, params), tokenizer, objective,
+                    f"{workdir} step {steps[0]}")
 
 
 def to_layout(params: dict[str, Any], source: TransformerConfig,
@@ -122,7 +123,7 @@ def merge_params(fresh: dict[str, Any], loaded: dict[str, Any], source: str,
 def require_weights(source: Pretrained, model: Any, sample: Any, what: str) -> None:
   """Refuses, in one line, weights that lack arrays `model` needs (a BertModel checkpoint,
   without the MLM head, cannot score masked tokens)."""
-  from lmjax.train import unbox
+  from lmjax.sharding import unbox
   expected = unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), sample)["params"])
   have = {param_name(k) for k, _ in jax.tree_util.tree_leaves_with_path(source.params)}
   missing = [param_name(k) for k, _ in jax.tree_util.tree_leaves_with_path(expected)

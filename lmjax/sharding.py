@@ -102,3 +102,10 @@ def batch_shardings(mesh: Mesh, rules: Rules, sample: dict[str, Any]) -> dict[st
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def unbox(tree: Any) -> Any:
+  """Drops logical-axis boxes without applying sharding constraints (safe outside jit)."""
+  return jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+      tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))

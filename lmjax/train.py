@@ -24,17 +24,15 @@ from absl import logging
 
 from lmjax import __version__, objectives, paths
 from lmjax.checkpoint import Checkpointer
-from lmjax.data.batches import PackedDataset
-from lmjax.data.pipeline import build_datasets
 from lmjax.data.tokenizer import SpecialTokens, install_tokenizer
 from lmjax.errors import UserError
 from lmjax.experiment import NON_ARCHITECTURE_FIELDS, Experiment, architecture
 from lmjax.metrics import MetricsWriter, Throughput, flops_per_token, peak_flops
-from lmjax.model import build_model, precision
-from lmjax.objectives import ObjectiveConfig
+from lmjax.model import precision
+from lmjax.objectives import Objective, ObjectiveConfig
 from lmjax.optim import learning_rate_schedule, make_optimizer
 from lmjax.preemption import PreemptionWatch
-from lmjax.sharding import batch_shardings, logical_to_shardings, make_mesh, replicated
+from lmjax.sharding import batch_shardings, logical_to_shardings, make_mesh, replicated, unbox
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -56,54 +54,26 @@ class StepFns:
   eval_model: nn.Module  # deterministic model
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  objective: ObjectiveConfig
+  objective: Objective  # or its ObjectiveConfig, built here through the registry
   special: SpecialTokens
   grad_accum_steps: int = 1
 
-
-def prepare(fns: StepFns, batch: dict[str, Array], rng: Array) -> dict[str, Array]:
-  """Adds model inputs, targets and weights to a packed batch, per the objective."""
-  if fns.objective.kind in objectives.TASKS:  # labelled examples: inputs and targets as given
-    return dict(batch)
-  tokens, segments = batch["tokens"], batch["segment_ids"]
-  out = {"segment_ids": segments, "positions": batch["positions"]}
-  if fns.objective.kind == "clm":
-    out["targets"], out["weights"] = objectives.clm_targets(tokens, segments)
-    out["inputs"] = tokens
-  else:  # targets, weights: (B, K) at the gathered positions `predict_at`
-    out["inputs"], out["predict_at"], out["targets"], out["weights"] = objectives.mlm_mask(
-        rng, tokens, segments, fns.objective, fns.special.mask, fns.special.ids,
-        fns.model.cfg.vocab_size)
-  return out
-
-
-def loss_sums(model: nn.Module, params: Any, b: dict[str, Array], objective: ObjectiveConfig,
-              dropout_rng: Array | None = None) -> dict[str, Array]:
-  rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-  if objective.kind in objectives.TASKS:
-    out = model.apply({"params": params}, b["tokens"], b["segment_ids"], b["token_types"],
-                      rngs=rngs)
-    return objectives.task_sums(objective.kind, out, b)
-  fused = objective.use_fused_head()
-  out = model.apply({"params": params}, b["inputs"], b["segment_ids"], b["positions"],
-                    predict_at=b.get("predict_at"), project=not fused, rngs=rngs)
-  if fused:  # out: the head's Projection; no (B, T, V) logits are built
-    return objectives.fused_cross_entropy_sums(
-        out.features, out.weight, out.bias, b["targets"], b["weights"], out.vocab_first,
-        objective.z_loss, objective.label_smoothing, matmul_dtype=out.matmul_dtype)
-  return objectives.cross_entropy_sums(out, b["targets"], b["weights"],  # (B, T or K, V)
-                                       objective.z_loss, objective.label_smoothing)
+  def __post_init__(self):
+    if isinstance(self.objective, ObjectiveConfig):
+      object.__setattr__(self, "objective", objectives.build(
+          self.objective, self.special, self.model.cfg.vocab_size))
 
 
 def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
                ) -> tuple[TrainState, Metrics]:
   """One optimizer step over `grad_accum_steps` microbatches; exact as one big batch."""
   mask_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
-  b = prepare(fns, batch, mask_rng)
+  objective = fns.objective
+  b = objective.prepare(batch, mask_rng)
   total = jnp.maximum(jnp.sum(b["weights"]), 1.0)  # targets in the whole batch
 
   def loss_fn(params, micro, rng):
-    sums = loss_sums(fns.model, params, micro, fns.objective, rng)
+    sums = objective.loss_sums(fns.model, params, micro, {"dropout": rng})
     return sums["objective"] / total, sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -118,8 +88,9 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
       g, s = grad_fn(state.params, mb, jax.random.fold_in(dropout_rng, i))
       return jax.tree.map(jnp.add, carry, (g, s)), None
 
-    zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "objective", "correct", "weight")}
-    zero = (jax.tree.map(jnp.zeros_like, state.params), zero_sums)
+    first = jax.tree.map(lambda x: x[0], micro)  # the sums' structure: the objective's keys
+    shapes = jax.eval_shape(grad_fn, state.params, first, dropout_rng)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (grads, sums), _ = jax.lax.scan(accumulate, zero, (jnp.arange(n), micro))
   updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -127,7 +98,7 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
   # A non-finite loss or gradient skips the update: parameters and optimizer state stay.
   finite = jnp.isfinite(sums["objective"]) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  metrics = objectives.summarize(sums)
+  metrics = objective.summarize(sums)
   metrics.update(grad_norm=grad_norm, learning_rate=fns.schedule(state.step),
                  skipped=1.0 - finite.astype(jnp.float32))
   new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
@@ -137,17 +108,10 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
 
 def eval_step(fns: StepFns, params: Any, batch: dict[str, Array], rng: Array
               ) -> dict[str, Array]:
-  """Summed loss terms of one eval batch (MLM masks drawn from a fixed `rng`); for a task,
-  also each example's prediction, target and weight (the held-out metrics need them)."""
-  b = prepare(fns, batch, rng)
-  kind = fns.objective.kind
-  if kind not in objectives.TASKS:
-    return loss_sums(fns.eval_model, params, b, fns.objective)
-  out = fns.eval_model.apply({"params": params}, b["tokens"], b["segment_ids"],
-                             b["token_types"])
-  return {**objectives.task_sums(kind, out, b),
-          "predictions": objectives.task_predictions(kind, out),
-          "targets": b["starts"] if kind == "qa" else b["labels"], "examples": b["weights"]}
+  """The objective's eval terms of one batch (MLM masks drawn from a fixed `rng`): scalars
+  to sum over the eval set, per-example arrays to gather."""
+  b = fns.objective.prepare(batch, rng)
+  return fns.objective.eval_sums(fns.eval_model, params, b)
 
 
 def init_state(fns: StepFns, seed: int, batch_shape: tuple[int, int]) -> TrainState:
@@ -260,10 +224,9 @@ def check_resumable(meta: dict[str, Any], exp: Experiment, tokenizer_sha: str, w
     raise UserError(f"checkpoint step {step} was trained with another tokenizer")
 
 
-def evaluate(eval_fn: Callable, params: Any, data: PackedDataset, exp: Experiment,
-             put: Callable, num_labels: int = 0) -> dict[str, float]:
-  """Loss, accuracy and perplexity over a fixed prefix (or all) of the eval split; for a
-  task, its held-out measures over every eval example instead."""
+def evaluate(eval_fn: Callable, params: Any, data: Any, exp: Experiment, put: Callable,
+             objective: Objective) -> dict[str, float]:
+  """The objective's held-out measures over a fixed prefix (or all) of the eval split."""
   n = data.num_eval_batches(exp.train.batch_size)
   n = min(n, exp.train.eval_batches) if exp.train.eval_batches else n
   base = jax.random.PRNGKey(exp.train.seed + 1)
@@ -272,23 +235,14 @@ def evaluate(eval_fn: Callable, params: Any, data: PackedDataset, exp: Experimen
     batch = put(data.eval_batch(i, exp.train.batch_size, jax.process_index(),
                                 jax.process_count()))
     out = eval_fn(params, batch, jax.random.fold_in(base, i))
-    sums = {k: out[k] for k in ("loss", "objective", "correct", "weight")}
+    sums = {k: v for k, v in out.items() if v.ndim == 0}  # summed on device
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    if "predictions" in out:  # replicated: every process sees every example
-      examples.append(jax.device_get({k: out[k] for k in ("predictions", "targets",
-                                                          "examples")}))
-  metrics = {k: float(v) for k, v in objectives.summarize(total).items()}
-  if not examples:
-    return metrics
-  kind = exp.objective.kind
-  got = {k: np.concatenate([e[k] for e in examples]) for k in examples[0]}
-  keep = got["examples"] > 0
-  result = {"loss": metrics["loss"], "examples": float(keep.sum())}
-  if kind != "regression":
-    result["accuracy"] = metrics["accuracy"]
-  result.update(objectives.task_metrics(kind, got["predictions"][keep], got["targets"][keep],
-                                        num_labels))
-  return result
+    if len(sums) < len(out):  # per-example arrays, replicated: every process sees all
+      examples.append(jax.device_get({k: v for k, v in out.items() if k not in sums}))
+  gathered = {k: np.concatenate([e[k] for e in examples]) for k in examples[0]} \
+      if examples else {}
+  return objective.eval_metrics({k: float(v) for k, v in jax.device_get(total).items()},
+                                gathered)
 
 
 @dataclasses.dataclass
@@ -298,13 +252,12 @@ class Run:
   exp: Experiment
   fns: StepFns
   mesh: jax.sharding.Mesh
-  train_data: PackedDataset
-  eval_data: PackedDataset
+  train_data: objectives.Dataset
+  eval_data: objectives.Dataset
   ckpt: Checkpointer
   writer: MetricsWriter
   meta: dict[str, Any]  # written beside every checkpoint
   init_params: Any = None  # host arrays from train.init_from for a fresh state
-  num_labels: int = 0  # classes of a classification task (its held-out F1 and MCC)
 
 
 def setup_run(exp: Experiment, workdir: str) -> Run:
@@ -342,10 +295,11 @@ def _checked_parts(exp: Experiment, workdir: str) -> tuple:
   tokenizer = install_tokenizer(exp.data.tokenizer, workdir, write=False)
   mesh = make_mesh(exp.mesh)
   check_experiment(exp, tokenizer.vocab_size, mesh.shape["data"] * mesh.shape["fsdp"])
-  datasets = build_datasets(exp.data, tokenizer, exp.objective.kind, t.seed)
-  fns = StepFns(build_model(exp.model, deterministic=exp.model.dropout_rate == 0),
-                build_model(exp.model), make_optimizer(exp.optimizer, t.steps),
-                learning_rate_schedule(exp.optimizer, t.steps), exp.objective,
+  objective = objectives.build(exp.objective, tokenizer.special, exp.model.vocab_size)
+  datasets = objective.datasets(exp.data, tokenizer, exp.model, t.seed)
+  fns = StepFns(objective.build_model(exp.model, deterministic=exp.model.dropout_rate == 0),
+                objective.build_model(exp.model, True), make_optimizer(exp.optimizer, t.steps),
+                learning_rate_schedule(exp.optimizer, t.steps), objective,
                 tokenizer.special, t.grad_accum_steps)
   init_params = None
   if t.init_from and not _has_checkpoints(workdir):
@@ -472,12 +426,15 @@ def train_loop(run: Run) -> dict[str, float]:
         run.writer.write(step, "train", {**values, **speed.measure(step)}, t.steps)
         pending = []
       if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-        eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put, run.num_labels)
+        eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put, run.fns.objective)
         run.writer.write(step, "eval", eval_metrics, t.steps)
         speed.restart(step)  # keep evaluation out of the training rate
       if t.lm_eval_tasks and ((t.lm_eval_every and step % t.lm_eval_every == 0) or
                               step == t.steps):
-        run.writer.write(step, "lm_eval", harness_metrics(run, state.params), t.steps)
+        from lmjax import harness
+        tokenizer = paths.join(paths.dirname(run.ckpt.directory), "tokenizer.model")
+        run.writer.write(step, "lm_eval", harness.training_metrics(exp, state.params, tokenizer),
+                         t.steps)
         speed.restart(step)
       stop = preemption.requested(step)
       if step % t.checkpoint_every == 0 or step == t.steps or stop:
@@ -488,7 +445,7 @@ def train_loop(run: Run) -> dict[str, float]:
         return eval_metrics
   if not eval_metrics:  # nothing left to train: report the checkpoint as it is
     logging.info("workdir already at step %d of %d; nothing to train", step, t.steps)
-    eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put, run.num_labels)
+    eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put, run.fns.objective)
   return eval_metrics
 
 
@@ -516,22 +473,6 @@ class StepProfiler:
       logging.info("profiled steps %d..%d into %s", self.first, step, self.folder)
 
 
-def harness_metrics(run: Run, params: Any) -> dict[str, float]:
-  """lm-evaluation-harness task metrics of the current parameters, as `task/metric`."""
-  from lmjax import harness
-  from lmjax.data.tokenizer import Tokenizer
-  from lmjax.pretrained import Pretrained
-  t = run.exp.train
-  tokenizer = Tokenizer(paths.join(paths.dirname(run.ckpt.directory), "tokenizer.model"))
-  source = Pretrained(run.exp.model, params, tokenizer, run.exp.objective.kind, "this run")
-  results = harness.run(source, list(t.lm_eval_tasks), batch_size=8,
-                        limit=t.lm_eval_limit or None, include_path=t.lm_eval_include_path or None)
-  return {f"{task}/{key.split(',')[0]}": float(value)
-          for task, values in results["results"].items() for key, value in values.items()
-          if isinstance(value, (int, float)) and not key.startswith("alias")
-          and "_stderr" not in key}
-
-
 def check_skips(fetched: list[dict[str, Any]], step: int, skips: int, limit: int) -> int:
   """Updates the count of consecutive non-finite steps; stops the run past `limit`."""
   for offset, metrics in enumerate(fetched):
@@ -542,13 +483,6 @@ def check_skips(fetched: list[dict[str, Any]], step: int, skips: int, limit: int
                       f"{bad}); stopped, the last checkpoint holds the last good parameters. "
                       "Lower optimizer.learning_rate or check the data")
   return skips
-
-
-def unbox(tree: Any) -> Any:
-  """Drops logical-axis boxes without applying sharding constraints (safe outside jit)."""
-  return jax.tree.map(
-      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
-      tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def count_params(params: Any) -> int:

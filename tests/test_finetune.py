@@ -8,7 +8,8 @@ import pytest
 from lmjax import pretrained
 from lmjax.data import genres, tasks
 from lmjax.errors import UserError
-from lmjax.finetune import TaskDataset, default_finetune_config, finetune, finetune_from_dict
+from lmjax.data.tasks import TaskDataset
+from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict
 from lmjax.model import SequenceClassifier, TransformerConfig
 
 

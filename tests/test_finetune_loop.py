@@ -17,7 +17,7 @@ import pytest
 
 from tiny import ROOT
 from lmjax.checkpoint import Checkpointer
-from lmjax.objectives import task_metrics
+from lmjax.objectives.tasks import classification_measures, regression_measures
 
 SMALL = ["--config.task.seq_len=32", "--config.train.batch_size=16", "--config.train.log_every=1",
          "--config.optimizer.warmup_steps=2"]
@@ -128,13 +128,13 @@ def test_task_metrics_match_their_definitions():
   pred = np.where(rng.random(500) < 0.8, truth, 1 - truth)
   tp, tn = np.sum((pred == 1) & (truth == 1)), np.sum((pred == 0) & (truth == 0))
   fp, fn = np.sum((pred == 1) & (truth == 0)), np.sum((pred == 0) & (truth == 1))
-  got = task_metrics("classification", pred, truth, 2)
+  got = classification_measures(pred, truth, 2)
   assert got["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
   mcc = (tp * tn - fp * fn) / np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
   assert got["mcc"] == pytest.approx(mcc)
   x = np.array([1.0, 2.0, 2.0, 3.0, 5.0])
   y = np.array([2.0, 1.0, 4.0, 4.0, 6.0])
-  got = task_metrics("regression", x, y, 0)
+  got = regression_measures(x, y)
   assert got["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1])
   # Spearman = Pearson of average ranks: x ranks 0, 1.5, 1.5, 3, 4; y ranks 1, 0, 2.5, 2.5, 4
   assert got["spearman"] == pytest.approx(np.corrcoef([0, 1.5, 1.5, 3, 4], [1, 0, 2.5, 2.5, 4])[0, 1])

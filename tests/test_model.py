@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lmjax.model import TransformerConfig, build_model, stack_layers, unstack_layers
-from lmjax.train import unbox
+from lmjax.sharding import unbox
 
 GPT2 = dict(family="decoder", vocab_size=64, max_len=16, d_model=32, num_layers=3, num_heads=4,
             d_ff=64)

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lmjax.data.corpus import check_files
+from lmjax.data.permutation import permute, round_keys
 from lmjax.errors import UserError
 
 
@@ -141,3 +142,41 @@ def encode_qa(tokenizer: Any, examples: list[tuple[str, str, str]], seq_len: int
   spans_arr = np.asarray(spans, np.int32)
   return {"tokens": tokens, "segment_ids": segments, "token_types": token_types,
           "starts": spans_arr[:, 0], "ends": spans_arr[:, 1]}
+
+
+class TaskDataset:
+  """Labelled examples as batches of a pure function of (seed, step), like PackedDataset:
+  each epoch a keyed permutation of the examples; eval batches in order, padded with
+  weight-0 rows."""
+
+  def __init__(self, arrays: dict[str, np.ndarray], seed: int):
+    self.arrays, self.seed = arrays, seed
+    self.num_examples = len(next(iter(arrays.values())))
+
+  def _rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    valid = ids >= 0
+    out = {k: v[np.where(valid, ids, 0)] for k, v in self.arrays.items()}
+    out["weights"] = valid.astype(np.float32)
+    return out
+
+  def batch(self, step: int, global_batch: int, process_index: int = 0,
+            process_count: int = 1) -> dict[str, np.ndarray]:
+    per = global_batch // process_count
+    flat = np.arange(step * global_batch + process_index * per,
+                     step * global_batch + (process_index + 1) * per)
+    epochs, offsets = np.divmod(flat, self.num_examples)
+    ids = np.empty(per, np.int64)
+    for epoch in np.unique(epochs):
+      sel = epochs == epoch
+      ids[sel] = permute(offsets[sel], self.num_examples, round_keys([self.seed, int(epoch)]))
+    return self._rows(ids)
+
+  def eval_batch(self, index: int, global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> dict[str, np.ndarray]:
+    per = global_batch // process_count
+    ids = np.arange(index * global_batch + process_index * per,
+                    index * global_batch + (process_index + 1) * per)
+    return self._rows(np.where(ids < self.num_examples, ids, -1))
+
+  def num_eval_batches(self, global_batch: int) -> int:
+    return -(-self.num_examples // global_batch)

@@ -1,6 +1,6 @@
-"""Pretraining objectives: targets for CLM and MLM, and the cross-entropy they share.
+"""The losses objectives share: CLM and MLM targets, cross-entropy (plain, and fused with
+the vocabulary head), and the metrics of summed terms.
 
-Both objectives turn a packed batch into (model inputs, targets, weights).
 Losses are sums over tokens; callers divide by the total weight so that
 gradient accumulation over microbatches equals one large batch exactly.
 """
@@ -15,57 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from lmjax.errors import check_ranges
 
 Array = jax.Array
-
-
-PRETRAINING = ("clm", "mlm")
-TASKS = ("classification", "regression", "qa")  # fine-tuning heads on the same loop
-
-
-@dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-  # clm | mlm (pretraining) | classification | regression | qa (fine-tuning, set by
-  # launch.finetune from the task)
-  kind: str = "clm"
-  mask_rate: float = 0.15  # MLM: share of ordinary tokens selected as targets (exact per row)
-  mask_token_prob: float = 0.8  # of the selected: replaced by [MASK]
-  random_token_prob: float = 0.1  # of the selected: replaced by a random token; rest kept
-  z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
-  label_smoothing: float = 0.0
-  # Vocabulary head + loss fused over chunks of positions, never building the (B, T, V)
-  # logits (`fused_cross_entropy_sums`): auto (on CPU, where it is faster) | on | off.
-  fused_head: str = "auto"
-
-  def __post_init__(self):
-    if self.kind not in PRETRAINING + TASKS:
-      raise ValueError(f"objective.kind must be one of {', '.join(PRETRAINING + TASKS)}, "
-                       f"got {self.kind!r}")
-    check_ranges("objective", self, non_negative=("z_loss", "mask_token_prob", "random_token_prob"),
-                 fractions=("label_smoothing",))
-    if self.fused_head not in ("auto", "on", "off"):
-      raise ValueError(f"objective.fused_head must be auto, on or off, got {self.fused_head!r}")
-    if not 0 < self.mask_rate < 1 or self.mask_token_prob + self.random_token_prob > 1:
-      raise ValueError("objective: need 0 < mask_rate < 1 and mask_token_prob + "
-                       "random_token_prob <= 1")
-
-  def use_fused_head(self) -> bool:
-    """Whether the train and eval steps fuse the vocabulary head into the loss. `auto`: on
-    CPU, where XLA's (N, V) logits matmuls and their transposes cost a third of a small
-    model's step; on TPU and GPU, fused matmuls of the full logits are the faster path."""
-    if self.fused_head == "auto":
-      return jax.default_backend() == "cpu"
-    return self.fused_head == "on"
-
-  def predictions(self, seq_len: int) -> int:
-    """Positions per row the vocabulary head runs on: all (CLM), the K MLM targets, or none
-    (a task head, whose cost is negligible)."""
-    if self.kind in TASKS:
-      return 0
-    return seq_len if self.kind == "clm" else max_predictions(seq_len, self.mask_rate)
 
 
 def clm_targets(tokens: Array, segment_ids: Array) -> tuple[Array, Array]:
@@ -84,7 +36,7 @@ def max_predictions(seq_len: int, mask_rate: float) -> int:
   return max(1, math.ceil(mask_rate * seq_len))
 
 
-def mlm_mask(rng: Array, tokens: Array, segment_ids: Array, cfg: ObjectiveConfig,
+def mlm_mask(rng: Array, tokens: Array, segment_ids: Array, cfg: Any,
              mask_id: int, special_ids: tuple[int, ...], vocab_size: int
              ) -> tuple[Array, Array, Array, Array]:
   """BERT masking: select round(mask_rate x ordinary tokens) per row, then 80/10/10
@@ -272,87 +224,3 @@ def summarize(sums: dict[str, Array]) -> dict[str, Array]:
   loss = sums["loss"] / denom
   return {"loss": loss, "accuracy": sums["correct"] / denom, "perplexity": jnp.exp(loss),
           "tokens": sums["weight"]}
-
-
-# ----------------------------------------------------------------------------- task heads
-
-
-def task_sums(kind: str, outputs: Any, batch: dict[str, Array]) -> dict[str, Array]:
-  """Summed loss terms of a fine-tuning batch, shaped like `cross_entropy_sums`' (so the
-  train step, gradient accumulation and `summarize` serve both); `weight` counts examples.
-
-  classification: logits (B, L), labels (B,); regression: (B, 1), float labels (B,), MSE;
-  qa: start and end scores 2 x (B, T), right only if both are.
-  """
-  weight = batch["weights"]  # (B,) 1 for examples, 0 for padding rows
-  ce = optax.softmax_cross_entropy_with_integer_labels
-  if kind == "regression":
-    loss = jnp.square(outputs[:, 0] - batch["labels"])
-    correct = jnp.zeros_like(loss)
-  elif kind == "qa":
-    start, end = outputs
-    loss = (ce(start, batch["starts"]) + ce(end, batch["ends"])) / 2
-    correct = ((jnp.argmax(start, -1) == batch["starts"]) &
-               (jnp.argmax(end, -1) == batch["ends"])).astype(jnp.float32)
-  else:
-    loss = ce(outputs, batch["labels"])
-    correct = (jnp.argmax(outputs, -1) == batch["labels"]).astype(jnp.float32)
-  total = jnp.sum(loss * weight)
-  return {"loss": total, "objective": total, "correct": jnp.sum(correct * weight),
-          "weight": jnp.sum(weight)}
-
-
-def task_predictions(kind: str, outputs: Any) -> Array:
-  """Per-example predictions for the held-out metrics: a label, a value, or a start."""
-  if kind == "regression":
-    return outputs[:, 0]
-  if kind == "qa":
-    return jnp.argmax(outputs[0], -1)
-  return jnp.argmax(outputs, -1)
-
-
-def task_metrics(kind: str, predictions: np.ndarray, targets: np.ndarray, num_labels: int
-                 ) -> dict[str, float]:
-  """The measures the field reports per task: accuracy, F1 (binary: of class 1; else
-  macro) and Matthews correlation for classification; Pearson, Spearman and MSE for
-  regression."""
-  if kind == "regression":
-    return {"pearson": _pearson(predictions, targets),
-            "spearman": _pearson(_ranks(predictions), _ranks(targets)),
-            "mse": float(np.mean(np.square(predictions - targets)))}
-  if kind == "qa":
-    return {}
-  f1s = [_f1(predictions == c, targets == c) for c in range(num_labels)]
-  return {"f1": f1s[1] if num_labels == 2 else float(np.mean(f1s)),
-          "mcc": _matthews(predictions, targets, num_labels)}
-
-
-def _f1(predicted: np.ndarray, actual: np.ndarray) -> float:
-  tp = float(np.sum(predicted & actual))
-  return 2 * tp / max(float(np.sum(predicted) + np.sum(actual)), 1.0)
-
-
-def _matthews(predictions: np.ndarray, targets: np.ndarray, num_labels: int) -> float:
-  """Gorodkin's multiclass Matthews correlation (the binary MCC for two classes)."""
-  c = np.zeros((num_labels, num_labels))
-  np.add.at(c, (targets, predictions), 1)
-  n, correct = c.sum(), np.trace(c)
-  p, t = c.sum(0), c.sum(1)  # predicted, true counts per class
-  denom = np.sqrt((n * n - p @ p) * (n * n - t @ t))
-  return float((correct * n - t @ p) / denom) if denom else 0.0
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-  x, y = x - x.mean(), y - y.mean()
-  denom = np.sqrt(np.sum(x * x) * np.sum(y * y))
-  return float(np.sum(x * y) / denom) if denom else 0.0
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-  """Ranks with ties averaged (what Spearman's correlation needs)."""
-  order = np.argsort(x, kind="stable")
-  ranks = np.empty(len(x))
-  ranks[order] = np.arange(len(x))
-  values, inverse = np.unique(x, return_inverse=True)
-  sums = np.bincount(inverse, ranks)
-  return (sums / np.bincount(inverse))[inverse]

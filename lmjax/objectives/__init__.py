@@ -1,0 +1,16 @@
+"""Objectives as plug-ins: the interface (`Objective`), the registry (`register`), lmjax's
+own objectives (clm, mlm; classification, regression, qa) and the losses they share."""
+
+from lmjax.objectives.base import (Batch, Dataset, Objective, ObjectiveConfig, build,
+                                   objective_class, register, registered)
+from lmjax.objectives.losses import (clm_targets, cross_entropy_sums, fused_cross_entropy_sums,
+                                     max_predictions, mlm_mask, summarize)
+from lmjax.objectives.pretraining import CLM, MLM, LanguageModelling
+from lmjax.objectives.tasks import QA, Classification, Regression, Task, TaskConfig
+
+__all__ = [
+    "Batch", "CLM", "Classification", "Dataset", "LanguageModelling", "MLM", "Objective",
+    "ObjectiveConfig", "QA", "Regression", "Task", "TaskConfig", "build", "clm_targets",
+    "cross_entropy_sums", "fused_cross_entropy_sums", "max_predictions", "mlm_mask",
+    "objective_class", "register", "registered", "summarize",
+]

@@ -1,0 +1,260 @@
+"""Fine-tuning objectives of `launch.finetune`: classification and regression of a text or
+a text pair (GLUE-style), and extractive QA, each a head on the pretrained backbone.
+
+Their data comes from the run's `task` section (`TaskConfig`: files, labels,
+length), encoded with the pretrained model's tokenizer (`lmjax.data.tasks`); a
+task's batches are labelled examples, and its held-out measures are the ones the
+field reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lmjax.errors import UserError
+from lmjax.objectives.base import Batch, Objective, ObjectiveConfig, register
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  kind: str = "classification"  # classification | regression | qa | a registered task objective
+  dataset: str = ""  # built-in dataset ("shakespeare_genre"), else train_file/eval_file
+  train_file: str = ""  # JSON lines, see lmjax/data/tasks.py
+  eval_file: str = ""
+  labels: tuple[str, ...] = ()  # class names (classification)
+  seq_len: int = 128
+  dropout_rate: float = 0.1
+
+  def __post_init__(self):
+    from lmjax.objectives.base import _REGISTRY
+    tasks = sorted(k for k, cls in _REGISTRY.items() if cls.needs_task)
+    if self.kind not in tasks:
+      raise ValueError(f"task.kind must be one of {', '.join(tasks)}, got {self.kind!r}")
+    if self.dataset not in ("", "shakespeare_genre"):
+      raise ValueError(f"task.dataset {self.dataset!r} is unknown (known: shakespeare_genre)")
+    if self.seq_len < 4:
+      raise ValueError(f"task.seq_len must be at least 4, got {self.seq_len}")
+    if not 0 <= self.dropout_rate < 1:
+      raise ValueError(f"task.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+
+
+class Task(Objective):
+  """Labelled examples through a task head; `weight` counts examples, not tokens."""
+
+  needs_task = True
+  head = "classifier/"  # where the new head's parameters live
+
+  def datasets(self, data: Any, tokenizer: Any, model: Any, seed: int):
+    from lmjax.data.tasks import TaskDataset
+    if self.task.seq_len > model.max_len:
+      raise UserError(f"task.seq_len={self.task.seq_len} exceeds the model's "
+                      f"max_len={model.max_len}")
+    train, held_out = self.examples(tokenizer, model.family)
+    return TaskDataset(train, seed), TaskDataset(held_out, seed)
+
+  def examples(self, tokenizer: Any, family: str
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(train, eval) arrays encoded with the pretrained model's tokenizer."""
+    raise NotImplementedError
+
+  def is_new_param(self, name: str) -> bool:
+    return name.startswith(self.head)
+
+  def loss_sums(self, model: nn.Module, params: Any, batch: Batch,
+                rngs: dict[str, Array]) -> dict[str, Array]:
+    out = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
+                      batch["token_types"], rngs=rngs)
+    return self.sums(out, batch)
+
+  def eval_sums(self, model: nn.Module, params: Any, batch: Batch) -> dict[str, Array]:
+    out = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
+                      batch["token_types"])
+    return {**self.sums(out, batch), "predictions": self.predict(out),
+            "targets": self.targets(batch), "examples": batch["weights"]}
+
+  def sums(self, out: Any, batch: Batch) -> dict[str, Array]:
+    """Summed terms shaped like `cross_entropy_sums`' from per-example loss and hits."""
+    loss, correct = self.example_terms(out, batch)
+    weight = batch["weights"]  # (B,) 1 for examples, 0 for padding rows
+    total = jnp.sum(loss * weight)
+    return {"loss": total, "objective": total, "correct": jnp.sum(correct * weight),
+            "weight": jnp.sum(weight)}
+
+  def example_terms(self, out: Any, batch: Batch) -> tuple[Array, Array]:
+    raise NotImplementedError
+
+  def predict(self, out: Any) -> Array:
+    return jnp.argmax(out, -1)
+
+  def targets(self, batch: Batch) -> Array:
+    return batch["labels"]
+
+  def eval_metrics(self, sums: dict[str, float], examples: dict[str, np.ndarray]
+                   ) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in self.summarize(sums).items()}
+    keep = examples["examples"] > 0
+    result = {"loss": metrics["loss"], "examples": float(keep.sum()),
+              "accuracy": metrics["accuracy"]}
+    result.update(self.measures(examples["predictions"][keep], examples["targets"][keep]))
+    return result
+
+  def measures(self, predictions: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    return {}
+
+  @classmethod
+  def head_positions(cls, cfg: ObjectiveConfig, seq_len: int) -> int:
+    return 0  # a task head's cost is negligible
+
+
+class _Labelled(Task):
+  """A text or a text pair with a label: the JSON lines of `lmjax.data.tasks`, or the
+  bundled genre dataset."""
+
+  regression = False
+
+  def label_names(self) -> tuple[str, ...]:
+    from lmjax.data import genres
+    if self.regression:
+      return ()
+    return genres.LABELS if self.task.dataset == "shakespeare_genre" else self.task.labels
+
+  def examples(self, tokenizer: Any, family: str):
+    from lmjax.data import genres, tasks
+    task, labels = self.task, self.label_names()
+    if task.dataset == "shakespeare_genre":
+      train, held_out = ([(p, None, label) for p, label in genres.genre_examples(split)]
+                         for split in ("train", "eval"))
+    elif task.train_file and task.eval_file and (labels or self.regression):
+      train, held_out = (tasks.read_labelled(p, labels, self.regression)
+                         for p in (task.train_file, task.eval_file))
+    else:
+      raise UserError("set task.dataset, or task.train_file and task.eval_file (and "
+                      "task.labels for classification)")
+    encode = lambda ex: tasks.encode_labelled(tokenizer, ex, task.seq_len, family,
+                                              self.regression)
+    return encode(train), encode(held_out)
+
+  def build_model(self, model: Any, deterministic: bool) -> nn.Module:
+    from lmjax.model import SequenceClassifier
+    return SequenceClassifier(model, max(len(self.label_names()), 1), deterministic)
+
+
+@register("classification")
+class Classification(_Labelled):
+  """Cross-entropy over the task's labels; accuracy, F1 and Matthews correlation."""
+
+  def example_terms(self, out, batch):
+    ce = optax.softmax_cross_entropy_with_integer_labels(out, batch["labels"])
+    return ce, (jnp.argmax(out, -1) == batch["labels"]).astype(jnp.float32)
+
+  def measures(self, predictions, targets):
+    return classification_measures(predictions, targets, len(self.label_names()))
+
+
+@register("regression")
+class Regression(_Labelled):
+  """Mean squared error of one output; Pearson, Spearman and MSE."""
+
+  regression = True
+
+  def example_terms(self, out, batch):
+    loss = jnp.square(out[:, 0] - batch["labels"])
+    return loss, jnp.zeros_like(loss)
+
+  def predict(self, out):
+    return out[:, 0]
+
+  def eval_metrics(self, sums, examples):
+    result = super().eval_metrics(sums, examples)
+    del result["accuracy"]  # no such thing for a number
+    return result
+
+  def measures(self, predictions, targets):
+    return regression_measures(predictions, targets)
+
+
+@register("qa")
+class QA(Task):
+  """Extractive QA: start and end scores over the row, right only if both are."""
+
+  head = "span/"
+
+  def examples(self, tokenizer: Any, family: str):
+    from lmjax.data import tasks
+    if not (self.task.train_file and self.task.eval_file):
+      raise UserError("a QA task needs task.train_file and task.eval_file")
+    read = lambda p: tasks.encode_qa(tokenizer, tasks.read_qa(p), self.task.seq_len, family)
+    return read(self.task.train_file), read(self.task.eval_file)
+
+  def build_model(self, model: Any, deterministic: bool) -> nn.Module:
+    from lmjax.model import SpanExtractor
+    return SpanExtractor(model, deterministic)
+
+  def example_terms(self, out, batch):
+    start, end = out  # (B, T) each
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    loss = (ce(start, batch["starts"]) + ce(end, batch["ends"])) / 2
+    correct = ((jnp.argmax(start, -1) == batch["starts"]) &
+               (jnp.argmax(end, -1) == batch["ends"])).astype(jnp.float32)
+    return loss, correct
+
+  def predict(self, out):
+    return jnp.argmax(out[0], -1)
+
+  def targets(self, batch):
+    return batch["starts"]
+
+
+def classification_measures(predictions: np.ndarray, targets: np.ndarray, num_labels: int
+                            ) -> dict[str, float]:
+  """F1 (binary: of class 1; else macro) and Matthews correlation, as GLUE reports them."""
+  f1s = [_f1(predictions == c, targets == c) for c in range(num_labels)]
+  return {"f1": f1s[1] if num_labels == 2 else float(np.mean(f1s)),
+          "mcc": _matthews(predictions, targets, num_labels)}
+
+
+def regression_measures(predictions: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+  """Pearson and Spearman correlation and MSE, as STS-B reports them."""
+  return {"pearson": _pearson(predictions, targets),
+          "spearman": _pearson(_ranks(predictions), _ranks(targets)),
+          "mse": float(np.mean(np.square(predictions - targets)))}
+
+
+def _f1(predicted: np.ndarray, actual: np.ndarray) -> float:
+  tp = float(np.sum(predicted & actual))
+  return 2 * tp / max(float(np.sum(predicted) + np.sum(actual)), 1.0)
+
+
+def _matthews(predictions: np.ndarray, targets: np.ndarray, num_labels: int) -> float:
+  """Gorodkin's multiclass Matthews correlation (the binary MCC for two classes)."""
+  c = np.zeros((num_labels, num_labels))
+  np.add.at(c, (targets, predictions), 1)
+  n, correct = c.sum(), np.trace(c)
+  p, t = c.sum(0), c.sum(1)  # predicted, true counts per class
+  denom = np.sqrt((n * n - p @ p) * (n * n - t @ t))
+  return float((correct * n - t @ p) / denom) if denom else 0.0
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+  x, y = x - x.mean(), y - y.mean()
+  denom = np.sqrt(np.sum(x * x) * np.sum(y * y))
+  return float(np.sum(x * y) / denom) if denom else 0.0
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+  """Ranks with ties averaged (what Spearman's correlation needs)."""
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x))
+  ranks[order] = np.arange(len(x))
+  values, inverse = np.unique(x, return_inverse=True)
+  sums = np.bincount(inverse, ranks)
+  return (sums / np.bincount(inverse))[inverse]
