@@ -114,7 +114,10 @@ def load_model(path: str, dtype: str | None) -> Any:
   from lmjax import pretrained
   source = pretrained.load(path, dtype)
   declared = "--dtype" if dtype else f"model.dtype={source.model.dtype}"
-  logging.info("%s computes in %s (%s)", source.source, source.model.resolved_dtype, declared)
+  # `auto` depends on the backend, which then starts; an explicit dtype needs none yet (a
+  # bad checkpoint found next stays a one-line error, without the backend's start-up noise)
+  name = source.model.resolved_dtype if source.model.dtype == "auto" else source.model.dtype
+  logging.info("%s computes in %s (%s)", source.source, name, declared)
   return source
 
 

@@ -22,6 +22,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 # suite's tolerances are float32's, so it pins that (tests/test_precision.py unpins it).
 os.environ.setdefault("LMJAX_CPU_DTYPE", "float32")
 
+# The suite runs on CPU. libtpu (in the test extras, for launch.compile's TPU topologies,
+# which need no TPU backend) otherwise starts with every backend and writes its warnings to
+# the stderr of every launcher the tests run, burying the one-line errors they check.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `experiments` and `launch` import from the checkout
 

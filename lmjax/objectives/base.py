@@ -181,13 +181,14 @@ def register(name: str) -> Callable[[type[Objective]], type[Objective]]:
 
 
 def registered() -> list[str]:
-  return sorted(_REGISTRY)
+  """The registered names, lmjax's own first (in the order they were registered)."""
+  return list(_REGISTRY)
 
 
 def objective_class(kind: str) -> type[Objective]:
   if kind not in _REGISTRY:
-    raise UserError(f"objective.kind={kind!r} is not a registered objective (known: "
-                    f"{', '.join(registered())})")
+    raise UserError(f"objective.kind must be one of {', '.join(registered())}, got {kind!r} "
+                    "(an objective of your own: register it, see experiments/custom_objective.py)")
   return _REGISTRY[kind]
 
 
