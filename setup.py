@@ -24,6 +24,7 @@ setup(
         "matplotlib>=3.7",  # sweep loss curves
         "pyarrow>=14",  # parquet corpora
         "zstandard>=0.22",  # .jsonl.zst corpora
+        "jinja2>=3.1.6",  # chat templates (Hugging Face's semantics; older versions are unsafe)
     ],
     extras_require={
         "ray": ["ray>=2.9"],  # launch.prepare_data --engine ray
@@ -35,7 +36,8 @@ setup(
         # accelerate: lm-eval's own `hf` model, the reference the adapter is tested against
         "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.40", "torch==2.13.0",
                  "ray>=2.9", "lm-eval>=0.4.5", "accelerate>=0.26", "jax[tpu]>=0.10",
-                 "s3fs>=2024.2", "gcsfs>=2024.2", "moto[server]>=5.0"],  # bucket tests
+                 "s3fs>=2024.2", "gcsfs>=2024.2", "moto[server]>=5.0",  # bucket tests
+                 "trl>=1.0"],  # SFT and DPO parity
         # s3fs + moto: benchmarks.data_path --bucket times S3 against a local server
         "bench": ["transformers>=4.40", "torch==2.13.0", "s3fs>=2024.2", "moto[server]>=5.0"],
     },

@@ -6,6 +6,7 @@ import functools
 import json
 import logging as py_logging
 import os
+import re
 import sys
 import threading
 from typing import Any, Callable
@@ -93,10 +94,15 @@ def parse_flags(argv: list[str]) -> list[str]:
   except OSError as e:  # --config names a file that cannot be read
     _fail(f"--config: {str(e).splitlines()[-1].strip()}")
   except (KeyError, AttributeError) as e:
-    key = str(e).strip("\"'")
+    # ml_collections: 'key', or 'key' then Did you mean "other" instead of "key"? (escaped)
+    text = str(e.args[0] if e.args else e)
+    found = re.search(r"'([^'\\]+)", text)
+    key = found.group(1) if found else text.strip("\"'")
     bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and
            key in a.split("=")[0].split(".")]
-    _fail(f"{bad[0] if bad else key}: no such config key (see the experiment file "
+    near = re.search(r'Did you mean "([^"]+)"', text)
+    hint = f'; did you mean "{near.group(1)}"?' if near else ""
+    _fail(f"{bad[0] if bad else key}: no such config key{hint} (see the experiment file "
           "and lmjax/experiment.py for the fields)")
   return []  # unreachable
 

@@ -26,7 +26,7 @@ from lmjax.distributed import RuntimeConfig
 from lmjax.errors import UserError
 from lmjax.experiment import Experiment, TrainConfig, section_from_dict
 from lmjax.metrics import MetricsWriter
-from lmjax.objectives import ObjectiveConfig, TaskConfig
+from lmjax.objectives import DPOOptions, TaskConfig
 from lmjax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 from lmjax.sharding import MeshConfig, check_rules, make_mesh, unbox
 
@@ -54,13 +54,14 @@ class FinetuneExperiment:
   train: FinetuneTrainConfig
   mesh: MeshConfig = MeshConfig()
   runtime: RuntimeConfig = RuntimeConfig()
+  dpo: DPOOptions = DPOOptions()
 
   def to_dict(self) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 _SECTIONS = {"task": TaskConfig, "optimizer": OptimizerConfig, "train": FinetuneTrainConfig,
-             "mesh": MeshConfig, "runtime": RuntimeConfig}
+             "mesh": MeshConfig, "runtime": RuntimeConfig, "dpo": DPOOptions}
 
 
 def finetune_from_dict(config: Mapping[str, Any]) -> FinetuneExperiment:
@@ -79,6 +80,16 @@ def default_finetune_config() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the run
 
 
+def objective_config(exp: FinetuneExperiment) -> objectives.ObjectiveConfig:
+  """The task's objective with its options (from the section the objective names)."""
+  cls = objectives.objective_class(exp.task.kind)
+  options = dataclasses.asdict(getattr(exp, cls.options_section)) if cls.options_section else {}
+  try:
+    return cls.config_class(kind=exp.task.kind, **options)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
 def build_run(exp: FinetuneExperiment, init_from: str, workdir: str, dry: bool = False):
   """A `train.Run` of the task: every check first, then the writers (nothing is written to
   `workdir` before the data, weights and mesh are known to fit). `dry`: the checks and
@@ -89,10 +100,13 @@ def build_run(exp: FinetuneExperiment, init_from: str, workdir: str, dry: bool =
   workdir = train_lib.resolve_workdir(workdir)
   t = exp.train
   source = pretrained.load(init_from)
+  if exp.task.seq_len > source.model.max_len:
+    raise UserError(f"task.seq_len={exp.task.seq_len} exceeds the model's "
+                    f"max_len={source.model.max_len}")
   model_cfg = source.model.replace(dropout_rate=exp.task.dropout_rate)
   run_exp = Experiment(model=model_cfg, data=DataConfig(seq_len=exp.task.seq_len),
-                       objective=ObjectiveConfig(kind=exp.task.kind), optimizer=exp.optimizer,
-                       train=t, mesh=exp.mesh, runtime=exp.runtime)
+                       objective=objective_config(exp), optimizer=exp.optimizer, train=t,
+                       mesh=exp.mesh, runtime=exp.runtime)
   config = run_exp.to_dict()
   run_exp = train_lib.resolve_auto_dtype(run_exp, workdir)
   objective = objectives.build(run_exp.objective, source.tokenizer.special,
@@ -106,12 +120,13 @@ def build_run(exp: FinetuneExperiment, init_from: str, workdir: str, dry: bool =
                           learning_rate_schedule(exp.optimizer, t.steps), objective,
                           source.tokenizer.special, t.grad_accum_steps)
   labels = objective.label_names()
-  init_params = None
-  if t.init == "pretrained":
-    abstract = jax.eval_shape(functools.partial(train_lib.init_state, fns, t.seed,
-                                                (1, exp.task.seq_len)))
-    init_params = pretrained.merge_params(unbox(abstract.params), source.params,
-                                          init_from, may_be_new=objective.is_new_param)
+  abstract = jax.eval_shape(functools.partial(train_lib.init_state, fns, t.seed,
+                                              (1, exp.task.seq_len)))
+  initial = pretrained.merge_params(unbox(abstract.params), source.params, init_from,
+                                    may_be_new=objective.is_new_param)  # host arrays
+  init_params = initial if t.init == "pretrained" else None
+  if not dry:  # e.g. DPO's reference log-probabilities, from the weights the run starts at
+    objective.precompute((train_data, eval_data), fns.eval_model, initial)
   meta = {"config": config, "task": exp.to_dict()["task"], "init_from": init_from,
           "labels": list(labels), "tokenizer_sha256": source.tokenizer.sha256,
           "lmjax_version": __version__, **train_lib.auto_dtype_meta(config, run_exp)}
@@ -124,6 +139,11 @@ def build_run(exp: FinetuneExperiment, init_from: str, workdir: str, dry: bool =
       jax.eval_shape(functools.partial(train_lib.train_step, fns), state, batch)
     return None
   paths.check_access(workdir, write=True)
+  if jax.process_index() == 0:  # what loading the run later needs beside its checkpoints
+    paths.makedirs(workdir)
+    pretrained.save_tokenizer(source.tokenizer, workdir)
+    for name, text in objective.run_files().items():
+      paths.write_atomic(paths.join(workdir, name), text)
   return train_lib.Run(run_exp, fns, mesh, train_data, eval_data,
                        Checkpointer(workdir, t.keep_checkpoints, t.async_checkpoints),
                        MetricsWriter(workdir, active=jax.process_index() == 0), meta,

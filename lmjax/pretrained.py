@@ -9,6 +9,7 @@ launchers for generation, fill-mask, evaluation and fine-tuning, and
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable
 
@@ -76,13 +77,48 @@ def load_run(workdir: str) -> Pretrained:
                     "to set damaged steps aside") from None
   finally:
     ckpt.close()
-  tokenizer = Tokenizer(paths.join(workdir, "tokenizer.model"))
+  tokenizer = load_run_tokenizer(workdir)
   if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
     raise UserError(f"{workdir}/tokenizer.model is not the tokenizer the run was trained with")
   model = TransformerConfig(**meta["config"]["model"])
   objective = "clm" if model.family == "decoder" else "mlm"  # what the backbone models
   return Pretrained(model, jax.tree.map(np.asarray, params), tokenizer, objective,
                     f"{workdir} step {steps[0]}")
+
+
+HF_TOKENIZER_DIR = "tokenizer"  # a run's Hugging Face tokenizer (no config.json at its top)
+CHAT_TEMPLATE = "chat_template.jinja"
+
+
+def save_tokenizer(tokenizer: Any, workdir: str) -> None:
+  """Writes a run's tokenizer beside its checkpoints: lmjax's SentencePiece model as
+  tokenizer.model, a Hugging Face tokenizer's files (and its special ids) in tokenizer/."""
+  from lmjax.convert.hf_tokenizer import HFTokenizer
+  if not isinstance(tokenizer, HFTokenizer):
+    paths.write_atomic(paths.join(workdir, "tokenizer.model"), tokenizer.data)
+    return
+  origin, folder = os.path.dirname(tokenizer.path), paths.join(workdir, HF_TOKENIZER_DIR)
+  paths.makedirs(folder)
+  for name in (os.path.basename(tokenizer.path), "tokenizer_config.json", CHAT_TEMPLATE):
+    if os.path.isfile(os.path.join(origin, name)):
+      with open(os.path.join(origin, name), "rb") as f:
+        paths.write_atomic(paths.join(folder, name), f.read())
+  ids = {f"{k}_token_id": getattr(tokenizer.special, k) for k in ("bos", "eos", "pad")}
+  paths.write_atomic(paths.join(folder, "config.json"), json.dumps(ids))
+
+
+def load_run_tokenizer(workdir: str) -> Any:
+  """The tokenizer `save_tokenizer` (or pretraining) put in a run, with the chat template
+  a chat run saved beside it."""
+  if paths.isdir(paths.join(workdir, HF_TOKENIZER_DIR)) and not paths.is_remote(workdir):
+    from lmjax.convert.hf_tokenizer import HFTokenizer
+    tokenizer = HFTokenizer(os.path.join(workdir, HF_TOKENIZER_DIR))
+  else:
+    tokenizer = Tokenizer(paths.join(workdir, "tokenizer.model"))
+  template = paths.join(workdir, CHAT_TEMPLATE)
+  if paths.exists(template):
+    tokenizer.chat_template = paths.read_bytes(template).decode("utf-8")
+  return tokenizer
 
 
 def to_layout(params: dict[str, Any], source: TransformerConfig,

@@ -59,3 +59,31 @@ def make_hf_model(kind: str, directory: str, seed: int = 0, **overrides):
   model.eval()
   model.save_pretrained(directory)
   return model
+
+
+# ChatML as Qwen's and TRL's test models write it, plain and with {% generation %} markers
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML_MARKED = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_chat_tokenizer(directory: str, template: str = CHATML) -> str:
+  """A byte-level BPE tokenizer with ChatML's markers and `template` as its chat template,
+  saved as transformers saves one (tokenizer.json, tokenizer_config.json)."""
+  import json
+  import tokenizers
+  os.makedirs(directory, exist_ok=True)
+  tok = tokenizers.ByteLevelBPETokenizer()
+  tok.train_from_iterator(_lines(), vocab_size=VOCAB,
+                          special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+               "pad_token": "<|endoftext|>", "bos_token": None, "chat_template": template}, f)
+  return directory

@@ -20,6 +20,7 @@ from lmjax.data.tokenizer import SpecialTokens
 EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
                      if not p.endswith("__init__.py"))
 FINETUNING = {"finetune_genre": [None, "random"], "finetune_pairs": [None],
+              "chat_tiny": [None], "dpo_tiny": [None],
               "finetune_regression": [None]}  # configs for launch.finetune
 VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp", "v5e16"]}
 CASES = [(name, arg) for name in EXPERIMENTS if name not in FINETUNING

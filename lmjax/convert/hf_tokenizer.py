@@ -51,6 +51,11 @@ class HFTokenizer:
     self._tok.no_truncation()
     config = _read_json(os.path.join(directory, "config.json"))
     self.special = self._special(config)
+    self.chat_template = read_chat_template(directory, settings)
+    # The special-token strings a chat template sees, as transformers' special_tokens_map
+    named = {k: settings.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    self.template_tokens = {k: v.get("content") if isinstance(v, dict) else v
+                            for k, v in named.items() if v is not None}
 
   def _special(self, config: dict[str, Any]) -> SpecialTokens:
     found = {}
@@ -75,6 +80,16 @@ class HFTokenizer:
     del num_threads
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+  def encode_text(self, text: str) -> list[int]:
+    """The ids of `tokenizer(text)` in transformers: special tokens added as it adds them."""
+    return list(self._tok.encode(text).ids)
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids of `text` (special tokens written in it read as theirs, none added) and each
+    token's character span: what `apply_chat_template(..., tokenize=True)` tokenizes."""
+    enc = self._tok.encode(text, add_special_tokens=False)
+    return list(enc.ids), [tuple(o) for o in enc.offsets]
+
   def serialized(self) -> bytes:
     """The whole tokenizer as tokenizer.json bytes (WordPiece from vocab.txt included), for
     workers that rebuild it with `tokenizers.Tokenizer.from_str`."""
@@ -86,6 +101,21 @@ class HFTokenizer:
 
   def id_to_piece(self, i: int) -> str:
     return self._tok.id_to_token(int(i))
+
+
+def read_chat_template(directory: str, settings: dict[str, Any]) -> str | None:
+  """A model directory's chat template: chat_template.jinja (transformers 5 writes it
+  there), else tokenizer_config.json's `chat_template` (a string, or named templates of
+  which "default" is the one used)."""
+  path = os.path.join(directory, "chat_template.jinja")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  template = settings.get("chat_template")
+  if isinstance(template, list):
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default")
+  return template if isinstance(template, str) and template else None
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import re
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -71,6 +72,8 @@ class Tokenizer:
                       "[SEP]); train it with `python -m launch.train_tokenizer`")
     self.special = SpecialTokens(pad=self._sp.pad_id(), unk=unk, bos=self._sp.bos_id(),
                                  eos=self._sp.eos_id(), **ids)
+    self.chat_template: str | None = None  # set by a chat run that saved one beside it
+    self._controls: list[str] | None = None
 
   @property
   def vocab_size(self) -> int:
@@ -81,6 +84,36 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  def encode_text(self, text: str) -> list[int]:
+    """[bos] and the ids of `text` (control strings read as theirs): what the exported
+    tokenizer.json gives for `tokenizer(text)` in transformers."""
+    bos = [self.special.bos] if self.special.bos >= 0 else []
+    return bos + self.encode_with_offsets(text)[0]
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids of `text` in which the control pieces' strings (<s>, </s>, ...) stand for
+    their ids, as a Hugging Face tokenizer reads its special tokens (lmjax's tokenizer.json
+    export does the same), with each token's character span."""
+    controls = [self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size())
+                if self._sp.is_control(i)] if self._controls is None else self._controls
+    self._controls = controls
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    at = 0
+    for chunk in re.split(f"({'|'.join(map(re.escape, controls))})", text) if controls else [text]:
+      if chunk in controls:
+        ids.append(self._sp.piece_to_id(chunk))
+        offsets.append((at, at + len(chunk)))
+      elif chunk:
+        chars = np.cumsum([0] + [len(c.encode("utf-8")) for c in chunk])  # byte of each char
+        for piece in self._sp.encode(chunk, out_type="proto").pieces:
+          lo = int(np.searchsorted(chars, piece.begin, side="right")) - 1
+          hi = int(np.searchsorted(chars, piece.end, side="left"))
+          ids.append(piece.id)
+          offsets.append((at + lo, at + max(hi, lo)))
+      at += len(chunk)
+    return ids, offsets
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))

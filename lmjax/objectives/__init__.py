@@ -1,5 +1,5 @@
 """Objectives as plug-ins: the interface (`Objective`), the registry (`register`), lmjax's
-own objectives (clm, mlm; classification, regression, qa) and the losses they share."""
+own objectives (clm, mlm; classification, regression, qa; sft, dpo) and the losses they share."""
 
 from lmjax.objectives.base import (Batch, Dataset, Objective, ObjectiveConfig, build,
                                    objective_class, register, registered)
@@ -7,9 +7,10 @@ from lmjax.objectives.losses import (clm_targets, cross_entropy_sums, fused_cros
                                      max_predictions, mlm_mask, summarize)
 from lmjax.objectives.pretraining import CLM, MLM, LanguageModelling
 from lmjax.objectives.tasks import QA, Classification, Regression, Task, TaskConfig
+from lmjax.objectives.chat import DPO, SFT, ChatObjective, DPOConfig, DPOOptions  # noqa: E402  (after the tasks: TaskConfig)
 
 __all__ = [
-    "Batch", "CLM", "Classification", "Dataset", "LanguageModelling", "MLM", "Objective",
+    "Batch", "CLM", "ChatObjective", "DPO", "DPOConfig", "DPOOptions", "SFT", "Classification", "Dataset", "LanguageModelling", "MLM", "Objective",
     "ObjectiveConfig", "QA", "Regression", "Task", "TaskConfig", "build", "clm_targets",
     "cross_entropy_sums", "fused_cross_entropy_sums", "max_predictions", "mlm_mask",
     "objective_class", "register", "registered", "summarize",

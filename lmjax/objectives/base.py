@@ -102,6 +102,7 @@ class Objective:
   kind: ClassVar[str] = ""  # the registered name (set by `register`)
   config_class: ClassVar[type] = ObjectiveConfig  # its typed options
   needs_task: ClassVar[bool] = False  # fine-tuning only: data from `task`, not `data`
+  options_section: ClassVar[str] = ""  # launch.finetune: the config section of its options
 
   def __init__(self, cfg: ObjectiveConfig, special: Any, vocab_size: int, task: Any = None):
     self.cfg, self.special, self.vocab_size, self.task = cfg, special, vocab_size, task
@@ -117,6 +118,14 @@ class Objective:
     """The backbone with the head this objective needs."""
     from lmjax.model import build_model
     return build_model(model, deterministic)
+
+  def precompute(self, datasets: tuple, model: nn.Module, params: Any) -> None:
+    """A pass of the initial model over the data before training (DPO's reference
+    log-probabilities); run at every start, so a resume computes what the start did."""
+
+  def run_files(self) -> dict[str, str]:
+    """Files written into the run directory beside its checkpoints (a chat template)."""
+    return {}
 
   def label_names(self) -> tuple[str, ...]:
     """The classes a classification head predicts, recorded with the run."""

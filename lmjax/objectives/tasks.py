@@ -33,6 +33,12 @@ class TaskConfig:
   labels: tuple[str, ...] = ()  # class names (classification)
   seq_len: int = 128
   dropout_rate: float = 0.1
+  # Chat (sft, dpo): a .jinja chat template file ("" = the model's own, else lmjax's);
+  # conversations longer than seq_len: off (an error) | drop | newest (the newest turns
+  # that fit, ending at an assistant turn); pack several conversations per row.
+  chat_template: str = ""
+  truncation: str = "drop"
+  pack: bool = True
 
   def __post_init__(self):
     from lmjax.objectives.base import _REGISTRY
@@ -45,6 +51,8 @@ class TaskConfig:
       raise ValueError(f"task.seq_len must be at least 4, got {self.seq_len}")
     if not 0 <= self.dropout_rate < 1:
       raise ValueError(f"task.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    if self.truncation not in ("off", "drop", "newest"):
+      raise ValueError(f"task.truncation must be off, drop or newest, got {self.truncation!r}")
 
 
 class Task(Objective):
@@ -55,9 +63,6 @@ class Task(Objective):
 
   def datasets(self, data: Any, tokenizer: Any, model: Any, seed: int):
     from lmjax.data.tasks import TaskDataset
-    if self.task.seq_len > model.max_len:
-      raise UserError(f"task.seq_len={self.task.seq_len} exceeds the model's "
-                      f"max_len={model.max_len}")
     train, held_out = self.examples(tokenizer, model.family)
     return TaskDataset(train, seed), TaskDataset(held_out, seed)
 
