@@ -87,3 +87,24 @@ def make_chat_tokenizer(directory: str, template: str = CHATML) -> str:
     json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
                "pad_token": "<|endoftext|>", "bos_token": None, "chat_template": template}, f)
   return directory
+
+
+def make_chat_model(directory: str, template: str = CHATML_MARKED, seed: int = 0):
+  """A random GPT-2 whose tokenizer has ChatML's markers and `template`; <|im_end|> is its
+  eos. Returns the torch model."""
+  import torch
+  import transformers as T
+  make_chat_tokenizer(directory, template)
+  tok = T.AutoTokenizer.from_pretrained(directory)
+  torch.manual_seed(seed)
+  cfg = T.GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                     eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                     pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+  model = T.GPT2LMHeadModel(cfg)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  model.eval()
+  model.save_pretrained(directory)
+  return model
