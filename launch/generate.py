@@ -3,10 +3,15 @@
   python -m launch.generate --workdir runs/clm_tiny --prompt "ROMEO." \
       [--max_new_tokens 64 --temperature 0.8 --top_k 0 --top_p 0.95 --seed 0 --num_samples 1]
   python -m launch.generate --workdir runs/clm_tiny --interactive
+  python -m launch.generate --workdir runs/chat_tiny --chat [--prompt "Who is there?"]
 
 `--interactive` reads a line at a time, streams the reply as it is produced,
 and keeps the whole conversation as context (the oldest tokens drop out once
-it exceeds the model's length).
+it exceeds the model's length). `--chat` applies the model's chat template (the
+run's, a Hugging Face directory's, or lmjax's default; `--chat_template FILE`
+overrides it): each reply ends at the template's end-of-turn marker, and the
+oldest turns drop out when the conversation outgrows the model. With `--prompt` it
+answers that one user message and exits; without, it reads a turn per line.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ flags.DEFINE_integer("seed", 0, "random seed for sampling", lower_bound=0)
 flags.DEFINE_integer("num_samples", 1, "completions of the prompt", lower_bound=1)
 flags.DEFINE_bool("interactive", False, "a prompt loop that streams replies")
 flags.DEFINE_string("stop", "\n\n", "interactive: a reply ends at this text (empty: only EOS)")
+flags.DEFINE_bool("chat", False, "converse through the model's chat template")
+flags.DEFINE_string("system", "", "chat: a system message opening the conversation")
+flags.DEFINE_string("chat_template", "", "chat: a .jinja template instead of the model's")
 flags.mark_flags_as_required(["workdir"])
 define_dtype_flag()
 FLAGS = flags.FLAGS
@@ -38,13 +46,16 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if FLAGS.prompt is None and not FLAGS.interactive:
-    raise UserError("give --prompt TEXT or --interactive")
+  if FLAGS.prompt is None and not (FLAGS.interactive or FLAGS.chat):
+    raise UserError("give --prompt TEXT, --interactive or --chat")
   if FLAGS.num_samples < 1:
     raise UserError("--num_samples must be >= 1")
   from lmjax.inference.generate import Generator, SamplingConfig
   sampling = SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   source = load_model(FLAGS.workdir, FLAGS.dtype)
+  if FLAGS.chat:
+    chat_loop(source, sampling)
+    return
   tok = source.tokenizer
   gen = Generator(source.model, source.params, eos=tok.special.eos, pad=tok.special.pad)
   start = [tok.special.bos] if tok.special.bos >= 0 else []
@@ -60,6 +71,36 @@ def main(argv: list[str]) -> None:
       print(f"--- sample {i + 1}")
     print(FLAGS.prompt + tok.decode(ids))
   logging.info("%d tokens in %.2fs (with compilation)", sum(map(len, outputs)), seconds)
+
+
+def chat_loop(source, sampling) -> None:
+  """--chat: one reply to --prompt, or a turn per line of stdin, each reply streamed."""
+  from lmjax.inference.chat import ChatSession
+  session = ChatSession(source, FLAGS.chat_template)
+  messages = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
+  turn = 0
+  while True:
+    if FLAGS.prompt is not None:
+      line = FLAGS.prompt
+    else:
+      try:
+        line = input("> ")
+      except EOFError:
+        print()
+        return
+    messages.append({"role": "user", "content": line})
+    reply: list[int] = []
+    shown = ""
+    for token in session.reply(messages, sampling, FLAGS.seed + turn):
+      reply.append(token)
+      text = session.tokenizer.decode(reply)
+      print(text[len(shown):], end="", flush=True)
+      shown = text
+    print(flush=True)
+    messages.append({"role": "assistant", "content": session.tokenizer.decode(reply)})
+    turn += 1
+    if FLAGS.prompt is not None:
+      return
 
 
 def converse(gen, tok, history: list[int], sampling) -> None:

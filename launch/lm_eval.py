@@ -28,6 +28,9 @@ flags.DEFINE_integer("num_fewshot", None, "examples in each prompt (default: the
 flags.DEFINE_integer("batch_size", 8, "requests per compiled batch", lower_bound=1)
 flags.DEFINE_integer("limit", None, "at most this many documents per task", lower_bound=1)
 flags.DEFINE_string("output", "lm_eval.json", "JSON file name, inside --workdir")
+flags.DEFINE_bool("apply_chat_template", False, "render each request with the model's chat "
+                  "template (lm-eval's own flag; few-shot examples as turns)")
+flags.DEFINE_bool("log_samples", False, "keep each request and response in the output JSON")
 flags.mark_flags_as_required(["workdir", "tasks"])
 define_dtype_flag()
 FLAGS = flags.FLAGS
@@ -47,7 +50,7 @@ def main(argv: list[str]) -> None:
     raise UserError('launch.lm_eval needs lm-eval: pip install -e ".[eval]"') from None
   source = load_model(FLAGS.workdir, FLAGS.dtype)
   results = harness.run(source, FLAGS.tasks, FLAGS.num_fewshot, FLAGS.batch_size, FLAGS.limit,
-                        FLAGS.include_path)
+                        FLAGS.include_path, FLAGS.log_samples, FLAGS.apply_chat_template)
   print(make_table(results))
   write_json(out, {"model": source.source, "dtype": source.model.resolved_dtype, **results},
              default=handle_non_serializable)

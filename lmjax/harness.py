@@ -20,6 +20,7 @@ from absl import logging
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 
+from lmjax.data.chat import load_template
 from lmjax.errors import UserError
 from lmjax.inference.generate import Generator, SamplingConfig
 from lmjax.model import build_model
@@ -36,7 +37,8 @@ def bucket(length: int, max_len: int) -> int:
 class LmjaxLM(LM):
   """An lmjax decoder (run or Hugging Face directory) as an lm-eval model."""
 
-  def __init__(self, source: Pretrained, batch_size: int = 8, max_gen_toks: int = 256):
+  def __init__(self, source: Pretrained, batch_size: int = 8, max_gen_toks: int = 256,
+               chat: bool = False):
     super().__init__()
     if source.model.family != "decoder":
       raise UserError("lm-evaluation-harness scores decoders (CLM); this model is an encoder")
@@ -47,10 +49,28 @@ class LmjaxLM(LM):
     self.model = build_model(self.cfg)
     self.compiled_shapes: set[tuple[int, int]] = set()
     self._generator: Generator | None = None
+    # --apply_chat_template: prompts come rendered by the model's chat template, which
+    # writes its own special tokens; replies end at its end-of-turn marker.
+    self.template = load_template(self.tokenizer) if chat else None
+
+  @property
+  def tokenizer_name(self) -> str:
+    return f"lmjax-{self.tokenizer.sha256[:16]}"
+
+  def chat_template(self, chat_template: bool | str = False) -> str | None:
+    return self.template.text if self.template else None
+
+  def apply_chat_template(self, chat_history: list[dict[str, str]],
+                          add_generation_prompt: bool = True) -> str:
+    if self.template is None:
+      raise UserError("this harness model was built without a chat template")
+    return self.template.render(chat_history, add_generation_prompt)
 
   # ----------------------------------------------------------------------------- scoring
 
   def tok_encode(self, text: str) -> list[int]:
+    if self.template is not None:  # rendered text: its special tokens are in it
+      return self.tokenizer.encode_with_offsets(text)[0] or [self.bos]
     return [self.bos, *self.tokenizer.encode([text])[0]] if text else [self.bos]
 
   @functools.partial(jax.jit, static_argnums=(0,))
@@ -118,7 +138,8 @@ class LmjaxLM(LM):
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     if self._generator is None:
       sp = self.tokenizer.special
-      self._generator = Generator(self.cfg, self.source.params, sp.eos, sp.pad)
+      eos = self.template.end_of_turn(self.tokenizer) if self.template else sp.eos
+      self._generator = Generator(self.cfg, self.source.params, eos, sp.pad)
     out = []
     for context, kwargs in (r.args for r in requests):
       until = kwargs.get("until") or []
@@ -137,17 +158,18 @@ class LmjaxLM(LM):
 
 def run(source: Pretrained, tasks: list[str], num_fewshot: int | None = None,
         batch_size: int = 8, limit: int | None = None, include_path: str | None = None,
-        log_samples: bool = False) -> dict[str, Any]:
+        log_samples: bool = False, apply_chat_template: bool = False) -> dict[str, Any]:
   """`lm_eval.simple_evaluate` on an lmjax model; the results dict, plus how many shapes
   were compiled."""
   import lm_eval
   from lm_eval.tasks import TaskManager
-  model = LmjaxLM(source, batch_size)
+  model = LmjaxLM(source, batch_size, chat=apply_chat_template)
   manager = TaskManager(include_path=include_path) if include_path else TaskManager()
   try:
     results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=num_fewshot,
                                       limit=limit, task_manager=manager,
-                                      log_samples=log_samples, batch_size=batch_size)
+                                      log_samples=log_samples, batch_size=batch_size,
+                                      apply_chat_template=apply_chat_template)
   except KeyError as e:
     raise UserError(f"unknown lm-eval task {e} (give --include_path for local tasks)") from None
   logging.info("lm-eval: %d compiled shapes %s", len(model.compiled_shapes),

@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from lmjax.convert.hf_tokenizer import FILES as TOKENIZER_FILES
+from lmjax.data.chat import DEFAULT_TEMPLATE
 from lmjax.convert.hf_tokenizer import HFTokenizer, find_tokenizer_file, sentencepiece_to_json
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.errors import UserError
@@ -372,7 +373,8 @@ def _copy_tokenizer(tokenizer: Any, directory: str) -> None:
   """The tokenizer travels with the weights: HF files as they are, or lmjax's SentencePiece."""
   if isinstance(tokenizer, HFTokenizer):
     origin = os.path.dirname(tokenizer.path)
-    for name in (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json"):
+    for name in (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):
       if os.path.isfile(os.path.join(origin, name)):
         shutil.copyfile(os.path.join(origin, name), os.path.join(directory, name))
   elif getattr(tokenizer, "path", None):  # weights without a tokenizer (benchmarks) have none
@@ -387,6 +389,9 @@ def _copy_tokenizer(tokenizer: Any, directory: str) -> None:
     names = {f"{k}_token": tokenizer.id_to_piece(v) for k, v in (
         ("bos", sp.bos), ("eos", sp.eos), ("unk", sp.unk), ("pad", sp.pad), ("mask", sp.mask),
         ("cls", sp.cls), ("sep", sp.sep)) if v >= 0}
+    # The chat template a chat run trained with, else lmjax's default: transformers'
+    # apply_chat_template then renders and tokenizes conversations as lmjax does.
+    template = getattr(tokenizer, "chat_template", None) or DEFAULT_TEMPLATE
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
       json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True,
-                 "add_eos_token": False, **names}, f, indent=2)
+                 "add_eos_token": False, **names, "chat_template": template}, f, indent=2)
