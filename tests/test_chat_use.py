@@ -80,3 +80,145 @@ def test_lm_eval_with_the_chat_template(chat_run):
   prompt = result["samples"]["lmjax_gen"][0]["arguments"][0][0]  # (context, generation kwargs)
   assert prompt.startswith("<s><|user|>\n") and prompt.endswith("<|assistant|>\n")
   assert "lmjax_gen" in out.stdout
+
+
+def _subset(tmp_path, name, n):
+  """The first `n` records of a bundled chat or preference file."""
+  path = tmp_path / f"{name}.jsonl"
+  with open(os.path.join(ROOT, "experiments", "data", f"{name}.jsonl")) as f:
+    path.write_text("".join(line for _, line in zip(range(n), f)))
+  return str(path)
+
+
+def _run(config, init, workdir, tmp_path, *args, popen=False):
+  kind = "chat" if "chat" in config else "dpo"
+  files = [f"--config.task.train_file={_subset(tmp_path, f'{kind}_train', 48)}",
+           f"--config.task.eval_file={_subset(tmp_path, f'{kind}_eval', 16)}"]
+  command = [sys.executable, "-m", "launch.finetune", f"--config=experiments/{config}.py",
+             f"--init_from={init}", f"--workdir={workdir}", "--config.task.seq_len=160",
+             "--config.train.batch_size=8", "--config.train.log_every=1",
+             "--config.train.eval_every=0", "--config.optimizer.warmup_steps=1", *files, *args]
+  if popen:
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+  proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _losses(workdir):
+  return [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl"))
+          if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("config", ["chat_tiny", "dpo_tiny"])
+def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, chat_run, tmp_path, config):
+  init = tiny_runs / "clm_tiny" if config == "chat_tiny" else chat_run
+  _run(config, init, tmp_path / "one", tmp_path, "--cpu_devices=1", "--config.train.steps=3")
+  eight = _run(config, init, tmp_path / "eight", tmp_path, "--cpu_devices=8",
+               "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.train.steps=3")
+  assert "8 device(s), mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in eight.stderr
+  np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(tmp_path / "one"), rtol=1e-4)
+  a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "eight"))
+  for key in a:
+    if isinstance(a[key], float):
+      assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_dpo_kill_9_then_rerun_equals_an_uninterrupted_run_and_sigterm_saves(chat_run, tmp_path):
+  import random
+  import signal
+  import time
+
+  import jax
+  from lmjax.checkpoint import Checkpointer
+  steps = ["--config.train.steps=8", "--config.train.checkpoint_every=2"]
+  _run("dpo_tiny", chat_run, tmp_path / "straight", tmp_path, *steps)
+  killed, rng = tmp_path / "killed", random.Random(0)
+  lines = lambda: (killed / "metrics.jsonl").read_text().count("\n") if (
+      killed / "metrics.jsonl").exists() else 0
+  for _ in range(2):
+    before = lines()
+    proc = _run("dpo_tiny", chat_run, killed, tmp_path, *steps, popen=True)
+    deadline = time.monotonic() + 300
+    while lines() <= before and proc.poll() is None:
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.0))
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+  _run("dpo_tiny", chat_run, killed, tmp_path, *steps)
+  a, b = (Checkpointer(str(d), async_save=False) for d in (tmp_path / "straight", killed))
+  try:
+    jax.tree.map(np.testing.assert_array_equal, a.restore_arrays(8), b.restore_arrays(8))
+  finally:
+    a.close()
+    b.close()
+  assert (json.loads((killed / "results.json").read_text()) ==
+          json.loads((tmp_path / "straight" / "results.json").read_text()))
+
+  workdir = tmp_path / "term"
+  proc = _run("dpo_tiny", chat_run, workdir, tmp_path, "--config.train.steps=400",
+              "--config.train.checkpoint_every=1000", popen=True)
+  deadline = time.monotonic() + 300
+  while not (workdir / "metrics.jsonl").exists() or \
+      (workdir / "metrics.jsonl").read_text().count("\n") < 2:
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "preempted" in err, err[-3000:]
+  assert len(os.listdir(workdir / "checkpoints")) == 1
+
+
+LONG = "To be, or not to be, that is the question. " * 40
+BAD = [
+    ("sft", {"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]},
+     "message 1 needs a 'role' and a 'content'"),
+    ("sft", {"messages": [{"role": "king", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "message 1 has role 'king'"),
+    ("sft", {"messages": [{"role": "user", "content": "x"}]}, "has no assistant turn"),
+    ("sft", {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
+     "message 2 is an empty assistant turn"),
+    ("sft", {"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": "y"}]},
+     "longer than task.seq_len=64 (set task.truncation=drop or newest)"),
+    ("dpo", {"prompt": "Who?", "chosen": "Me.", "rejected": "Me."}, "'chosen' equals 'rejected'"),
+    ("dpo", {"prompt": LONG, "chosen": "Me.", "rejected": "You."}, "longer than task.seq_len=64"),
+    ("template", {"messages": [{"role": "user", "content": "x"},
+                               {"role": "assistant", "content": "y"}]},
+     "failed to render (TemplateError: a system message first)"),
+]
+
+
+@pytest.mark.parametrize("kind,record,message", BAD, ids=[m for *_, m in BAD])
+def test_bad_input_is_one_line_naming_the_line_and_writes_nothing(tiny_runs, tmp_path, kind,
+                                                                   record, message):
+  from lmjax.errors import UserError
+  from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict
+  good = ({"prompt": "Who?", "chosen": "Me.", "rejected": "You."} if kind == "dpo" else
+          {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+  path = tmp_path / "data.jsonl"
+  path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+  config = default_finetune_config()
+  config["task"].update(kind="dpo" if kind == "dpo" else "sft", train_file=str(path),
+                        eval_file=str(path), seq_len=64, truncation="off")
+  if kind == "template":
+    template = tmp_path / "t.jinja"
+    template.write_text("{% if messages[0]['role'] != 'system' %}"
+                        "{{ raise_exception('a system message first') }}{% endif %}")
+    config["task"]["chat_template"] = str(template)
+  with pytest.raises(UserError) as err:
+    finetune(finetune_from_dict(config), str(tiny_runs / "clm_tiny"), str(tmp_path / "run"))
+  text = str(err.value)
+  line = 1 if kind == "template" else 2
+  assert text.startswith(f"{path}:{line}") and message in text and "\n" not in text, text
+  assert not (tmp_path / "run").exists()
+
+
+def test_dpo_without_init_from_exits_2(tmp_path):
+  proc = launch("launch.finetune", "--config=experiments/dpo_tiny.py",
+                f"--workdir={tmp_path / 'run'}", ok=False)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      "error: flag --init_from=None: Flag --init_from must have a value other than None."]
+  assert not (tmp_path / "run").exists()
