@@ -167,3 +167,22 @@ def test_a_template_that_fails_to_render(tmp_path):
   bad.write_text("{% for %}")
   with pytest.raises(UserError, match="does not compile"):
     chat.load_template(tok, str(bad))
+
+
+def test_train_tokenizer_reserves_the_role_markers(tmp_path):
+  import subprocess
+  import sys
+  from tiny import ROOT
+  proc = subprocess.run([sys.executable, "-m", "launch.train_tokenizer",
+                         f"--input={os.path.join(BUNDLED_DIR, 'valid.txt')}",
+                         f"--output={tmp_path / 'chat.model'}", "--vocab_size=400",
+                         "--chat_markers"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  tok = Tokenizer(str(tmp_path / "chat.model"))
+  conv = chat.Conversation("x", tuple(CONVERSATIONS[0]))
+  ids, _ = chat.encode(conv, tok, chat.load_template(tok))
+  pieces = [tok.id_to_piece(i) for i in ids]
+  assert "<|user|>" in pieces and "<|assistant|>" in pieces  # each marker one piece
+  plain = Tokenizer(TOKENIZER)
+  plain_ids, _ = chat.encode(conv, plain, chat.load_template(plain))
+  assert "<|user|>" not in [plain.id_to_piece(i) for i in plain_ids]

@@ -161,11 +161,14 @@ def _training_sentences(lines: Iterable[str]) -> Iterator[str]:
 def train_tokenizer(lines: Iterable[str], output_path: str, vocab_size: int,
                     model_type: str = "unigram", max_sentences: int = 2_000_000,
                     seed_sentencepiece_size: int = 1_000_000,
-                    character_coverage: float = 1.0) -> Tokenizer:
-  """Trains a SentencePiece model (unigram or bpe, byte fallback) and writes it atomically."""
+                    character_coverage: float = 1.0,
+                    extra_symbols: Sequence[str] = ()) -> Tokenizer:
+  """Trains a SentencePiece model (unigram or bpe, byte fallback) and writes it atomically;
+  `extra_symbols` (chat role markers) become single pieces like [MASK]."""
   if model_type not in ("unigram", "bpe"):
     raise UserError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
-  minimum = 256 + 4 + len(USER_SYMBOLS) + 1  # bytes, pad/unk/bos/eos, user symbols, one piece
+  symbols = list(USER_SYMBOLS) + [s for s in extra_symbols if s not in USER_SYMBOLS]
+  minimum = 256 + 4 + len(symbols) + 1  # bytes, pad/unk/bos/eos, user symbols, one piece
   if not 0.98 <= character_coverage <= 1:  # SentencePiece's own bounds
     raise UserError(f"character_coverage must be in [0.98, 1], got {character_coverage}")
   if vocab_size < minimum:
@@ -175,7 +178,7 @@ def train_tokenizer(lines: Iterable[str], output_path: str, vocab_size: int,
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_sentences(lines), model_writer=model,
         vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=list(USER_SYMBOLS),
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=symbols,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         character_coverage=character_coverage, split_digits=True, input_sentence_size=max_sentences,
         shuffle_input_sentence=True, seed_sentencepiece_size=seed_sentencepiece_size,
