@@ -97,9 +97,11 @@ def test_truncation_and_packing(tmp_path):
   assert (newest.dropped, newest.cut) == (0, 1)
   rows = newest.arrays
   assert rows["tokens"].shape[1] == seq_len and rows["segment_ids"].max() >= 2  # packed
-  cut = rows["tokens"][rows["segment_ids"] == rows["segment_ids"][0].max()]
-  text = tok.decode(cut)
-  assert text.endswith("You come most carefully upon your hour.")  # ends at an assistant turn
+  texts = [tok.decode(row[seg == s]) for row, seg in zip(rows["tokens"], rows["segment_ids"])
+           for s in range(1, seg.max() + 1)]
+  assert len(texts) == 3  # every conversation kept, the long one cut
+  cut = [t for t in texts if t.count("<|user|>") > 2]
+  assert len(cut) == 1 and cut[0].endswith("You come most carefully upon your hour.")
   completion = rows["loss_mask"][rows["segment_ids"] > 0]
   assert 0 < newest.loss_share < newest.real_share <= 1 and completion.any()
   unpacked = chat.pack_conversations(path, tok, template, seq_len, "newest", per_row=1)

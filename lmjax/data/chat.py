@@ -354,17 +354,22 @@ class Packed:
 
 
 def pack(sequences: Sequence[tuple[list[int], np.ndarray]], seq_len: int, pad: int,
-         per_row: int = 0) -> dict[str, np.ndarray]:
-  """Sequences (each <= seq_len) into rows in order, a new row when the next does not
-  fit (`per_row` > 0 caps the sequences in a row: 1 = unpacked)."""
-  rows: list[list[tuple[list[int], np.ndarray]]] = [[]]
-  used = 0
+         per_row: int = 0, window: int = 64) -> dict[str, np.ndarray]:
+  """Sequences (each <= seq_len) into rows: each goes to the first of the newest `window`
+  rows it fits in, else a new row (first fit, deterministic, linear in the sequences);
+  `per_row` > 0 caps the sequences in a row (1 = unpacked)."""
+  rows: list[list[tuple[list[int], np.ndarray]]] = []
+  used: list[int] = []
   for ids, mask in sequences:
-    if used + len(ids) > seq_len or (per_row and len(rows[-1]) >= per_row):
+    for r in range(max(len(rows) - window, 0), len(rows)):
+      if used[r] + len(ids) <= seq_len and not (per_row and len(rows[r]) >= per_row):
+        break
+    else:
       rows.append([])
-      used = 0
-    rows[-1].append((ids, mask))
-    used += len(ids)
+      used.append(0)
+      r = len(rows) - 1
+    rows[r].append((ids, mask))
+    used[r] += len(ids)
   rows = [r for r in rows if r]
   out = {k: np.zeros((len(rows), seq_len), np.int32)
          for k in ("tokens", "segment_ids", "positions", "loss_mask")}
