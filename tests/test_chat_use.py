@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tiny import ROOT
+from tiny import ROOT, kill_twice
 from lmjax import pretrained
 
 TINY = ["--config.train.steps=6", "--config.train.batch_size=8", "--config.train.eval_every=0",
@@ -126,7 +126,6 @@ def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, chat_run, tmp_path,
 
 
 def test_dpo_kill_9_then_rerun_equals_an_uninterrupted_run_and_sigterm_saves(chat_run, tmp_path):
-  import random
   import signal
   import time
 
@@ -134,20 +133,9 @@ def test_dpo_kill_9_then_rerun_equals_an_uninterrupted_run_and_sigterm_saves(cha
   from lmjax.checkpoint import Checkpointer
   steps = ["--config.train.steps=8", "--config.train.checkpoint_every=2"]
   _run("dpo_tiny", chat_run, tmp_path / "straight", tmp_path, *steps)
-  killed, rng = tmp_path / "killed", random.Random(0)
-  lines = lambda: (killed / "metrics.jsonl").read_text().count("\n") if (
-      killed / "metrics.jsonl").exists() else 0
-  for _ in range(2):
-    before = lines()
-    proc = _run("dpo_tiny", chat_run, killed, tmp_path, *steps, popen=True)
-    deadline = time.monotonic() + 300
-    while lines() <= before and proc.poll() is None:
-      assert time.monotonic() < deadline
-      time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.0))
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+  killed = tmp_path / "killed"
+  kill_twice(lambda: _run("dpo_tiny", chat_run, killed, tmp_path, *steps, popen=True),
+             killed / "metrics.jsonl", seed=0)
   _run("dpo_tiny", chat_run, killed, tmp_path, *steps)
   a, b = (Checkpointer(str(d), async_save=False) for d in (tmp_path / "straight", killed))
   try:

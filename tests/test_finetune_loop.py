@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from tiny import ROOT
+from tiny import ROOT, kill_twice
 from lmjax.checkpoint import Checkpointer
 from lmjax.objectives.tasks import classification_measures, regression_measures
 
@@ -59,21 +58,12 @@ def test_kill_9_then_rerun_ends_bitwise_equal(tiny_runs, tmp_path):
            "--config.train.eval_every=6"]
   straight = _finetune(tiny_runs / "mlm_tiny", tmp_path / "straight", *steps)
   assert straight.returncode == 0, straight.stderr[-3000:]
-  killed, rng = tmp_path / "killed", random.Random(1)
+  killed = tmp_path / "killed"
   command = [sys.executable, "-m", "launch.finetune", "--config=experiments/finetune_pairs.py",
              f"--init_from={tiny_runs / 'mlm_tiny'}", f"--workdir={killed}", *SMALL, *steps]
-  for _ in range(2):
-    before = _lines(killed / "metrics.jsonl")
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while _lines(killed / "metrics.jsonl") <= before and proc.poll() is None:
-      assert time.monotonic() < deadline
-      time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.0))
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+  kill_twice(lambda: subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True),
+             killed / "metrics.jsonl")
   final = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
   assert final.returncode == 0, final.stderr[-3000:]
   a, b = (Checkpointer(str(d), async_save=False) for d in (tmp_path / "straight", killed))

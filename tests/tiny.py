@@ -37,3 +37,24 @@ def tree_digest(folder) -> dict[str, str]:
       with open(path, "rb") as fh:
         out[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
   return out
+
+
+def kill_twice(start, metrics, seed: int = 1, timeout: float = 300) -> None:
+  """Starts a run (`start()` returns its Popen, in a session of its own) and kills it with
+  SIGKILL at a random moment after its next metrics line, twice."""
+  import random
+  import signal
+  import time
+  rng = random.Random(seed)
+  lines = lambda: metrics.read_text().count("\n") if metrics.exists() else 0
+  for _ in range(2):
+    before = lines()
+    proc = start()
+    deadline = time.monotonic() + timeout
+    while lines() <= before and proc.poll() is None:
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.0))
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)

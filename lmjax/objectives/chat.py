@@ -33,14 +33,24 @@ class ChatObjective(LanguageModelling):
   needs_task = True
   template: Any = None  # the ChatTemplate `datasets` rendered with
 
-  def check_model(self, model: Any) -> None:
+  records = ""  # what its files hold, for the error that names them
+
+  def datasets(self, data: Any, tokenizer: Any, model: Any, seed: int):
+    from lmjax.data import chat
+    from lmjax.data.tasks import TaskDataset
     if model.family != "decoder":
       raise UserError(f"objective {self.kind} fine-tunes decoders; --init_from is an encoder")
+    task = self.task
+    if not (task.train_file and task.eval_file):
+      raise UserError(f"objective {self.kind} needs task.train_file and task.eval_file (JSON "
+                      f"lines of {self.records})")
+    self.template = chat.load_template(tokenizer, task.chat_template)
+    return tuple(TaskDataset(self.rows(split, path, tokenizer), seed)
+                 for split, path in (("train", task.train_file), ("eval", task.eval_file)))
 
-  def load_template(self, tokenizer: Any):
-    from lmjax.data import chat
-    self.template = chat.load_template(tokenizer, self.task.chat_template)
-    return self.template
+  def rows(self, split: str, path: str, tokenizer: Any) -> dict[str, Any]:
+    """The (N, T) arrays of one file's records."""
+    raise NotImplementedError
 
   def run_files(self) -> dict[str, str]:
     return {"chat_template.jinja": self.template.text} if self.template else {}
@@ -50,27 +60,18 @@ class ChatObjective(LanguageModelling):
 class SFT(ChatObjective):
   """Chat SFT: the assistant's tokens of packed conversations."""
 
-  def datasets(self, data: Any, tokenizer: Any, model: Any, seed: int):
+  records = "messages, or prompt and completion"
+
+  def rows(self, split: str, path: str, tokenizer: Any) -> dict[str, Any]:
     from lmjax.data import chat
-    from lmjax.data.tasks import TaskDataset
-    self.check_model(model)
-    template = self.load_template(tokenizer)
     task = self.task
-    if not (task.train_file and task.eval_file):
-      raise UserError("objective sft needs task.train_file and task.eval_file (JSON lines of "
-                      "messages, or prompt and completion)")
-    per_row = 0 if task.pack else 1
-    out = []
-    for split, path in (("train", task.train_file), ("eval", task.eval_file)):
-      packed = chat.pack_conversations(path, tokenizer, template, task.seq_len, task.truncation,
-                                       per_row)
-      logging.info("%s %s: %d conversations (%d dropped, %d cut to their newest turns) in %d "
-                   "rows: %.0f%% real tokens, %.0f%% loss tokens", split, path,
-                   packed.conversations, packed.dropped, packed.cut,
-                   len(packed.arrays["tokens"]), 100 * packed.real_share,
-                   100 * packed.loss_share)
-      out.append(TaskDataset(packed.arrays, seed))
-    return tuple(out)
+    packed = chat.pack_conversations(path, tokenizer, self.template, task.seq_len,
+                                     task.truncation, 0 if task.pack else 1)
+    logging.info("%s %s: %d conversations (%d dropped, %d cut to their newest turns) in %d "
+                 "rows: %.0f%% real tokens, %.0f%% loss tokens", split, path,
+                 packed.conversations, packed.dropped, packed.cut, len(packed.arrays["tokens"]),
+                 100 * packed.real_share, 100 * packed.loss_share)
+    return packed.arrays
 
   def prepare(self, batch: Batch, rng: Array) -> Batch:
     tokens, segments = batch["tokens"], batch["segment_ids"]
@@ -113,25 +114,17 @@ class DPO(ChatObjective):
   config_class = DPOConfig
   options_section = "dpo"
 
-  def datasets(self, data: Any, tokenizer: Any, model: Any, seed: int):
+  records = "prompt, chosen and rejected"
+
+  def rows(self, split: str, path: str, tokenizer: Any) -> dict[str, Any]:
     from lmjax.data import chat
-    from lmjax.data.tasks import TaskDataset
-    self.check_model(model)
-    template = self.load_template(tokenizer)
-    task = self.task
-    if not (task.train_file and task.eval_file):
-      raise UserError("objective dpo needs task.train_file and task.eval_file (JSON lines of "
-                      "prompt, chosen and rejected)")
-    out = []
-    for split, path in (("train", task.train_file), ("eval", task.eval_file)):
-      pairs = chat.preference_rows(path, tokenizer, template, task.seq_len, task.truncation)
-      logging.info("%s %s: %d preference pairs (%d dropped as longer than task.seq_len)",
-                   split, path, pairs.conversations, pairs.dropped)
-      n = len(pairs.arrays["chosen_tokens"])
-      pairs.arrays.update(ref_chosen=np.zeros(n, np.float32),  # set by `precompute`
-                          ref_rejected=np.zeros(n, np.float32))
-      out.append(TaskDataset(pairs.arrays, seed))
-    return tuple(out)
+    pairs = chat.preference_rows(path, tokenizer, self.template, self.task.seq_len,
+                                 self.task.truncation)
+    logging.info("%s %s: %d preference pairs (%d dropped as longer than task.seq_len)", split,
+                 path, pairs.conversations, pairs.dropped)
+    n = len(pairs.arrays["chosen_tokens"])
+    return {**pairs.arrays, "ref_chosen": np.zeros(n, np.float32),  # set by `precompute`
+            "ref_rejected": np.zeros(n, np.float32)}
 
   def precompute(self, datasets: tuple, model: nn.Module, params: Any) -> None:
     """The reference log-probabilities of every pair, from the initial `params`."""
