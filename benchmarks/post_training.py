@@ -32,6 +32,7 @@ from lmjax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 from lmjax.sharding import unbox
 
 flags.DEFINE_bool("quick", False, "fewer repeats")
+flags.DEFINE_bool("tiny", False, "seq 160, batch 2, one repeat: checks that it runs (tests)")
 flags.DEFINE_string("json", "", "write the figures here")
 flags.DEFINE_string("sft_run", "", "a chat_tiny run: its preference accuracy before DPO")
 flags.DEFINE_string("dpo_run", "", "a dpo_tiny run: its preference accuracy after DPO")
@@ -100,7 +101,7 @@ def step_costs(quick: bool) -> dict:
             "sft": _timer(_fns("sft", model, tok, task)[0], sft_batch(BATCH)),
             "sft_2b": _timer(_fns("sft", model, tok, task)[0], sft_batch(2 * BATCH)),
             "dpo": _timer(_fns("dpo", model, tok, task)[0], dpo_batch)}
-  best = _interleaved(timers, 3 if quick else 7, 2 if quick else 4)
+  best = _interleaved(timers, 1 if FLAGS.tiny else 3 if quick else 7, 2 if quick else 4)
   tokens = BATCH * SEQ
   return {"shape": f"d128 L4 seq {SEQ} batch {BATCH}",
           "clm_tokens_per_s": tokens / best["clm"], "sft_tokens_per_s": tokens / best["sft"],
@@ -132,7 +133,10 @@ def preference_accuracy(run: str) -> dict:
 
 def main(argv: list[str]) -> None:
   del argv
-  out = {"steps": step_costs(FLAGS.quick)}
+  global SEQ, BATCH
+  if FLAGS.tiny:
+    SEQ, BATCH = 160, 2
+  out = {"steps": step_costs(FLAGS.quick or FLAGS.tiny)}
   s = out["steps"]
   print(f"post-training at {s['shape']}, float32, this machine:")
   print(f"  SFT {s['sft_tokens_per_s']:,.0f} tok/s vs CLM {s['clm_tokens_per_s']:,.0f} tok/s: "

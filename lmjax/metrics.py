@@ -155,7 +155,9 @@ class MetricsWriter:
     for key, fmt in (("accuracy", "acc {:.3f}"), ("learning_rate", "lr {:.2e}"),
                      ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
                      ("mfu", "MFU {:.1%}"), ("f1", "F1 {:.3f}"), ("mcc", "MCC {:.3f}"),
-                     ("pearson", "pearson {:.3f}"), ("spearman", "spearman {:.3f}")):
+                     ("pearson", "pearson {:.3f}"), ("spearman", "spearman {:.3f}"),
+                     ("reward_accuracy", "reward acc {:.3f}"),
+                     ("reward_margin", "margin {:.3f}")):
       if key in m:
         line += " | " + fmt.format(float(m[key]))
     if "eta_s" in m:

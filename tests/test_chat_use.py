@@ -210,3 +210,13 @@ def test_dpo_without_init_from_exits_2(tmp_path):
   assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
       "error: flag --init_from=None: Flag --init_from must have a value other than None."]
   assert not (tmp_path / "run").exists()
+
+
+def test_post_training_benchmark_runs(chat_run, tmp_path):
+  out = tmp_path / "post.json"
+  proc = launch("benchmarks.post_training", "--tiny", f"--sft_run={chat_run}", f"--json={out}")
+  result = json.loads(out.read_text())
+  steps = result["steps"]
+  assert steps["sft_tokens_per_s"] > 0 and steps["dpo_vs_sft_step"] > 0
+  assert 0 < steps["packing_loss_share"] < steps["packing_real_share"] <= 1
+  assert result["before_dpo"]["pairs"] > 0 and "SFT" in proc.stdout and "DPO step" in proc.stdout
