@@ -28,7 +28,7 @@ from lmjax.model.transformer import stack_layers, unstack_layers
 class Pretrained:
   model: TransformerConfig
   params: dict[str, Any]  # nested dicts of arrays, lmjax names and layout
-  tokenizer: Any  # lmjax.data.tokenizer.Tokenizer or lmjax.convert.hf_tokenizer.HFTokenizer
+  tokenizer: Any  # lmjax.data.tokenizer.Tokenizer or lmjax.data.hf_tokenizer.HFTokenizer
   objective: str  # "clm" or "mlm": what the weights were trained for
   source: str  # where they came from, for messages
 
@@ -93,7 +93,7 @@ CHAT_TEMPLATE = "chat_template.jinja"
 def save_tokenizer(tokenizer: Any, workdir: str) -> None:
   """Writes a run's tokenizer beside its checkpoints: lmjax's SentencePiece model as
   tokenizer.model, a Hugging Face tokenizer's files (and its special ids) in tokenizer/."""
-  from lmjax.convert.hf_tokenizer import HFTokenizer
+  from lmjax.data.hf_tokenizer import HFTokenizer
   if not isinstance(tokenizer, HFTokenizer):
     paths.write_atomic(paths.join(workdir, "tokenizer.model"), tokenizer.data)
     return
@@ -111,7 +111,7 @@ def load_run_tokenizer(workdir: str) -> Any:
   """The tokenizer `save_tokenizer` (or pretraining) put in a run, with the chat template
   a chat run saved beside it."""
   if paths.isdir(paths.join(workdir, HF_TOKENIZER_DIR)) and not paths.is_remote(workdir):
-    from lmjax.convert.hf_tokenizer import HFTokenizer
+    from lmjax.data.hf_tokenizer import HFTokenizer
     tokenizer = HFTokenizer(os.path.join(workdir, HF_TOKENIZER_DIR))
   else:
     tokenizer = Tokenizer(paths.join(workdir, "tokenizer.model"))

@@ -37,7 +37,7 @@ def chatml(tmp_path_factory):
 @pytest.mark.parametrize("marked", [True, False])
 def test_ids_and_masks_equal_transformers(chatml, marked):
   import transformers
-  from lmjax.convert.hf_tokenizer import HFTokenizer
+  from lmjax.data.hf_tokenizer import HFTokenizer
   folder = chatml[marked]
   hf = transformers.AutoTokenizer.from_pretrained(folder)
   tok = HFTokenizer(folder)
@@ -188,3 +188,24 @@ def test_train_tokenizer_reserves_the_role_markers(tmp_path):
   plain = Tokenizer(TOKENIZER)
   plain_ids, _ = chat.encode(conv, plain, chat.load_template(plain))
   assert "<|user|>" not in [plain.id_to_piece(i) for i in plain_ids]
+
+
+def test_preferences_with_an_implicit_prompt_equal_the_explicit_form(tmp_path):
+  tok = Tokenizer(TOKENIZER)
+  template = chat.load_template(tok)
+  user = {"role": "user", "content": "Stand, ho! Who is there?"}
+  good = {"role": "assistant", "content": "Friends to this ground."}
+  bad = {"role": "assistant", "content": "Liegemen to the Dane."}
+  path = _write(tmp_path / "p.jsonl", [
+      {"prompt": [user], "chosen": [good], "rejected": [bad]},
+      {"chosen": [user, good], "rejected": [user, bad]},  # TRL's implicit prompt
+      {"prompt": "Who is there?", "chosen": " Friends.", "rejected": " Liegemen."}])
+  explicit, implicit, text = chat.read_preferences(path)
+  assert implicit.prompt == explicit.prompt == (user,) and implicit.chosen == (good,)
+  assert chat.encode_preference(implicit, tok, template)[0][0] == \
+      chat.encode_preference(explicit, tok, template)[0][0]
+  (ids, mask), _ = chat.encode_preference(text, tok, template)
+  assert ids[0] == tok.special.bos and ids[-1] == tok.special.eos  # eos ends a text completion
+  assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Friends."
+  rows = chat.preference_rows(path, tok, template, 64, "drop").arrays
+  assert rows["chosen_tokens"].shape == rows["rejected_tokens"].shape == (3, 64)

@@ -125,18 +125,21 @@ def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, chat_run, tmp_path,
       assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
-def test_dpo_kill_9_then_rerun_equals_an_uninterrupted_run_and_sigterm_saves(chat_run, tmp_path):
+@pytest.mark.parametrize("config", ["chat_tiny", "dpo_tiny"])
+def test_kill_9_then_rerun_equals_an_uninterrupted_run_and_sigterm_saves(tiny_runs, chat_run,
+                                                                         tmp_path, config):
   import signal
   import time
 
   import jax
   from lmjax.checkpoint import Checkpointer
+  init = tiny_runs / "clm_tiny" if config == "chat_tiny" else chat_run
   steps = ["--config.train.steps=8", "--config.train.checkpoint_every=2"]
-  _run("dpo_tiny", chat_run, tmp_path / "straight", tmp_path, *steps)
+  _run(config, init, tmp_path / "straight", tmp_path, *steps)
   killed = tmp_path / "killed"
-  kill_twice(lambda: _run("dpo_tiny", chat_run, killed, tmp_path, *steps, popen=True),
+  kill_twice(lambda: _run(config, init, killed, tmp_path, *steps, popen=True),
              killed / "metrics.jsonl", seed=0)
-  _run("dpo_tiny", chat_run, killed, tmp_path, *steps)
+  _run(config, init, killed, tmp_path, *steps)
   a, b = (Checkpointer(str(d), async_save=False) for d in (tmp_path / "straight", killed))
   try:
     jax.tree.map(np.testing.assert_array_equal, a.restore_arrays(8), b.restore_arrays(8))
@@ -147,7 +150,7 @@ def test_dpo_kill_9_then_rerun_equals_an_uninterrupted_run_and_sigterm_saves(cha
           json.loads((tmp_path / "straight" / "results.json").read_text()))
 
   workdir = tmp_path / "term"
-  proc = _run("dpo_tiny", chat_run, workdir, tmp_path, "--config.train.steps=400",
+  proc = _run(config, init, workdir, tmp_path, "--config.train.steps=400",
               "--config.train.checkpoint_every=1000", popen=True)
   deadline = time.monotonic() + 300
   while not (workdir / "metrics.jsonl").exists() or \

@@ -32,7 +32,7 @@ def _one_line_error(proc):
 def test_tokenizer_json_with_padding_and_truncation_encodes_everything(tmp_path):
   """sentence-transformers' MiniLM ships a tokenizer.json that pads and truncates at 128."""
   import tokenizers
-  from lmjax.convert.hf_tokenizer import HFTokenizer
+  from lmjax.data.hf_tokenizer import HFTokenizer
   tok = tokenizers.BertWordPieceTokenizer(lowercase=True)
   lines = open(VALID).read().splitlines()[:2000]
   tok.train_from_iterator(lines, vocab_size=400,

@@ -17,9 +17,9 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 from absl import logging
 
-from lmjax.convert.hf_tokenizer import FILES as TOKENIZER_FILES
+from lmjax.data.hf_tokenizer import FILES as TOKENIZER_FILES
 from lmjax.data.chat import DEFAULT_TEMPLATE
-from lmjax.convert.hf_tokenizer import HFTokenizer, find_tokenizer_file, sentencepiece_to_json
+from lmjax.data.hf_tokenizer import HFTokenizer, find_tokenizer_file, sentencepiece_to_json
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.errors import UserError
 from lmjax.model.config import TransformerConfig

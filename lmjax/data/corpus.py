@@ -20,7 +20,8 @@ from lmjax.data import prepare as prepare_lib
 from lmjax.data import readers, store
 from lmjax.data.readers import read_documents  # noqa: F401  (re-exported)
 from lmjax.data.store import TokenSource, TokenStream  # noqa: F401  (re-exported)
-from lmjax.data.tokenizer import Tokenizer, file_sha256
+from lmjax.data.special import file_sha256
+from lmjax.data.tokenizer import Tokenizer
 from lmjax.errors import UserError
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "shakespeare")

@@ -31,7 +31,7 @@ from absl import logging
 
 from lmjax import paths
 from lmjax.data import readers, store
-from lmjax.data.tokenizer import file_sha256
+from lmjax.data.special import file_sha256
 from lmjax.errors import UserError
 
 _CHUNK_BYTES = 4 << 20  # text per tokenizer call: bounds a worker's memory

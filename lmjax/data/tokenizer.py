@@ -7,7 +7,6 @@ representable, and the identity normaliser makes decode(encode(s)) == s.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
@@ -18,35 +17,12 @@ import numpy as np
 import sentencepiece as spm
 
 from lmjax import paths
+from lmjax.data.hf_tokenizer import HFTokenizer
+from lmjax.data.special import SpecialTokens
 from lmjax.errors import UserError
 
 USER_SYMBOLS = ("[MASK]", "[CLS]", "[SEP]", "\n")
 _MAX_SENTENCE_BYTES = 4096  # SentencePiece silently drops longer training lines
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialTokens:
-  pad: int
-  unk: int
-  bos: int
-  eos: int
-  mask: int
-  cls: int
-  sep: int
-
-  @property
-  def ids(self) -> tuple[int, ...]:
-    """Every id that is never a prediction target nor a random MLM replacement."""
-    ids = {self.pad, self.unk, self.bos, self.eos, self.mask, self.cls, self.sep}
-    return tuple(sorted(i for i in ids if i >= 0))  # -1: a tokenizer without that token
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 class Tokenizer:
@@ -123,7 +99,6 @@ def load_tokenizer(path: str):
   """A SentencePiece model file, or a Hugging Face tokenizer (a model directory, its
   tokenizer.json or its vocab.txt)."""
   if os.path.isdir(path) or os.path.basename(path) in ("tokenizer.json", "vocab.txt"):
-    from lmjax.convert.hf_tokenizer import HFTokenizer
     return HFTokenizer(path if os.path.isdir(path) else os.path.dirname(path) or ".")
   return Tokenizer(path)
 

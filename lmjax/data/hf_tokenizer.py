@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lmjax.data.tokenizer import SpecialTokens, file_sha256
+from lmjax.data.special import SpecialTokens, file_sha256
 from lmjax.errors import UserError
 
 FILES = ("tokenizer.json", "vocab.txt")
