@@ -223,3 +223,18 @@ def test_post_training_benchmark_runs(chat_run, tmp_path):
   assert steps["sft_tokens_per_s"] > 0 and steps["dpo_vs_sft_step"] > 0
   assert 0 < steps["packing_loss_share"] < steps["packing_real_share"] <= 1
   assert result["before_dpo"]["pairs"] > 0 and "SFT" in proc.stdout and "DPO step" in proc.stdout
+
+
+def test_a_long_conversation_keeps_its_newest_turns_within_the_model(chat_run):
+  from lmjax.inference.chat import ChatSession
+  session = ChatSession(pretrained.load(str(chat_run)))
+  turns = [{"role": "system", "content": "Answer briefly."}]
+  for i in range(40):
+    turns += [{"role": "user", "content": f"Line {i}: what light through yonder window breaks?"},
+              {"role": "assistant", "content": "It is the east, and Juliet is the sun."}]
+  turns.append({"role": "user", "content": "And now?"})
+  ids = session.prompt_ids(turns, 16)
+  text = session.tokenizer.decode(ids)
+  assert len(ids) + 16 <= session.max_len and "Answer briefly." in text  # system kept
+  assert "Line 0:" not in text and "Line 39:" in text  # the oldest turns are gone
+  assert text.endswith("And now?\n<|assistant|>\n")  # then the generation prompt
