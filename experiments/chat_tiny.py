@@ -30,6 +30,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 truncation="newest")
   c.optimizer.update(learning_rate=1e-3, warmup_steps=20, schedule="cosine",
                      weight_decay=0.0)
-  c.train.update(steps=150, batch_size=16, log_every=10, eval_every=50, eval_batches=0,
+  c.train.update(steps=400, batch_size=16, log_every=10, eval_every=100, eval_batches=0,
                  checkpoint_every=50)
   return c

@@ -28,7 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 eval_file=os.path.join(DATA, "dpo_eval.jsonl"), seq_len=256, dropout_rate=0.0,
                 truncation="drop")
   c.dpo.update(beta=0.1, label_smoothing=0.0)
-  c.optimizer.update(learning_rate=2e-4, warmup_steps=10, schedule="cosine", weight_decay=0.0)
-  c.train.update(steps=100, batch_size=16, log_every=10, eval_every=50, eval_batches=0,
+  c.optimizer.update(learning_rate=5e-4, warmup_steps=10, schedule="cosine", weight_decay=0.0)
+  c.train.update(steps=200, batch_size=16, log_every=10, eval_every=50, eval_batches=0,
                  checkpoint_every=50)
   return c
