@@ -88,3 +88,66 @@ def test_bad_squad_input_is_one_line(tmp_path, qa, context, message):
     squad.read_examples(_squad_file(tmp_path, [qa], context))
   assert message in str(err.value) and "question 1" in str(err.value)
   assert "\n" not in str(err.value)
+
+
+def _long_example(answer_at: int = 300):
+  import os
+  from lmjax.data import BUNDLED_DIR
+  with open(os.path.join(BUNDLED_DIR, "valid.txt")) as f:
+    context = f.read()[:2000]
+  start = context.index(" ", answer_at) + 1  # whole words: a span of tokens can hold them
+  answer = " ".join(context[start:start + 40].split(" ")[:3])
+  return QAExample("long", "Which words?", context, (answer,), (start,))
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "wordpiece"])
+def test_windows_overlap_by_the_stride_and_point_at_the_answer(tmp_path, kind):
+  import numpy as np
+  from lmjax.data import BUNDLED_DIR, Tokenizer
+  if kind == "sentencepiece":
+    tok, family = Tokenizer(f"{BUNDLED_DIR}/tokenizer.model"), "decoder"
+  else:
+    from hf_models import _tokenizer
+    from lmjax.data.hf_tokenizer import HFTokenizer
+    _tokenizer("bert", str(tmp_path))
+    tok, family = HFTokenizer(str(tmp_path)), "encoder"
+  ex, none = _long_example(), QAExample("none", "Who?", "A short context.", (), ())
+  w = squad.make_windows([ex, none], tok, 64, 16, family)
+  rows = [r for r, i in enumerate(w.example) if i == 0]
+  assert len(rows) > 3 and w.example[-1] == 1
+  for a, b in zip(rows, rows[1:]):  # consecutive windows share doc_stride context tokens
+    ctx_a = [o for o in w.offsets[a] if o is not None]
+    ctx_b = [o for o in w.offsets[b] if o is not None]
+    assert ctx_a[-16:] == ctx_b[:16]
+  hits = [r for r in rows if w.arrays["starts"][r] > 0]
+  assert hits and all(w.arrays["starts"][r] == w.arrays["ends"][r] == 0
+                      for r in rows if r not in hits)
+  for r in hits:
+    s, e = w.arrays["starts"][r], w.arrays["ends"][r]
+    got = ex.context[w.offsets[r][s][0]:w.offsets[r][e][1]]
+    assert squad.normalize_answer(got) == squad.normalize_answer(ex.answers[0])
+  assert w.arrays["starts"][-1] == 0  # an unanswerable question points at the null position
+  with pytest.raises(UserError, match="question long: .* not more than task.doc_stride=16"):
+    squad.make_windows([QAExample("long", "Why? " * 60, "x", (), ())], tok, 64, 16, family)
+
+
+def test_best_answers_search_spans_over_windows_by_the_run_qa_rules():
+  import numpy as np
+  from lmjax.data import BUNDLED_DIR, Tokenizer
+  tok = Tokenizer(f"{BUNDLED_DIR}/tokenizer.model")
+  ex = _long_example()
+  w = squad.make_windows([ex], tok, 64, 16, "decoder")
+  r = next(r for r in range(len(w.example)) if w.arrays["starts"][r] > 0)
+  s_at, e_at = int(w.arrays["starts"][r]), int(w.arrays["ends"][r])
+  start, end = np.zeros((len(w.example), 64)), np.zeros((len(w.example), 64))
+  start[r, s_at], end[r, e_at] = 5.0, 5.0
+  end[r, s_at - 1] = 9.0  # a better end before the start: never taken
+  preds, odds, nbest = squad.best_answers(w, start, end, [ex])
+  assert squad.exact(preds["long"], ex.answers[0]) and nbest["long"][0]["score"] == 10.0
+  assert odds["long"] == pytest.approx(0.0 - 10.0)  # null (0 + 0) minus the best span
+  capped, _, _ = squad.best_answers(w, start, end, [ex], max_answer_tokens=e_at - s_at)
+  assert capped["long"] != preds["long"]  # the answer is one token too long now
+  start[:, 0] = end[:, 0] = 6.0  # the null answer scores 12 in every window
+  v2, odds, _ = squad.best_answers(w, start, end, [ex], null_threshold=0.0)
+  assert v2["long"] == "" and odds["long"] == pytest.approx(2.0)
+  assert squad.best_answers(w, start, end, [ex], null_threshold=3.0)[0]["long"] == preds["long"]

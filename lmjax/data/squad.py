@@ -20,7 +20,7 @@ import dataclasses
 import json
 import re
 import string
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from lmjax.errors import UserError
 
@@ -195,3 +195,99 @@ def write_predictions(path: str, predictions: Mapping[str, str]) -> None:
   """{id: answer text} as the official evaluation scripts read it ("" = no answer)."""
   from lmjax import paths
   paths.write_atomic(path, json.dumps(dict(predictions), indent=2, ensure_ascii=False))
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+@dataclasses.dataclass
+class Windows:
+  """Examples cut into rows of `seq_len` tokens, question first, the context in windows
+  that overlap by `doc_stride` tokens (run_qa's features)."""
+
+  arrays: dict[str, Any]  # tokens, segment_ids, token_types (R, T); starts, ends (R,)
+  example: list[int]  # per row: the index of its example
+  offsets: list[list[tuple[int, int] | None]]  # per row, per token: its characters in the
+  # context (None outside the context: question, markers, padding)
+
+
+def make_windows(examples: Sequence[QAExample], tokenizer: Any, seq_len: int, doc_stride: int,
+                 family: str) -> Windows:
+  """Every example as one or more rows. A row's target is the first gold answer's first
+  and last token where the row holds all of it, else position 0 (the null answer, as
+  run_qa points a window without the answer at [CLS])."""
+  import numpy as np
+  from lmjax.data.tasks import _frame
+  begin, sep, end = _frame(tokenizer, family)
+  rows, types, targets, owner, offsets = [], [], [], [], []
+  for i, ex in enumerate(examples):
+    head = [begin, *tokenizer.encode_with_offsets(ex.question)[0], sep]
+    room = seq_len - len(head) - 1
+    if room <= doc_stride:
+      raise UserError(f"question {ex.id}: {len(head)} tokens leave {max(room, 0)} of "
+                      f"seq_len={seq_len} for the context, not more than "
+                      f"task.doc_stride={doc_stride}; raise seq_len or shorten the question")
+    ids, spans = tokenizer.encode_with_offsets(ex.context)
+    answer = None if ex.impossible else (ex.starts[0], ex.starts[0] + len(ex.answers[0]))
+    lo = 0
+    while True:
+      hi = min(lo + room, len(ids))
+      rows.append([*head, *ids[lo:hi], end])
+      types.append([0] * len(head) + [1] * (hi - lo + 1))
+      offsets.append([None] * len(head) + list(spans[lo:hi]) + [None])
+      owner.append(i)
+      targets.append(_target(spans[lo:hi], answer, len(head)))
+      if hi >= len(ids):
+        break
+      lo = hi - doc_stride
+  tokens = np.full((len(rows), seq_len), max(tokenizer.special.pad, 0), np.int32)
+  segments = np.zeros((len(rows), seq_len), np.int32)
+  token_types = np.zeros((len(rows), seq_len), np.int32)
+  for r, (row, kind) in enumerate(zip(rows, types)):
+    tokens[r, :len(row)], segments[r, :len(row)], token_types[r, :len(row)] = row, 1, kind
+  target = np.asarray(targets, np.int32).reshape(-1, 2)
+  return Windows({"tokens": tokens, "segment_ids": segments, "token_types": token_types,
+                  "starts": target[:, 0], "ends": target[:, 1]}, owner, offsets)
+
+
+def _target(spans: Sequence[tuple[int, int]], answer: tuple[int, int] | None, shift: int
+            ) -> tuple[int, int]:
+  if answer is None or not spans or spans[0][0] > answer[0] or spans[-1][1] < answer[1]:
+    return 0, 0
+  first = next(k for k, (_, e) in enumerate(spans) if e > answer[0])
+  last = max(k for k, (s, _) in enumerate(spans) if s < answer[1])
+  return shift + first, shift + last
+
+
+def best_answers(windows: Windows, start_logits: Any, end_logits: Any,
+                 examples: Sequence[QAExample], n_best: int = 20, max_answer_tokens: int = 30,
+                 null_threshold: float | None = None
+                 ) -> tuple[dict[str, str], dict[str, float], dict[str, list]]:
+  """run_qa's post-processing: for each example, the best-scored span over all its
+  windows with end >= start, at most `max_answer_tokens`, inside the context (start +
+  end logit; the top `n_best` starts and ends of each window are tried). With
+  `null_threshold` (SQuAD 2.0) the answer is "" when the null score (the lowest
+  start + end at position 0 over its windows) beats the best span by more than the
+  threshold. Returns (predictions, null score minus best span score, n-best lists)."""
+  import numpy as np
+  null = {i: float("inf") for i in range(len(examples))}
+  found: dict[int, list[tuple[float, str]]] = collections.defaultdict(list)
+  for r, i in enumerate(windows.example):
+    s, e, spans = np.asarray(start_logits[r]), np.asarray(end_logits[r]), windows.offsets[r]
+    null[i] = min(null[i], float(s[0] + e[0]))
+    n = len(spans)
+    for a in np.argsort(s[:n])[::-1][:n_best]:
+      for b in np.argsort(e[:n])[::-1][:n_best]:
+        if spans[a] is None or spans[b] is None or b < a or b - a + 1 > max_answer_tokens:
+          continue
+        found[i].append((float(s[a] + e[b]), examples[i].context[spans[a][0]:spans[b][1]]))
+  predictions, odds, nbest = {}, {}, {}
+  for i, ex in enumerate(examples):
+    ranked = sorted(found[i], key=lambda c: -c[0])[:n_best] or [(float("-inf"), "")]
+    best_score, best_text = ranked[0]
+    odds[ex.id] = null[i] - best_score
+    answer = best_text
+    if null_threshold is not None and odds[ex.id] > null_threshold:
+      answer = ""
+    predictions[ex.id], nbest[ex.id] = answer, [{"text": t, "score": sc} for sc, t in ranked]
+  return predictions, odds, nbest
