@@ -159,6 +159,8 @@ def finetune(exp: FinetuneExperiment, init_from: str, workdir: str) -> dict[str,
   result = {**metrics, "steps": exp.train.steps, "init": exp.train.init, "init_from": init_from,
             "task": exp.task.kind, "labels": run.meta["labels"]}
   if jax.process_index() == 0:
-    paths.write_atomic(paths.join(paths.dirname(run.ckpt.directory), "results.json"),
-                       json.dumps(result, indent=2))
+    workdir = paths.dirname(run.ckpt.directory)
+    for name, text in run.fns.objective.run_outputs().items():
+      paths.write_atomic(paths.join(workdir, name), text)
+    paths.write_atomic(paths.join(workdir, "results.json"), json.dumps(result, indent=2))
   return result

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lmjax import pretrained
-from lmjax.data import genres, tasks
+from lmjax.data import genres
 from lmjax.errors import UserError
 from lmjax.data.tasks import TaskDataset
 from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict
@@ -22,16 +22,23 @@ def test_genre_examples_hold_out_one_play_per_genre():
 
 
 def test_qa_encoding_marks_the_answer_tokens(tiny_runs):
+  from lmjax.data import squad
   tok = pretrained.load(str(tiny_runs / "mlm_tiny")).tokenizer
   examples = [("Who doth call?", "Enter ROMEO and JULIET upon the stage.", "JULIET"),
               ("What?", "A horse! a horse! my kingdom for a horse!", "kingdom")]
-  enc = tasks.encode_qa(tok, examples, 32, "encoder")
+  qa = [squad.QAExample(str(i), q, c, (a,), (c.index(a),)) for i, (q, c, a) in enumerate(examples)]
+  enc = squad.make_windows(qa, tok, 32, 8, "encoder").arrays
   for i, (_, _, answer) in enumerate(examples):
     span = enc["tokens"][i, enc["starts"][i]:enc["ends"][i] + 1]
     assert tok.decode(span).strip() == answer
     assert enc["token_types"][i, enc["starts"][i]] == 1 and enc["token_types"][i, 1] == 0
-  short = tasks.encode_qa(tok, examples + [("q", "word " * 40 + "end", "end")], 32, "encoder")
-  assert len(short["starts"]) == 2  # the answer beyond seq_len is dropped
+  long = "word " * 40 + "end"
+  windows = squad.make_windows(qa + [squad.QAExample("2", "q", long, ("end",), (200,))], tok,
+                               32, 8, "encoder")
+  assert windows.example.count(2) > 1  # a context past seq_len is cut into windows, not dropped
+  last = len(windows.example) - 1
+  assert tok.decode(windows.arrays["tokens"][last, windows.arrays["starts"][last]:
+                                             windows.arrays["ends"][last] + 1]).strip() == "end"
 
 
 def test_decoder_classifier_pools_the_last_real_token():

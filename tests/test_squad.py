@@ -102,7 +102,6 @@ def _long_example(answer_at: int = 300):
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "wordpiece"])
 def test_windows_overlap_by_the_stride_and_point_at_the_answer(tmp_path, kind):
-  import numpy as np
   from lmjax.data import BUNDLED_DIR, Tokenizer
   if kind == "sentencepiece":
     tok, family = Tokenizer(f"{BUNDLED_DIR}/tokenizer.model"), "decoder"
@@ -151,3 +150,38 @@ def test_best_answers_search_spans_over_windows_by_the_run_qa_rules():
   v2, odds, _ = squad.best_answers(w, start, end, [ex], null_threshold=0.0)
   assert v2["long"] == "" and odds["long"] == pytest.approx(2.0)
   assert squad.best_answers(w, start, end, [ex], null_threshold=3.0)[0]["long"] == preds["long"]
+
+
+def test_qa_fine_tuning_reports_squad_measures_and_writes_predictions(tiny_runs, tmp_path):
+  """SQuAD 2.0 JSON with contexts longer than seq_len and unanswerable questions, through
+  launch.finetune's loop: results.json holds EM/F1 and the split, predictions.json the
+  answers in the official scripts' format."""
+  from lmjax.data import BUNDLED_DIR
+  from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict
+  with open(f"{BUNDLED_DIR}/valid.txt") as f:
+    lines = [l.strip() for l in f if len(l.split()) > 5][:120]
+  qas, paragraphs = [], []
+  for i in range(0, 96, 6):
+    context = " ".join(lines[i:i + 6])
+    word = context.split()[(i * 7) % 30]
+    qa = {"id": f"q{i}", "question": f"Where is {word}?", "is_impossible": i % 4 == 0,
+          "answers": [] if i % 4 == 0 else [{"text": word, "answer_start": context.index(word)}]}
+    paragraphs.append({"context": context, "qas": [qa]})
+  path = tmp_path / "squad.json"
+  path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t",
+                                                          "paragraphs": paragraphs}]}))
+  config = default_finetune_config()
+  config["task"].update(kind="qa", train_file=str(path), eval_file=str(path), seq_len=48,
+                        doc_stride=16, dropout_rate=0.0)
+  config["train"].update(steps=3, batch_size=8, eval_every=0, log_every=3)
+  result = finetune(finetune_from_dict(config), str(tiny_runs / "mlm_tiny"), str(tmp_path / "run"))
+  assert result["examples"] == 16 and result["windows"] > 16  # contexts past seq_len
+  assert {"exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "best_f1",
+          "best_f1_thresh"} <= set(result)
+  assert 0 <= result["exact"] <= result["f1"] <= 100 and result["NoAns_total"] == 8
+  predictions = json.loads((tmp_path / "run" / "predictions.json").read_text())
+  assert set(predictions) == {f"q{i}" for i in range(0, 96, 6)}
+  examples = squad.read_examples(str(path))
+  # predictions.json alone gives results.json's numbers (at the default null threshold)
+  assert result["exact"] == pytest.approx(squad.evaluate(examples, predictions)["exact"])
+  assert result["f1"] == pytest.approx(squad.evaluate(examples, predictions)["f1"])

@@ -178,6 +178,12 @@ def _squad_json(path: str) -> Iterator[tuple[str, QAExample]]:
 def _json_lines(path: str) -> Iterator[tuple[str, QAExample]]:
   from lmjax.data.chat import json_lines
   for where, r in json_lines(path):
+    if isinstance(r.get("answer"), str) and "answers" not in r:  # lmjax's own QA lines
+      at = r.get("context", "").find(r["answer"]) if isinstance(r.get("context"), str) else -1
+      if at < 0:
+        raise UserError(f"{where}: answer {r['answer']!r} does not occur in its context")
+      r = {**r, "id": r.get("id", where), "answers": {"text": [r["answer"]],
+                                                     "answer_start": [at]}}
     try:
       answers = r["answers"]
       texts, starts = list(answers["text"]), list(answers["answer_start"])

@@ -1,5 +1,5 @@
 """Labelled data for fine-tuning: classification and regression of a text or a text pair
-(GLUE-style), and extractive QA.
+(GLUE-style); extractive QA's windows are in `lmjax.data.squad`.
 
 Files are JSON lines: {"text": ..., "label": ...}, with an optional "text_pair",
 for classification (label a name from the config's label list, or its index)
@@ -65,15 +65,6 @@ def read_labelled(path: str, labels: Sequence[str], regression: bool = False
   return out
 
 
-def read_qa(path: str) -> list[tuple[str, str, str]]:
-  out = []
-  for r in _records(path, ("question", "context", "answer")):
-    if r["answer"] not in r["context"]:
-      raise UserError(f"{path}: answer {r['answer']!r} does not occur in its context")
-    out.append((r["question"], r["context"], r["answer"]))
-  return out
-
-
 def _frame(tokenizer: Any, family: str) -> tuple[int, int, int]:
   """(begin, separator, end): [CLS] [SEP] [SEP] for encoders; decoders end each part with
   the end of text they were pretrained on."""
@@ -114,34 +105,6 @@ def encode_labelled(tokenizer: Any, examples: list[Example], seq_len: int, famil
   dtype = np.float32 if regression else np.int32
   return {"tokens": tokens, "segment_ids": segments, "token_types": token_types,
           "labels": np.asarray([label for _, _, label in examples], dtype)}
-
-
-def encode_qa(tokenizer: Any, examples: list[tuple[str, str, str]], seq_len: int,
-              family: str) -> dict[str, np.ndarray]:
-  """Token rows with the answer's [start, end] token positions; examples whose answer is
-  cut off by `seq_len` are dropped."""
-  begin, sep, end = _frame(tokenizer, family)
-  rows, types, spans = [], [], []
-  for question, context, answer in examples:
-    before, after = context.split(answer, 1)
-    q, a = tokenizer.encode([question])[0], tokenizer.encode([answer])[0]
-    pre = tokenizer.encode([before])[0] if before.strip() else []
-    post = tokenizer.encode([after])[0] if after.strip() else []
-    head = [begin, *q, sep]
-    row = [*head, *pre, *a, *post][:seq_len - 1] + [end]
-    start = len(head) + len(pre)
-    if start + len(a) > len(row) - 1:
-      continue
-    rows.append(row)
-    types.append([0] * len(head) + [1] * (len(row) - len(head)))
-    spans.append((start, start + len(a) - 1))
-  if not rows:
-    raise UserError(f"no QA example fits seq_len={seq_len}")
-  tokens, segments = _pack(rows, seq_len, tokenizer.special.pad)
-  token_types, _ = _pack(types, seq_len, 0)
-  spans_arr = np.asarray(spans, np.int32)
-  return {"tokens": tokens, "segment_ids": segments, "token_types": token_types,
-          "starts": spans_arr[:, 0], "ends": spans_arr[:, 1]}
 
 
 class TaskDataset:

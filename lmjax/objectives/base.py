@@ -127,6 +127,10 @@ class Objective:
     """Files written into the run directory beside its checkpoints (a chat template)."""
     return {}
 
+  def run_outputs(self) -> dict[str, str]:
+    """Files written into the run directory after its last evaluation (QA's answers)."""
+    return {}
+
   def label_names(self) -> tuple[str, ...]:
     """The classes a classification head predicts, recorded with the run."""
     return ()

@@ -39,6 +39,13 @@ class TaskConfig:
   chat_template: str = ""
   truncation: str = "drop"
   pack: bool = True
+  # QA: context windows overlapping by doc_stride tokens (0: seq_len // 4); answers of at
+  # most max_answer_tokens from the n_best starts and ends; SQuAD 2.0: "no answer" when
+  # the null score beats the best span by more than null_threshold.
+  doc_stride: int = 0
+  max_answer_tokens: int = 30
+  n_best: int = 20
+  null_threshold: float = 0.0
 
   def __post_init__(self):
     from lmjax.objectives.base import _REGISTRY
@@ -51,6 +58,9 @@ class TaskConfig:
       raise ValueError(f"task.seq_len must be at least 4, got {self.seq_len}")
     if not 0 <= self.dropout_rate < 1:
       raise ValueError(f"task.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    if self.doc_stride < 0 or self.max_answer_tokens < 1 or self.n_best < 1:
+      raise ValueError("task.doc_stride must be >= 0, task.max_answer_tokens and task.n_best "
+                       ">= 1")
     if self.truncation not in ("off", "drop", "newest"):
       raise ValueError(f"task.truncation must be off, drop or newest, got {self.truncation!r}")
 
@@ -189,16 +199,29 @@ class Regression(_Labelled):
 
 @register("qa")
 class QA(Task):
-  """Extractive QA: start and end scores over the row, right only if both are."""
+  """Extractive QA as run_qa does it: long contexts in windows of `task.seq_len` that
+  overlap by `task.doc_stride`, start and end scores per window (position 0: no answer),
+  and held-out answers chosen by span search over an example's windows, measured by the
+  official SQuAD rules (exact match, F1; for SQuAD 2.0 the HasAns/NoAns split and the
+  best null threshold). The answers go to WORKDIR/predictions.json."""
 
   head = "span/"
+  eval_windows: Any = None
+  eval_examples: Any = None
+  predictions: dict[str, str] = {}
 
   def examples(self, tokenizer: Any, family: str):
-    from lmjax.data import tasks
-    if not (self.task.train_file and self.task.eval_file):
+    from lmjax.data import squad
+    task = self.task
+    if not (task.train_file and task.eval_file):
       raise UserError("a QA task needs task.train_file and task.eval_file")
-    read = lambda p: tasks.encode_qa(tokenizer, tasks.read_qa(p), self.task.seq_len, family)
-    return read(self.task.train_file), read(self.task.eval_file)
+    stride = task.doc_stride or task.seq_len // 4
+    windows = lambda examples: squad.make_windows(examples, tokenizer, task.seq_len, stride,
+                                                  family)
+    train = windows(squad.read_examples(task.train_file))
+    self.eval_examples = squad.read_examples(task.eval_file)
+    self.eval_windows = windows(self.eval_examples)
+    return train.arrays, self.eval_windows.arrays
 
   def build_model(self, model: Any, deterministic: bool) -> nn.Module:
     from lmjax.model import SpanExtractor
@@ -212,11 +235,32 @@ class QA(Task):
                (jnp.argmax(end, -1) == batch["ends"])).astype(jnp.float32)
     return loss, correct
 
-  def predict(self, out):
-    return jnp.argmax(out[0], -1)
+  def eval_sums(self, model: nn.Module, params: Any, batch: Batch) -> dict[str, Array]:
+    out = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
+                      batch["token_types"])
+    return {**self.sums(out, batch), "start_logits": out[0], "end_logits": out[1],
+            "examples": batch["weights"]}
 
-  def targets(self, batch):
-    return batch["starts"]
+  def eval_metrics(self, sums: dict[str, float], examples: dict[str, np.ndarray]
+                   ) -> dict[str, float]:
+    from lmjax.data import squad
+    metrics = {k: float(v) for k, v in self.summarize(sums).items()}
+    rows = int((examples["examples"] > 0).sum())  # eval windows come first, in order
+    task, v2 = self.task, any(e.impossible for e in self.eval_examples)
+    self.predictions, odds, _ = squad.best_answers(
+        self.eval_windows, examples["start_logits"][:rows], examples["end_logits"][:rows],
+        self.eval_examples, task.n_best, task.max_answer_tokens,
+        task.null_threshold if v2 else None)
+    result = {"loss": metrics["loss"], "accuracy": metrics["accuracy"],  # per window
+              "examples": float(len(self.eval_examples)), "windows": float(rows)}
+    measured = squad.evaluate(self.eval_examples, self.predictions,
+                              odds if v2 else None, task.null_threshold)
+    result.update(measured)
+    return result
+
+  def run_outputs(self) -> dict[str, str]:
+    import json
+    return {"predictions.json": json.dumps(self.predictions, indent=2, ensure_ascii=False)}
 
 
 def classification_measures(predictions: np.ndarray, targets: np.ndarray, num_labels: int
