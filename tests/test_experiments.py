@@ -2,6 +2,7 @@
 
 import glob
 import importlib
+import importlib.util
 import os
 
 import jax
@@ -20,7 +21,7 @@ from lmjax.data.tokenizer import SpecialTokens
 EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
                      if not p.endswith("__init__.py"))
 FINETUNING = {"finetune_genre": [None, "random"], "finetune_pairs": [None],
-              "chat_tiny": [None], "dpo_tiny": [None],
+              "chat_tiny": [None], "dpo_tiny": [None], "qa_tiny": [None],
               "finetune_regression": [None]}  # configs for launch.finetune
 VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp", "v5e16"]}
 CASES = [(name, arg) for name in EXPERIMENTS if name not in FINETUNING
@@ -82,3 +83,20 @@ def test_bad_config_values_are_user_errors(section, key, value, message):
   config[section][key] = value
   with pytest.raises(UserError, match=message):
     experiment_from_dict(config)
+
+
+@pytest.mark.parametrize("script,files", [
+    ("make_dialogues", ("chat_train.jsonl", "chat_eval.jsonl", "dpo_train.jsonl",
+                        "dpo_eval.jsonl")),
+    ("make_qa", ("qa_train.json", "qa_eval.json"))])
+def test_bundled_sets_are_what_their_scripts_write(tmp_path, script, files):
+  """The shipped chat, preference and QA sets come from the bundled corpus, the same bytes
+  every time."""
+  spec = importlib.util.spec_from_file_location(
+      script, os.path.join(ROOT, "experiments", "data", f"{script}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.main(str(tmp_path))
+  for name in files:
+    shipped = open(os.path.join(ROOT, "experiments", "data", name), "rb").read()
+    assert (tmp_path / name).read_bytes() == shipped, name

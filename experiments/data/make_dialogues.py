@@ -64,7 +64,7 @@ def write(path: str, records: list[dict]) -> None:
       f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def main() -> None:
+def main(out: str = HERE) -> None:
   for split, limit in (("train", 800), ("eval", 120)):
     rng = random.Random(split)
     found = scenes(split, 6)
@@ -76,7 +76,7 @@ def main() -> None:
     for p, s in rng.sample(found, limit // 20):
       turns = [conversation(p2, s2, rng)["messages"] for p2, s2 in rng.sample(found, 4)]
       chats.append({"messages": [m for t in turns for m in t if m["role"] != "system"]})
-    write(os.path.join(HERE, f"chat_{split}.jsonl"), chats)
+    write(os.path.join(out, f"chat_{split}.jsonl"), chats)
     prefs = []
     for p, s in found[:limit]:
       wrong = rng.choice(s[1:])
@@ -84,8 +84,8 @@ def main() -> None:
       prefs.append({"prompt": prompt,
                     "chosen": [{"role": "assistant", "content": f"{s[0]} speaks first."}],
                     "rejected": [{"role": "assistant", "content": f"{wrong} speaks first."}]})
-    write(os.path.join(HERE, f"dpo_{split}.jsonl"), prefs)
+    write(os.path.join(out, f"dpo_{split}.jsonl"), prefs)
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1] if len(sys.argv) > 1 else HERE)
