@@ -185,3 +185,59 @@ def test_qa_fine_tuning_reports_squad_measures_and_writes_predictions(tiny_runs,
   # predictions.json alone gives results.json's numbers (at the default null threshold)
   assert result["exact"] == pytest.approx(squad.evaluate(examples, predictions)["exact"])
   assert result["f1"] == pytest.approx(squad.evaluate(examples, predictions)["f1"])
+
+
+def _qa_subset(tmp_path, split, n):
+  import os
+  from tiny import ROOT
+  data = json.load(open(os.path.join(ROOT, "experiments", "data", f"qa_{split}.json")))
+  data["data"][0]["paragraphs"] = data["data"][0]["paragraphs"][:n]
+  path = tmp_path / f"qa_{split}.json"
+  path.write_text(json.dumps(data))
+  return str(path)
+
+
+def _qa_command(tiny_runs, tmp_path, workdir, *args):
+  import sys
+  return [sys.executable, "-m", "launch.finetune", "--config=experiments/qa_tiny.py",
+          f"--init_from={tiny_runs / 'mlm_tiny'}", f"--workdir={workdir}",
+          f"--config.task.train_file={_qa_subset(tmp_path, 'train', 40)}",
+          f"--config.task.eval_file={_qa_subset(tmp_path, 'eval', 12)}",
+          "--config.train.batch_size=8", "--config.train.log_every=1",
+          "--config.train.eval_every=0", "--config.optimizer.warmup_steps=1", *args]
+
+
+def test_qa_on_eight_devices_equals_one_and_kill_9_resumes_exactly(tiny_runs, tmp_path):
+  import subprocess
+
+  import jax
+  import numpy as np
+  from tiny import ROOT, kill_twice
+  from lmjax.checkpoint import Checkpointer
+  run = lambda workdir, *args: subprocess.run(
+      _qa_command(tiny_runs, tmp_path, workdir, *args), cwd=ROOT, capture_output=True,
+      text=True, timeout=600)
+  one = run(tmp_path / "one", "--cpu_devices=1", "--config.train.steps=3")
+  eight = run(tmp_path / "eight", "--cpu_devices=8", "--config.mesh.data=2",
+              "--config.mesh.fsdp=4", "--config.train.steps=3")
+  assert one.returncode == 0 and eight.returncode == 0, one.stderr[-2000:] + eight.stderr[-2000:]
+  a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "eight"))
+  for key in ("loss", "exact", "f1"):
+    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
+
+  steps = ["--config.train.steps=6", "--config.train.checkpoint_every=2"]
+  assert run(tmp_path / "straight", *steps).returncode == 0
+  killed = tmp_path / "killed"
+  kill_twice(lambda: subprocess.Popen(_qa_command(tiny_runs, tmp_path, killed, *steps),
+                                      cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True),
+             killed / "metrics.jsonl")
+  assert run(killed, *steps).returncode == 0
+  x, y = (Checkpointer(str(d), async_save=False) for d in (tmp_path / "straight", killed))
+  try:
+    jax.tree.map(np.testing.assert_array_equal, x.restore_arrays(6), y.restore_arrays(6))
+  finally:
+    x.close()
+    y.close()
+  assert (killed / "predictions.json").read_text() == \
+      (tmp_path / "straight" / "predictions.json").read_text()
