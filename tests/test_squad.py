@@ -241,3 +241,17 @@ def test_qa_on_eight_devices_equals_one_and_kill_9_resumes_exactly(tiny_runs, tm
     y.close()
   assert (killed / "predictions.json").read_text() == \
       (tmp_path / "straight" / "predictions.json").read_text()
+
+
+@pytest.mark.parametrize("init", ["bert", "clm_tiny"])  # a Hugging Face BERT; a decoder run
+def test_qa_starts_from_a_hugging_face_bert_and_from_a_decoder(tiny_runs, tmp_path, init):
+  from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict
+  config = default_finetune_config()
+  config["task"].update(kind="qa", train_file=_qa_subset(tmp_path, "train", 24),
+                        eval_file=_qa_subset(tmp_path, "eval", 8), seq_len=64, doc_stride=16,
+                        dropout_rate=0.0)
+  config["train"].update(steps=2, batch_size=8, eval_every=0, log_every=2)
+  result = finetune(finetune_from_dict(config), str(tiny_runs / init), str(tmp_path / "run"))
+  assert result["examples"] == 8 and result["windows"] > 8
+  assert {"exact", "f1", "HasAns_f1", "NoAns_exact", "best_exact_thresh"} <= set(result)
+  assert len(json.loads((tmp_path / "run" / "predictions.json").read_text())) == 8
