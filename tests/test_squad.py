@@ -72,6 +72,12 @@ def test_readers_take_squad_json_and_hugging_face_lines(tmp_path):
                                                                    "answer_start": []}}]))
   c, d = squad.read_examples(str(lines))
   assert c.answers == ("brown fox",) and d.impossible
+  import os
+  from tiny import ROOT
+  shipped = squad.read_examples(os.path.join(ROOT, "experiments", "data", "qa_eval.json"))
+  assert len(shipped) == 120 and sum(e.impossible for e in shipped) == 30  # indented JSON
+  (tmp_path / "hf.json").write_text(lines.read_text())  # datasets' to_json: lines, .json
+  assert [e.id for e in squad.read_examples(str(tmp_path / "hf.json"))] == ["1", "2"]
   squad.write_predictions(str(tmp_path / "predictions.json"), {"1": "brown fox", "2": ""})
   assert json.loads((tmp_path / "predictions.json").read_text()) == {"1": "brown fox", "2": ""}
 

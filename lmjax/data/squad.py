@@ -132,10 +132,17 @@ def _best_threshold(examples: Sequence[QAExample], raw: Mapping[str, float],
 def read_examples(path: str) -> list[QAExample]:
   """SQuAD JSON (v1.1 or v2.0) or Hugging Face JSON lines, checked: each gold answer must
   stand at its `answer_start`; v2 questions without answers must say `is_impossible`."""
+  import os
+  if not os.path.isfile(path):
+    raise UserError(f"task file not found: {path}")
   with open(path, encoding="utf-8-sig") as f:
-    head = f.read(1 << 16).lstrip()
-  records = _squad_json(path) if head.startswith("{") and '"data"' in head.split("\n")[0] \
-      else _json_lines(path)
+    text = f.read()
+  try:
+    whole = json.loads(text)
+  except json.JSONDecodeError:
+    whole = None  # JSON lines (Hugging Face's .json and .jsonl)
+  records = _squad_json(path, whole) if isinstance(whole, dict) and "data" in whole \
+      else _json_lines(path, text)
   out = []
   for where, ex in records:
     if not ex.context.strip():
@@ -153,12 +160,10 @@ def read_examples(path: str) -> list[QAExample]:
   return out
 
 
-def _squad_json(path: str) -> Iterator[tuple[str, QAExample]]:
-  try:
-    with open(path, encoding="utf-8-sig") as f:
-      data = json.load(f)["data"]
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise UserError(f"{path}: not SQuAD JSON ({type(e).__name__}: {e})") from None
+def _squad_json(path: str, whole: dict) -> Iterator[tuple[str, QAExample]]:
+  data = whole["data"]
+  if not isinstance(data, list):
+    raise UserError(f"{path}: not SQuAD JSON ('data' must be a list of articles)")
   for article in data:
     for paragraph in article.get("paragraphs", []):
       context = paragraph.get("context", "")
@@ -175,9 +180,22 @@ def _squad_json(path: str) -> Iterator[tuple[str, QAExample]]:
                                tuple(int(a["answer_start"]) for a in answers))
 
 
-def _json_lines(path: str) -> Iterator[tuple[str, QAExample]]:
-  from lmjax.data.chat import json_lines
-  for where, r in json_lines(path):
+def _lines(path: str, text: str) -> Iterator[tuple[str, dict]]:
+  for lineno, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    where = f"{path}:{lineno}"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+      raise UserError(f"{where}: expected a JSON object")
+    yield where, record
+
+
+def _json_lines(path: str, text: str) -> Iterator[tuple[str, QAExample]]:
+  for where, r in _lines(path, text):
     if isinstance(r.get("answer"), str) and "answers" not in r:  # lmjax's own QA lines
       at = r.get("context", "").find(r["answer"]) if isinstance(r.get("context"), str) else -1
       if at < 0:
