@@ -6,7 +6,7 @@
 
 experiments/data/qa_{train,eval}.json (from experiments/data/make_qa.py) ask where a
 passage says a word; a quarter name a word it does not hold (unanswerable). Passages
-are longer than `task.seq_len`, so each is read in windows overlapping by
+are often longer than `task.seq_len`, so each is read in windows overlapping by
 `task.doc_stride` tokens, and the answer is the best span over them (run_qa's rules).
 results.json holds exact match and F1 by the official SQuAD 2.0 rules, with the
 HasAns/NoAns split and the best null threshold; predictions.json the answers, in the
@@ -26,9 +26,9 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(default_finetune_config())
   c.task.update(kind="qa", train_file=os.path.join(DATA, "qa_train.json"),
-                eval_file=os.path.join(DATA, "qa_eval.json"), seq_len=96, doc_stride=32,
+                eval_file=os.path.join(DATA, "qa_eval.json"), seq_len=64, doc_stride=16,
                 max_answer_tokens=8, dropout_rate=0.0)
-  c.optimizer.update(learning_rate=1e-3, warmup_steps=30, schedule="linear", end_lr_ratio=0.0,
+  c.optimizer.update(learning_rate=2e-3, warmup_steps=30, schedule="linear", end_lr_ratio=0.0,
                      weight_decay=0.01)
-  c.train.update(steps=400, batch_size=32, log_every=20, eval_every=200, checkpoint_every=200)
+  c.train.update(steps=600, batch_size=32, log_every=20, eval_every=200, checkpoint_every=200)
   return c

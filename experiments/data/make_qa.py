@@ -2,11 +2,11 @@
 
   python experiments/data/make_qa.py   # rewrites experiments/data/qa_{train,eval}.json
 
-Each context is a passage of a play (12 lines: longer than qa_tiny's seq_len of 96
-tokens, so it is read in windows); each question asks where a word of it stands, the
-answer being that word's first occurrence. A quarter of the questions name a word the
-passage does not hold: they are unanswerable (`is_impossible`). The held-out plays of
-the genre task make the eval file. Deterministic.
+Each context is a passage of a play (5 lines: often longer than qa_tiny's seq_len of 64
+tokens, so it is read in windows); each question is a word of it, the answer that
+word's first occurrence (where does the passage say it?). A quarter of the questions
+name a word the passage does not hold: they are unanswerable (`is_impossible`). The
+held-out plays of the genre task make the eval file. Deterministic.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lmjax.data import genres  # noqa: E402
 
 
 def questions(split: str, limit: int, rng: random.Random) -> dict:
-  passages = [p for p, _ in genres.genre_examples(split, lines_per_passage=12)]
+  passages = [p for p, _ in genres.genre_examples(split, lines_per_passage=5)]
   rng.shuffle(passages)
   vocabulary = sorted({w for p in passages for w in re.findall(r"[a-z]{5,}", p)})
   paragraphs = []
@@ -35,12 +35,12 @@ def questions(split: str, limit: int, rng: random.Random) -> dict:
     qid = f"{split}-{n}"
     if n % 4 == 3:  # unanswerable: a word this passage does not hold
       missing = rng.choice([w for w in rng.sample(vocabulary, 50) if w not in context] or ["zzzzz"])
-      qa = {"id": qid, "question": f"Where does the passage say \"{missing}\"?",
+      qa = {"id": qid, "question": missing,
             "is_impossible": True, "answers": []}
     else:
       word = rng.choice(words)
       start = re.search(rf"\b{word}\b", context).start()
-      qa = {"id": qid, "question": f"Where does the passage say \"{word}\"?",
+      qa = {"id": qid, "question": word,
             "is_impossible": False, "answers": [{"text": word, "answer_start": start}]}
     paragraphs.append({"context": context, "qas": [qa]})
   return {"version": "v2.0", "data": [{"title": f"shakespeare-{split}",
