@@ -28,7 +28,7 @@ import json
 import os
 import re
 from datetime import datetime
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -230,21 +230,26 @@ def check_messages(messages: Any, where: str, need_assistant: bool = True
 
 
 def json_lines(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-  """(path:line, record) of each non-empty line; one line naming the place otherwise."""
+  """(path:line, record) of each non-empty line of a task file."""
   from lmjax.data.corpus import check_files
   check_files([path], "task")
   with open(path, encoding="utf-8-sig") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e})") from None
-      if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object")
-      yield where, record
+    yield from json_records(path, f)
+
+
+def json_records(path: str, lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+  """(path:line, record) of each non-empty line; one line naming the place otherwise."""
+  for lineno, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    where = f"{path}:{lineno}"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+      raise UserError(f"{where}: expected a JSON object")
+    yield where, record
 
 
 def read_conversations(path: str) -> list[Conversation]:

@@ -180,22 +180,9 @@ def _squad_json(path: str, whole: dict) -> Iterator[tuple[str, QAExample]]:
                                tuple(int(a["answer_start"]) for a in answers))
 
 
-def _lines(path: str, text: str) -> Iterator[tuple[str, dict]]:
-  for lineno, line in enumerate(text.splitlines(), 1):
-    if not line.strip():
-      continue
-    where = f"{path}:{lineno}"
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(record, dict):
-      raise UserError(f"{where}: expected a JSON object")
-    yield where, record
-
-
 def _json_lines(path: str, text: str) -> Iterator[tuple[str, QAExample]]:
-  for where, r in _lines(path, text):
+  from lmjax.data.chat import json_records
+  for where, r in json_records(path, text.splitlines()):
     if isinstance(r.get("answer"), str) and "answers" not in r:  # lmjax's own QA lines
       at = r.get("context", "").find(r["answer"]) if isinstance(r.get("context"), str) else -1
       if at < 0:
