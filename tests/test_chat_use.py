@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tiny import ROOT, kill_twice
+from tiny import ROOT, assert_same_checkpoint, kill_twice
 from lmjax import pretrained
 
 TINY = ["--config.train.steps=6", "--config.train.batch_size=8", "--config.train.eval_every=0",
@@ -131,8 +131,6 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run_and_sigterm_saves(tiny_ru
   import signal
   import time
 
-  import jax
-  from lmjax.checkpoint import Checkpointer
   init = tiny_runs / "clm_tiny" if config == "chat_tiny" else chat_run
   steps = ["--config.train.steps=8", "--config.train.checkpoint_every=2"]
   _run(config, init, tmp_path / "straight", tmp_path, *steps)
@@ -140,12 +138,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run_and_sigterm_saves(tiny_ru
   kill_twice(lambda: _run(config, init, killed, tmp_path, *steps, popen=True),
              killed / "metrics.jsonl", seed=0)
   _run(config, init, killed, tmp_path, *steps)
-  a, b = (Checkpointer(str(d), async_save=False) for d in (tmp_path / "straight", killed))
-  try:
-    jax.tree.map(np.testing.assert_array_equal, a.restore_arrays(8), b.restore_arrays(8))
-  finally:
-    a.close()
-    b.close()
+  assert_same_checkpoint(tmp_path / "straight", killed, 8)
   assert (json.loads((killed / "results.json").read_text()) ==
           json.loads((tmp_path / "straight" / "results.json").read_text()))
 

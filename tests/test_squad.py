@@ -169,7 +169,7 @@ def test_qa_fine_tuning_reports_squad_measures_and_writes_predictions(tiny_runs,
   from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict
   with open(f"{BUNDLED_DIR}/valid.txt") as f:
     lines = [l.strip() for l in f if len(l.split()) > 5][:120]
-  qas, paragraphs = [], []
+  paragraphs = []
   for i in range(0, 96, 6):
     context = " ".join(lines[i:i + 6])
     word = context.split()[(i * 7) % 30]
@@ -219,10 +219,7 @@ def _qa_command(tiny_runs, tmp_path, workdir, *args):
 def test_qa_on_eight_devices_equals_one_and_kill_9_resumes_exactly(tiny_runs, tmp_path):
   import subprocess
 
-  import jax
-  import numpy as np
-  from tiny import ROOT, kill_twice
-  from lmjax.checkpoint import Checkpointer
+  from tiny import ROOT, assert_same_checkpoint, kill_twice
   run = lambda workdir, *args: subprocess.run(
       _qa_command(tiny_runs, tmp_path, workdir, *args), cwd=ROOT, capture_output=True,
       text=True, timeout=600)
@@ -242,12 +239,7 @@ def test_qa_on_eight_devices_equals_one_and_kill_9_resumes_exactly(tiny_runs, tm
                                       stderr=subprocess.DEVNULL, start_new_session=True),
              killed / "metrics.jsonl")
   assert run(killed, *steps).returncode == 0
-  x, y = (Checkpointer(str(d), async_save=False) for d in (tmp_path / "straight", killed))
-  try:
-    jax.tree.map(np.testing.assert_array_equal, x.restore_arrays(6), y.restore_arrays(6))
-  finally:
-    x.close()
-    y.close()
+  assert_same_checkpoint(tmp_path / "straight", killed, 6)
   assert (killed / "predictions.json").read_text() == \
       (tmp_path / "straight" / "predictions.json").read_text()
 

@@ -58,3 +58,16 @@ def kill_twice(start, metrics, seed: int = 1, timeout: float = 300) -> None:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+
+
+def assert_same_checkpoint(a, b, step: int) -> None:
+  """The runs in folders `a` and `b` hold bitwise-equal state at `step`."""
+  import jax
+  import numpy as np
+  from lmjax.checkpoint import Checkpointer
+  x, y = (Checkpointer(str(d), async_save=False) for d in (a, b))
+  try:
+    jax.tree.map(np.testing.assert_array_equal, x.restore_arrays(step), y.restore_arrays(step))
+  finally:
+    x.close()
+    y.close()
