@@ -1,8 +1,9 @@
 """Incremental decoding for decoder models with a preallocated KV cache.
 
-Prompts of different lengths are left-padded to one length P (padding has
-segment id 0, so nothing attends to it); the cache holds P + max_new_tokens
-slots. `generate` prefills the prompts in one forward pass, then produces one
+Prompts of different lengths are right-padded to one length P (padding has
+segment id 0, so nothing attends to it, and each row's cache index advances by
+its real tokens only, so its first new token overwrites its padding); the cache
+holds P + max_new_tokens slots. `generate` prefills the prompts in one forward pass, then produces one
 token per step inside `lax.while_loop`, all in one compiled function. `stream`
 yields tokens one by one from the host for interactive use.
 """
@@ -55,16 +56,16 @@ def sample(logits: Array, rng: Array, cfg: SamplingConfig) -> Array:
   return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], length: int, pad: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Prompts -> (tokens, segment_ids, positions), each (B, length), padded on the left."""
+def right_pad(prompts: Sequence[Sequence[int]], length: int, pad: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Prompts -> (tokens, segment_ids, positions), each (B, length), padded on the right."""
   tokens = np.full((len(prompts), length), pad, np.int32)
   segments = np.zeros_like(tokens)
   positions = np.zeros_like(tokens)
   for i, p in enumerate(prompts):
-    tokens[i, length - len(p):] = p
-    segments[i, length - len(p):] = 1
-    positions[i, length - len(p):] = np.arange(len(p))
+    tokens[i, :len(p)] = p
+    segments[i, :len(p)] = 1
+    positions[i, :len(p)] = np.arange(len(p))
   return tokens, segments, positions
 
 
@@ -91,10 +92,12 @@ class Generator:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def _forward(self, params, cache, tokens, segments, positions):
-    """Appends (B, T) tokens to the cache; returns the last position's logits and the cache."""
+    """Appends (B, T) right-padded tokens to the cache; returns the logits at each row's last
+    real token (B, V) and the cache."""
     logits, out = self.model.apply({"params": params, "cache": cache}, tokens, segments,
                                    positions, mutable=["cache"])
-    return logits[:, -1], out["cache"]  # (B, V)
+    last = jnp.maximum(jnp.sum(segments != 0, axis=1) - 1, 0)  # (B,)
+    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], out["cache"]
 
   def _fit(self, prompts: Sequence[Sequence[int]], max_new: int) -> tuple[list, int]:
     """Keeps each prompt's newest tokens so that prompt + new tokens fit max_len."""
@@ -134,7 +137,7 @@ class Generator:
                seed: int = 0) -> list[list[int]]:
     """New tokens for each prompt, up to and excluding EOS."""
     prompts, length = self._fit(prompts, sampling.max_new_tokens)
-    arrays = left_pad(prompts, length, self.pad)
+    arrays = right_pad(prompts, length, self.pad)
     out = np.asarray(self._generate(self.params, *arrays, sampling, jax.random.PRNGKey(seed)))
     return [_until(row, self.eos) for row in out.tolist()]
 
@@ -153,7 +156,7 @@ class Generator:
              ) -> Iterator[int]:
     """Yields new tokens of one prompt as they are produced, stopping at EOS."""
     (prompt,), length = self._fit([prompt], sampling.max_new_tokens)
-    arrays = left_pad([prompt], length, self.pad)
+    arrays = right_pad([prompt], length, self.pad)
     cache = self._init_cache(1, length + sampling.max_new_tokens)
     logits, cache = self._prefill(self.params, *arrays, cache)
     rng = jax.random.PRNGKey(seed)

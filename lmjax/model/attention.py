@@ -122,10 +122,12 @@ def attention(q: Array, k: Array, v: Array, mask: MaskSpec | Array, implementati
 class CacheMask(nn.Module):
   """Decoding: which cache slots each new token may attend to.
 
-  The cache has L slots (the length of the call that created it); each call
-  appends its T tokens at `index`. A slot is visible if it holds a real token
-  (segment id != 0: left padding of short prompts is not) at or before the
-  query's own slot.
+  The cache has L slots per row (the length of the call that created it); each
+  call writes a row's T tokens at that row's own `index` and advances it by the
+  row's real tokens (segment id != 0), so rows of one batch may hold sequences
+  of different lengths (continuous batching). Padding after a row's real tokens
+  is written but not counted: the next call overwrites it. A slot is visible if
+  it holds a real token at or before the query's own slot.
   """
 
   @nn.compact
@@ -133,15 +135,26 @@ class CacheMask(nn.Module):
     """(B, T) segment ids of the new tokens -> (B, 1, T, L) bool mask."""
     ready = self.has_variable("cache", "valid")
     valid = self.variable("cache", "valid", jnp.zeros, segment_ids.shape, jnp.bool_)
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    index = self.variable("cache", "index", jnp.zeros, segment_ids.shape[:1], jnp.int32)
     if not ready:  # the call that sizes the cache is an ordinary forward pass
       return make_attention_mask(segment_ids, causal=True)
     t, slots = segment_ids.shape[1], valid.value.shape[1]
-    valid.value = jax.lax.dynamic_update_slice(valid.value, segment_ids != 0, (0, index.value))
-    q_slot = index.value + jnp.arange(t)
-    mask = valid.value[:, None, :] & (jnp.arange(slots)[None, :] <= q_slot[:, None])[None]
-    index.value = index.value + t
-    return (mask & (segment_ids != 0)[:, :, None])[:, None]  # (B, 1, T, L)
+    real = segment_ids != 0  # (B, T)
+    valid.value = write_rows(valid.value, real, index.value, axis=1)
+    q_slot = index.value[:, None] + jnp.arange(t)  # (B, T)
+    mask = valid.value[:, None, :] & (jnp.arange(slots) <= q_slot[:, :, None])  # (B, T, L)
+    index.value = index.value + real.sum(axis=1, dtype=jnp.int32)
+    return (mask & real[:, :, None])[:, None]  # (B, 1, T, L)
+
+
+def write_rows(cache: Array, new: Array, index: Array, axis: int) -> Array:
+  """Writes each row's `new` values into `cache` along `axis`, from that row's `index`
+  (B,). Rows are independent: each may sit at a different length."""
+  def one(c, n, i):
+    start = [0] * c.ndim
+    start[axis - 1] = i
+    return jax.lax.dynamic_update_slice(c, n, start)
+  return jax.vmap(one)(cache, new.astype(cache.dtype), index)
 
 
 class MultiHeadAttention(nn.Module):
@@ -167,7 +180,7 @@ class MultiHeadAttention(nn.Module):
     if cfg.position == "rope":
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     if self.decode:
-      out = cached_attention(q, *self._cached(k, v), mask)  # (B, T, H, Dh)
+      out = cached_attention(q, *self._cached(k, v, mask), mask)  # (B, T, H, Dh)
     else:
       # A dense mask means the stack chose a dense implementation; say so to `auto`.
       prefix_lm = not isinstance(mask, MaskSpec) or mask.prefix_len is not None
@@ -180,17 +193,18 @@ class MultiHeadAttention(nn.Module):
     y = dense(cfg, cfg.d_model, 2, ("heads", "kv", "embed"), ("embed",), "out", std)(out)
     return nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)  # (B, T, D)
 
-  def _cached(self, k: Array, v: Array) -> tuple[Array, Array]:
-    """Writes the new (B, T, K, Dh) keys/values at the cache index; returns the whole
+  def _cached(self, k: Array, v: Array, mask: Array) -> tuple[Array, Array]:
+    """Writes the new (B, T, K, Dh) keys/values at each row's cache index; returns the whole
     cache as `cached_attention` reads it: keys (B, K, Dh, L), values (B, K, L, Dh)."""
     k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
     ready = self.has_variable("cache", "cached_key")
     cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    index = self.variable("cache", "index", jnp.zeros, k.shape[:1], jnp.int32)
     if not ready:
       return k, v
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, 0, 0, index.value))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, 0, index.value, 0))
-    index.value = index.value + v.shape[2]
+    cached_k.value = write_rows(cached_k.value, k, index.value, axis=3)
+    cached_v.value = write_rows(cached_v.value, v, index.value, axis=2)
+    # A real query sees at least itself: the row's real tokens advance its index.
+    index.value = index.value + mask[:, 0].any(-1).sum(axis=1, dtype=jnp.int32)
     return cached_k.value, cached_v.value
