@@ -29,16 +29,19 @@ setup(
     extras_require={
         "ray": ["ray>=2.9"],  # launch.prepare_data --engine ray
         "eval": ["lm-eval>=0.4.5"],  # launch.lm_eval, train.lm_eval_tasks
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # launch.serve
         "tpu": ["jax[tpu]>=0.10"],  # TPU VMs, and launch.compile anywhere (libtpu matched to jax)
         "gpu": ["jax[cuda12]>=0.10"],  # NVIDIA GPUs (CUDA 12 wheels matched to jax)
         "gcs": ["gcsfs>=2024.2"],  # gs:// run directories and token stores
         "s3": ["s3fs>=2024.2"],  # s3:// run directories and token stores
         # accelerate: lm-eval's own `hf` model, the reference the adapter is tested against
         "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.40", "torch==2.13.0",
-                 "ray>=2.9", "lm-eval>=0.4.5", "accelerate>=0.26", "jax[tpu]>=0.10",
+                 "ray>=2.9", "lm-eval[api]>=0.4.5", "accelerate>=0.26", "jax[tpu]>=0.10",
                  "s3fs>=2024.2", "gcsfs>=2024.2", "moto[server]>=5.0",  # bucket tests
-                 "trl>=1.0"],  # SFT and DPO parity
+                 "trl>=1.0",  # SFT and DPO parity
+                 "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.30", "httpx>=0.27"],  # serving
         # s3fs + moto: benchmarks.data_path --bucket times S3 against a local server
-        "bench": ["transformers>=4.40", "torch==2.13.0", "s3fs>=2024.2", "moto[server]>=5.0"],
+        "bench": ["transformers>=4.40", "torch==2.13.0", "s3fs>=2024.2", "moto[server]>=5.0",
+                  "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],  # + benchmarks.serve
     },
 )

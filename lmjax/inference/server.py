@@ -1,0 +1,386 @@
+"""An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI).
+
+  POST /v1/chat/completions   messages through the model's chat template
+  POST /v1/completions        prompt(s) as text or token ids; `echo` + `logprobs` score them
+  GET  /v1/models             the one model served
+  GET  /health                200 while the engine runs (503 once it has failed)
+
+Every choice of every request is one engine request (one cache row); `n` choices of a
+prompt are `n` rows with seeds seed, seed+1, ... Responses stream as server-sent
+events in OpenAI's chunk format, the last chunk carrying the usage counts. A client
+that disconnects has its rows freed at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmjax.errors import UserError
+from lmjax.inference import openai_api as api
+from lmjax.inference.engine import Engine, Request
+
+MAX_BODY_BYTES = 8 << 20
+
+
+class ApiError(Exception):
+  def __init__(self, status: int, message: str, param: str | None = None,
+               code: str | None = None):
+    super().__init__(message)
+    self.status, self.message, self.param, self.code = status, message, param, code
+
+
+@dataclasses.dataclass
+class Served:
+  """The model behind the endpoint: engine, tokenizer and chat template."""
+  engine: Engine
+  tokenizer: Any
+  template: Any  # lmjax.data.chat.ChatTemplate
+  name: str
+  created: int = 0
+
+  @property
+  def special(self):
+    return self.tokenizer.special
+
+  def end_of_turn(self) -> tuple[int, ...]:
+    return tuple({self.template.end_of_turn(self.tokenizer), self.special.eos} - {-1})
+
+
+class Choice:
+  """One choice's tokens, text (cut at stop strings), log-probabilities and end."""
+
+  def __init__(self, index: int, served: Served, prompt: list[int], stops: list[str]):
+    self.index, self.served, self.prompt = index, served, prompt
+    self.ids: list[int] = []
+    self.logprobs: list[tuple[float, list]] = []
+    self.prompt_logprobs: tuple[list, list] | None = None
+    self.text = api.StopText(stops)
+    self.finish: str | None = None
+
+  def handle(self, event: tuple) -> str:
+    """An engine event -> the text it releases."""
+    if event[0] == "prompt":
+      self.prompt_logprobs = (event[1], event[2])
+      return ""
+    if event[0] == "token":
+      self.ids.append(event[1])
+      self.logprobs.append((event[2], event[3]))
+      out = self.text.add(self.served.tokenizer.decode(self.ids))
+      if self.text.stopped:
+        self.finish = "stop"
+      return out
+    self.finish = self.finish or event[1]
+    return self.text.finish()
+
+
+def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+  """Each token's text as it appears in the decoded whole (leading spaces included)."""
+  out, before = [], ""
+  for k in range(len(ids)):
+    now = tokenizer.decode(ids[:k + 1])
+    out.append(now[len(before):] if now.startswith(before) else tokenizer.decode([ids[k]]))
+    before = now
+  return out
+
+
+async def _drive(choice: Choice, request: Request, events: asyncio.Queue, out: asyncio.Queue
+                 ) -> None:
+  """Feeds one engine request's events to its choice; puts (choice, released text, finish
+  reason or None) on `out`, the finish reason on its last item."""
+  try:
+    while choice.finish is None:
+      text = choice.handle(await events.get())
+      if text or choice.finish:
+        await out.put((choice, text, choice.finish))
+  finally:
+    request.cancel()  # a stop string, a disconnect or a shutdown: free the row
+
+
+class Run:
+  """The choices of one API request, running concurrently in the engine."""
+
+  def __init__(self, served: Served, body: api._Body, prompts: list[list[int]], max_tokens: int,
+               stop_ids: tuple[int, ...], echo_logprobs: bool = False):
+    self.served, self.n, self.out = served, body.n, asyncio.Queue()
+    self.choices: list[Choice] = []
+    self.tasks: list[asyncio.Future] = []
+    loop = asyncio.get_running_loop()
+    submitted: list[Request] = []
+    try:
+      for p, prompt in enumerate(prompts):
+        for j in range(body.n):
+          choice = Choice(p * body.n + j, served, prompt, body.stops())
+          events: asyncio.Queue = asyncio.Queue()
+          request = Request(
+              prompt, max_tokens, lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e),
+              temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+              seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
+              echo_logprobs=echo_logprobs, stop_ids=stop_ids)
+          served.engine.submit(request)
+          submitted.append(request)
+          self.choices.append(choice)
+          self.tasks.append(asyncio.ensure_future(_drive(choice, request, events, self.out)))
+    except BaseException:
+      for r in submitted:
+        r.cancel()
+      raise
+
+  async def updates(self) -> AsyncIterator[tuple[Choice, str, str | None]]:
+    """(choice, released text, finish reason on its last item) until every choice has
+    finished; what still runs is cancelled if the consumer goes away."""
+    try:
+      for _ in range(sum(1 for _ in self.choices)):
+        while True:
+          item = await self.out.get()
+          yield item
+          if item[2] is not None:
+            break
+    finally:
+      for t in self.tasks:
+        t.cancel()
+
+  def usage(self) -> dict[str, int]:
+    prompt_tokens = sum(len(c.prompt) for c in self.choices[::self.n])  # each prompt once
+    return api.usage(prompt_tokens, sum(len(c.ids) for c in self.choices))
+
+
+def _check_model(served: Served, body: api._Body) -> None:
+  if body.model not in (None, served.name):
+    raise ApiError(404, f"The model `{body.model}` does not exist; this server serves "
+                   f"`{served.name}`", "model", "model_not_found")
+  reason = body.unsupported()
+  if reason:
+    raise ApiError(400, reason)
+
+
+def _budget(served: Served, prompts: list[list[int]], max_tokens: int | None) -> int:
+  """The token budget of each choice; a prompt the context cannot hold is a 413."""
+  limit = served.engine.max_len
+  longest = max(len(p) for p in prompts)
+  if longest > limit or min(len(p) for p in prompts) == 0:
+    raise ApiError(413, f"This model's maximum context length is {limit} tokens; the prompt "
+                   f"has {longest}" if longest else "the prompt is empty", "prompt",
+                   "context_length_exceeded")
+  if max_tokens is not None and max_tokens <= 0:
+    raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
+  room = limit + 1 - longest  # the last new token is never fed back
+  return room if max_tokens is None else min(max_tokens, room)
+
+
+def _sse(data: Any) -> str:
+  return f"data: {json.dumps(data)}\n\n"
+
+
+def _completion_prompts(served: Served, prompt: Any) -> tuple[list[list[int]], list[str]]:
+  """Token ids and text of each prompt: text gets [bos] in front (as training did)."""
+  if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    bos = [served.special.bos] if served.special.bos >= 0 else []
+    return [bos + ids for ids in served.tokenizer.encode(texts)], texts
+  rows = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
+  vocab = served.engine.cfg.vocab_size
+  if any(not 0 <= t < vocab for row in rows for t in row):
+    raise ApiError(400, f"token ids must be in [0, {vocab})", "prompt")
+  return [list(r) for r in rows], [served.tokenizer.decode(r) for r in rows]
+
+
+def _completion_logprobs(served: Served, c: Choice, k: int, echo: bool, offset: int
+                         ) -> dict[str, Any]:
+  """OpenAI's legacy logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
+  tok = served.tokenizer
+  lps, tops = ([], []) if not echo else c.prompt_logprobs or ([], [])
+  pieces = _pieces(tok, c.prompt) if echo else []
+  kept = len(c.ids)
+  gen_pieces = _pieces(tok, c.ids)
+  while kept and len("".join(gen_pieces[:kept - 1])) >= len(c.text.text):
+    kept -= 1  # tokens wholly after a stop string
+  pieces += gen_pieces[:kept]
+  lps = list(lps) + [lp for lp, _ in c.logprobs[:kept]]
+  tops = list(tops) + [top for _, top in c.logprobs[:kept]]
+  top_dicts = [None if t is None else {tok.decode([i]): lp for i, lp in t[:max(k, 1)]}
+               for t in tops]
+  offsets, at = [], offset
+  for piece in pieces:
+    offsets.append(at)
+    at += len(piece)
+  return {"tokens": pieces, "token_logprobs": lps, "top_logprobs": top_dicts,
+          "text_offset": offsets}
+
+
+def _chat_logprobs(served: Served, c: Choice, k: int) -> dict[str, Any]:
+  tok = served.tokenizer
+  entry = lambda i, lp: {"token": tok.decode([i]), "logprob": lp,
+                         "bytes": list(tok.decode([i]).encode())}
+  return {"content": [dict(entry(i, lp), top_logprobs=[entry(j, l) for j, l in top[:k]])
+                      for i, (lp, top) in zip(c.ids, c.logprobs)]}
+
+
+async def _collect(run: Run, http: HttpRequest) -> None:
+  """Runs every choice to its end; a client that goes away cancels them."""
+  async def drain():
+    async for _ in run.updates():
+      pass
+  task = asyncio.ensure_future(drain())
+  try:
+    while not task.done():
+      await asyncio.wait([task], timeout=1.0)
+      if not task.done() and await http.is_disconnected():
+        raise ApiError(400, "the client disconnected")
+    task.result()
+  finally:
+    task.cancel()
+
+
+def create_app(served: Served, api_key: str | None = None) -> FastAPI:
+  """The FastAPI application; the engine must have been started."""
+  app = FastAPI(title="lmjax", docs_url=None, redoc_url=None, openapi_url=None)
+  _install_guards(app, served, api_key)
+
+  @app.get("/health")
+  async def health():
+    if served.engine.error is not None:
+      return JSONResponse(api.error_body("the engine has stopped", "server_error"), 503)
+    return {"status": "ok", "model": served.name, "busy_rows": served.engine.busy_rows()}
+
+  @app.get("/v1/models")
+  async def models():
+    return {"object": "list", "data": [{"id": served.name, "object": "model",
+                                        "created": served.created, "owned_by": "lmjax",
+                                        "max_model_len": served.engine.max_len}]}
+
+  @app.post("/v1/completions")
+  async def completions(body: api.CompletionRequest, http: HttpRequest):
+    return await _completions(served, body, http)
+
+  @app.post("/v1/chat/completions")
+  async def chat(body: api.ChatRequest, http: HttpRequest):
+    return await _chat(served, body, http)
+
+  return app
+
+
+def _install_guards(app: FastAPI, served: Served, api_key: str | None) -> None:
+  """The bearer key, the body size limit and OpenAI-style errors."""
+  @app.middleware("http")
+  async def guard(http: HttpRequest, call_next):
+    if api_key is not None:
+      given = http.headers.get("authorization", "")
+      if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        return JSONResponse(api.error_body("Incorrect or missing API key (Authorization: "
+                                           "Bearer KEY)", "authentication_error",
+                                           code="invalid_api_key"), 401)
+    size = http.headers.get("content-length")
+    if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+      return JSONResponse(api.error_body(f"the request body exceeds {MAX_BODY_BYTES} bytes"),
+                          413)
+    return await call_next(http)
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(http: HttpRequest, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {"msg": "invalid request", "loc": ()}
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    if first.get("type") == "json_invalid":
+      return JSONResponse(api.error_body(f"the body is not valid JSON: {first['msg']}"), 400)
+    return JSONResponse(api.error_body(f"{where or 'body'}: {first['msg']}",
+                                       param=where or None), 400)
+
+  @app.exception_handler(StarletteHTTPException)
+  async def http_error(http: HttpRequest, e: StarletteHTTPException):
+    return JSONResponse(api.error_body(str(e.detail)), e.status_code)
+
+  @app.exception_handler(ApiError)
+  async def refused(http: HttpRequest, e: ApiError):
+    return JSONResponse(api.error_body(e.message, param=e.param, code=e.code), e.status)
+
+  @app.exception_handler(UserError)
+  async def user_error(http: HttpRequest, e: UserError):
+    return JSONResponse(api.error_body(str(e)), 400)
+
+  @app.exception_handler(RuntimeError)
+  async def stopped(http: HttpRequest, e: RuntimeError):
+    return JSONResponse(api.error_body(str(e), "server_error"), 503)
+
+
+async def _completions(served: Served, body: api.CompletionRequest, http: HttpRequest):
+  _check_model(served, body)
+  prompts, texts = _completion_prompts(served, body.prompt)
+  budget = _budget(served, prompts, body.max_tokens)
+  scored = body.echo and body.logprobs is not None
+  run = Run(served, body, prompts, budget, (served.special.eos,), echo_logprobs=scored)
+  rid = api.new_id("cmpl")
+  if body.stream:
+    return StreamingResponse(_stream_completions(served, run, rid, body, texts),
+                             media_type="text/event-stream")
+  await _collect(run, http)
+  choices = []
+  for c in run.choices:
+    prefix = texts[c.index // body.n] if body.echo else ""
+    lp = None if body.logprobs is None else _completion_logprobs(
+        served, c, body.logprobs, body.echo, 0)
+    choices.append({"index": c.index, "text": prefix + c.text.text, "logprobs": lp,
+                    "finish_reason": c.finish})
+  return api.envelope("text_completion", rid, served.name, choices, usage=run.usage())
+
+
+async def _stream_completions(served: Served, run: Run, rid: str, body, texts: list[str]):
+  echoed: set[int] = set()
+  async for choice, text, finish in run.updates():
+    if body.echo and choice.index not in echoed:
+      echoed.add(choice.index)
+      text = texts[choice.index // body.n] + text
+    yield _sse(api.envelope("text_completion", rid, served.name, [
+        {"index": choice.index, "text": text, "logprobs": None, "finish_reason": finish}]))
+  yield _sse(api.envelope("text_completion", rid, served.name, [], usage=run.usage()))
+  yield "data: [DONE]\n\n"
+
+
+def _chat_prompt(served: Served, body: api.ChatRequest) -> list[int]:
+  try:
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+  except ValueError as e:
+    raise ApiError(400, str(e), "messages") from None
+  try:
+    text = served.template.render(messages, add_generation_prompt=True)
+  except UserError as e:
+    raise ApiError(400, f"the chat template refused the messages: {e}", "messages") from None
+  return served.tokenizer.encode_with_offsets(text)[0]
+
+
+async def _chat(served: Served, body: api.ChatRequest, http: HttpRequest):
+  _check_model(served, body)
+  prompt = _chat_prompt(served, body)
+  limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+  budget = _budget(served, [prompt], limit)
+  run = Run(served, body, [prompt], budget, served.end_of_turn())
+  rid = api.new_id("chatcmpl")
+  if body.stream:
+    return StreamingResponse(_stream_chat(served, run, rid), media_type="text/event-stream")
+  await _collect(run, http)
+  choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text.text},
+              "logprobs": _chat_logprobs(served, c, body.top_logprobs) if body.logprobs
+              else None, "finish_reason": c.finish} for c in run.choices]
+  return api.envelope("chat.completion", rid, served.name, choices, usage=run.usage())
+
+
+async def _stream_chat(served: Served, run: Run, rid: str):
+  kind = "chat.completion.chunk"
+  for c in run.choices:  # the role first, as OpenAI sends it
+    yield _sse(api.envelope(kind, rid, served.name, [
+        {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+         "finish_reason": None}]))
+  async for choice, text, finish in run.updates():
+    delta = {"content": text} if text else {}
+    yield _sse(api.envelope(kind, rid, served.name, [
+        {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish}]))
+  yield _sse(api.envelope(kind, rid, served.name, [], usage=run.usage()))
+  yield "data: [DONE]\n\n"
