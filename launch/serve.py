@@ -59,6 +59,7 @@ def main(argv: list[str]) -> None:
   api_key = FLAGS.api_key if FLAGS.api_key is not None else os.environ.get("LMJAX_API_KEY")
   if api_key == "":
     raise UserError("--api_key is empty; give a key or leave the flag out")
+  _check_port(FLAGS.host, FLAGS.port)
   source = load_model(FLAGS.workdir, FLAGS.dtype)
   tokenizer = source.tokenizer
   engine = Engine(source.model, source.params, pad=max(tokenizer.special.pad, 0),
@@ -78,6 +79,24 @@ def main(argv: list[str]) -> None:
     _Server(config).run()
   finally:
     engine.stop()
+
+
+def _check_port(host: str, port: int) -> None:
+  """Fails in one line before the model loads if the address cannot be bound (uvicorn would
+  find out after start-up and compilation)."""
+  import socket
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+  except socket.gaierror as e:
+    raise UserError(f"--host {host}: {e.strerror}") from None
+  family, kind, proto, _, address = infos[0]
+  with socket.socket(family, kind, proto) as sock:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+      sock.bind(address)
+    except OSError as e:
+      raise UserError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port "
+                      "(0: any free one)") from None
 
 
 class _Server:

@@ -249,7 +249,11 @@ def create_app(served: Served, api_key: str | None = None) -> FastAPI:
   async def health():
     if served.engine.error is not None:
       return JSONResponse(api.error_body("the engine has stopped", "server_error"), 503)
-    return {"status": "ok", "model": served.name, "busy_rows": served.engine.busy_rows()}
+    engine = served.engine
+    return {"status": "ok", "model": served.name, "rows": engine.slots,
+            "busy_rows": engine.busy_rows(), "max_len": engine.max_len,
+            "prefill_chunk": engine.chunk, "kv_cache_bytes": engine.cache_bytes(),
+            "decode_steps": engine.steps, "prefill_chunks": engine.chunks}
 
   @app.get("/v1/models")
   async def models():
@@ -384,3 +388,35 @@ async def _stream_chat(served: Served, run: Run, rid: str):
         {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish}]))
   yield _sse(api.envelope(kind, rid, served.name, [], usage=run.usage()))
   yield "data: [DONE]\n\n"
+
+
+def spawn(workdir: str, *args: str, timeout: float = 300.0, env: dict | None = None,
+          log: Any = None) -> tuple[Any, str]:
+  """Starts `python -m launch.serve --workdir WORKDIR --port 0 ARGS` in a session of its own;
+  returns (the process, its base URL http://HOST:PORT) once it listens. For tests and
+  benchmarks; stderr goes to `log` (a file), stdout is read for the address."""
+  import os
+  import queue
+  import subprocess
+  import sys
+  import threading
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"--workdir={workdir}",
+                           "--port=0", *args], cwd=root, env=env, stdout=subprocess.PIPE,
+                          stderr=log or subprocess.DEVNULL, text=True, start_new_session=True)
+  lines: queue.Queue = queue.Queue()
+
+  def read():
+    for x in proc.stdout:
+      lines.put(x)
+    lines.put(None)  # it exited
+  threading.Thread(target=read, daemon=True).start()
+  try:
+    line = lines.get(timeout=timeout)
+  except queue.Empty:
+    proc.kill()
+    raise TimeoutError(f"launch.serve did not start within {timeout}s") from None
+  if line is None or not line.startswith("serving "):
+    proc.kill()
+    raise RuntimeError(f"launch.serve exited ({proc.wait(30)}) before it listened")
+  return proc, line.split(" on ")[-1].strip().removesuffix("/v1")
