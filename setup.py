@@ -30,6 +30,8 @@ setup(
         "ray": ["ray>=2.9"],  # launch.prepare_data --engine ray
         "eval": ["lm-eval>=0.4.5"],  # launch.lm_eval, train.lm_eval_tasks
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # launch.serve
+        # launch.sweep with a Search; psycopg: PostgreSQL studies (MySQL: add pymysql)
+        "search": ["optuna>=4.0", "optuna-dashboard>=0.15", "psycopg[binary]>=3.1"],
         "tpu": ["jax[tpu]>=0.10"],  # TPU VMs, and launch.compile anywhere (libtpu matched to jax)
         "gpu": ["jax[cuda12]>=0.10"],  # NVIDIA GPUs (CUDA 12 wheels matched to jax)
         "gcs": ["gcsfs>=2024.2"],  # gs:// run directories and token stores
@@ -39,7 +41,10 @@ setup(
                  "ray>=2.9", "lm-eval[api]>=0.4.5", "accelerate>=0.26", "jax[tpu]>=0.10",
                  "s3fs>=2024.2", "gcsfs>=2024.2", "moto[server]>=5.0",  # bucket tests
                  "trl>=1.0",  # SFT and DPO parity
-                 "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.30", "httpx>=0.27"],  # serving
+                 "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.30", "httpx>=0.27",  # serving
+                 # searches: a PostgreSQL server from pip for the shared-study test
+                 "optuna>=4.0", "optuna-dashboard>=0.15", "psycopg[binary]>=3.1",
+                 "pgserver>=0.1.4"],
         # s3fs + moto: benchmarks.data_path --bucket times S3 against a local server
         "bench": ["transformers>=4.40", "torch==2.13.0", "s3fs>=2024.2", "moto[server]>=5.0",
                   "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],  # + benchmarks.serve

@@ -7,6 +7,18 @@
 Arguments after `--` go to every trial. Running it again skips finished trials
 and resumes unfinished ones; summary.csv, summary.md and loss_curves.png are
 rewritten from the trials' metrics.
+
+A sweep file returning an `lmjax.search.Search` runs an Optuna study instead:
+
+  python -m launch.sweep --config experiments/clm_tiny.py \
+      --sweep experiments/sweeps/lr_optuna.py --workdir runs/search [--workers 2] \
+      [--storage postgresql://user@host/db | sqlite:///path.db | journal:///shared/study.log] \
+      [--backend local|slurm|print]
+
+Each worker draws trials from the study (default: DIR/study.db) until it holds the
+search's number of complete and pruned trials. Run the same command again, on any
+machine, to add workers or to carry on after a kill: interrupted trials resume from
+their checkpoints once their heartbeat is older than --grace_seconds.
 """
 
 from __future__ import annotations
@@ -21,9 +33,11 @@ import sys
 from absl import app, flags, logging
 
 from launch.cli import cli_main, parse_flags
+from lmjax.errors import UserError
 from lmjax import paths
 from lmjax.cluster.slurm import SlurmJob, sbatch_script, write_and_submit
-from lmjax.sweep import load_sweep, read_trial, summarize, trial_args
+from lmjax.search import Search
+from lmjax.sweep import Trial, load_sweep, read_trial, summarize, trial_args
 
 flags.DEFINE_string("config", None, "experiment file every trial starts from")
 flags.DEFINE_string("sweep", None, "sweep file defining get_sweep()")
@@ -33,6 +47,15 @@ flags.DEFINE_enum("backend", "local", ["local", "slurm", "print"],
 flags.DEFINE_integer("parallel", 1, "local trials at once", lower_bound=1)
 flags.DEFINE_integer("gpus_per_trial", 1, "slurm: GPUs per trial", lower_bound=1)
 flags.DEFINE_string("partition", "", "slurm: partition")
+flags.DEFINE_integer("workers", 1, "search: local workers drawing trials from the study "
+                     "(slurm: array tasks, one worker each)", lower_bound=1)
+flags.DEFINE_string("storage", None, "search: the study's database (default: "
+                    "sqlite:///DIR/study.db); postgresql://, mysql:// or journal:///FILE")
+flags.DEFINE_string("study_name", None, "search: the study's name (default: DIR's name)")
+flags.DEFINE_float("heartbeat_seconds", 10.0, "search: how often a worker marks its trial "
+                   "alive", lower_bound=0.1)
+flags.DEFINE_float("grace_seconds", 60.0, "search: a running trial whose heartbeat is older "
+                   "than this is resumed by the next worker", lower_bound=0.1)
 flags.mark_flags_as_required(["config", "sweep", "workdir"])
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +89,11 @@ def _job_dir(workdir: str, trial: str) -> str:
 
 @cli_main
 def main(argv: list[str]) -> None:
-  trials = load_sweep(FLAGS.sweep).trials()
+  spec = load_sweep(FLAGS.sweep)
+  if isinstance(spec, Search):
+    run_search(spec, argv[1:])
+    return
+  trials = spec.trials()
   workdir = paths.resolve(FLAGS.workdir)
   paths.check_access(workdir, write=True)
   paths.makedirs(workdir)
@@ -94,6 +121,71 @@ def main(argv: list[str]) -> None:
   if failed:
     print(f"failed trials (see their train.log): {', '.join(failed)}", file=sys.stderr)
     sys.exit(1)
+
+
+def run_search(search: Search, extra: list[str]) -> None:
+  """The Optuna study: workers here (local), an array job (slurm) or their command (print)."""
+  import optuna
+  from lmjax import search as search_lib
+  optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial otherwise
+  search.check()
+  search.check_keys(_experiment_config(FLAGS.config))
+  workdir = paths.resolve(FLAGS.workdir)
+  if FLAGS.storage is None and paths.is_remote(workdir):
+    raise UserError("a bucket sweep directory cannot hold the SQLite study: give --storage")
+  paths.check_access(workdir, write=True)
+  paths.makedirs(workdir)
+  storage = FLAGS.storage or search_lib.default_storage(workdir)
+  name = FLAGS.study_name or os.path.basename(workdir.rstrip("/"))
+  study = search_lib.open_study(search, search_lib.make_storage(storage), name)
+  worker = ["python", "-m", "launch.sweep", f"--config={FLAGS.config}", f"--sweep={FLAGS.sweep}",
+            f"--workdir={workdir}", f"--storage={storage}", f"--study_name={name}",
+            "--backend=local", "--workers=1", "--", *extra]
+  if FLAGS.backend != "local":
+    _submit_workers(worker, workdir)
+    return
+  logging.info("study %s in %s: %s", name, storage, search_lib.counts(study) or "new")
+
+  def trial(overrides: dict, dirname: str, link: dict) -> int:
+    args = trial_args(FLAGS.config, Trial(dirname, overrides), workdir, extra)
+    return run_trial([*args, f"--optuna_trial={json.dumps(link)}"], paths.join(workdir, dirname))
+  with concurrent.futures.ThreadPoolExecutor(FLAGS.workers) as pool:
+    failed = sum(pool.map(lambda _: search_lib.run_worker(
+        search, storage, name, workdir, trial, FLAGS.heartbeat_seconds, FLAGS.grace_seconds),
+        range(FLAGS.workers)), [])
+  rows = search_lib.summarize_study(study, workdir)
+  print(paths.read_bytes(paths.join(workdir, "summary.md")).decode())
+  finished = [r for r in rows if r["status"] == "complete"]
+  if finished:
+    print(f"best: {finished[0]['trial']} {finished[0]['overrides']} "
+          f"(best eval loss {finished[0]['best_eval_loss']:.4f})")
+  if failed:
+    print(f"failed trials (see their train.log): {', '.join(failed)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _submit_workers(worker: list[str], workdir: str) -> None:
+  """--backend print: the worker command; slurm: an array job of --workers tasks."""
+  if FLAGS.backend == "print":
+    print(shlex.join(worker))
+    return
+  job = SlurmJob(job_name="lmjax-search", nodes=1, gpus_per_node=FLAGS.gpus_per_trial,
+                 partition=FLAGS.partition, log_dir=_job_dir(workdir, "workers"),
+                 process_per="node", array=FLAGS.workers)  # one worker per task
+  script = sbatch_script(job, worker, REPO)
+  print(write_and_submit(script, os.path.join(_job_dir(workdir, "workers"), "job.sbatch"), True))
+
+
+def _experiment_config(path: str):
+  """The experiment file's ConfigDict (`path[:ARG]`), for checking searched keys."""
+  import importlib.util
+  file, _, arg = path.partition(":")
+  if not os.path.isfile(file):
+    raise UserError(f"experiment file not found: {file}")
+  spec = importlib.util.spec_from_file_location("lmjax_experiment_file", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ flags.DEFINE_integer("heartbeat_timeout", 60, "seconds before a silent peer coun
                      lower_bound=1)
 flags.DEFINE_string("init_from", None, "start a new run from these weights: an lmjax run "
                     "or a Hugging Face directory (same as --config.train.init_from)")
+flags.DEFINE_string("optuna_trial", None, "set by launch.sweep for a search's trial (JSON: "
+                    "storage, study, trial id, metric, pruner): report each evaluation to it "
+                    "and stop when it is pruned")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -46,7 +49,20 @@ def main(argv: list[str]) -> None:
       process_id=FLAGS.process_id, cpu_devices=FLAGS.cpu_devices,
       heartbeat_timeout_s=FLAGS.heartbeat_timeout))
   from lmjax.train import train_and_evaluate  # after the runtime is configured
-  train_and_evaluate(exp, FLAGS.workdir)
+  train_and_evaluate(exp, FLAGS.workdir, _trial_reporter())
+
+
+def _trial_reporter():
+  """--optuna_trial's reporter on process 0; the others follow its decisions."""
+  if not FLAGS.optuna_trial:
+    return None
+  import json
+
+  import jax
+  if jax.process_index() != 0:
+    return lambda step, metrics: False
+  from lmjax.search import TrialReporter
+  return TrialReporter(json.loads(FLAGS.optuna_trial), FLAGS.workdir)
 
 
 if __name__ == "__main__":

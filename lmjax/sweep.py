@@ -86,14 +86,16 @@ def _trial_name(index: int, varied: Mapping[str, Any]) -> str:
   return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "_".join([f"{index:03d}", *parts]))[:120]
 
 
-def load_sweep(path: str) -> Sweep:
+def load_sweep(path: str) -> Any:
+  """The sweep file's `get_sweep()`: a grid `Sweep` or an Optuna `lmjax.search.Search`."""
   if not os.path.isfile(path):
     raise UserError(f"sweep file not found: {path}")
   spec = importlib.util.spec_from_file_location("lmjax_sweep_file", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
-    raise UserError(f"{path} must define get_sweep() returning lmjax.sweep.Sweep")
+    raise UserError(f"{path} must define get_sweep() returning lmjax.sweep.Sweep or "
+                    "lmjax.search.Search")
   return module.get_sweep()
 
 
@@ -117,24 +119,31 @@ def read_trial(trial_dir: str) -> dict[str, Any]:
           "done": paths.exists(paths.join(trial_dir, "sweep_done.json"))}
 
 
-def summarize(workdir: str, trials: Sequence[Trial]) -> list[dict[str, Any]]:
-  """Writes summary.csv, summary.md and loss_curves.png in `workdir`, best trial first."""
+def summarize(workdir: str, trials: Sequence[Trial], status: Mapping[str, str] | None = None
+              ) -> list[dict[str, Any]]:
+  """Writes summary.csv, summary.md and loss_curves.png in `workdir`, best trial first.
+  `status` (a search's trial states: complete, pruned, running, fail) by trial name;
+  a grid trial is complete or unfinished."""
   rows = []
   for trial in trials:
     info = read_trial(paths.join(workdir, trial.name))
-    rows.append({"trial": trial.name, "overrides": json.dumps(trial.overrides), **info})
+    state = (status or {}).get(trial.name) or ("complete" if info["done"] else "unfinished")
+    rows.append({"trial": trial.name, "overrides": json.dumps(trial.overrides), **info,
+                 "status": state})
   rows.sort(key=lambda r: (math.isnan(r["best_eval_loss"]), r["best_eval_loss"]))
-  columns = ["trial", "overrides", "final_eval_loss", "best_eval_loss", "tokens_per_s", "done"]
+  columns = ["trial", "overrides", "final_eval_loss", "best_eval_loss", "tokens_per_s", "done",
+             "status"]
   table = io.StringIO(newline="")
   writer = csv.DictWriter(table, columns, extrasaction="ignore")
   writer.writeheader()
   writer.writerows(rows)
   paths.write_atomic(paths.join(workdir, "summary.csv"), table.getvalue())
-  lines = ["| rank | trial | overrides | final eval loss | best eval loss | tokens/s | done |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| rank | trial | overrides | final eval loss | best eval loss | tokens/s | done "
+           "| status |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for rank, r in enumerate(rows, 1):
     lines.append(f"| {rank} | {r['trial']} | `{r['overrides']}` | {r['final_eval_loss']:.4f} | "
-                 f"{r['best_eval_loss']:.4f} | {r['tokens_per_s']:,.0f} | {r['done']} |")
+                 f"{r['best_eval_loss']:.4f} | {r['tokens_per_s']:,.0f} | {r['done']} | "
+                 f"{r['status']} |")
   paths.write_atomic(paths.join(workdir, "summary.md"), "\n".join(lines) + "\n")
   _plot(rows, paths.join(workdir, "loss_curves.png"))
   return rows

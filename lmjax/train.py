@@ -259,6 +259,9 @@ class Run:
   writer: MetricsWriter
   meta: dict[str, Any]  # written beside every checkpoint
   init_params: Any = None  # host arrays from train.init_from for a fresh state
+  # After each evaluation: (step, eval metrics) -> stop now (a search's pruner). The run
+  # then stops as on preemption: checkpoint written, eval metrics returned.
+  on_eval: Callable[[int, dict[str, float]], bool] | None = None
 
 
 def setup_run(exp: Experiment, workdir: str) -> Run:
@@ -359,9 +362,14 @@ def _has_checkpoints(workdir: str) -> bool:
   return any(name.isdigit() for name in paths.listdir(paths.join(workdir, "checkpoints")))
 
 
-def train_and_evaluate(exp: Experiment, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir` until `exp.train.steps`; returns the final eval metrics."""
-  return run_training(setup_run(exp, workdir))
+def train_and_evaluate(exp: Experiment, workdir: str,
+                       on_eval: Callable[[int, dict[str, float]], bool] | None = None
+                       ) -> dict[str, float]:
+  """Trains (or resumes) in `workdir` until `exp.train.steps` (or until `on_eval` says
+  stop); returns the final eval metrics."""
+  run = setup_run(exp, workdir)
+  run.on_eval = on_eval
+  return run_training(run)
 
 
 def run_training(run: Run) -> dict[str, float]:
@@ -403,6 +411,7 @@ def train_loop(run: Run) -> dict[str, float]:
   pending: list[Metrics] = []  # fetched from the device only at log steps
   skips = 0  # consecutive skipped (non-finite) steps
   eval_metrics: dict[str, float] = {}
+  pruned = False
   with concurrent.futures.ThreadPoolExecutor(1) as pool, PreemptionWatch() as preemption:
     upcoming = pool.submit(host_batch, step)  # the next host batch is built during the step
     while step < t.steps:
@@ -430,6 +439,7 @@ def train_loop(run: Run) -> dict[str, float]:
         eval_metrics = evaluate(eval_fn, state.params, run.eval_data, exp, put, run.fns.objective)
         run.writer.write(step, "eval", eval_metrics, t.steps)
         speed.restart(step)  # keep evaluation out of the training rate
+        pruned = pruned or (run.on_eval is not None and _agreed(run.on_eval(step, eval_metrics)))
       if t.lm_eval_tasks and ((t.lm_eval_every and step % t.lm_eval_every == 0) or
                               step == t.steps):
         from lmjax import harness
@@ -437,12 +447,13 @@ def train_loop(run: Run) -> dict[str, float]:
         run.writer.write(step, "lm_eval", harness.training_metrics(exp, state.params, tokenizer),
                          t.steps)
         speed.restart(step)
-      stop = preemption.requested(step)
+      stop = preemption.requested(step) or pruned
       if step % t.checkpoint_every == 0 or step == t.steps or stop:
         run.ckpt.save(step, state, {**run.meta, "step": step})
       if stop:
         run.ckpt.wait()
-        logging.warning("preempted: checkpoint of step %d is saved; exiting", step)
+        logging.warning("%s: checkpoint of step %d is saved; exiting",
+                        "pruned" if pruned else "preempted", step)
         return eval_metrics
   if not eval_metrics:  # nothing left to train: report the checkpoint as it is
     logging.info("workdir already at step %d of %d; nothing to train", step, t.steps)
@@ -472,6 +483,15 @@ class StepProfiler:
         paths.put_tree(self._local, self.folder)
         paths.remove_local_staging(self._local, self.folder)
       logging.info("profiled steps %d..%d into %s", self.first, step, self.folder)
+
+
+def _agreed(stop: bool) -> bool:
+  """Process 0's decision, for every process (each asks its own `on_eval`; only process 0's
+  answer counts, so all stop at the same step)."""
+  if jax.process_count() == 1:
+    return bool(stop)
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.bool_(stop)))
 
 
 def check_skips(fetched: list[dict[str, Any]], step: int, skips: int, limit: int) -> int:

@@ -26,6 +26,7 @@ class SlurmJob:
   cpus_per_task: int = 8
   log_dir: str = "."  # where slurm-%j.out goes
   setup: str = ""  # shell lines run before srun (module load ..., source venv/bin/activate)
+  array: int = 0  # > 0: an array job of this many tasks (a search's workers)
 
 
 def sbatch_script(job: SlurmJob, command: Sequence[str], repo_dir: str) -> str:
@@ -33,6 +34,7 @@ def sbatch_script(job: SlurmJob, command: Sequence[str], repo_dir: str) -> str:
     raise ValueError(f"process_per must be 'gpu' or 'node', got {job.process_per!r}")
   per_gpu = job.process_per == "gpu"
   tasks = job.gpus_per_node if per_gpu else 1
+  log = "slurm-%A_%a.out" if job.array else "slurm-%j.out"
   lines = ["#!/bin/bash",
            f"#SBATCH --job-name={job.job_name}",
            f"#SBATCH --nodes={job.nodes}",
@@ -40,7 +42,8 @@ def sbatch_script(job: SlurmJob, command: Sequence[str], repo_dir: str) -> str:
            f"#SBATCH --gpus-per-node={job.gpus_per_node}",
            f"#SBATCH --cpus-per-task={job.cpus_per_task}",
            f"#SBATCH --time={job.time}",
-           f"#SBATCH --output={os.path.join(job.log_dir, 'slurm-%j.out')}"]
+           f"#SBATCH --output={os.path.join(job.log_dir, log)}"]
+  lines += [f"#SBATCH --array=0-{job.array - 1}"] * bool(job.array)
   lines += [f"#SBATCH --partition={job.partition}"] * bool(job.partition)
   lines += [f"#SBATCH --account={job.account}"] * bool(job.account)
   run = shlex.join(command)  # per-GPU tasks: jax picks device SLURM_LOCALID by itself

@@ -1,0 +1,186 @@
+"""Optuna searches through launch.sweep: pruning, the study in SQLite and in a real
+PostgreSQL server shared by two worker processes, a killed sweep that resumes its
+interrupted trial from its checkpoint, summaries and plots, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from tiny import ROOT, TINY_OVERRIDES
+
+
+def _overrides(tmp_path, steps: int, eval_every: int) -> list[str]:
+  changes = dict(TINY_OVERRIDES, **{"train.steps": steps, "train.eval_every": eval_every,
+                                    "train.checkpoint_every": eval_every,
+                                    "optimizer.warmup_steps": 0,
+                                    "data.cache_dir": str(tmp_path / "cache")})
+  return [f"--config.{k}={v}" for k, v in changes.items()]
+
+
+def _sweep_file(tmp_path, body: str) -> str:
+  path = tmp_path / "search.py"
+  path.write_text("from lmjax.search import IntUniform, Search\n"
+                  "from lmjax.sweep import Choice, LogUniform, Uniform\n\n"
+                  f"def get_sweep():\n  return {body}\n")
+  return str(path)
+
+
+def _sweep_args(sweep: str, workdir, *flags: str) -> list[str]:
+  return [sys.executable, "-m", "launch.sweep", "--config=experiments/clm_tiny.py",
+          f"--sweep={sweep}", f"--workdir={workdir}", *flags]
+
+
+def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _study(storage: str, name: str):
+  return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_a_bad_learning_rate_is_pruned_and_the_study_is_summarized(tmp_path):
+  sweep = _sweep_file(tmp_path, (
+      'Search(space={"optimizer.learning_rate": LogUniform(1e-7, 1e-2)}, sampler="random", '
+      'pruner="median", num_trials=2, pruner_options={"n_startup_trials": 1}, '
+      'enqueue=[{"optimizer.learning_rate": 5e-3}, {"optimizer.learning_rate": 1e-7}])'))
+  workdir = tmp_path / "search"
+  proc = _run(_sweep_args(sweep, workdir, "--", *_overrides(tmp_path, 12, 4)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  study = _study(f"sqlite:///{workdir}/study.db", "search")
+  states = {t.user_attrs["lmjax_dir"]: t.state.name for t in study.trials}
+  assert states == {"trial_0000": "COMPLETE", "trial_0001": "PRUNED"}
+  # the pruned trial stopped at its first evaluation, its checkpoint written
+  assert json.loads((workdir / "trial_0001" / "pruned.json").read_text())["step"] == 4
+  assert sorted(os.listdir(workdir / "trial_0001" / "checkpoints")) == ["4"]
+  assert sorted(study.trials[0].intermediate_values) == [4, 8, 12]
+  assert study.trials[0].value == pytest.approx(study.trials[0].intermediate_values[12])
+  rows = list(csv.DictReader(open(workdir / "summary.csv")))
+  assert [(r["trial"], r["status"]) for r in rows] == [("trial_0000", "complete"),
+                                                      ("trial_0001", "pruned")]
+  assert (workdir / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
+  assert "best: trial_0000" in proc.stdout
+  again = _run(_sweep_args(sweep, workdir, "--", *_overrides(tmp_path, 12, 4)))
+  assert again.returncode == 0 and len(_study(f"sqlite:///{workdir}/study.db", "search").trials) == 2
+
+
+def test_a_killed_search_resumes_its_interrupted_trial_from_its_checkpoint(tmp_path):
+  sweep = _sweep_file(tmp_path, (
+      'Search(space={"optimizer.learning_rate": LogUniform(1e-3, 1e-2)}, sampler="tpe", '
+      'pruner="none", num_trials=2, seed=3)'))
+  workdir = tmp_path / "search"
+  args = _sweep_args(sweep, workdir, "--heartbeat_seconds=0.5", "--grace_seconds=3", "--",
+                     *_overrides(tmp_path, 40, 10))
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+  try:
+    first = workdir / "trial_0000" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (first.is_dir() and "10" in os.listdir(first)) and time.monotonic() < deadline:
+      assert proc.poll() is None
+      time.sleep(0.2)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+  assert "40" not in os.listdir(first)
+  again = _run(args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  study = _study(f"sqlite:///{workdir}/study.db", "search")
+  by_dir: dict[str, list[str]] = {}
+  for t in study.trials:
+    by_dir.setdefault(t.user_attrs["lmjax_dir"], []).append(t.state.name)
+  other = [d for d in by_dir if d != "trial_0000"]  # its number follows the retry's
+  assert by_dir["trial_0000"] == ["FAIL", "COMPLETE"] and len(other) == 1
+  assert by_dir[other[0]] == ["COMPLETE"]
+  log = (workdir / "trial_0000" / "train.log").read_text()
+  assert "resumed from" in log and "step 10" in log.split("resumed from")[1].splitlines()[0]
+  retry = [t for t in study.trials if t.state.name == "COMPLETE"
+           and t.user_attrs["lmjax_dir"] == "trial_0000"][0]
+  assert sorted(retry.intermediate_values) == [10, 20, 30, 40]  # the first attempt's 10 too
+  rows = list(csv.DictReader(open(workdir / "summary.csv")))
+  assert sorted(r["trial"] for r in rows) == ["trial_0000", other[0]]
+  assert (workdir / "param_importances.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+  """A PostgreSQL server from pip (pgserver), once per test session."""
+  import pgserver
+  server = pgserver.get_server(str(tmp_path_factory.mktemp("pg")), cleanup_mode="stop")
+  yield server.get_uri().replace("postgresql://", "postgresql+psycopg://")
+  server.cleanup()
+
+
+def test_two_workers_share_one_postgres_study(tmp_path, postgres):
+  sweep = _sweep_file(tmp_path, (
+      'Search(space={"optimizer.learning_rate": LogUniform(1e-3, 1e-2), '
+      '"optimizer.warmup_steps": IntUniform(0, 4)}, sampler="random", pruner="none", '
+      'num_trials=4)'))
+  workdir = tmp_path / "shared"
+  args = _sweep_args(sweep, workdir, f"--storage={postgres}", "--study_name=shared", "--",
+                     *_overrides(tmp_path, 6, 3))
+  workers = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+  outs = [w.communicate(timeout=600) for w in workers]
+  assert all(w.returncode == 0 for w in workers), [o[1][-2000:] for o in outs]
+  study = _study(postgres, "shared")
+  complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+  assert 4 <= len(complete) <= 5  # both may ask at once for the last one
+  assert len({t.user_attrs["lmjax_dir"] for t in complete}) == len(complete)
+  assert all((workdir / t.user_attrs["lmjax_dir"] / "checkpoints" / "6").is_dir()
+             for t in complete)
+  # optuna-dashboard serves the study
+  import httpx
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  serve = f"import optuna_dashboard as d; d.run_server({postgres!r}, '127.0.0.1', {port})"
+  dash = subprocess.Popen([sys.executable, "-c", serve], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    deadline, answer = time.monotonic() + 60, None
+    while answer is None and time.monotonic() < deadline:
+      try:
+        answer = httpx.get(f"http://127.0.0.1:{port}/api/studies", timeout=5).json()
+      except httpx.TransportError:
+        time.sleep(0.3)
+    assert answer and [s["study_name"] for s in answer["study_summaries"]] == ["shared"]
+  finally:
+    dash.kill()
+    dash.wait(30)
+
+
+@pytest.mark.parametrize("body, message", [
+    ('Search(space={"optimizer.learning_rate": Uniform(1.0, 0.1)})', "empty or inverted range"),
+    ('Search(space={"optimizer.learning_rate": LogUniform(0.0, 0.1)})', "a log range needs"),
+    ('Search(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, sampler="cmaes")',
+     "unknown sampler 'cmaes'"),
+    ('Search(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, pruner="hyperband")',
+     "unknown pruner 'hyperband'"),
+    ('Search(space={"optimizer.learnig_rate": Uniform(0.1, 1.0)})',
+     "'optimizer.learnig_rate' is not a config field"),
+    ('Search(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, sampler="grid")',
+     "the grid sampler needs Choice values"),
+])
+def test_bad_searches_are_one_line_errors(tmp_path, body, message):
+  proc = _run(_sweep_args(_sweep_file(tmp_path, body), tmp_path / "s"), timeout=120)
+  assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+  assert "Traceback" not in proc.stderr and not (tmp_path / "s" / "study.db").exists()
+
+
+def test_an_unreachable_storage_is_a_one_line_error(tmp_path):
+  sweep = _sweep_file(tmp_path, 'Search(space={"optimizer.learning_rate": Uniform(0.1, 1.0)})')
+  proc = _run(_sweep_args(sweep, tmp_path / "s",
+                          "--storage=postgresql+psycopg://nobody@127.0.0.1:1/none"), timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "cannot open the study storage postgresql+psycopg://nobody@127.0.0.1:1/none" in \
+      proc.stderr.strip().splitlines()[-1]
