@@ -184,3 +184,14 @@ def test_an_unreachable_storage_is_a_one_line_error(tmp_path):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "cannot open the study storage postgresql+psycopg://nobody@127.0.0.1:1/none" in \
       proc.stderr.strip().splitlines()[-1]
+
+
+def test_the_shipped_search_is_valid_for_clm_tiny():
+  from experiments import clm_tiny
+  from lmjax.search import Search
+  from lmjax.sweep import load_sweep
+  search = load_sweep(os.path.join(ROOT, "experiments", "sweeps", "lr_optuna.py"))
+  assert isinstance(search, Search) and (search.sampler, search.pruner) == ("tpe", "asha")
+  assert set(search.space) == {"optimizer.learning_rate", "optimizer.warmup_steps"}
+  search.check()
+  search.check_keys(clm_tiny.get_config())
