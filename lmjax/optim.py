@@ -59,8 +59,30 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def mup_lr_scale(width_mult: float) -> optax.GradientTransformation:
+  """µP for Adam (Tensor Programs V, Table 3): the updates of hidden matrices, kernels of
+  the layers in `model.layers.HIDDEN`, shrink by 1/width_mult, weight decay included as in
+  `mup`'s MuAdamW; embeddings, the vocabulary head, norms and biases keep the base rate."""
+  from lmjax.model.layers import HIDDEN
+
+  def scale(path, update):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    hidden = len(names) >= 2 and names[-1] == "kernel" and names[-2] in HIDDEN
+    return update / width_mult if hidden else update
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, width_mult: float = 1.0
+                   ) -> optax.GradientTransformation:
+  """AdamW as configured; `width_mult` > 1 (a µP model wider than its base) adds the
+  per-parameter learning rates of `mup_lr_scale`."""
   parts = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm > 0 else []
   parts.append(optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
                            eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
+  if width_mult != 1.0:
+    parts.append(mup_lr_scale(width_mult))
   return optax.chain(*parts)

@@ -15,6 +15,9 @@ import time
 import optuna
 import pytest
 
+from lmjax.errors import UserError
+from lmjax.search import IntUniform, Search
+from lmjax.sweep import Choice, LogUniform, Uniform
 from tiny import ROOT, TINY_OVERRIDES
 
 
@@ -159,22 +162,31 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
     dash.wait(30)
 
 
-@pytest.mark.parametrize("body, message", [
-    ('Search(space={"optimizer.learning_rate": Uniform(1.0, 0.1)})', "empty or inverted range"),
-    ('Search(space={"optimizer.learning_rate": LogUniform(0.0, 0.1)})', "a log range needs"),
-    ('Search(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, sampler="cmaes")',
+@pytest.mark.parametrize("search, message", [
+    (dict(space={"optimizer.learning_rate": Uniform(1.0, 0.1)}), "empty or inverted range"),
+    (dict(space={"optimizer.learning_rate": LogUniform(0.0, 0.1)}), "a log range needs"),
+    (dict(space={"optimizer.warmup_steps": IntUniform(0, 10, log=True)}), "a log range needs"),
+    (dict(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, sampler="cmaes"),
      "unknown sampler 'cmaes'"),
-    ('Search(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, pruner="hyperband")',
+    (dict(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, pruner="hyperband"),
      "unknown pruner 'hyperband'"),
-    ('Search(space={"optimizer.learnig_rate": Uniform(0.1, 1.0)})',
-     "'optimizer.learnig_rate' is not a config field"),
-    ('Search(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, sampler="grid")',
+    (dict(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, sampler="grid"),
      "the grid sampler needs Choice values"),
+    (dict(space={"optimizer.learning_rate": Choice((1e-3, 2e-3))}, sampler="grid",
+          num_trials=3), "more than the grid's points"),
+    (dict(space={}), "the search space is empty"),
 ])
-def test_bad_searches_are_one_line_errors(tmp_path, body, message):
-  proc = _run(_sweep_args(_sweep_file(tmp_path, body), tmp_path / "s"), timeout=120)
-  assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
-  assert "Traceback" not in proc.stderr and not (tmp_path / "s" / "study.db").exists()
+def test_bad_searches_are_refused(search, message):
+  with pytest.raises(UserError, match=message):
+    Search(**search).check()
+
+
+def test_a_search_key_that_is_not_a_config_field_is_a_one_line_error(tmp_path):
+  sweep = _sweep_file(tmp_path, 'Search(space={"optimizer.learnig_rate": Uniform(0.1, 1.0)})')
+  proc = _run(_sweep_args(sweep, tmp_path / "s"), timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "'optimizer.learnig_rate' is not a config field" in proc.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "s" / "study.db").exists()
 
 
 def test_an_unreachable_storage_is_a_one_line_error(tmp_path):

@@ -213,6 +213,10 @@ def _require(cfg: TransformerConfig, kind: str, **fields) -> None:
 
 def config_to_hf(cfg: TransformerConfig, special: Any) -> tuple[str, dict[str, Any]]:
   """(family, config.json contents) for the Hugging Face class that matches `cfg`."""
+  if cfg.width_mult != 1.0:
+    raise UserError(f"a µP model wider than its base (d_model {cfg.d_model}, base "
+                    f"{cfg.mup_base}) scales its attention and logits in ways Hugging Face "
+                    "configs cannot express; it cannot be exported")
   ids = {f"{k}_token_id": (v if v >= 0 else None)
          for k, v in (("bos", special.bos), ("eos", special.eos), ("pad", special.pad))}
   if cfg.family == "encoder":

@@ -179,6 +179,8 @@ class MultiHeadAttention(nn.Module):
     v = proj(kv_heads, "value")(x)  # (B, T, K, Dh)
     if cfg.position == "rope":
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    if cfg.query_mult != 1.0:  # µP: scores scale as 1/head_dim
+      q = q * jnp.asarray(cfg.query_mult, q.dtype)
     if self.decode:
       out = cached_attention(q, *self._cached(k, v, mask), mask)  # (B, T, H, Dh)
     else:

@@ -56,6 +56,13 @@ class TransformerConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True  # one compiled layer applied num_layers times
   remat_policy: str = "none"  # what a layer keeps for the backward pass
+  # sp: the standard parametrization. mup: µP (Tensor Programs V) relative to a base width:
+  # hidden matrices' init std and Adam learning rate shrink with the width multiplier
+  # m = d_model / mup_base_d_model (std / sqrt(m), lr / m), attention scores scale as
+  # 1/head_dim and the vocabulary head's logits by 1/m, so a learning rate tuned at the base
+  # width holds at any width. At the base width mup is sp exactly (docs/scaling.md).
+  parametrization: Literal["sp", "mup"] = "sp"
+  mup_base_d_model: int = 0  # 0: d_model (this is the base width)
 
   def __post_init__(self):
     if self.family not in ("decoder", "encoder"):
@@ -79,6 +86,31 @@ class TransformerConfig:
       raise ValueError(f"model.dtype must be auto, {', '.join(DTYPES)}, got {self.dtype!r}")
     if self.param_dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError("model.param_dtype must be float32, bfloat16 or float16")
+    if self.parametrization not in ("sp", "mup"):
+      raise ValueError(f"model.parametrization must be 'sp' or 'mup', got {self.parametrization!r}")
+    if self.mup_base_d_model < 0:
+      raise ValueError(f"model.mup_base_d_model must be >= 0, got {self.mup_base_d_model}")
+    if self.parametrization == "mup" and self.d_model % self.mup_base:
+      raise ValueError(f"model.d_model={self.d_model} is not a multiple of "
+                       f"model.mup_base_d_model={self.mup_base} (µP widens the base width)")
+
+  @property
+  def mup_base(self) -> int:
+    return self.mup_base_d_model or self.d_model
+
+  @property
+  def width_mult(self) -> float:
+    """µP's width multiplier d_model / base width (1 under sp)."""
+    return self.d_model / self.mup_base if self.parametrization == "mup" else 1.0
+
+  @property
+  def query_mult(self) -> float:
+    """Scales queries so that attention divides by head_dim rather than sqrt(head_dim),
+    relative to the base width's head size (1 under sp). A head grows with the width
+    unless `head_dim` is set (then the heads multiply instead and nothing changes)."""
+    if self.parametrization != "mup" or self.head_dim:
+      return 1.0
+    return self.width_mult ** -0.5
 
   @property
   def kv_heads(self) -> int:

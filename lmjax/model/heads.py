@@ -86,10 +86,17 @@ class LanguageModel(nn.Module):
     raise NotImplementedError
 
 
+def readout_features(cfg: TransformerConfig, h: Array) -> Array:
+  """The features the vocabulary head reads; µP divides its logits by the width multiplier
+  (the head's weights, tied or not, keep their init and learning rate)."""
+  return h if cfg.width_mult == 1.0 else h * jnp.asarray(1.0 / cfg.width_mult, h.dtype)
+
+
 class DecoderLM(LanguageModel):
   """Causal Transformer with a (tied or untied) LM head."""
 
   def head(self, backbone: Transformer, h: Array) -> Projection:
+    h = readout_features(self.cfg, h)
     if self.cfg.tie_embeddings:
       return Projection(h, backbone.embedding_table(), None, True, self.cfg.matmul_dtype)
     return VocabKernel(self.cfg, self.cfg.use_bias, name="lm_head")(h)
@@ -101,7 +108,7 @@ class EncoderMLM(LanguageModel):
   def head(self, backbone: Transformer, h: Array) -> Projection:
     cfg = self.cfg
     h = dense(cfg, cfg.d_model, 1, ("embed", None), (None,), "transform")(h)
-    h = Norm(cfg, name="transform_norm")(ACTIVATIONS[cfg.activation](h))
+    h = readout_features(cfg, Norm(cfg, name="transform_norm")(ACTIVATIONS[cfg.activation](h)))
     bias = self.param("output_bias", zeros_init(("vocab",)), (cfg.vocab_size,), cfg.weight_dtype)
     if cfg.tie_embeddings:
       return Projection(h, backbone.embedding_table(), bias, True, cfg.matmul_dtype)

@@ -72,13 +72,20 @@ class Dense(nn.Module):
     return y
 
 
+# Layers whose kernels are hidden matrices (both sides grow with the width): µP shrinks
+# their init std by sqrt(m) here and their Adam learning rate by m (optim.mup_lr_scale).
+HIDDEN = ("query", "key", "value", "out", "wi", "wo", "gate", "up", "transform")
+
+
 def dense(cfg: TransformerConfig, features, num_in: int, kernel_names, bias_names, name: str,
           std: float | None = None) -> Dense:
   """A Dense layer configured from `cfg` (dtypes, bias, init scale)."""
   features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+  std = cfg.init_std if std is None else std
+  if name in HIDDEN:
+    std /= cfg.width_mult ** 0.5
   return Dense(features, num_in, tuple(kernel_names), tuple(bias_names), cfg.use_bias,
-               cfg.compute_dtype, cfg.weight_dtype,
-               cfg.init_std if std is None else std, cfg.matmul_dtype, name=name)
+               cfg.compute_dtype, cfg.weight_dtype, std, cfg.matmul_dtype, name=name)
 
 
 class Norm(nn.Module):
