@@ -1,0 +1,119 @@
+"""Search against grid: TPE with ASHA against a 16-point grid on clm_tiny, through launch.sweep.
+
+  python -m benchmarks.sweep [--quick] [--steps 150] [--json F] [--workdir DIR]
+
+Both search the same space, the learning rate (log 3e-4 to 3e-2) and the warm-up steps;
+the grid takes 8 learning rates x 2 warm-ups, every trial to the end, and the search 16
+TPE trials (5 random first) that ASHA stops at rungs of steps/6 and steps/2 (reduction
+factor 3). Reported: the best held-out loss of each, the difference (target: the search
+within 0.01 nats of the grid's best) and the training steps each spent (target: the
+search <= 50% of the grid's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl import app, flags
+
+from launch.cli import cli_main
+
+flags.DEFINE_bool("quick", False, "a d64 x 2-layer clm_tiny and 60 steps: checks that it runs")
+flags.DEFINE_integer("steps", 150, "training steps of a trial run to its end")
+flags.DEFINE_integer("parallel", 1, "trials at once (grid: --parallel, search: --workers)")
+flags.DEFINE_string("workdir", "", "keep the sweeps here (default: a temporary directory)")
+flags.DEFINE_string("json", "", "write the figures here")
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LRS = [3e-4 * 100 ** (k / 7) for k in range(8)]  # 3e-4 .. 3e-2, log-spaced
+
+
+def sweep_files(folder: str, steps: int) -> tuple[str, str]:
+  warmups = [0, steps // 5]
+  grid = os.path.join(folder, "grid.py")
+  with open(grid, "w") as f:
+    f.write("from lmjax.sweep import Sweep\n\n\ndef get_sweep():\n"
+            f"  return Sweep(grid={{'optimizer.learning_rate': {LRS!r}, "
+            f"'optimizer.warmup_steps': {warmups!r}}})\n")
+  rung = max(steps // 6, 1)
+  search = os.path.join(folder, "search.py")
+  with open(search, "w") as f:
+    f.write("from lmjax.search import IntUniform, Search\nfrom lmjax.sweep import LogUniform\n\n\n"
+            "def get_sweep():\n  return Search(\n"
+            "      space={'optimizer.learning_rate': LogUniform(3e-4, 3e-2),\n"
+            f"             'optimizer.warmup_steps': IntUniform(0, {steps // 5})}},\n"
+            "      sampler='tpe', pruner='asha', num_trials=16, seed=0,\n"
+            "      sampler_options={'n_startup_trials': 5},\n"
+            f"      pruner_options={{'min_resource': {rung}, 'reduction_factor': 3}},\n"
+            f"      fixed={{'train.eval_every': {rung}, 'train.checkpoint_every': {rung}}})\n")
+  return grid, search
+
+
+def overrides(folder: str, steps: int) -> list[str]:
+  changes = {"train.steps": steps, "train.batch_size": 16, "train.eval_batches": 8,
+             "train.log_every": 10, "data.cache_dir": os.path.join(folder, "cache")}
+  if FLAGS.quick:
+    changes.update({"model.d_model": 64, "model.num_layers": 2, "model.d_ff": 256,
+                    "data.seq_len": 64})
+  return [f"--config.{k}={v}" for k, v in changes.items()]
+
+
+def run_sweep(sweep: str, workdir: str, extra: list[str], *flags: str) -> None:
+  proc = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=experiments/clm_tiny.py",
+                         f"--sweep={sweep}", f"--workdir={workdir}", *flags, "--", *extra],
+                        cwd=ROOT, capture_output=True, text=True, timeout=6 * 3600)
+  if proc.returncode != 0:
+    raise RuntimeError(f"launch.sweep failed: {proc.stderr[-2000:]}")
+
+
+def spent(workdir: str) -> tuple[int, float]:
+  """(training steps all trials ran, the best final held-out loss of a complete trial)."""
+  steps, best = 0, float("inf")
+  with open(os.path.join(workdir, "summary.csv")) as f:
+    import csv
+    for row in csv.DictReader(f):
+      metrics = os.path.join(workdir, row["trial"], "metrics.jsonl")
+      records = [json.loads(x) for x in open(metrics) if x.strip()]
+      steps += max((r["step"] for r in records if r["split"] == "train"), default=0)
+      if row["status"] == "complete":
+        best = min(best, float(row["final_eval_loss"]))
+  return steps, best
+
+
+@cli_main
+def main(argv: list[str]) -> None:
+  del argv
+  steps = 60 if FLAGS.quick else FLAGS.steps
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = FLAGS.workdir or tmp
+    os.makedirs(folder, exist_ok=True)
+    grid, search = sweep_files(folder, steps)
+    extra = overrides(folder, steps)
+    run_sweep(grid, os.path.join(folder, "grid"), extra, f"--parallel={FLAGS.parallel}")
+    run_sweep(search, os.path.join(folder, "search"), extra, f"--workers={FLAGS.parallel}")
+    grid_steps, grid_best = spent(os.path.join(folder, "grid"))
+    search_steps, search_best = spent(os.path.join(folder, "search"))
+  gap, share = search_best - grid_best, search_steps / grid_steps
+  print(f"clm_tiny{' (quick: d64 x 2)' if FLAGS.quick else ''}, {steps} steps a trial")
+  print(f"  grid (16 points): best held-out loss {grid_best:.4f}, {grid_steps} training steps")
+  print(f"  TPE + ASHA (16 trials): best {search_best:.4f} ({gap:+.4f} nats), "
+        f"{search_steps} steps ({share:.0%} of the grid's)")
+  targets = [{"target": "search within 0.01 nats of the grid's best", "gap": gap,
+              "met": gap <= 0.01},
+             {"target": "search spends <= 50% of the grid's steps", "share": share,
+              "met": share <= 0.5}]
+  for t in targets:
+    print(f"  target {t['target']}: {'met' if t['met'] else 'NOT met'}")
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump({"grid": {"best": grid_best, "steps": grid_steps},
+                 "search": {"best": search_best, "steps": search_steps}, "targets": targets},
+                f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
