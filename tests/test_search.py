@@ -207,3 +207,14 @@ def test_the_shipped_search_is_valid_for_clm_tiny():
   assert set(search.space) == {"optimizer.learning_rate", "optimizer.warmup_steps"}
   search.check()
   search.check_keys(clm_tiny.get_config())
+
+
+def test_slurm_workers_are_one_array_job_of_single_worker_tasks():
+  from lmjax.cluster.slurm import SlurmJob, sbatch_script
+  worker = ["python", "-m", "launch.sweep", "--storage=postgresql+psycopg://h/db",
+            "--backend=local", "--workers=1"]
+  script = sbatch_script(SlurmJob(job_name="lmjax-search", gpus_per_node=8, process_per="node",
+                                  array=16), worker, "/repo")
+  assert "#SBATCH --array=0-15" in script and "slurm-%A_%a.out" in script
+  assert "#SBATCH --ntasks-per-node=1" in script  # one worker per task, all its GPUs
+  assert script.strip().endswith("srun --kill-on-bad-exit=1 " + " ".join(worker))
