@@ -144,7 +144,7 @@ def _compile(exp: Experiment, devices: list[Any], options: dict[str, Any] | None
   t, model = exp.train, exp.model
   train_lib.check_experiment(exp, tokenizer.vocab_size, mesh.shape["data"] * mesh.shape["fsdp"])
   fns = train_lib.StepFns(build_model(model, deterministic=model.dropout_rate == 0),
-                          build_model(model), make_optimizer(exp.optimizer, t.steps, exp.model.width_mult),
+                          build_model(model), make_optimizer(exp.optimizer, t.steps, model.width_mult),
                           learning_rate_schedule(exp.optimizer, t.steps), exp.objective,
                           tokenizer.special, t.grad_accum_steps)
   with jax.set_mesh(mesh), nn.logical_axis_rules(exp.mesh.rules):

@@ -116,7 +116,7 @@ def build_run(exp: FinetuneExperiment, init_from: str, workdir: str, dry: bool =
   train_lib.check_experiment(run_exp, 0, mesh.shape["data"] * mesh.shape["fsdp"])
   fns = train_lib.StepFns(objective.build_model(run_exp.model, exp.task.dropout_rate == 0),
                           objective.build_model(run_exp.model, True),
-                          make_optimizer(exp.optimizer, t.steps, exp.model.width_mult),
+                          make_optimizer(exp.optimizer, t.steps, run_exp.model.width_mult),
                           learning_rate_schedule(exp.optimizer, t.steps), objective,
                           source.tokenizer.special, t.grad_accum_steps)
   labels = objective.label_names()

@@ -302,7 +302,8 @@ def _checked_parts(exp: Experiment, workdir: str) -> tuple:
   objective = objectives.build(exp.objective, tokenizer.special, exp.model.vocab_size)
   datasets = objective.datasets(exp.data, tokenizer, exp.model, t.seed)
   fns = StepFns(objective.build_model(exp.model, deterministic=exp.model.dropout_rate == 0),
-                objective.build_model(exp.model, True), make_optimizer(exp.optimizer, t.steps, exp.model.width_mult),
+                objective.build_model(exp.model, True),
+                make_optimizer(exp.optimizer, t.steps, exp.model.width_mult),
                 learning_rate_schedule(exp.optimizer, t.steps), objective,
                 tokenizer.special, t.grad_accum_steps)
   init_params = None

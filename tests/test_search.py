@@ -81,7 +81,7 @@ def test_a_killed_search_resumes_its_interrupted_trial_from_its_checkpoint(tmp_p
       'pruner="none", num_trials=2, seed=3)'))
   workdir = tmp_path / "search"
   args = _sweep_args(sweep, workdir, "--heartbeat_seconds=0.5", "--grace_seconds=3", "--",
-                     *_overrides(tmp_path, 40, 10))
+                     *_overrides(tmp_path, 20, 10))
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True)
   try:
@@ -93,7 +93,7 @@ def test_a_killed_search_resumes_its_interrupted_trial_from_its_checkpoint(tmp_p
   finally:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(60)
-  assert "40" not in os.listdir(first)
+  assert "20" not in os.listdir(first)
   again = _run(args)
   assert again.returncode == 0, again.stderr[-3000:]
   study = _study(f"sqlite:///{workdir}/study.db", "search")
@@ -107,7 +107,7 @@ def test_a_killed_search_resumes_its_interrupted_trial_from_its_checkpoint(tmp_p
   assert "resumed from" in log and "step 10" in log.split("resumed from")[1].splitlines()[0]
   retry = [t for t in study.trials if t.state.name == "COMPLETE"
            and t.user_attrs["lmjax_dir"] == "trial_0000"][0]
-  assert sorted(retry.intermediate_values) == [10, 20, 30, 40]  # the first attempt's 10 too
+  assert sorted(retry.intermediate_values) == [10, 20]  # the first attempt's 10 too
   rows = list(csv.DictReader(open(workdir / "summary.csv")))
   assert sorted(r["trial"] for r in rows) == ["trial_0000", other[0]]
   assert (workdir / "param_importances.png").read_bytes()[:4] == b"\x89PNG"
@@ -126,7 +126,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
   sweep = _sweep_file(tmp_path, (
       'Search(space={"optimizer.learning_rate": LogUniform(1e-3, 1e-2), '
       '"optimizer.warmup_steps": IntUniform(0, 4)}, sampler="random", pruner="none", '
-      'num_trials=4)'))
+      'num_trials=2)'))
   workdir = tmp_path / "shared"
   args = _sweep_args(sweep, workdir, f"--storage={postgres}", "--study_name=shared", "--",
                      *_overrides(tmp_path, 6, 3))
@@ -136,7 +136,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
   assert all(w.returncode == 0 for w in workers), [o[1][-2000:] for o in outs]
   study = _study(postgres, "shared")
   complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-  assert 4 <= len(complete) <= 5  # both may ask at once for the last one
+  assert 2 <= len(complete) <= 3  # both may ask at once for the last one
   assert len({t.user_attrs["lmjax_dir"] for t in complete}) == len(complete)
   assert all((workdir / t.user_attrs["lmjax_dir"] / "checkpoints" / "6").is_dir()
              for t in complete)
