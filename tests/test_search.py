@@ -81,7 +81,7 @@ def test_a_killed_search_resumes_its_interrupted_trial_from_its_checkpoint(tmp_p
       'pruner="none", num_trials=2, seed=3)'))
   workdir = tmp_path / "search"
   args = _sweep_args(sweep, workdir, "--heartbeat_seconds=0.5", "--grace_seconds=3", "--",
-                     *_overrides(tmp_path, 20, 10))
+                     *_overrides(tmp_path, 40, 10))
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True)
   try:
@@ -93,7 +93,7 @@ def test_a_killed_search_resumes_its_interrupted_trial_from_its_checkpoint(tmp_p
   finally:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(60)
-  assert "20" not in os.listdir(first)
+  assert "40" not in os.listdir(first)
   again = _run(args)
   assert again.returncode == 0, again.stderr[-3000:]
   study = _study(f"sqlite:///{workdir}/study.db", "search")
@@ -107,7 +107,7 @@ def test_a_killed_search_resumes_its_interrupted_trial_from_its_checkpoint(tmp_p
   assert "resumed from" in log and "step 10" in log.split("resumed from")[1].splitlines()[0]
   retry = [t for t in study.trials if t.state.name == "COMPLETE"
            and t.user_attrs["lmjax_dir"] == "trial_0000"][0]
-  assert sorted(retry.intermediate_values) == [10, 20]  # the first attempt's 10 too
+  assert sorted(retry.intermediate_values) == [10, 20, 30, 40]  # the first attempt's 10 too
   rows = list(csv.DictReader(open(workdir / "summary.csv")))
   assert sorted(r["trial"] for r in rows) == ["trial_0000", other[0]]
   assert (workdir / "param_importances.png").read_bytes()[:4] == b"\x89PNG"
