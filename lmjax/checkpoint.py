@@ -86,10 +86,15 @@ def _checksum(x: jax.Array) -> jax.Array:
   return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
+@jax.jit  # one module-level function, so a state's shapes compile once, not at every save
+def _checksums(state: Any) -> list[jax.Array]:
+  return [_checksum(x) for x in jax.tree.leaves(state)]
+
+
 def state_checksums(state: Any) -> dict[str, int]:
   """{array path: checksum} of a (possibly sharded, multi-process) state."""
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
-  sums = jax.jit(lambda s: [_checksum(x) for x in jax.tree.leaves(s)])(state)
+  sums = _checksums(state)
   return dict(zip(paths, (int(v) for v in jax.device_get(sums))))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from typing import Any, Mapping
 
@@ -117,6 +118,20 @@ class Throughput:
             "eta_s": (self.total_steps - step) * elapsed / max(steps, 1)}
 
 
+def _summary_writer() -> type:
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
+  is installed (3 s at every start) only to accept torch tensors, and lmjax writes floats."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while tensorboardX loads
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsWriter:
   """Writes each record to the console (absl), WORKDIR/metrics.jsonl and TensorBoard.
 
@@ -130,8 +145,7 @@ class MetricsWriter:
   def _open(self) -> None:
     paths.makedirs(self.workdir)
     self._jsonl = paths.JsonlAppender(paths.join(self.workdir, "metrics.jsonl"))
-    from tensorboardX import SummaryWriter  # heavy import, only on the writing process
-    self._tb = SummaryWriter(paths.join(self.workdir, "tensorboard"))  # writes to buckets too
+    self._tb = _summary_writer()(paths.join(self.workdir, "tensorboard"))  # writes to buckets too
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any], total_steps: int = 0) -> None:
     if not self.active:

@@ -48,6 +48,34 @@ def test_tiny_experiment_trains_through_the_launcher(tmp_path, name):
   assert os.listdir(cache)  # the persistent compilation cache was written
 
 
+_TENSORBOARD_CHECK = """
+import glob, struct, sys
+from lmjax.metrics import MetricsWriter
+writer = MetricsWriter(sys.argv[1])
+writer.write(3, "train", {"loss": 2.5})
+writer.close()
+assert "torch" not in sys.modules, "tensorboardX pulled torch in"
+from tensorboardX.proto import event_pb2
+data, at, seen = open(glob.glob(sys.argv[1] + "/tensorboard/events*")[0], "rb").read(), 0, {}
+while at < len(data):  # TFRecord: length, its crc, the Event, its crc
+  (size,) = struct.unpack("<Q", data[at:at + 8])
+  event = event_pb2.Event.FromString(data[at + 12:at + 12 + size])
+  seen.update({(v.tag, event.step): v.simple_value for v in event.summary.value})
+  at += 16 + size
+print(seen)
+assert seen == {("train/loss", 3): 2.5}, seen
+"""
+
+
+def test_metrics_reach_tensorboard_without_importing_torch(tmp_path):
+  """torch is installed here (test extras); starting a run must not pay for importing it."""
+  import importlib.util
+  assert importlib.util.find_spec("torch") is not None
+  proc = subprocess.run([sys.executable, "-c", _TENSORBOARD_CHECK, str(tmp_path)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_mistyped_override_names_the_key(tmp_path):
   proc = launch("launch.train", "--config=experiments/clm_tiny.py", f"--workdir={tmp_path}",
                 "--config.optimizer.lrr=1")
