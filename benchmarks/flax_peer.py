@@ -2,11 +2,11 @@
 their own virtual environment: `transformers` 5 dropped Flax.
 
 `ensure_venv()` creates it on first use (jax, flax and optax from the running
-interpreter's environment; only transformers 4.57 is installed into it) and
-recreates it when it cannot import them. The worker is this file run
-by that environment's python, one process for the whole run: each "build" line
-on stdin makes FlaxGPT2LMHeadModel or FlaxBertForMaskedLM and compiles one AdamW
-train step; each "run" line is answered with the seconds `steps` steps took, so
+interpreter's environment; only transformers 4.57 is installed into it), relinks it to
+that environment at every use and recreates it when it still cannot import them. The
+worker is this file run by that environment's python, one process for the whole run:
+each "build" line on stdin makes FlaxGPT2LMHeadModel or FlaxBertForMaskedLM and compiles
+one AdamW train step; each "run" line is answered with the seconds `steps` steps took, so
 the parent can interleave it with the other candidates.
 """
 
@@ -29,35 +29,43 @@ def venv_dir() -> str:
 
 
 def ensure_venv() -> str:
-  """Path of the peer's python, created (about a minute) or repaired when it cannot import
-  what it needs. It holds transformers 4.57 only; jax, flax and optax come from the running
-  interpreter's environment (`sys.prefix`: the active venv, not the base Python that
-  `--system-site-packages` would expose), added after its own site-packages."""
+  """Path of the peer's python, created (about a minute) when missing or when it cannot
+  import what it needs. It holds transformers 4.57 only; jax, flax and optax come from the
+  running interpreter's environment (`sys.prefix`: the active venv, not the base Python
+  that `--system-site-packages` would expose), added after its own site-packages."""
   venv = venv_dir()
   python = os.path.join(venv, "bin", "python")
-  if os.path.exists(python) and _works(python):
-    return python
+  if os.path.exists(python):
+    _link_parent(python)  # cheap, and repairs a venv whose link to this environment broke
+    if _works(python):
+      return python
   shutil.rmtree(venv, ignore_errors=True)
   subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-  own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                       check=True, capture_output=True, text=True).stdout.strip()  # its site
-  parents = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
   subprocess.run([python, "-m", "pip", "install", "-q", "transformers>=4.57,<4.58"],
                  check=True, capture_output=True)
-  # After the install, so pip never sees (nor tries to replace) the parent's packages.
-  with open(os.path.join(own, "lmjax_parent.pth"), "w") as f:  # also runs the parent's .pth
-    f.write("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in sorted(parents)) +
-            "\n")
+  _link_parent(python)  # after the install, so pip never sees (nor replaces) the parent's
   if not _works(python):
     raise RuntimeError(f"the Flax peer environment {venv} cannot import jax, flax and "
                        "transformers 4.57")
   return python
 
 
+def _link_parent(python: str) -> None:
+  """A .pth in the peer's site-packages that adds this environment's (and runs its .pth)."""
+  own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                       check=True, capture_output=True, text=True).stdout.strip()
+  parents = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+  with open(os.path.join(own, "lmjax_parent.pth"), "w") as f:
+    f.write("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in sorted(parents)) +
+            "\n")
+
+
 def _works(python: str) -> bool:
-  check = ("import jax, flax, optax, transformers; "
-           "assert transformers.__version__.startswith('4.57'), transformers.__version__; "
-           "from transformers import FlaxGPT2LMHeadModel")
+  """Whether `python` finds jax, flax, optax and transformers 4.57: found, not imported
+  (importing the Flax models takes seconds; the worker does that once)."""
+  check = ("import importlib.metadata as m, importlib.util as u; "
+           "assert all(u.find_spec(p) for p in ('jax', 'flax', 'optax', 'transformers')); "
+           "assert m.version('transformers').startswith('4.57'), m.version('transformers')")
   return subprocess.run([python, "-c", check], capture_output=True).returncode == 0
 
 

@@ -66,7 +66,7 @@ def test_data_prep_benchmark_runs_small(tmp_path):
 
 def test_flax_peer_builds_from_the_running_environment(tmp_path):
   """The peer sees this interpreter's jax and flax (a fresh venv in CI), not the base
-  Python's; a broken peer environment is rebuilt rather than reused."""
+  Python's; a peer environment whose link to this one broke is repaired, not reused."""
   from benchmarks import flax_peer
   python = flax_peer.ensure_venv()
   assert flax_peer._works(python)
