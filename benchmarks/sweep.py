@@ -1,6 +1,7 @@
 """Search against grid: TPE with ASHA against a 16-point grid on clm_tiny, through launch.sweep.
 
   python -m benchmarks.sweep [--quick] [--steps 150] [--json F] [--workdir DIR]
+      [--grid_lrs 8] [--trials 16] [--parallel 1]
 
 Both search the same space, the learning rate (log 3e-4 to 3e-2) and the warm-up steps;
 the grid takes 8 learning rates x 2 warm-ups, every trial to the end, and the search 16
@@ -22,14 +23,20 @@ from absl import app, flags
 
 from launch.cli import cli_main
 
-flags.DEFINE_bool("quick", False, "a d64 x 2-layer clm_tiny and 60 steps: checks that it runs")
+flags.DEFINE_bool("quick", False, "a d64 x 2-layer clm_tiny and 60 steps (unless --steps)")
 flags.DEFINE_integer("steps", 150, "training steps of a trial run to its end")
+flags.DEFINE_integer("grid_lrs", 8, "learning rates of the grid (x 2 warm-ups: its points)")
+flags.DEFINE_integer("trials", 16, "trials of the search")
 flags.DEFINE_integer("parallel", 1, "trials at once (grid: --parallel, search: --workers)")
 flags.DEFINE_string("workdir", "", "keep the sweeps here (default: a temporary directory)")
 flags.DEFINE_string("json", "", "write the figures here")
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LRS = [3e-4 * 100 ** (k / 7) for k in range(8)]  # 3e-4 .. 3e-2, log-spaced
+
+
+def grid_lrs(n: int) -> list[float]:
+  """n learning rates log-spaced over 3e-4 .. 3e-2 (the search's range)."""
+  return [3e-4 * 100 ** (k / max(n - 1, 1)) for k in range(n)]
 
 
 def sweep_files(folder: str, steps: int) -> tuple[str, str]:
@@ -37,7 +44,7 @@ def sweep_files(folder: str, steps: int) -> tuple[str, str]:
   grid = os.path.join(folder, "grid.py")
   with open(grid, "w") as f:
     f.write("from lmjax.sweep import Sweep\n\n\ndef get_sweep():\n"
-            f"  return Sweep(grid={{'optimizer.learning_rate': {LRS!r}, "
+            f"  return Sweep(grid={{'optimizer.learning_rate': {grid_lrs(FLAGS.grid_lrs)!r}, "
             f"'optimizer.warmup_steps': {warmups!r}}})\n")
   rung = max(steps // 6, 1)
   search = os.path.join(folder, "search.py")
@@ -46,7 +53,7 @@ def sweep_files(folder: str, steps: int) -> tuple[str, str]:
             "def get_sweep():\n  return Search(\n"
             "      space={'optimizer.learning_rate': LogUniform(3e-4, 3e-2),\n"
             f"             'optimizer.warmup_steps': IntUniform(0, {steps // 5})}},\n"
-            "      sampler='tpe', pruner='asha', num_trials=16, seed=0,\n"
+            f"      sampler='tpe', pruner='asha', num_trials={FLAGS.trials}, seed=0,\n"
             "      sampler_options={'n_startup_trials': 5},\n"
             f"      pruner_options={{'min_resource': {rung}, 'reduction_factor': 3}},\n"
             f"      fixed={{'train.eval_every': {rung}, 'train.checkpoint_every': {rung}}})\n")
@@ -78,7 +85,7 @@ def spent(workdir: str) -> tuple[int, float]:
     for row in csv.DictReader(f):
       metrics = os.path.join(workdir, row["trial"], "metrics.jsonl")
       records = [json.loads(x) for x in open(metrics) if x.strip()]
-      steps += max((r["step"] for r in records if r["split"] == "train"), default=0)
+      steps += max((r["step"] for r in records), default=0)  # a pruned trial ends at an eval
       if row["status"] == "complete":
         best = min(best, float(row["final_eval_loss"]))
   return steps, best
@@ -87,7 +94,7 @@ def spent(workdir: str) -> tuple[int, float]:
 @cli_main
 def main(argv: list[str]) -> None:
   del argv
-  steps = 60 if FLAGS.quick else FLAGS.steps
+  steps = 60 if FLAGS.quick and not FLAGS["steps"].present else FLAGS.steps
   with tempfile.TemporaryDirectory() as tmp:
     folder = FLAGS.workdir or tmp
     os.makedirs(folder, exist_ok=True)
@@ -99,8 +106,9 @@ def main(argv: list[str]) -> None:
     search_steps, search_best = spent(os.path.join(folder, "search"))
   gap, share = search_best - grid_best, search_steps / grid_steps
   print(f"clm_tiny{' (quick: d64 x 2)' if FLAGS.quick else ''}, {steps} steps a trial")
-  print(f"  grid (16 points): best held-out loss {grid_best:.4f}, {grid_steps} training steps")
-  print(f"  TPE + ASHA (16 trials): best {search_best:.4f} ({gap:+.4f} nats), "
+  print(f"  grid ({2 * FLAGS.grid_lrs} points): best held-out loss {grid_best:.4f}, "
+        f"{grid_steps} training steps")
+  print(f"  TPE + ASHA ({FLAGS.trials} trials): best {search_best:.4f} ({gap:+.4f} nats), "
         f"{search_steps} steps ({share:.0%} of the grid's)")
   targets = [{"target": "search within 0.01 nats of the grid's best", "gap": gap,
               "met": gap <= 0.01},

@@ -76,7 +76,8 @@ def run_trial(args: list[str], trial_dir: str) -> int:
     paths.put_file(log_path, paths.join(trial_dir, "train.log"))
     paths.remove_local_staging(log_dir, trial_dir)
   if code == 0:
-    paths.write_atomic(paths.join(trial_dir, "sweep_done.json"), json.dumps(read_trial(trial_dir)))
+    done = {**read_trial(trial_dir), "done": True}  # read before this file exists
+    paths.write_atomic(paths.join(trial_dir, "sweep_done.json"), json.dumps(done))
   return code
 
 
