@@ -1,7 +1,7 @@
 """Learning-rate transfer across widths: SP against µP, on the bundled corpus.
 
   python -m benchmarks.mup [--quick] [--json F] [--widths 64,128,256,512]
-      [--lrs 2e-3,...] [--steps 200] [--plot docs/mup_transfer.png]
+      [--lrs 0.00048828125,...] (default 2^-11 .. 2^-6) [--steps 150] [--plot docs/mup_transfer.png]
 
 For every parametrization and width, clm_tiny's architecture at that width (4 heads,
 d_ff = 4 x width, µP's base width = the smallest) trains on the same tokens (fixed
@@ -26,8 +26,8 @@ from launch.cli import cli_main
 
 flags.DEFINE_bool("quick", False, "widths 64-256, 6 learning rates, 60 steps: minutes")
 flags.DEFINE_list("widths", ["64", "128", "256", "512"], "d_model values; the first is µP's base")
-flags.DEFINE_list("lrs", [str(2.0 ** -k) for k in range(13, 4, -1)], "learning-rate grid")
-flags.DEFINE_integer("steps", 200, "training steps per run (the token budget)")
+flags.DEFINE_list("lrs", [str(2.0 ** -k) for k in range(11, 5, -1)], "learning-rate grid")
+flags.DEFINE_integer("steps", 150, "training steps per run (the token budget)")
 flags.DEFINE_integer("layers", 2, "layers of every model")
 flags.DEFINE_string("json", "", "write the figures here")
 flags.DEFINE_string("plot", "", "write loss-against-learning-rate curves here (PNG)")
