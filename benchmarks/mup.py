@@ -1,7 +1,8 @@
 """Learning-rate transfer across widths: SP against µP, on the bundled corpus.
 
   python -m benchmarks.mup [--quick] [--json F] [--widths 64,128,256,512]
-      [--lrs 0.00048828125,...] (default 2^-11 .. 2^-6) [--steps 150] [--plot docs/mup_transfer.png]
+      [--lrs 0.00048828125,...] [--steps 150] [--plot docs/mup_transfer.png]
+  (default grid: 2^-11 .. 2^-6)
 
 For every parametrization and width, clm_tiny's architecture at that width (4 heads,
 d_ff = 4 x width, µP's base width = the smallest) trains on the same tokens (fixed
