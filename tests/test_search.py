@@ -207,6 +207,9 @@ def test_the_shipped_search_is_valid_for_clm_tiny():
   assert set(search.space) == {"optimizer.learning_rate", "optimizer.warmup_steps"}
   search.check()
   search.check_keys(clm_tiny.get_config())
+  # ASHA's first rung comes after the longest warm-up (a warming-up trial is misjudged).
+  assert search.pruner_options["min_resource"] > search.space["optimizer.warmup_steps"].high
+  assert search.fixed["train.eval_every"] == search.pruner_options["min_resource"]
 
 
 def test_slurm_workers_are_one_array_job_of_single_worker_tasks():
