@@ -156,15 +156,27 @@ class LmjaxLM(LM):
     return out
 
 
+@functools.lru_cache(maxsize=8)  # a training run scores the same tasks at every lm_eval step
+def task_manager(tasks: tuple[str, ...], include_path: str | None) -> Any:
+  """lm-eval's task index: only `include_path`'s tasks when they are all the run asks for
+  (indexing lm-eval's 14,000 built-in tasks takes 20-50 s), else everything."""
+  from lm_eval.tasks import TaskManager
+  if include_path:
+    local = TaskManager(include_path=include_path, include_defaults=False)
+    if all(task in local.all_tasks for task in tasks):
+      return local
+    return TaskManager(include_path=include_path)
+  return TaskManager()
+
+
 def run(source: Pretrained, tasks: list[str], num_fewshot: int | None = None,
         batch_size: int = 8, limit: int | None = None, include_path: str | None = None,
         log_samples: bool = False, apply_chat_template: bool = False) -> dict[str, Any]:
   """`lm_eval.simple_evaluate` on an lmjax model; the results dict, plus how many shapes
   were compiled."""
   import lm_eval
-  from lm_eval.tasks import TaskManager
   model = LmjaxLM(source, batch_size, chat=apply_chat_template)
-  manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+  manager = task_manager(tuple(tasks), include_path)
   try:
     results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=num_fewshot,
                                       limit=limit, task_manager=manager,

@@ -122,7 +122,8 @@ def test_lm_eval_local_completions_equals_launch_lm_eval(served, tmp_path):
       model_args=f"model=clm_tiny,base_url={url}/v1/completions,tokenizer={exported},"
                  f"tokenizer_backend=huggingface,add_bos_token=True,max_length={max_len + 1},"
                  "num_concurrent=4,max_retries=1",
-      tasks=tasks, task_manager=TaskManager(include_path=INCLUDE), log_samples=True)
+      tasks=tasks, task_manager=TaskManager(include_path=INCLUDE, include_defaults=False),
+      log_samples=True)
   ours = harness.run(pretrained.load(workdir), tasks, batch_size=4, include_path=INCLUDE,
                      log_samples=True)
   for metric in ("acc,none", "acc_norm,none"):
