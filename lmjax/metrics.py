@@ -128,7 +128,8 @@ def _summary_writer() -> type:
   try:
     from tensorboardX import SummaryWriter
   finally:
-    del sys.modules["torch"]
+    if sys.modules.get("torch", 0) is None:  # ours, not a torch another thread imported
+      del sys.modules["torch"]
   return SummaryWriter
 
 

@@ -7,8 +7,8 @@
 Trials evaluate every 80 steps; ASHA compares them at steps 80 and 240 (its rungs), after
 the longest warm-up (60): a trial still warming up would be judged on a learning rate it
 has not reached. A trial whose held-out loss falls out of the best third at a rung stops
-there, its checkpoint written. The study is
-DIR/study.db unless --storage names a shared database.
+there, its checkpoint written. The study is DIR/study.db unless --storage names a shared
+database.
 """
 
 from lmjax.search import IntUniform, Search
