@@ -50,13 +50,30 @@ def test_search_benchmark_runs_small(tmp_path):
   """A 2-point grid against a 1-trial search, 5 steps a trial."""
   out = tmp_path / "sweep.json"
   stdout = _run("benchmarks.sweep", "--quick", "--steps=5", "--grid_lrs=1", "--trials=1",
-                f"--workdir={tmp_path / 'w'}", f"--json={out}")
+                "--seeds=0", f"--workdir={tmp_path / 'w'}", f"--json={out}")
   result = json.loads(out.read_text())
-  assert result["grid"]["steps"] == 2 * 5 and result["search"]["steps"] == 5
-  for side in ("grid", "search"):
-    assert 0 < result[side]["best"] < 10
+  assert result["grid"]["steps"] == 2 * 5 and result["search"]["0"]["steps"] == 5
+  for side in (result["grid"], result["search"]["0"]):
+    assert 0 < side["best"] < 10
   assert result["targets"][1]["share"] == 0.5
-  assert "grid (2 points)" in stdout and "TPE + ASHA (1 trials)" in stdout
+  assert "grid (2 points)" in stdout and "TPE + ASHA (1 trials, seed 0)" in stdout
+
+
+_SEEDS = """
+from absl import flags
+from benchmarks import sweep
+flags.FLAGS(["sweep"])
+result = sweep.report((1000, 4.0), {0: (400, 4.03), 1: (450, 4.005), 2: (520, 4.0)})
+assert abs(result["targets"][0]["gap"] - 0.005) < 1e-9 and result["targets"][0]["met"]
+assert result["targets"][1]["share"] == 0.52 and not result["targets"][1]["met"]
+assert abs(result["search"]["0"]["gap"] - 0.03) < 1e-9
+"""
+
+
+def test_search_benchmark_judges_the_median_seed_and_the_costliest():
+  """One lucky seed does not meet the gap target; one costly seed fails the budget."""
+  stdout = _python(_SEEDS)
+  assert "seed 0): best 4.0300 (+0.0300 nats)" in stdout and "NOT met" in stdout
 
 
 _REPORT = """
