@@ -1,7 +1,8 @@
 """Search against grid: TPE with ASHA against a 16-point grid on clm_tiny, through launch.sweep.
 
   python -m benchmarks.sweep [--quick] [--steps 300] [--json F] [--workdir DIR]
-      [--grid_lrs 8] [--trials 16] [--seeds 0,1,2] [--parallel 1]
+      [--grid_lrs 8] [--trials 16] [--seeds 0,1,2] [--tpe JSON] [--warmup_step 1]
+      [--parallel 1]
 
 Both search the same space, the learning rate (log 3e-4 to 3e-2) and the warm-up steps;
 the grid takes 8 learning rates x 2 warm-ups, every trial to the end, and the search 16
@@ -36,6 +37,8 @@ flags.DEFINE_bool("quick", False, "a d64 x 2-layer clm_tiny and 60 steps (unless
 flags.DEFINE_integer("steps", 300, "training steps of a trial run to its end")
 flags.DEFINE_integer("grid_lrs", 8, "learning rates of the grid (x 2 warm-ups: its points)")
 flags.DEFINE_integer("trials", 16, "trials of the search")
+flags.DEFINE_string("tpe", '{"n_startup_trials": 5}', "TPESampler options, as JSON")
+flags.DEFINE_integer("warmup_step", 1, "the search's warm-up lattice (must divide steps / 5)")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "sampler seeds: one search each")
 flags.DEFINE_integer("parallel", 1, "trials at once (grid: --parallel, search: --workers)")
 flags.DEFINE_string("workdir", "", "keep the sweeps here (default: a temporary directory)")
@@ -66,9 +69,10 @@ def search_file(folder: str, steps: int, seed: int) -> str:
     f.write("from lmjax.search import IntUniform, Search\nfrom lmjax.sweep import LogUniform\n\n\n"
             "def get_sweep():\n  return Search(\n"
             "      space={'optimizer.learning_rate': LogUniform(3e-4, 3e-2),\n"
-            f"             'optimizer.warmup_steps': IntUniform(0, {steps // 5})}},\n"
+            f"             'optimizer.warmup_steps': IntUniform(0, {steps // 5}, "
+            f"step={FLAGS.warmup_step})}},\n"
             f"      sampler='tpe', pruner='asha', num_trials={FLAGS.trials}, seed={seed},\n"
-            "      sampler_options={'n_startup_trials': 5},\n"
+            f"      sampler_options={json.loads(FLAGS.tpe)!r},\n"
             f"      pruner_options={{'min_resource': {rung}, 'reduction_factor': 3}},\n"
             f"      fixed={{'train.eval_every': {rung}, 'train.checkpoint_every': {rung}}})\n")
   return search

@@ -43,6 +43,7 @@ class IntUniform:
   low: int
   high: int
   log: bool = False
+  step: int = 1  # values low, low + step, ..., high: a coarse lattice pins its ends exactly
 
 
 Distribution = LogUniform | Uniform | IntUniform | Choice
@@ -104,6 +105,10 @@ def _check_distribution(key: str, dist: Any, sampler: str) -> None:
     raise UserError(f"{key}: empty or inverted range [{dist.low}, {dist.high}]")
   if (isinstance(dist, LogUniform) or getattr(dist, "log", False)) and dist.low <= 0:
     raise UserError(f"{key}: a log range needs bounds > 0, got [{dist.low}, {dist.high}]")
+  if isinstance(dist, IntUniform) and (dist.step < 1 or (dist.high - dist.low) % dist.step):
+    raise UserError(f"{key}: step {dist.step} does not divide the range [{dist.low}, {dist.high}]")
+  if isinstance(dist, IntUniform) and dist.step > 1 and dist.log:
+    raise UserError(f"{key}: a log range takes no step (Optuna samples it continuously)")
 
 
 # ------------------------------------------------------------------------------- the study
@@ -176,7 +181,7 @@ def suggest(trial: Any, space: Mapping[str, Distribution]) -> dict[str, Any]:
     if isinstance(dist, Choice):
       out[key] = trial.suggest_categorical(key, list(dist.values))
     elif isinstance(dist, IntUniform):
-      out[key] = trial.suggest_int(key, dist.low, dist.high, log=dist.log)
+      out[key] = trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
     else:
       out[key] = trial.suggest_float(key, dist.low, dist.high, log=isinstance(dist, LogUniform))
   return out

@@ -16,7 +16,7 @@ import optuna
 import pytest
 
 from lmjax.errors import UserError
-from lmjax.search import IntUniform, Search
+from lmjax.search import IntUniform, Search, suggest
 from lmjax.sweep import Choice, LogUniform, Uniform
 from tiny import ROOT, TINY_OVERRIDES
 
@@ -166,6 +166,10 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
     (dict(space={"optimizer.learning_rate": Uniform(1.0, 0.1)}), "empty or inverted range"),
     (dict(space={"optimizer.learning_rate": LogUniform(0.0, 0.1)}), "a log range needs"),
     (dict(space={"optimizer.warmup_steps": IntUniform(0, 10, log=True)}), "a log range needs"),
+    (dict(space={"optimizer.warmup_steps": IntUniform(0, 50, step=15)}), "step 15 does not"),
+    (dict(space={"optimizer.warmup_steps": IntUniform(0, 60, step=0)}), "step 0 does not"),
+    (dict(space={"optimizer.warmup_steps": IntUniform(1, 61, log=True, step=15)}),
+     "a log range takes no step"),
     (dict(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, sampler="cmaes"),
      "unknown sampler 'cmaes'"),
     (dict(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, pruner="hyperband"),
@@ -179,6 +183,13 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
 def test_bad_searches_are_refused(search, message):
   with pytest.raises(UserError, match=message):
     Search(**search).check()
+
+
+def test_a_stepped_int_range_samples_its_lattice_ends_included():
+  study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+  space = {"optimizer.warmup_steps": IntUniform(0, 60, step=15)}
+  values = {suggest(study.ask(), space)["optimizer.warmup_steps"] for _ in range(40)}
+  assert values == {0, 15, 30, 45, 60}
 
 
 def test_a_search_key_that_is_not_a_config_field_is_a_one_line_error(tmp_path):
