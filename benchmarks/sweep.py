@@ -2,7 +2,7 @@
 
   python -m benchmarks.sweep [--quick] [--steps 300] [--json F] [--workdir DIR]
       [--grid_lrs 8] [--trials 16] [--seeds 0,1,2] [--tpe JSON] [--warmup_step 1]
-      [--parallel 1]
+      [--seed_spread 0] [--parallel 1]
 
 Both search the same space, the learning rate (log 3e-4 to 3e-2) and the warm-up steps;
 the grid takes 8 learning rates x 2 warm-ups, every trial to the end, and the search 16
@@ -14,6 +14,9 @@ typically. Reported: the best held-out loss of the grid and of each search, the 
 (target: the median search within 0.01 nats of the grid's best) and the training steps
 each spent (target: every search <= 50% of the grid's).
 
+--seed_spread N retrains the grid's two best points with train.seed 1..N (the parameters
+and the data order): how far one run's loss moves by chance, against the 0.01-nat target.
+
 300 steps by default: the schedule of the shipped experiments/sweeps/lr_optuna.py (rungs
 at 80 and 240, warm-up up to 60). At 150 steps the ranking was a lottery: a trial was
 still escaping its first plateau, and the same learning rate scored 0.46 nats apart
@@ -22,6 +25,7 @@ with and without warm-up (docs/scaling.md).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import statistics
@@ -39,6 +43,7 @@ flags.DEFINE_integer("grid_lrs", 8, "learning rates of the grid (x 2 warm-ups: i
 flags.DEFINE_integer("trials", 16, "trials of the search")
 flags.DEFINE_string("tpe", '{"n_startup_trials": 5}', "TPESampler options, as JSON")
 flags.DEFINE_integer("warmup_step", 1, "the search's warm-up lattice (must divide steps / 5)")
+flags.DEFINE_integer("seed_spread", 0, "retrain the grid's two best points, train.seed 1..N")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "sampler seeds: one search each")
 flags.DEFINE_integer("parallel", 1, "trials at once (grid: --parallel, search: --workers)")
 flags.DEFINE_string("workdir", "", "keep the sweeps here (default: a temporary directory)")
@@ -99,7 +104,6 @@ def spent(workdir: str) -> tuple[int, float]:
   """(training steps all trials ran, the best final held-out loss of a complete trial)."""
   steps, best = 0, float("inf")
   with open(os.path.join(workdir, "summary.csv")) as f:
-    import csv
     for row in csv.DictReader(f):
       metrics = os.path.join(workdir, row["trial"], "metrics.jsonl")
       records = [json.loads(x) for x in open(metrics) if x.strip()]
@@ -107,6 +111,28 @@ def spent(workdir: str) -> tuple[int, float]:
       if row["status"] == "complete":
         best = min(best, float(row["final_eval_loss"]))
   return steps, best
+
+
+def seed_spread(folder: str, extra: list[str], n: int) -> dict[str, list[float]]:
+  """The grid's two best points, as JSON, -> their held-out losses under train.seed 0..n."""
+  with open(os.path.join(folder, "grid", "summary.csv")) as f:
+    rows = [r for r in csv.DictReader(f) if r["status"] == "complete"]
+  out = {}
+  for rank, row in enumerate(sorted(rows, key=lambda r: float(r["final_eval_loss"]))[:2]):
+    point = json.loads(row["overrides"])
+    sweep = os.path.join(folder, f"spread_{rank}.py")
+    with open(sweep, "w") as f:
+      f.write("from lmjax.sweep import Sweep\n\n\ndef get_sweep():\n"
+              f"  return Sweep(grid={{'train.seed': {list(range(1, n + 1))!r}}}, "
+              f"fixed={point!r})\n")
+    workdir = os.path.join(folder, f"spread_{rank}")
+    run_sweep(sweep, workdir, extra, f"--parallel={FLAGS.parallel}")
+    with open(os.path.join(workdir, "summary.csv")) as f:
+      by_seed = {json.loads(r["overrides"])["train.seed"]: float(r["final_eval_loss"])
+                 for r in csv.DictReader(f)}
+    out[json.dumps(point)] = [float(row["final_eval_loss"])] + [by_seed[s]
+                                                               for s in range(1, n + 1)]
+  return out
 
 
 def report(grid: tuple[int, float], searches: dict[int, tuple[int, float]]) -> dict:
@@ -149,8 +175,13 @@ def main(argv: list[str]) -> None:
       run_sweep(search_file(folder, steps, seed), workdir, extra, f"--workers={FLAGS.parallel}")
       searches[seed] = spent(workdir)
     grid = spent(os.path.join(folder, "grid"))
+    spread = seed_spread(folder, extra, FLAGS.seed_spread) if FLAGS.seed_spread else {}
   print(f"clm_tiny{' (quick: d64 x 2)' if FLAGS.quick else ''}, {steps} steps a trial")
   result = report(grid, searches)
+  for point, losses in spread.items():
+    print(f"  grid point {point}: held-out loss under train.seed 0..{len(losses) - 1}: "
+          f"{' '.join(f'{x:.4f}' for x in losses)} (spread {max(losses) - min(losses):.4f})")
+  result["seed_spread"] = spread
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(result, f, indent=2)

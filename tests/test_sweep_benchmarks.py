@@ -47,16 +47,21 @@ def test_search_steps_count_to_a_pruned_trials_last_eval(tmp_path):
 
 
 def test_search_benchmark_runs_small(tmp_path):
-  """A 2-point grid against a 1-trial search, 5 steps a trial."""
+  """A 2-point grid against a 1-trial search, 5 steps a trial; both points with seed 1."""
   out = tmp_path / "sweep.json"
   stdout = _run("benchmarks.sweep", "--quick", "--steps=5", "--grid_lrs=1", "--trials=1",
-                "--seeds=0", f"--workdir={tmp_path / 'w'}", f"--json={out}")
+                "--seeds=0", "--seed_spread=1", f"--workdir={tmp_path / 'w'}", f"--json={out}")
   result = json.loads(out.read_text())
   assert result["grid"]["steps"] == 2 * 5 and result["search"]["0"]["steps"] == 5
   for side in (result["grid"], result["search"]["0"]):
     assert 0 < side["best"] < 10
   assert result["targets"][1]["share"] == 0.5
   assert "grid (2 points)" in stdout and "TPE + ASHA (1 trials, seed 0)" in stdout
+  spread = result["seed_spread"]  # grid point -> loss under train.seed 0, 1
+  assert len(spread) == 2 and all(len(v) == 2 and 0 < min(v) < 10 for v in spread.values())
+  assert min(v[0] for v in spread.values()) == result["grid"]["best"]
+  assert any(v[0] != v[1] for v in spread.values())  # another seed, another run
+  assert "held-out loss under train.seed 0..1" in stdout
 
 
 _SEEDS = """
