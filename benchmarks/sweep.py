@@ -36,6 +36,7 @@ import tempfile
 from absl import app, flags
 
 from launch.cli import cli_main
+from lmjax.errors import UserError
 
 flags.DEFINE_bool("quick", False, "a d64 x 2-layer clm_tiny and 60 steps (unless --steps)")
 flags.DEFINE_integer("steps", 300, "training steps of a trial run to its end")
@@ -96,6 +97,8 @@ def run_sweep(sweep: str, workdir: str, extra: list[str], *flags: str) -> None:
   proc = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=experiments/clm_tiny.py",
                          f"--sweep={sweep}", f"--workdir={workdir}", *flags, "--", *extra],
                         cwd=ROOT, capture_output=True, text=True, timeout=6 * 3600)
+  if proc.returncode == 2:  # bad input: launch.sweep's one line
+    raise UserError(proc.stderr.strip().splitlines()[-1].removeprefix("error: "))
   if proc.returncode != 0:
     raise RuntimeError(f"launch.sweep failed: {proc.stderr[-2000:]}")
 
@@ -158,11 +161,23 @@ def report(grid: tuple[int, float], searches: dict[int, tuple[int, float]]) -> d
           "targets": targets}
 
 
+def check_flags(steps: int) -> None:
+  """Bad flags fail in one line before the grid's hour, not after it."""
+  try:
+    json.loads(FLAGS.tpe)
+  except ValueError as e:
+    raise UserError(f"--tpe is not JSON ({e}): {FLAGS.tpe}") from None
+  if FLAGS.warmup_step < 1 or (steps // 5) % FLAGS.warmup_step:
+    raise UserError(f"--warmup_step {FLAGS.warmup_step} does not divide the longest warm-up, "
+                    f"{steps // 5} (steps / 5)")
+
+
 @cli_main
 def main(argv: list[str]) -> None:
   del argv
   steps = 60 if FLAGS.quick and not FLAGS["steps"].present else FLAGS.steps
   seeds = [int(s) for s in FLAGS.seeds]
+  check_flags(steps)
   with tempfile.TemporaryDirectory() as tmp:
     folder = FLAGS.workdir or tmp
     os.makedirs(folder, exist_ok=True)

@@ -81,6 +81,11 @@ class Search:
     if self.sampler == "grid" and self.num_trials > math.prod(
         len(d.values) for d in self.space.values()):
       raise UserError(f"num_trials={self.num_trials} is more than the grid's points")
+    for what, make in (("sampler_options", _sampler), ("pruner_options", _pruner)):
+      try:  # a misspelt option is Optuna's TypeError deep in the study's creation
+        make(self)
+      except (TypeError, ValueError) as e:
+        raise UserError(f"{what}: {e}") from None
 
   def check_keys(self, config: Any) -> None:
     """Every searched or fixed key must be a field of the experiment config."""

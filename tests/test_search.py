@@ -179,6 +179,10 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
     (dict(space={"optimizer.learning_rate": Choice((1e-3, 2e-3))}, sampler="grid",
           num_trials=3), "more than the grid's points"),
     (dict(space={}), "the search space is empty"),
+    (dict(space={"optimizer.learning_rate": Uniform(0.1, 1.0)},
+          sampler_options={"n_startup": 5}), "sampler_options: .*'n_startup'"),
+    (dict(space={"optimizer.learning_rate": Uniform(0.1, 1.0)},
+          pruner_options={"min_resource": -1}), "pruner_options: .*min_resource"),
 ])
 def test_bad_searches_are_refused(search, message):
   with pytest.raises(UserError, match=message):

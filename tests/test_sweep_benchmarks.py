@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tiny import ROOT
 
 
@@ -62,6 +64,19 @@ def test_search_benchmark_runs_small(tmp_path):
   assert min(v[0] for v in spread.values()) == result["grid"]["best"]
   assert any(v[0] != v[1] for v in spread.values())  # another seed, another run
   assert "held-out loss under train.seed 0..1" in stdout
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--warmup_step=5", "--warmup_step 5 does not divide the longest warm-up, 2"),
+    ("--tpe={x", "--tpe is not JSON"),
+])
+def test_search_benchmark_refuses_bad_flags_before_the_grid(tmp_path, flag, message):
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--quick", "--steps=10", flag,
+                         f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert message in proc.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "grid").exists()
 
 
 _SEEDS = """
