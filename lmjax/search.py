@@ -152,9 +152,9 @@ def _sampler(search: Search) -> Any:
   if search.sampler == "gp":
     return optuna.samplers.GPSampler(seed=search.seed, **opts)
   if search.sampler == "random":
-    return optuna.samplers.RandomSampler(seed=search.seed)
+    return optuna.samplers.RandomSampler(seed=search.seed, **opts)  # none: a typo is an error
   grid = {k: list(d.values) for k, d in search.space.items()}
-  return optuna.samplers.GridSampler(grid, seed=search.seed)
+  return optuna.samplers.GridSampler(grid, seed=search.seed, **opts)
 
 
 def _pruner(search: Search) -> Any:

@@ -181,6 +181,8 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
     (dict(space={}), "the search space is empty"),
     (dict(space={"optimizer.learning_rate": Uniform(0.1, 1.0)},
           sampler_options={"n_startup": 5}), "sampler_options: .*'n_startup'"),
+    (dict(space={"optimizer.learning_rate": Uniform(0.1, 1.0)}, sampler="random",
+          sampler_options={"n_startup_trials": 5}), "sampler_options: .*'n_startup_trials'"),
     (dict(space={"optimizer.learning_rate": Uniform(0.1, 1.0)},
           pruner_options={"min_resource": -1}), "pruner_options: .*min_resource"),
 ])
