@@ -1,6 +1,6 @@
 """Search against grid: TPE with ASHA against a 16-point grid on clm_tiny, through launch.sweep.
 
-  python -m benchmarks.sweep [--quick] [--steps 300] [--json F] [--workdir DIR]
+  python -m benchmarks.sweep [--quick] [--steps 600] [--json F] [--workdir DIR]
       [--grid_lrs 8] [--trials 16] [--seeds 0,1,2] [--tpe JSON] [--warmup_step 1]
       [--seed_spread 0] [--parallel 1]
 
@@ -17,10 +17,12 @@ each spent (target: every search <= 50% of the grid's).
 --seed_spread N retrains the grid's two best points with train.seed 1..N (the parameters
 and the data order): how far one run's loss moves by chance, against the 0.01-nat target.
 
-300 steps by default: the schedule of the shipped experiments/sweeps/lr_optuna.py (rungs
-at 80 and 240, warm-up up to 60). At 150 steps the ranking was a lottery: a trial was
-still escaping its first plateau, and the same learning rate scored 0.46 nats apart
-with and without warm-up (docs/scaling.md).
+600 steps of 16 sequences by default: clm_tiny's own token budget (300 steps of 32) and,
+in tokens, the schedule of the shipped experiments/sweeps/lr_optuna.py (rungs at 160 and
+480 here, at 80 and 240 there; warm-up up to 120 here, 60 there). At 300 steps the median
+search missed the target by 0.01 nats, less than one run moves with its seed; at 150 the
+ranking was a lottery: a trial was still escaping its first plateau, and the same learning
+rate scored 0.46 nats apart with and without warm-up (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from launch.cli import cli_main
 from lmjax.errors import UserError
 
 flags.DEFINE_bool("quick", False, "a d64 x 2-layer clm_tiny and 60 steps (unless --steps)")
-flags.DEFINE_integer("steps", 300, "training steps of a trial run to its end")
+flags.DEFINE_integer("steps", 600, "training steps of a trial run to its end")
 flags.DEFINE_integer("grid_lrs", 8, "learning rates of the grid (x 2 warm-ups: its points)")
 flags.DEFINE_integer("trials", 16, "trials of the search")
 flags.DEFINE_string("tpe", '{"n_startup_trials": 5}', "TPESampler options, as JSON")

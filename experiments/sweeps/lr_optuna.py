@@ -8,7 +8,9 @@ Trials evaluate every 80 steps; ASHA compares them at steps 80 and 240 (its rung
 the longest warm-up (60): a trial still warming up would be judged on a learning rate it
 has not reached. A trial whose held-out loss falls out of the best third at a rung stops
 there, its checkpoint written. The study is DIR/study.db unless --storage names a shared
-database.
+database. Measured on this schedule in tokens (`python -m benchmarks.sweep`, three sampler
+seeds): the median search within 0.008 nats of a 16-point grid's best, on 35-42% of the
+grid's training steps (docs/scaling.md).
 """
 
 from lmjax.search import IntUniform, Search
