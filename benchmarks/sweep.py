@@ -39,6 +39,7 @@ from absl import app, flags
 
 from launch.cli import cli_main
 from lmjax.errors import UserError
+from lmjax.search import IntUniform, Search
 
 flags.DEFINE_bool("quick", False, "a d64 x 2-layer clm_tiny and 60 steps (unless --steps)")
 flags.DEFINE_integer("steps", 600, "training steps of a trial run to its end")
@@ -172,6 +173,11 @@ def check_flags(steps: int) -> None:
   if FLAGS.warmup_step < 1 or (steps // 5) % FLAGS.warmup_step:
     raise UserError(f"--warmup_step {FLAGS.warmup_step} does not divide the longest warm-up, "
                     f"{steps // 5} (steps / 5)")
+  try:  # the library's own check: a misspelt TPE option is refused here, not after the grid
+    Search(space={"optimizer.warmup_steps": IntUniform(0, steps // 5, step=FLAGS.warmup_step)},
+           sampler_options=json.loads(FLAGS.tpe)).check()
+  except UserError as e:
+    raise UserError(f"--tpe: {e}") from None
 
 
 @cli_main

@@ -69,6 +69,7 @@ def test_search_benchmark_runs_small(tmp_path):
 @pytest.mark.parametrize("flag, message", [
     ("--warmup_step=5", "--warmup_step 5 does not divide the longest warm-up, 2"),
     ("--tpe={x", "--tpe is not JSON"),
+    ('--tpe={"n_startup": 5}', "--tpe: sampler_options: "),
 ])
 def test_search_benchmark_refuses_bad_flags_before_the_grid(tmp_path, flag, message):
   proc = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--quick", "--steps=10", flag,
