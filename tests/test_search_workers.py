@@ -138,3 +138,24 @@ def test_a_lost_heartbeat_does_not_take_a_trial_from_a_live_trainer(tmp_path):
   assert study_lib.recover_stale(study, str(tmp_path), grace_s=5) == [0]
   retry = study_lib.pop_queued(study)
   assert retry.user_attrs[DIR_ATTR] == "trial_0000" and retry.number == 1
+
+
+def test_sweep_files_written_before_the_package_still_load(tmp_path):
+  from lmjax.errors import UserError
+  from lmjax.sweep import load_sweep
+  old = tmp_path / "old.py"
+  old.write_text("from lmjax.search import IntUniform, Search\n"
+                 "from lmjax.sweep import Choice, LogUniform, Sweep\n\n"
+                 "def get_sweep():\n  return Search(space={'optimizer.learning_rate': "
+                 "LogUniform(1e-3, 1e-2), 'optimizer.warmup_steps': IntUniform(0, 4)})\n")
+  search = load_sweep(str(old))
+  assert isinstance(search, Search) and isinstance(search.space["optimizer.warmup_steps"],
+                                                   IntUniform)
+  search.check()
+  wrong = tmp_path / "wrong.py"
+  wrong.write_text("def get_sweep():\n  return {'optimizer.learning_rate': [1e-3]}\n")
+  with pytest.raises(UserError, match="get_sweep\\(\\) must return lmjax.sweep.Sweep or "
+                                      "lmjax.sweep.Search, not dict"):
+    load_sweep(str(wrong))
+  with pytest.raises(UserError, match="sweep file not found: "):
+    load_sweep(str(tmp_path / "missing.py"))
