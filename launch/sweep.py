@@ -48,8 +48,9 @@ flags.DEFINE_string("storage", None, "search: the study's database (default: "
 flags.DEFINE_string("study_name", None, "search: the study's name (default: DIR's name)")
 flags.DEFINE_float("heartbeat_seconds", 10.0, "how often a worker marks its trial (and the "
                    "trial directory's lock) alive", lower_bound=0.1)
-flags.DEFINE_float("grace_seconds", 60.0, "search: a running trial whose heartbeat is older "
-                   "than this is resumed by the next worker", lower_bound=0.1)
+flags.DEFINE_float("grace_seconds", 60.0, "a running trial whose heartbeat is older than "
+                   "this lost its worker: resumed by the next one (a search), its directory's "
+                   "lock taken over", lower_bound=0.1)
 flags.mark_flags_as_required(["config", "sweep", "workdir"])
 FLAGS = flags.FLAGS
 

@@ -70,7 +70,8 @@ class RunLock:
     """Takes the lock, or raises RunDirBusy naming its live holder."""
     paths.makedirs(self.run_dir)
     for _ in range(5):
-      current = _read(self.path)
+      raw = _read_raw(self.path)
+      current = _parse(raw)
       if current is not None and _live(current, self.grace_s):
         if current.get("host") == HOST and current.get("pid") == os.getppid():
           self.inherited = True
@@ -78,7 +79,7 @@ class RunLock:
         raise RunDirBusy(f"{self.run_dir} is held by another run: {describe(current)} "
                          f"(its lock {self.path} is taken over {self.grace_s:.0f}s after "
                          "its holder stops)")
-      if self._claim(current):
+      if self._claim(raw):  # a stale, or unreadable, lock is replaced
         self._thread = threading.Thread(target=self._beat, name="lmjax-run-lock", daemon=True)
         self._thread.start()
         return
@@ -94,7 +95,7 @@ class RunLock:
     if current is not None and current.get("token") == self.record["token"]:
       paths.remove(self.path)
 
-  def _claim(self, stale: dict[str, Any] | None) -> bool:
+  def _claim(self, stale: bytes | None) -> bool:
     """Writes this process's lock where `stale` (or nothing) was; False if another won."""
     if paths.is_remote(self.path):  # no atomic create in a bucket: last writer wins
       paths.write_atomic(self.path, self._content())
@@ -129,12 +130,23 @@ class RunLock:
         logging.warning("could not refresh %s: %s", self.path, e)
 
 
-def _read(path: str) -> dict[str, Any] | None:
+def _read_raw(path: str) -> bytes | None:
   try:
-    record = json.loads(paths.read_bytes(path))
-  except (OSError, ValueError):  # missing, or not a lock lmjax wrote
+    return paths.read_bytes(path)
+  except OSError:
+    return None
+
+
+def _parse(raw: bytes | None) -> dict[str, Any] | None:
+  try:
+    record = json.loads(raw) if raw is not None else None
+  except ValueError:  # not a lock lmjax wrote: nobody holds it
     return None
   return record if isinstance(record, dict) else None
+
+
+def _read(path: str) -> dict[str, Any] | None:
+  return _parse(_read_raw(path))
 
 
 def _live(record: dict[str, Any], grace_s: float) -> bool:
@@ -144,7 +156,7 @@ def _live(record: dict[str, Any], grace_s: float) -> bool:
   return fresh
 
 
-def _move_aside(path: str, stale: dict[str, Any]) -> bool:
+def _move_aside(path: str, stale: bytes) -> bool:
   """Removes a stale lock unless another process replaced it since it was read."""
   folder, name = os.path.split(path)
   aside = os.path.join(folder, f".{name}.stale-{paths.tmp_tag()}")
@@ -152,7 +164,7 @@ def _move_aside(path: str, stale: dict[str, Any]) -> bool:
     os.rename(path, aside)  # one process moves a given file
   except FileNotFoundError:
     return True  # another taker moved it: race for the creation
-  if _read(aside) == stale:
+  if _read_raw(aside) == stale:
     os.remove(aside)
     return True
   try:  # it was a fresh lock: put it back

@@ -103,3 +103,36 @@ def test_a_child_dies_with_its_parent_even_by_kill_9(tmp_path):
   while process.alive(child) and time.monotonic() < deadline:
     time.sleep(0.1)
   assert not process.alive(child)
+
+
+def test_a_lock_file_lmjax_did_not_write_holds_nothing(tmp_path):
+  (tmp_path / LOCK_FILE).write_text("")  # an empty or foreign file
+  assert run_lock.holder(str(tmp_path), 5) is None
+  with RunLock(str(tmp_path), grace_s=5) as lock:
+    assert _record(tmp_path)["token"] == lock.record["token"]
+
+
+_RACE = """
+import sys, time
+from lmjax.run_lock import RunDirBusy, RunLock
+while time.time() < float(sys.argv[2]):  # start together
+  time.sleep(0.001)
+try:
+  RunLock(sys.argv[1], heartbeat_s=0.2, grace_s=5).acquire()
+  print("won", flush=True)
+  time.sleep(float(sys.argv[2]) + 15 - time.time())  # until every racer has tried
+except RunDirBusy:
+  print("busy", flush=True)
+"""
+
+
+def test_processes_racing_for_a_stale_lock_leave_one_holder(tmp_path):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait(30)  # its pid is free: the lock below is a dead holder's on this host
+  (tmp_path / LOCK_FILE).write_text(json.dumps(
+      {"host": run_lock.HOST, "pid": dead.pid, "token": "old", "beat": time.time()}))
+  start = time.time() + 5
+  racers = [subprocess.Popen([sys.executable, "-c", _RACE, str(tmp_path), str(start)], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True) for _ in range(4)]
+  outs = sorted(r.communicate(timeout=60)[0].strip() for r in racers)
+  assert outs == ["busy", "busy", "busy", "won"]
