@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tiny import tiny_config
+from lmjax import run as run_lib
 from lmjax import train as train_lib
 from lmjax.checkpoint import Checkpointer
 from lmjax.experiment import experiment_from_dict
@@ -28,7 +29,8 @@ def _experiment(tmp_path, name, mesh, **overrides):
 
 def _losses(exp, workdir, monkeypatch, one_device=False):
   if one_device:
-    monkeypatch.setattr(train_lib, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:1]))
+    monkeypatch.setattr(run_lib, "make_mesh", lambda cfg, devices=None: make_mesh(
+        cfg, jax.devices()[:1]))
   train_lib.train_and_evaluate(exp, str(workdir))
   monkeypatch.undo()
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
@@ -77,12 +79,10 @@ def test_attention_implementations_on_a_mesh_match_one_device(tmp_path, monkeypa
 
 def _sharded_state(exp, mesh=None):
   from lmjax.data.tokenizer import SpecialTokens
-  from lmjax.model import build_model
-  from lmjax.optim import learning_rate_schedule, make_optimizer
-  fns = train_lib.StepFns(build_model(exp.model), build_model(exp.model),
-                          make_optimizer(exp.optimizer, 10),
-                          learning_rate_schedule(exp.optimizer, 10), exp.objective,
-                          SpecialTokens(0, 1, 2, 3, 4, 5, 6))
+  from lmjax import objectives
+  objective = objectives.build(exp.objective, SpecialTokens(0, 1, 2, 3, 4, 5, 6),
+                               exp.model.vocab_size)
+  fns = train_lib.step_fns(exp.model, objective, exp.optimizer, 10)
   mesh = mesh or make_mesh(exp.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(exp.mesh.rules):
     abstract = jax.eval_shape(lambda: train_lib.init_state(fns, 0, (1, 32)))
@@ -110,7 +110,8 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
 @pytest.mark.parametrize("target", [(1, 1, 1), (2, 1, 2)])
 def test_checkpoint_restores_onto_another_mesh(tmp_path, monkeypatch, target):
   exp = _experiment(tmp_path, "clm_tiny", (1, 4, 1), train__steps=3, train__eval_every=0)
-  monkeypatch.setattr(train_lib, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:4]))
+  monkeypatch.setattr(run_lib, "make_mesh", lambda cfg, devices=None: make_mesh(
+      cfg, jax.devices()[:4]))
   train_lib.train_and_evaluate(exp, str(tmp_path / "run"))
   ckpt = Checkpointer(str(tmp_path / "run"))
   saved = ckpt.restore_arrays(3)
