@@ -21,6 +21,7 @@ import jax
 
 from lmjax import __version__, objectives, paths, pretrained
 from lmjax.checkpoint import Checkpointer
+from lmjax.data import tokenizer_io
 from lmjax.data.pipeline import DataConfig
 from lmjax.distributed import RuntimeConfig
 from lmjax.errors import UserError
@@ -141,7 +142,7 @@ def build_run(exp: FinetuneExperiment, init_from: str, workdir: str, dry: bool =
   paths.check_access(workdir, write=True)
   if jax.process_index() == 0:  # what loading the run later needs beside its checkpoints
     paths.makedirs(workdir)
-    pretrained.save_tokenizer(source.tokenizer, workdir)
+    tokenizer_io.save_tokenizer(source.tokenizer, workdir)
     for name, text in objective.run_files().items():
       paths.write_atomic(paths.join(workdir, name), text)
   return train_lib.Run(run_exp, fns, mesh, train_data, eval_data,

@@ -25,7 +25,7 @@ from absl import logging
 from lmjax import __version__, objectives, paths
 from lmjax.checkpoint import Checkpointer
 from lmjax.data.special import SpecialTokens
-from lmjax.data.tokenizer import install_tokenizer
+from lmjax.data.tokenizer_io import install_tokenizer
 from lmjax.errors import UserError
 from lmjax.experiment import NON_ARCHITECTURE_FIELDS, Experiment, architecture
 from lmjax.metrics import MetricsWriter, Throughput, flops_per_token, peak_flops
