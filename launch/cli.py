@@ -1,4 +1,5 @@
-"""Conventions every launcher shares: one-line errors and a readable log."""
+"""Conventions every launcher shares: one-line errors, a readable log, and where an
+`--output` file goes (`output_path`)."""
 
 from __future__ import annotations
 
@@ -138,12 +139,12 @@ def output_path(workdir: str, name: str) -> str:
 def _check_writable(path: str, name: str) -> None:
   """Creates `path`'s directory and writes and removes a probe file there (a bucket:
   lists it and puts and deletes a probe object)."""
-  folder = paths.dirname(path)
-  if paths.is_remote(path):
+  folder, remote = paths.dirname(path), paths.is_remote(path)
+  if remote:
     paths.check_access(folder, write=True)  # a bad bucket or credentials: one line
   if paths.isdir(path):
     raise UserError(f"--output={name}: {path} is a directory; name a file")
-  if paths.is_remote(path):
+  if remote:
     return
   probe = os.path.join(folder, f".{os.path.basename(path)}.{paths.tmp_tag()}")
   try:

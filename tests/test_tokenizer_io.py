@@ -58,7 +58,11 @@ def test_a_run_keeps_a_hugging_face_tokenizer_and_its_chat_template(hf_dir, tmp_
   assert back.special == source.special and back.chat_template == CHATML
   assert back.encode(["<|im_start|>user hi"]) == source.encode(["<|im_start|>user hi"])
   (run / "chat_template.jinja").write_text(TEMPLATE)
-  assert load_tokenizer(str(run)).chat_template == TEMPLATE
+  chat = load_tokenizer(str(run))
+  assert chat.chat_template == TEMPLATE
+  export_tokenizer(chat, str(tmp_path / "export"))  # exported with the run's template
+  exported = load_tokenizer(str(tmp_path / "export"))
+  assert exported.sha256 == source.sha256 and exported.chat_template == TEMPLATE
 
 
 def test_an_export_reads_back_with_its_chat_template(tmp_path):

@@ -130,8 +130,9 @@ def read_json(path: str) -> dict[str, Any]:
 
 
 def sentencepiece_to_json(model: bytes) -> str:
-  """An lmjax SentencePiece model (its bytes) as a `tokenizers` tokenizer.json that encodes and decodes
-  exactly as SentencePiece does (unigram or BPE, byte fallback, identity normaliser).
+  """An lmjax SentencePiece model (its bytes) as a `tokenizers` tokenizer.json that encodes
+  and decodes exactly as SentencePiece does (unigram or BPE, byte fallback, identity
+  normaliser).
 
   SentencePiece prefixes the text with one "▁", turns spaces into "▁" and splits
   before each "▁"; its user-defined symbols ([MASK], [CLS], [SEP]) are matched

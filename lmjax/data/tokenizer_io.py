@@ -115,12 +115,18 @@ def export_tokenizer(tokenizer: Any, directory: str) -> None:
   """The tokenizer beside exported weights (a local directory): a Hugging Face tokenizer's
   files as they are, or lmjax's SentencePiece model with a tokenizer.json and a
   tokenizer_config.json (special tokens, chat template) for transformers."""
+  os.makedirs(directory, exist_ok=True)
   if isinstance(tokenizer, HFTokenizer):
     origin = os.path.dirname(tokenizer.path)
     for name in (*HF_FILES, *_HF_SIDE_FILES):
       if os.path.isfile(os.path.join(origin, name)):
         with open(os.path.join(origin, name), "rb") as f:
           paths.write_atomic(os.path.join(directory, name), f.read())
+    settings = read_json(os.path.join(origin, "tokenizer_config.json"))
+    if tokenizer.chat_template and tokenizer.chat_template != read_chat_template(origin, settings):
+      # a chat run's own template (over its base model's): chat_template.jinja comes first
+      # for transformers, as for `load_tokenizer`
+      paths.write_atomic(os.path.join(directory, CHAT_TEMPLATE), tokenizer.chat_template)
     return
   if not isinstance(tokenizer, Tokenizer):  # weights without a tokenizer (benchmarks)
     return
