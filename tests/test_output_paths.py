@@ -9,14 +9,30 @@ import sys
 
 import pytest
 
+from benchmarks.data_path import local_s3
 from launch.cli import output_path
 from lmjax import paths
 from lmjax.data import BUNDLED_DIR
 from lmjax.errors import UserError
-from test_object_storage import s3  # noqa: F401  (the moto S3 fixture)
 from tiny import ROOT
 
 VALID = os.path.join(BUNDLED_DIR, "valid.txt")
+BUCKET = "lmjax-outputs"
+
+
+@pytest.fixture(scope="module")
+def s3():
+  """test_object_storage's moto S3 server (local_s3), and an s3fs client. Another module's
+  server may run in this process before or after this one: moto's buckets outlive a
+  server (so this bucket has a name of its own), and s3fs caches its filesystem objects
+  with the endpoint they were made for (so the cache is emptied on both sides)."""
+  import s3fs
+  s3fs.S3FileSystem.clear_instance_cache()
+  try:
+    with local_s3(BUCKET):
+      yield s3fs.S3FileSystem(skip_instance_cache=True)
+  finally:
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture
@@ -68,11 +84,11 @@ def test_a_missing_workdir_is_left_to_the_loader(tmp_path):
   assert not (tmp_path / "nope").exists()  # nothing created for a run that is not there
 
 
-def test_bucket_outputs(s3, dirs):  # noqa: F811
+def test_bucket_outputs(s3, dirs):
   run, hf, _ = dirs
-  url = "s3://lmjax-test/outputs/lme.json"
+  url = f"s3://{BUCKET}/outputs/lme.json"
   assert output_path(str(hf), url) == url
-  assert not s3.exists("lmjax-test/outputs/lme.json")
+  assert s3.find(f"{BUCKET}/outputs") == []  # the probe is gone, nothing written
   with pytest.raises(UserError, match="check the bucket name"):
     output_path(str(run), "s3://no-such-bucket/lme.json")
 
@@ -100,8 +116,8 @@ def test_evaluate_writes_a_hugging_face_models_results_beside_not_inside(tiny_ru
   assert bad.stderr.strip().splitlines()[-1].startswith("error: --output=blocker/evaluation.json")
 
 
-def test_evaluate_writes_into_a_bucket(s3, tiny_runs, tmp_path):  # noqa: F811
-  url = "s3://lmjax-test/evaluations/clm_tiny.json"
+def test_evaluate_writes_into_a_bucket(s3, tiny_runs, tmp_path):
+  url = f"s3://{BUCKET}/evaluations/clm_tiny.json"
   proc = _launch("launch.evaluate", f"--workdir={tiny_runs / 'clm_tiny'}", f"--data={VALID}",
                  "--max_batches=1", "--seq_len=32", f"--output={url}", cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
