@@ -29,7 +29,7 @@ from lmjax.data import store
 from lmjax.data.batches import PackedDataset
 from lmjax.data.pipeline import delimiters
 from lmjax.data.prepare import PrepareConfig, prepare
-from lmjax.data.tokenizer import load_tokenizer
+from lmjax.data.tokenizer_io import load_tokenizer
 from lmjax.errors import UserError
 from lmjax.experiment import experiment_from_dict
 from lmjax.sharding import batch_sharding

@@ -33,16 +33,18 @@ def main(argv: list[str]) -> None:
   if os.path.exists(FLAGS.output) and os.listdir(FLAGS.output):
     raise UserError(f"--output {FLAGS.output} exists and is not empty; choose a new directory")
   from lmjax import pretrained
-  from lmjax.convert import export_hf, import_hf
+  from lmjax.convert import export_hf
   from lmjax.model import stack_layers
   source = pretrained.load(FLAGS.input)
   kind = export_hf(source, FLAGS.output)
-  back = import_hf(FLAGS.output)
+  back = pretrained.load(FLAGS.output)
   # Compared in one layout: an unrolled run (layers_0..) reads back scanned.
   layout = lambda params: stack_layers(params, source.model.num_layers)
   same = jax.tree.all(jax.tree.map(np.array_equal, layout(back.params), layout(source.params)))
   if not same:
     raise UserError(f"{FLAGS.output}: reading the export back gave different weights")
+  if back.tokenizer.sha256 != source.tokenizer.sha256:
+    raise UserError(f"{FLAGS.output}: reading the export back gave a different tokenizer")
   declared = back.model.dtype  # config.json's dtype: what transformers will compute in
   print(f"wrote {FLAGS.output} ({kind}, float32 weights, declared dtype {declared}, from "
         f"{source.source}); read back: identical")

@@ -29,7 +29,8 @@ from absl import logging
 
 from lmjax import __version__, cpu_dtype, objectives, paths, pretrained
 from lmjax.checkpoint import Checkpointer
-from lmjax.data.tokenizer import Tokenizer, install_tokenizer
+from lmjax.data.tokenizer import Tokenizer
+from lmjax.data.tokenizer_io import install_tokenizer, save_tokenizer
 from lmjax.errors import UserError
 from lmjax.experiment import COMPUTE_FIELDS, Experiment
 from lmjax.metrics import MetricsWriter
@@ -190,7 +191,7 @@ def build_run(exp: Experiment, workdir: str) -> TrainingRun:
   if jax.process_index() == 0:
     paths.makedirs(parts.workdir)
     if objective.fine_tunes:
-      pretrained.save_tokenizer(parts.tokenizer, parts.workdir)
+      save_tokenizer(parts.tokenizer, parts.workdir)
     for name, text in objective.run_files().items():
       paths.write_atomic(paths.join(parts.workdir, name), text)
   if not objective.fine_tunes:

@@ -72,26 +72,20 @@ def test_fill_mask_on_a_run_and_on_bert(runs):
 
 
 @pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny", "llama"])
-def test_evaluate_writes_deterministic_json(runs, name):
+def test_evaluate_writes_deterministic_json(runs, name, tmp_path):
   args = [f"--workdir={runs / name}", f"--data={VALID}", "--max_batches=2", "--seq_len=32"]
-  proc = launch("launch.evaluate", *args)
+  # a run keeps its results inside; a Hugging Face directory is left as it is
+  written = runs / name / "evaluation.json" if name != "llama" else tmp_path / "llama.json"
+  proc = launch("launch.evaluate", *args, *([f"--output={written}"] if name == "llama" else []))
   first = json.loads(proc.stdout)
   assert f"computes in {first['dtype']} (model.dtype=" in proc.stderr
-  written = json.loads((runs / name / "evaluation.json").read_text())
-  assert first == written and first["tokens"] > 0 and np.isfinite(first["loss"])
+  assert first == json.loads(written.read_text()) and first["tokens"] > 0
+  assert np.isfinite(first["loss"])
   assert first["dtype"] == "float32"  # llama: its config.json; the runs: the suite's pin
   assert ("perplexity" in first) == (name != "mlm_tiny")
   from lmjax.evaluation import evaluate_files
   again = evaluate_files(pretrained.load(str(runs / name)), [VALID], 32, 8, 2)
   assert again["loss"] == first["loss"] and again["accuracy"] == first["accuracy"]
-
-
-def test_evaluate_output_stays_inside_the_workdir(runs):
-  proc = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--workdir={runs / 'clm_tiny'}",
-                         f"--data={VALID}", "--output=../escape.json"], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 2 and "inside --workdir" in proc.stderr
-  assert not (runs / "escape.json").exists()
 
 
 @pytest.mark.parametrize("name,cls", [("clm_tiny", "GPT2LMHeadModel"),

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from absl import logging
 
-from lmjax.data.hf_tokenizer import FILES as TOKENIZER_FILES
-from lmjax.data.chat import DEFAULT_TEMPLATE
-from lmjax.data.hf_tokenizer import HFTokenizer, find_tokenizer_file, sentencepiece_to_json
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.data.tokenizer_io import export_tokenizer
 from lmjax.errors import UserError
 from lmjax.model.config import TransformerConfig
 from lmjax.model.transformer import stack_layers, unstack_layers
@@ -300,12 +296,23 @@ def _hf_name(entry_name: str, kind: str, prefixed: bool) -> str:
   return PREFIXES[kind] + entry_name if prefixed else entry_name
 
 
-def import_hf(directory: str):
-  """A Hugging Face directory as `lmjax.pretrained.Pretrained` (float32, scanned layout)."""
-  from lmjax.pretrained import Pretrained
-  with open(os.path.join(directory, "config.json")) as f:
-    hf_config = json.load(f)
-  kind, cfg = config_from_hf(hf_config)
+class HFWeights(NamedTuple):
+  """A Hugging Face checkpoint in lmjax's terms (the tokenizer is read separately)."""
+  kind: str  # "gpt2", "bert" or "llama"
+  config: TransformerConfig
+  params: dict[str, Any]  # float32 host arrays, lmjax names, scanned layout
+
+
+def read_hf(directory: str) -> HFWeights:
+  """A Hugging Face directory's config.json and safetensors weights, converted;
+  `lmjax.pretrained.load` adds the tokenizer."""
+  try:
+    with open(os.path.join(directory, "config.json"), encoding="utf-8-sig") as f:
+      hf_config = json.load(f)
+    kind, cfg = config_from_hf(hf_config)
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+    raise UserError(f"{directory}/config.json is not a config lmjax reads "
+                    f"({type(e).__name__}: {e})") from None
   tensors = read_safetensors(directory)
   prefixed = any(k.startswith(PREFIXES[kind]) for k in tensors)
   with_head = kind != "bert" or "cls.predictions.bias" in tensors
@@ -324,27 +331,12 @@ def import_hf(directory: str):
   unused = [k for k in tensors if k not in used and not any(s in k for s in IGNORED)]
   if unused:
     logging.warning("%s: %d weights not used, e.g. %s", directory, len(unused), unused[:3])
-  params = stack_layers(_nest(flat), cfg.num_layers)
-  objective = "mlm" if kind == "bert" else "clm"
-  return Pretrained(cfg, params, load_tokenizer(directory), objective,
-                    f"{directory} (Hugging Face {kind})")
+  return HFWeights(kind, cfg, stack_layers(_nest(flat), cfg.num_layers))
 
 
-def load_tokenizer(directory: str) -> Any:
-  """The SentencePiece model an lmjax export put there (beside its tokenizer.json for
-  transformers), else the directory's Hugging Face tokenizer."""
-  spm = os.path.join(directory, "tokenizer.model")
-  if os.path.isfile(spm):
-    try:
-      return Tokenizer(spm)
-    except UserError:  # a model of its own (LLaMA's), without lmjax's special tokens
-      if find_tokenizer_file(directory) is None:
-        raise
-  return HFTokenizer(directory)
-
-
-def export_hf(source, directory: str) -> str:
-  """Writes `source` (a `Pretrained`) as a directory `transformers` loads; returns the family."""
+def export_hf(source: Any, directory: str) -> str:
+  """Writes `source` (an `lmjax.pretrained.Pretrained`: model, params, tokenizer) as a
+  directory `transformers` loads; returns the family."""
   from safetensors.numpy import save_file
   cfg = source.model
   kind, hf_config = config_to_hf(cfg, source.tokenizer.special)
@@ -369,33 +361,5 @@ def export_hf(source, directory: str) -> str:
   save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
-  _copy_tokenizer(source.tokenizer, directory)
+  export_tokenizer(source.tokenizer, directory)
   return kind
-
-
-def _copy_tokenizer(tokenizer: Any, directory: str) -> None:
-  """The tokenizer travels with the weights: HF files as they are, or lmjax's SentencePiece."""
-  if isinstance(tokenizer, HFTokenizer):
-    origin = os.path.dirname(tokenizer.path)
-    for name in (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja"):
-      if os.path.isfile(os.path.join(origin, name)):
-        shutil.copyfile(os.path.join(origin, name), os.path.join(directory, name))
-  elif getattr(tokenizer, "path", None):  # weights without a tokenizer (benchmarks) have none
-    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
-      f.write(tokenizer.data)  # the bytes loaded, wherever the run directory is
-    # For transformers: the same vocabulary as tokenizer.json (AutoTokenizer encodes and
-    # decodes as SentencePiece does), its special tokens named so `generate` stops at this
-    # vocabulary's own end of text.
-    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
-      f.write(sentencepiece_to_json(tokenizer.path))
-    sp = tokenizer.special
-    names = {f"{k}_token": tokenizer.id_to_piece(v) for k, v in (
-        ("bos", sp.bos), ("eos", sp.eos), ("unk", sp.unk), ("pad", sp.pad), ("mask", sp.mask),
-        ("cls", sp.cls), ("sep", sp.sep)) if v >= 0}
-    # The chat template a chat run trained with, else lmjax's default: transformers'
-    # apply_chat_template then renders and tokenizes conversations as lmjax does.
-    template = getattr(tokenizer, "chat_template", None) or DEFAULT_TEMPLATE
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-      json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True,
-                 "add_eos_token": False, **names, "chat_template": template}, f, indent=2)

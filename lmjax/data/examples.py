@@ -15,12 +15,11 @@ second.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Sequence
 
 import numpy as np
 
-from lmjax.data.corpus import check_files
+from lmjax.data.jsonl import read_json_lines
 from lmjax.data.permutation import epoch_order
 from lmjax.errors import UserError
 
@@ -45,21 +44,11 @@ class TaskConfig:
 
 
 def _records(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
-  check_files([path], "task")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        missing = [k for k in fields if k not in record]
-      except json.JSONDecodeError:
-        missing = ["(not JSON)"]
-        record = {}
-      if missing:
-        raise UserError(f"{path}:{lineno}: expected a JSON object with {', '.join(fields)}")
-      out.append(record)
+  for where, record in read_json_lines(path, "task"):
+    if any(k not in record for k in fields):
+      raise UserError(f"{where}: expected a JSON object with {', '.join(fields)}")
+    out.append(record)
   return out
 
 
