@@ -89,3 +89,26 @@ def test_the_docs_table_plans_every_variant_the_issue_names():
           {(m, p) for m in ("data", "fsdp") for p in ("dots_no_batch", "full")}
   assert {(r[2], r[5]) for r in rows if len(r) == 6} == {(2048, "xla"), (8192, "splash"),
                                                          (8192, "xla")}
+
+
+@pytest.mark.parametrize("name", ["chat_tiny", "dpo_tiny", "finetune_pairs"])
+def test_fine_tuning_experiments_compile_through_the_same_run_builder(tiny_runs, tmp_path,
+                                                                       name):
+  """launch.compile builds the run launch.train would (one builder): an SFT, DPO or
+  task-head step compiles for a TPU topology, with init_from's architecture."""
+  init = tiny_runs / ("mlm_tiny" if name == "finetune_pairs" else "clm_tiny")
+  out = tmp_path / "report.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.compile", f"--config=experiments/{name}.py",
+       f"--init_from={init}", "--topology=v5e:2x2", f"--output={out}",
+       "--config.data.seq_len=64", "--config.train.batch_size=8", "--config.mesh.data=4"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  kind = {"chat_tiny": "sft", "dpo_tiny": "dpo", "finetune_pairs": "classification"}[name]
+  assert report["objective"] == kind and report["fits"] and report["devices"] == 4
+  assert report["memory_per_device"]["arguments"] > 0
+  assert report["collectives"]["all-reduce"]["count"] > 0  # data-parallel gradients
+  ratio = report["flops_per_step"]["ratio"]
+  # DPO runs two rows per pair (its head counted twice); a task head's vocabulary is none.
+  assert (0.9 < ratio < 1.6) if kind != "classification" else ratio > 0.9, report

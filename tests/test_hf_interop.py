@@ -97,10 +97,10 @@ def test_an_imported_model_computes_in_its_declared_dtype_whatever_the_cpu(tmp_p
 
   from lmjax import pretrained
   from lmjax.errors import UserError
-  from lmjax.model import precision
-  monkeypatch.delenv(precision.ENV, raising=False)
-  monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
-  monkeypatch.setattr(precision, "measure", lambda: pytest.fail("nothing may be timed"))
+  from lmjax import cpu_dtype
+  monkeypatch.delenv(cpu_dtype.ENV, raising=False)
+  monkeypatch.setattr(cpu_dtype, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+  monkeypatch.setattr(cpu_dtype, "measure", lambda: pytest.fail("nothing may be timed"))
   hf = make_hf_model("bert", str(tmp_path / "bert"))
   config = json.loads((tmp_path / "bert" / "config.json").read_text())
   assert config.get("dtype", config.get("torch_dtype")) == "float32"

@@ -114,7 +114,7 @@ def test_convert_exports_a_run_that_transformers_loads(runs, name, cls, tmp_path
 def test_finetune_from_a_run_and_from_bert_then_resume(runs, tmp_path):
   args = ["--config=experiments/finetune_genre.py", "--config.train.steps=4",
           "--config.train.batch_size=8", "--config.train.eval_every=4",
-          "--config.task.seq_len=32"]
+          "--config.data.seq_len=32"]
   out = launch("launch.finetune", *args, f"--init_from={runs / 'mlm_tiny'}",
                f"--workdir={tmp_path / 'a'}").stdout
   result = json.loads(out[out.index("{"):])
@@ -122,12 +122,12 @@ def test_finetune_from_a_run_and_from_bert_then_resume(runs, tmp_path):
   assert json.loads((tmp_path / "a" / "results.json").read_text()) == result
 
   from experiments import finetune_genre
-  from lmjax.finetune import finetune, finetune_from_dict
+  from tiny import finetune
   config = finetune_genre.get_config()
   config.train.update(steps=6, batch_size=8, eval_every=0)
-  config.task.seq_len = 32
-  more = finetune(finetune_from_dict(config.to_dict()), str(runs / "mlm_tiny"), str(tmp_path / "a"))
+  config.data.seq_len = 32
+  more = finetune(config.to_dict(), runs / "mlm_tiny", tmp_path / "a")
   assert more["steps"] == 6 and (tmp_path / "a" / "checkpoints" / "6").is_dir()
   config.train.steps = 2
-  from_hf = finetune(finetune_from_dict(config.to_dict()), str(runs / "bert"), str(tmp_path / "b"))
+  from_hf = finetune(config.to_dict(), runs / "bert", tmp_path / "b")
   assert from_hf["examples"] == 770

@@ -322,8 +322,8 @@ def fit(conv: Conversation, tokenizer: Any, template: ChatTemplate, seq_len: int
   if len(ids) <= seq_len:
     return ids, mask, False
   if truncation == "off":
-    raise UserError(f"{conv.where}: {len(ids)} tokens, longer than task.seq_len={seq_len} "
-                    "(set task.truncation=drop or newest)")
+    raise UserError(f"{conv.where}: {len(ids)} tokens, longer than data.seq_len={seq_len} "
+                    "(set objective.truncation=drop or newest)")
   if truncation == "drop" or not conv.messages:
     return None
   system = [m for m in conv.messages[:1] if m["role"] == "system"]
@@ -404,7 +404,7 @@ def pack_conversations(path: str, tokenizer: Any, template: ChatTemplate, seq_le
     cut += got[2]
     fitted.append(got[:2])
   if not fitted:
-    raise UserError(f"{path}: no conversation fits in task.seq_len={seq_len}")
+    raise UserError(f"{path}: no conversation fits in data.seq_len={seq_len}")
   return Packed(pack(fitted, seq_len, max(tokenizer.special.pad, 0), per_row), len(convs),
                 dropped, cut)
 
@@ -500,13 +500,13 @@ def preference_rows(path: str, tokenizer: Any, template: ChatTemplate, seq_len: 
     longest = max(len(chosen[0]), len(rejected[0]))
     if longest > seq_len:
       if truncation == "off":
-        raise UserError(f"{pref.where}: {longest} tokens, longer than task.seq_len={seq_len} "
-                        "(set task.truncation=drop)")
+        raise UserError(f"{pref.where}: {longest} tokens, longer than data.seq_len={seq_len} "
+                        "(set objective.truncation=drop)")
       dropped += 1
       continue
     kept.append((chosen, rejected))
   if not kept:
-    raise UserError(f"{path}: no preference pair fits in task.seq_len={seq_len}")
+    raise UserError(f"{path}: no preference pair fits in data.seq_len={seq_len}")
   pad = max(tokenizer.special.pad, 0)
   arrays = {}
   for i, side in enumerate(("chosen", "rejected")):

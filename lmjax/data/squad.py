@@ -228,7 +228,7 @@ def make_windows(examples: Sequence[QAExample], tokenizer: Any, seq_len: int, do
   and last token where the row holds all of it, else position 0 (the null answer, as
   run_qa points a window without the answer at [CLS])."""
   import numpy as np
-  from lmjax.data.tasks import _frame
+  from lmjax.data.examples import _frame
   begin, sep, end = _frame(tokenizer, family)
   rows, types, targets, owner, offsets = [], [], [], [], []
   for i, ex in enumerate(examples):
@@ -237,7 +237,7 @@ def make_windows(examples: Sequence[QAExample], tokenizer: Any, seq_len: int, do
     if room <= doc_stride:
       raise UserError(f"question {ex.id}: {len(head)} tokens leave {max(room, 0)} of "
                       f"seq_len={seq_len} for the context, not more than "
-                      f"task.doc_stride={doc_stride}; raise seq_len or shorten the question")
+                      f"objective.doc_stride={doc_stride}; raise seq_len or shorten the question")
     ids, spans = tokenizer.encode_with_offsets(ex.context)
     answer = None if ex.impossible else (ex.starts[0], ex.starts[0] + len(ex.answers[0]))
     lo = 0

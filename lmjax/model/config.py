@@ -51,7 +51,7 @@ class TransformerConfig:
   # Compute dtype; parameters stay in param_dtype. bfloat16_matmuls: float32 activations,
   # matmul operands in bfloat16 with float32 sums (CPUs with bfloat16 matmul units, AMX).
   # auto: bfloat16 on GPU and TPU; on a CPU, bfloat16_matmuls where it has AMX bfloat16
-  # tiles, else float32 (a fact of the CPU, never a timing: model/precision.py).
+  # tiles, else float32 (a fact of the CPU, never a timing: lmjax/cpu_dtype.py).
   dtype: str = "auto"
   param_dtype: str = "float32"
   scan_layers: bool = True  # one compiled layer applied num_layers times
@@ -131,7 +131,7 @@ class TransformerConfig:
       return self.dtype
     if jax.default_backend() in ("gpu", "tpu"):
       return "bfloat16"
-    from lmjax.model.precision import cpu_auto_dtype  # the CPU's features (cached)
+    from lmjax.cpu_dtype import cpu_auto_dtype  # the CPU's features (cached)
     return cpu_auto_dtype()
 
   @property

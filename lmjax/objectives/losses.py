@@ -235,7 +235,7 @@ def _fused_sums_bwd(spec, grads, cotangents):
 _fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
 
 
-def summarize(sums: dict[str, Array]) -> dict[str, Array]:
+def token_metrics(sums: dict[str, Array]) -> dict[str, Array]:
   """Token-normalised metrics from summed terms: loss, accuracy, perplexity."""
   denom = jnp.maximum(sums["weight"], 1.0)
   loss = sums["loss"] / denom

@@ -77,12 +77,10 @@ def test_attention_implementations_on_a_mesh_match_one_device(tmp_path, monkeypa
 
 def _sharded_state(exp, mesh=None):
   from lmjax.data.tokenizer import SpecialTokens
-  from lmjax.model import build_model
-  from lmjax.optim import learning_rate_schedule, make_optimizer
-  fns = train_lib.StepFns(build_model(exp.model), build_model(exp.model),
-                          make_optimizer(exp.optimizer, 10),
-                          learning_rate_schedule(exp.optimizer, 10), exp.objective,
-                          SpecialTokens(0, 1, 2, 3, 4, 5, 6))
+  from lmjax import objectives
+  objective = objectives.build(exp.objective, SpecialTokens(0, 1, 2, 3, 4, 5, 6),
+                               exp.model.vocab_size)
+  fns = train_lib.step_fns(exp.model, objective, exp.optimizer, 10)
   mesh = mesh or make_mesh(exp.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(exp.mesh.rules):
     abstract = jax.eval_shape(lambda: train_lib.init_state(fns, 0, (1, 32)))
