@@ -196,3 +196,28 @@ def test_export_refuses_what_its_family_cannot_express():
   for cfg, family, message in cases:
     with pytest.raises(UserError, match=re.escape(message)):
       config_to_hf(cfg, special, family)
+
+
+def test_launch_convert_keeps_a_hugging_face_inputs_family(tmp_path):
+  """launch.convert on a Phi-3 directory writes Phi-3 (its own family, which inference
+  would not pick), or what --family names; a family that cannot hold it, or an unknown one,
+  is one line and exit status 2."""
+  import subprocess
+  import sys
+
+  from tiny import ROOT
+  make_family_model("phi3", str(tmp_path / "phi3"))
+  run = lambda *args: subprocess.run([sys.executable, "-m", "launch.convert",
+                                      f"--input={tmp_path / 'phi3'}", *args], cwd=ROOT,
+                                     capture_output=True, text=True, timeout=300)
+  for args, model_type in (([], "phi3"), (["--family=mistral"], "mistral")):
+    out = tmp_path / f"out_{model_type}"
+    proc = run(f"--output={out}", *args)
+    assert proc.returncode == 0 and "identical" in proc.stdout, proc.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["model_type"] == model_type
+  for family, message in (("gemma2", "cannot be exported as gemma2: model.norm_position"),
+                          ("mixtral", "cannot export as 'mixtral'")):
+    proc = run(f"--output={tmp_path / family}", f"--family={family}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert message in proc.stderr and "Traceback" not in proc.stderr

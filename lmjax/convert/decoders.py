@@ -124,7 +124,8 @@ def _layer_types(hf: dict[str, Any], kind: str) -> tuple[str, ...]:
 def _window(hf: dict[str, Any], kind: str) -> dict[str, Any]:
   """sliding_window and the shortest repeating layer_types pattern."""
   window = hf.get("sliding_window")
-  if kind in ("llama", "olmo2") or (kind in ("qwen2", "qwen3") and not hf.get("use_sliding_window")):
+  qwen_off = kind in ("qwen2", "qwen3") and not hf.get("use_sliding_window")
+  if kind in ("llama", "olmo2") or qwen_off:
     window = None
   types = _layer_types(hf, kind)
   unknown = sorted(set(types) - {"sliding_attention", "full_attention"})

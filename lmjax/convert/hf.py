@@ -35,7 +35,8 @@ ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu"
                "silu": "silu", "swish": "silu", "relu": "relu"}
 ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu_exact": "gelu", "silu": "silu", "relu": "relu"}
 HF_DTYPES = ("float32", "bfloat16", "float16")  # what a config.json may declare
-PREFIXES = {"gpt2": "transformer.", "bert": "bert.", **{k: "model." for k in decoders.ARCHITECTURES}}
+PREFIXES = {"gpt2": "transformer.", "bert": "bert.",
+            **{kind: "model." for kind in decoders.ARCHITECTURES}}
 FAMILIES = ("gpt2", "bert", *decoders.ARCHITECTURES)  # what import_hf reads, export_hf writes
 # Buffers and heads lmjax has no use for; anything else left over gets a warning.
 IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "pooler.", "position_ids",

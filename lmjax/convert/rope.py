@@ -23,7 +23,8 @@ def _parameters(hf: dict[str, Any], kind: str) -> tuple[dict[str, Any], dict[str
     params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     return params, None
   if "full_attention" in params or "sliding_attention" in params:
-    full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    full = dict(params.get("full_attention") or {})
+    local = dict(params.get("sliding_attention") or {})
   else:  # before transformers 5: scaling for the global layers, a base for the local ones
     full, local = params, {"rope_type": "default"}
   full.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))

@@ -8,9 +8,10 @@ Key blocks entirely above the causal diagonal are never visited (the loop bound)
 and blocks in which no query may see any key (another packed document, padding)
 are skipped by a `lax.cond`. A sliding window (a query sees the `window` keys ending at
 itself) bounds the loop from below as the diagonal bounds it from above, so a query block
-visits about window / block_k + 1 key blocks whatever the length. The backward pass recomputes the probabilities block
-by block from the saved log-sum-exp (FlashAttention-2), so the forward pass keeps
-only q, k, v, the output and one float per query and head. Rows short enough to be one
+visits about window / block_k + 1 key blocks whatever the length. The backward pass
+recomputes the probabilities block by block from the saved log-sum-exp
+(FlashAttention-2), so the forward pass keeps only q, k, v, the output and one float per
+query and head. Rows short enough to be one
 block (`SAVED_PROBS_MAX_LEN`) keep their probabilities instead: cheaper than recomputing.
 
 Layout: the G query heads that share a KV head are folded into the rows of a

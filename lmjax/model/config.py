@@ -74,7 +74,8 @@ class TransformerConfig:
   # Norm of queries and keys before RoPE: over each head (Qwen3, Gemma 3) or over the whole
   # projection, all heads at once (OLMo 2); the norm is `norm`, with norm_plus_one.
   qk_norm: Literal["none", "head", "projection"] = "none"
-  attn_scale_dim: float = 0.0  # scores divided by sqrt(this); 0: head_dim (Gemma's query_pre_attn_scalar)
+  # Scores are divided by sqrt(this); 0: head_dim (Gemma's query_pre_attn_scalar).
+  attn_scale_dim: float = 0.0
   attn_softcap: float = 0.0  # scores -> c tanh(scores / c) before the softmax; 0: off (Gemma 2)
   final_softcap: float = 0.0  # logits -> c tanh(logits / c); 0: off (Gemma 2)
   embed_scale: bool = False  # token embeddings times sqrt(d_model) (Gemma)
