@@ -150,12 +150,16 @@ def test_splash_refuses_a_prefix_lm_mask():
     splash_attention(q, k, v, seg, True, jnp.array([3, 4]))
 
 
-@pytest.mark.parametrize("family", ["decoder", "encoder"])
+@pytest.mark.parametrize("family", ["decoder", "encoder", "windowed"])
 def test_every_implementation_gives_the_same_model(family):
-  """The Transformer hands each implementation its mask in the form it reads."""
+  """The Transformer hands each implementation its mask in the form it reads; `windowed`:
+  local and global layers (window 20, scanned: the kind is data), soft-capped scores."""
   from lmjax.model import TransformerConfig, build_model
-  cfg = TransformerConfig(family=family, vocab_size=64, max_len=128, d_model=32, num_layers=2,
-                          num_heads=4, num_kv_heads=2, d_ff=64, dtype="float32")
+  options = dict(sliding_window=20, layer_types=("local", "global"), attn_softcap=3.0,
+                 attn_scale_dim=4.0) if family == "windowed" else {}
+  cfg = TransformerConfig(family="encoder" if family == "encoder" else "decoder",
+                          vocab_size=64, max_len=128, d_model=32, num_layers=2, num_heads=4,
+                          num_kv_heads=2, d_ff=64, dtype="float32", **options)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 128), 0, 64)
   seg = jnp.concatenate([jnp.ones((2, 50), jnp.int32), jnp.full((2, 78), 2)], axis=1)
   params = build_model(cfg).init(jax.random.PRNGKey(0), tokens, seg)

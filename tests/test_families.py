@@ -221,3 +221,26 @@ def test_launch_convert_keeps_a_hugging_face_inputs_family(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_keys_a_config_leaves_out_take_transformers_defaults():
+  """A hand-written config.json without the keys save_pretrained writes reads as
+  transformers reads it: its config class's defaults (Gemma 2's caps 30 and 50 and scalar
+  256, Mistral's window 4096, Phi-3's and OLMo 2's eps 1e-5, silu or tanh GELU)."""
+  gemma2 = config_from_hf(dict(BASE, model_type="gemma2", hidden_act="relu"))[1]
+  assert (gemma2.final_softcap, gemma2.attn_softcap, gemma2.attn_scale_dim) == (30, 50, 256)
+  assert gemma2.activation == "gelu_tanh" and gemma2.sliding_window == 4096
+  assert gemma2.layer_types == ("local", "global") and gemma2.tie_embeddings
+  no_act = {k: v for k, v in BASE.items() if k != "hidden_act"}
+  assert config_from_hf(dict(no_act, model_type="mistral"))[1].sliding_window == 4096
+  assert config_from_hf(dict(no_act, model_type="mistral"))[1].activation == "silu"
+  assert config_from_hf(dict(BASE, model_type="mistral", sliding_window=None))[1].sliding_window == 0
+  assert config_from_hf(dict(BASE, model_type="phi3"))[1].norm_eps == 1e-5
+  assert config_from_hf(dict(BASE, model_type="olmo2"))[1].norm_eps == 1e-5
+  gemma3 = config_from_hf(dict(BASE, model_type="gemma3_text", num_hidden_layers=8))[1]
+  assert gemma3.layer_types == ("local",) * 5 + ("global",) and gemma3.final_softcap == 0
+  assert (gemma3.rope_theta, gemma3.rope_local_theta) == (1e6, 1e4)
+  qwen2 = config_from_hf(dict(BASE, model_type="qwen2", use_sliding_window=True,
+                              num_hidden_layers=4, max_window_layers=3))[1]
+  assert qwen2.sliding_window == 4096 and qwen2.local_layers == (False, False, False, True)
+  assert config_from_hf(dict(BASE, model_type="qwen2", sliding_window=64))[1].sliding_window == 0

@@ -52,6 +52,20 @@ PLAIN = dict(norm_position="pre", norm_plus_one=False, embed_scale=False, qkv_bi
              qk_norm="none", attn_scale_dim=0.0, attn_softcap=0.0, final_softcap=0.0,
              rope_local_theta=0.0)
 HAS_HEAD_DIM = ("llama", "mistral", "qwen3", "gemma2", "gemma3_text")  # a config field
+# transformers' defaults for keys a config.json may leave out (its class's field defaults).
+ACTIVATION = {kind: ("hidden_activation", "gelu_pytorch_tanh") if kind in GEMMA
+              else ("hidden_act", "silu") for kind in ARCHITECTURES}
+DEFAULTS = {"sliding_window": 4096, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6,
+            "final_logit_softcapping": None, "attn_logit_softcapping": None}
+FAMILY_DEFAULTS = {
+    "phi3": {"sliding_window": None, "rms_norm_eps": 1e-5},
+    "olmo2": {"rms_norm_eps": 1e-5},
+    "gemma2": {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}}
+
+
+def _read(hf: dict[str, Any], kind: str, key: str) -> Any:
+  """config.json's value, or the family's default when the key is absent (null stays)."""
+  return hf[key] if key in hf else FAMILY_DEFAULTS.get(kind, {}).get(key, DEFAULTS[key])
 TIED_BY_DEFAULT = GEMMA
 
 
@@ -123,7 +137,7 @@ def _layer_types(hf: dict[str, Any], kind: str) -> tuple[str, ...]:
 
 def _window(hf: dict[str, Any], kind: str) -> dict[str, Any]:
   """sliding_window and the shortest repeating layer_types pattern."""
-  window = hf.get("sliding_window")
+  window = _read(hf, kind, "sliding_window")
   qwen_off = kind in ("qwen2", "qwen3") and not hf.get("use_sliding_window")
   if kind in ("llama", "olmo2") or qwen_off:
     window = None
@@ -152,14 +166,14 @@ def config_from_hf(hf: dict[str, Any], kind: str, common: dict[str, Any]) -> Tra
       num_layers=hf["num_hidden_layers"], num_heads=heads,
       num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or 0,
       d_ff=hf["intermediate_size"], mlp="swiglu", norm="rmsnorm",
-      norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope", use_bias=False,
+      norm_eps=_read(hf, kind, "rms_norm_eps"), position="rope", use_bias=False,
       tie_embeddings=hf.get("tie_word_embeddings", kind in TIED_BY_DEFAULT))
   fields.update(FIXED[kind], **rope_from_hf(hf, kind), **_window(hf, kind))
   if kind in GEMMA:
-    fields["attn_scale_dim"] = float(hf.get("query_pre_attn_scalar") or 0)
-    fields["final_softcap"] = float(hf.get("final_logit_softcapping") or 0)
+    fields["attn_scale_dim"] = float(_read(hf, kind, "query_pre_attn_scalar"))
+    fields["final_softcap"] = float(_read(hf, kind, "final_logit_softcapping") or 0)
     if kind == "gemma2":
-      fields["attn_softcap"] = float(hf.get("attn_logit_softcapping") or 0)
+      fields["attn_softcap"] = float(_read(hf, kind, "attn_logit_softcapping") or 0)
     elif hf.get("attn_logit_softcapping"):
       logging.warning("gemma3_text: attn_logit_softcapping is set, and transformers' Gemma 3 "
                       "does not apply it; neither does lmjax")

@@ -109,7 +109,11 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[str, TransformerConfig]:
   kind = hf.get("model_type")
   get = lambda *names, default=None: next((hf[n] for n in names if hf.get(n) is not None),
                                           default)
-  act = get("activation_function", "hidden_activation", "hidden_act", default="gelu_new")
+  if kind in decoders.ARCHITECTURES:  # the key and default of the family's own config class
+    key, default = decoders.ACTIVATION[kind]
+    act = hf.get(key) or default
+  else:
+    act = get("activation_function", "hidden_act", default="gelu_new")
   if act not in ACT_FROM_HF:
     raise UserError(f"activation {act!r} is not supported (known: {', '.join(ACT_FROM_HF)})")
   common = dict(vocab_size=hf["vocab_size"], activation=ACT_FROM_HF[act], scan_layers=True,

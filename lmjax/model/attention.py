@@ -99,6 +99,19 @@ def _static(fn, window: int | None, local: bool | Array):
   return jax.lax.cond(local, lambda: fn(window), lambda: fn(None))
 
 
+def _blockwise(q: Array, k: Array, v: Array, spec: MaskSpec, matmul_dtype, window: int | None,
+               local: bool | Array, scale: float | None, softcap: float) -> Array:
+  """Blockwise attention with the window as an int (static loop bounds), or as data for a
+  layer whose kind is data (NO_WINDOW on global layers); blocks sized for the window."""
+  blocks = window_blocks(None if local is False else window)  # static, whatever the layer
+  if window is not None and not isinstance(local, bool):
+    window = jnp.where(local, window, NO_WINDOW)
+  elif local is False:
+    window = None
+  return blockwise_attention(q, k, v, spec.segment_ids, spec.causal, spec.prefix_len, blocks,
+                             blocks, matmul_dtype, window, scale, softcap)
+
+
 def attention(q: Array, k: Array, v: Array, mask: MaskSpec | Array, implementation: str,
               matmul_dtype: jnp.dtype | None = None, window: int | None = None,
               local: bool | Array = True, scale: float | None = None,
@@ -112,13 +125,7 @@ def attention(q: Array, k: Array, v: Array, mask: MaskSpec | Array, implementati
     if not isinstance(mask, MaskSpec):
       raise ValueError(f"attention_impl={implementation} needs a MaskSpec, not a dense mask")
     if implementation == "blockwise":
-      blocks = window_blocks(None if local is False else window)  # static, whatever the layer
-      if window is not None and not isinstance(local, bool):
-        window = jnp.where(local, window, NO_WINDOW)  # data: the loop bounds follow it
-      elif local is False:
-        window = None
-      return blockwise_attention(q, k, v, mask.segment_ids, mask.causal, mask.prefix_len,
-                                 blocks, blocks, matmul_dtype, window, scale, softcap)
+      return _blockwise(q, k, v, mask, matmul_dtype, window, local, scale, softcap)
     from lmjax.model.splash import splash_attention  # Pallas: imported only when used
     return _static(lambda w: splash_attention(q, k, v, mask.segment_ids, mask.causal,
                                               mask.prefix_len, w, scale, softcap), window, local)
