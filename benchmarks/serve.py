@@ -80,7 +80,7 @@ def one_request(http, url: str, prompt: list[int], max_tokens: int, seed: int
   """A streamed completion through `http` (an httpx.Client, its connection kept open as the
   openai client's is): time to first text, latency and tokens."""
   body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed,
-          "stream": True}
+          "stream": True, "stream_options": {"include_usage": True}}
   began, first, tokens = time.perf_counter(), None, 0
   with http.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
     if r.status_code != 200:
@@ -189,7 +189,7 @@ def cold_generate(workdir: str, count: int, max_tokens: int) -> float:
 def serve_loads(workdir: str, prompts: list[list[int]], counts: list[int]) -> tuple[dict, list]:
   """Starts launch.serve and runs each load against it; (its /health, the loads)."""
   import httpx
-  from lmjax.inference.server import spawn
+  from lmjax.inference.serve_process import spawn
   with tempfile.TemporaryFile("w+") as log:
     proc, url = spawn(workdir, f"--max_batch={FLAGS.max_batch}",
                       f"--max_len={FLAGS.prompt_tokens + FLAGS.max_tokens}", log=log)

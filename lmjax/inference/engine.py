@@ -38,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax.errors import UserError
-from lmjax.model import TransformerConfig, build_model, unstack_layers
+from lmjax.inference.decoder import Decoder, sample, seed_keys, step_keys, token_logprobs
+from lmjax.model import TransformerConfig
 
 Array = jax.Array
-TOP_LOGPROBS = 5  # alternatives computed per token (OpenAI's limit for `logprobs`)
 
 
 @dataclasses.dataclass
@@ -70,62 +70,21 @@ class Request:
     self.cancelled = True
 
 
-def sample_rows(logits: Array, keys: Array, temperature: Array, top_p: Array, top_k: Array
-                ) -> Array:
-  """(S, V) logits, each row with its own key and sampling parameters -> (S,) token ids.
-  Temperature 0 is greedy; top_k 0 keeps every token; top_p 1 keeps every token."""
-  def one(logits, key, temperature, top_p, top_k):
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    ordered = jnp.sort(scaled)[::-1]  # (V,) descending
-    kth = jnp.where(top_k > 0, ordered[jnp.clip(top_k - 1, 0, ordered.shape[0] - 1)], -jnp.inf)
-    probs = jax.nn.softmax(ordered)
-    before = jnp.cumsum(probs) - probs  # mass of the more likely tokens
-    cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf))
-    kept = jnp.where(scaled < jnp.maximum(kth, cutoff), -jnp.inf, scaled)
-    # An unfiltered row samples from `scaled` itself, as it would in `plain`: whether
-    # another row filters must not change its draw.
-    kept = jnp.where((top_p >= 1) & (top_k <= 0), scaled, kept)
-    return pick(logits, key, temperature, kept)
-
-  def pick(logits, key, temperature, kept):
-    sampled = jax.random.categorical(key, kept)
-    return jnp.where(temperature == 0, jnp.argmax(logits), sampled).astype(jnp.int32)
-
-  def plain(logits, keys, temperature, top_p, top_k):  # no sort when no row filters
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    return jax.vmap(pick)(logits, keys, temperature, scaled)
-  filtered = lambda *args: jax.vmap(one)(*args)
-  return jax.lax.cond(jnp.any((top_p < 1) | (top_k > 0)), filtered, plain, logits, keys,
-                      temperature, top_p, top_k)
-
-
-def _logprobs(logits: Array, chosen: Array) -> tuple[Array, Array, Array]:
-  """(N, V) logits, (N,) chosen ids -> their log-probabilities (N,) and the top alternatives:
-  ids (N, TOP_LOGPROBS) and log-probabilities (N, TOP_LOGPROBS)."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-  return jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0], top_ids, top_lp
-
-
 class Engine:
   """Serves requests from a background thread; `submit` and `Request.cancel` from any thread."""
 
   def __init__(self, cfg: TransformerConfig, params: Any, pad: int, slots: int = 8,
                chunk: int = 64, max_len: int | None = None):
-    if cfg.family != "decoder":
-      raise UserError("serving needs a decoder (CLM) model")
+    self.decoder = Decoder(cfg, params, "serving needs a decoder (CLM) model")
+    cfg, params = self.decoder.cfg, self.decoder.params
     max_len = min(max_len or cfg.max_len, cfg.max_len)
     if slots < 1 or chunk < 1 or max_len < 2:
       raise UserError(f"--max_batch ({slots}) and the chunk ({chunk}) must be >= 1, "
                       f"--max_len ({max_len}) >= 2")
-    cfg = cfg.replace(dropout_rate=0.0, remat_policy="none")
-    if cfg.scan_layers:  # per-layer cache arrays: see Generator
-      params, cfg = unstack_layers(params, cfg.num_layers), cfg.replace(scan_layers=False)
     self.cfg, self.params, self.pad = cfg, params, pad
     self.slots, self.chunk, self.max_len = slots, min(chunk, max_len), max_len
     # A multiple of the chunk: a chunk written at any multiple of it stays inside the row.
     self.cache_len = -(-max_len // self.chunk) * self.chunk
-    self.model = build_model(cfg, decode=True)
     self.buckets = sorted({min(2 ** k, slots) for k in range(slots.bit_length() + 1)})
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnames="rows")
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
@@ -140,17 +99,12 @@ class Engine:
   # ----------------------------------------------------------------------------- device
 
   def _init_state(self) -> tuple[Any, Array]:
-    dummy = jnp.zeros((self.slots, self.cache_len), jnp.int32)
-    shapes = jax.eval_shape(lambda: self.model.apply({"params": self.params}, dummy,
-                                                     mutable=["cache"])[1]["cache"])
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    cache = self.decoder.init_cache(self.slots, self.cache_len)
     return cache, jnp.zeros((self.slots, self.cfg.vocab_size), jnp.float32)
 
   def _apply(self, params, cache, tokens, segments, positions):
     positions = jnp.minimum(positions, self.max_len - 1)  # a finished row's last token
-    logits, out = self.model.apply({"params": params, "cache": cache}, tokens, segments,
-                                   positions, mutable=["cache"])
-    return logits.astype(jnp.float32), out["cache"]
+    return self.decoder.forward(params, cache, tokens, segments, positions)
 
   def _decode_fn(self, params, cache, next_logits, active, positions, temperature, top_p,
                  top_k, keys, counters, *, rows: int):
@@ -158,10 +112,9 @@ class Engine:
     top alternatives. The other rows' cache and logits are left as they are."""
     first = lambda a: a[:rows]  # materialised, as in _prefill_fn (1.5x faster here)
     mine, logits = jax.lax.optimization_barrier((jax.tree.map(first, cache), next_logits[:rows]))
-    keys = jax.vmap(jax.random.fold_in)(keys, counters)
-    tokens = sample_rows(logits, keys, temperature, top_p, top_k)
+    tokens = sample(logits, step_keys(keys, counters), temperature, top_p, top_k)
     tokens = jnp.where(active, tokens, self.pad)
-    logprob, top_ids, top_lp = _logprobs(logits, tokens)
+    logprob, top_ids, top_lp = token_logprobs(logits, tokens)
     logits, mine = self._apply(params, mine, tokens[:, None], active[:, None].astype(jnp.int32),
                                positions[:, None])
     put = lambda a, m: jax.lax.dynamic_update_slice_in_dim(a, m, 0, axis=0)
@@ -188,7 +141,7 @@ class Engine:
                          cache, mine)
     next_logits = jax.lax.dynamic_update_slice_in_dim(
         next_logits, jax.lax.dynamic_index_in_dim(logits[0], n - 1, keepdims=True), row, axis=0)
-    logprob, top_ids, top_lp = _logprobs(logits[0], targets[0])
+    logprob, top_ids, top_lp = token_logprobs(logits[0], targets[0])
     return cache, next_logits, logprob, top_ids, top_lp
 
   # ----------------------------------------------------------------------------- host
@@ -299,8 +252,7 @@ class Engine:
           r.prompt_logprobs.append((float(logprob[j]), _top(top_ids[j], top_lp[j])))
     r.prefilled += n
     if r.prefilled == len(r.prompt):
-      # jax.random.PRNGKey(seed), without a device round trip
-      self._keys[i] = ((r.seed >> 32) & 0xFFFFFFFF, r.seed & 0xFFFFFFFF)
+      self._keys[i] = seed_keys([r.seed])[0]
       if r.echo_logprobs:
         r.emit(("prompt", [None] + [lp for lp, _ in r.prompt_logprobs],
                 [None] + [top for _, top in r.prompt_logprobs]))
