@@ -100,10 +100,11 @@ def _final_state(workdir, step):
     ckpt.close()
 
 
-@pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny"])
+@pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny", "qwen3_tiny", "gemma_tiny"])
 def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, name):
+  family = {"model__sliding_window": 8} if name == "gemma_tiny" else {}  # within the rows
   config = tiny_config(name, tmp_path, train__steps=12, train__checkpoint_every=4,
-                       train__eval_every=6)
+                       train__eval_every=6, **family)
   exp = experiment_from_dict(config.to_dict())
   straight = train_lib.train_and_evaluate(exp, str(tmp_path / "straight"))
 
