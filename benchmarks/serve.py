@@ -42,6 +42,8 @@ flags.DEFINE_integer("prompt_tokens", 32, "prompt length in tokens")
 flags.DEFINE_integer("max_batch", 32, "the server's rows (--max_batch)")
 flags.DEFINE_integer("cold", 2, "cold `launch.generate` processes timed (0: none)")
 flags.DEFINE_bool("quick", False, "a small model and load: checks that it runs (tests)")
+flags.DEFINE_bool("profile", False, "also print where a decode step's time goes, per load "
+                  "(benchmarks/serve_profile.py)")
 flags.DEFINE_string("json", "", "write the figures here")
 FLAGS = flags.FLAGS
 
@@ -155,9 +157,12 @@ def generate_loop(workdir: str, prompts: list[list[int]], max_tokens: int) -> di
   return summarize(results, time.perf_counter() - began, 1)
 
 
-def engine_alone(workdir: str, prompts: list[list[int]], counts: list[int]) -> dict[int, float]:
+def engine_alone(workdir: str, prompts: list[list[int]], counts: list[int]
+                 ) -> tuple[dict[int, float], dict[int, dict]]:
   """Tokens/s of the engine in this process, no HTTP: `count` prompts submitted at once, for
-  each count. The ratio between counts is what batching allows on this machine."""
+  each count. The ratio between counts is what batching allows on this machine. Also the
+  engine's phases over each count's run."""
+  from benchmarks import serve_profile
   from lmjax import pretrained
   from lmjax.inference.engine import Engine, generate_all
   source = pretrained.load(workdir)
@@ -165,12 +170,15 @@ def engine_alone(workdir: str, prompts: list[list[int]], counts: list[int]) -> d
                   slots=FLAGS.max_batch, max_len=FLAGS.prompt_tokens + FLAGS.max_tokens).start()
   try:
     generate_all(engine, prompts[:1], FLAGS.max_tokens)  # warm
-    rates = {}
+    rates, phases = {}, {}
     for count in counts:
-      began = time.perf_counter()
+      before = (serve_profile.Probe(None, None), engine.phases.snapshot())
       outs = generate_all(engine, prompts[:count], FLAGS.max_tokens)
-      rates[count] = sum(map(len, outs)) / (time.perf_counter() - began)
-    return rates
+      after = (serve_profile.Probe(None, None), engine.phases.snapshot())
+      rates[count] = sum(map(len, outs)) / (after[0].wall - before[0].wall)
+      phases[count] = serve_profile.delta(before[0], after[0], {"before": before[1],
+                                                                "after": after[1]})
+    return rates, phases
   finally:
     engine.stop()
 
@@ -186,25 +194,33 @@ def cold_generate(workdir: str, count: int, max_tokens: int) -> float:
   return (time.perf_counter() - began) / count
 
 
-def serve_loads(workdir: str, prompts: list[list[int]], counts: list[int]) -> tuple[dict, list]:
-  """Starts launch.serve and runs each load against it; (its /health, the loads)."""
+def serve_loads(workdir: str, prompts: list[list[int]], counts: list[int]
+                ) -> tuple[dict, list, list]:
+  """Starts launch.serve and runs each load against it; (its /health, the loads, the phases
+  of each load)."""
   import httpx
+  from benchmarks import serve_profile
   from lmjax.inference.serve_process import spawn
   with tempfile.TemporaryFile("w+") as log:
     proc, url = spawn(workdir, f"--max_batch={FLAGS.max_batch}",
                       f"--max_len={FLAGS.prompt_tokens + FLAGS.max_tokens}", log=log)
+    health = lambda: httpx.get(url + "/health", timeout=30).json()
+    loads, phases = [], []
     try:
       with httpx.Client() as http:  # warm: the first steps
         one_request(http, url, prompts[0], FLAGS.max_tokens, 0)
-      loads = [run_load(url, prompts, c, FLAGS.requests, FLAGS.max_tokens) for c in counts]
-      health = httpx.get(url + "/health", timeout=30).json()
+      for c in counts:
+        before = serve_profile.Probe(health(), proc.pid)
+        loads.append(run_load(url, prompts, c, FLAGS.requests, FLAGS.max_tokens))
+        phases.append(serve_profile.delta(before, serve_profile.Probe(health(), proc.pid)))
+      final = health()
     finally:
       os.killpg(proc.pid, signal.SIGTERM)
       code = proc.wait(120)
     if code != 0:
       log.seek(0)
       raise RuntimeError(f"launch.serve exited {code}: {log.read()[-2000:]}")
-  return health, loads
+  return final, loads, phases
 
 
 @cli_main
@@ -222,16 +238,22 @@ def main(argv: list[str]) -> None:
     from lmjax import pretrained
     source = pretrained.load(workdir)
     prompts = make_prompts(source.tokenizer, max(counts) * FLAGS.requests, FLAGS.prompt_tokens)
-    health, loads = serve_loads(workdir, prompts, counts)
+    health, loads, served_phases = serve_loads(workdir, prompts, counts)
     baseline_clients = 8 if 8 in counts else max(counts)
-    alone = engine_alone(workdir, prompts, counts)
+    alone, alone_phases = engine_alone(workdir, prompts, counts)
     loop = generate_loop(workdir, prompts[:baseline_clients * FLAGS.requests], FLAGS.max_tokens)
     cold = cold_generate(workdir, FLAGS.cold, FLAGS.max_tokens) if FLAGS.cold else None
-  report(source, health, loads, alone, loop, cold, baseline_clients)
+    profile = None
+    if FLAGS.profile:
+      from benchmarks import serve_profile
+      profile = {"served": served_phases, "engine_alone": alone_phases,
+                 "device": serve_profile.device_steps(
+                     source, counts, FLAGS.prompt_tokens + FLAGS.max_tokens)}
+  report(source, health, loads, alone, loop, cold, baseline_clients, profile)
 
 
 def report(source, health: dict, loads: list[dict], alone: dict[int, float], loop: dict,
-           cold: float | None, baseline_clients: int) -> None:
+           cold: float | None, baseline_clients: int, profile: dict | None) -> None:
   cfg = source.model
   one = next((x for x in loads if x["clients"] == 1), loads[0])
   per_row = health["kv_cache_bytes"] / health["rows"]
@@ -266,12 +288,25 @@ def report(source, health: dict, loads: list[dict], alone: dict[int, float], loo
     print(f"  target 8 clients >= 4x one client: {ratio:.2f}x "
           f"({'met' if ratio >= 4 else 'NOT met'}); the engine alone gets "
           f"{bound:.2f}x from 8 rows on this machine")
+  if profile:
+    report_profile(loads, alone, profile)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump({"health": health, "loads": loads, "generate_loop": loop,
                  "cold_generate_s": cold, "kv_cache_bytes_per_row": per_row,
-                 "engine_alone_tokens_per_s": alone,
+                 "engine_alone_tokens_per_s": alone, "profile": profile,
                  "targets": targets}, f, indent=2)
+
+
+def report_profile(loads: list[dict], alone: dict[int, float], profile: dict) -> None:
+  from benchmarks import serve_profile
+  print("where the time goes (--profile)")
+  serve_profile.print_table(
+      [(f"{x['clients']} client(s)", p) for x, p in zip(loads, profile["served"])] +
+      [(f"engine alone, {k} rows", p) for k, p in profile["engine_alone"].items()])
+  print("  the device alone, ms: " + "; ".join(
+      f"{rows} rows: forward {d['forward_ms']:.2f}, sampler {d['sampler_ms']:.2f}"
+      for rows, d in profile["device"].items()))
 
 
 def counts_one(rates: dict[int, float]) -> int:

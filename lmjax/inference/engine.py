@@ -39,9 +39,14 @@ import numpy as np
 
 from lmjax.errors import UserError
 from lmjax.inference.decoder import Decoder, sample, seed_keys, step_keys, token_logprobs
+from lmjax.inference.phases import Phases
 from lmjax.model import TransformerConfig
 
 Array = jax.Array
+# Where the engine thread's time goes (`phases`, in /health): taking requests in, prefill
+# chunks, building a step's inputs, dispatching it, waiting for the device, copying its
+# results to the host, handing tokens to requests, and waiting for work.
+PHASES = ("admit", "prefill", "prepare", "dispatch", "device", "transfer", "emit", "idle")
 
 
 @dataclasses.dataclass
@@ -94,6 +99,7 @@ class Engine:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self.steps = self.chunks = 0
+    self.phases = Phases(PHASES, ("dispatches", "steps", "row_steps", "tokens", "chunks"))
     self.error: BaseException | None = None
 
   # ----------------------------------------------------------------------------- device
@@ -189,20 +195,26 @@ class Engine:
     return sum(a.nbytes for a in jax.tree.leaves(self._cache))
 
   def _loop(self) -> None:
+    ph = self.phases
     try:
       while not self._stop.is_set():
+        t = time.perf_counter()
         self._admit()
         prefilling = [i for i, r in enumerate(self._rows)
                       if r is not None and r.prefilled < len(r.prompt)]
         decoding = np.array([r is not None and r.prefilled == len(r.prompt)
                              for r in self._rows])
+        t = ph.since("admit", t)
         if prefilling:  # oldest first: one chunk, then a decode step for the others
           self._prefill_row(min(prefilling, key=lambda i: self._rows[i].arrived))
+          t = ph.since("prefill", t)
         if decoding.any():
           self._decode_rows(decoding)
         if not prefilling and not decoding.any():
           self._wake.wait(0.5)
           self._wake.clear()
+          ph.since("idle", t)
+        ph.mark_cpu()
     except BaseException as e:  # noqa: BLE001  (reported to every request; the server says so)
       self.error = e
       raise
@@ -240,6 +252,7 @@ class Engine:
         self.params, self._cache, self._next, np.int32(i), np.bool_(begin == 0), tokens,
         targets, np.int32(len(piece)))
     self.chunks += 1
+    self.phases.count("chunks")
     return logprob, top_ids, top_lp, len(piece)
 
   def _prefill_row(self, i: int) -> None:
@@ -258,6 +271,7 @@ class Engine:
                 [None] + [top for _, top in r.prompt_logprobs]))
 
   def _run_decode(self, active: np.ndarray, rows: int) -> tuple:
+    ph, t = self.phases, time.perf_counter()
     active = active[:rows]
     requests = [r if a else None for r, a in zip(self._rows, active)]
     value = lambda f, default: np.array([f(r) if r else default for r in requests])
@@ -266,15 +280,25 @@ class Engine:
             value(lambda r: r.top_p, 1.0).astype(np.float32),
             value(lambda r: r.top_k, 0).astype(np.int32), self._keys[:rows],
             value(lambda r: r.generated, 0).astype(np.int32))
+    t = ph.since("prepare", t)
     (self._cache, self._next, *out) = self._decode(self.params, self._cache, self._next, *args,
                                                    rows=rows)
+    t = ph.since("dispatch", t)
+    jax.block_until_ready(out)
+    t = ph.since("device", t)
     self.steps += 1
-    return tuple(jax.device_get(out))
+    out = tuple(jax.device_get(out))
+    ph.since("transfer", t)
+    ph.count("dispatches")
+    ph.count("steps")
+    ph.count("row_steps", int(active.sum()))
+    return out
 
   def _decode_rows(self, active: np.ndarray) -> None:
     busy = int(np.flatnonzero(active)[-1]) + 1
     tokens, logprob, top_ids, top_lp = self._run_decode(
         active, next(b for b in self.buckets if b >= busy))
+    t = time.perf_counter()
     for i in np.flatnonzero(active):
       r = self._rows[i]
       token = int(tokens[i])
@@ -283,8 +307,10 @@ class Engine:
         self._finish(i, "stop")
         continue
       r.emit(("token", token, float(logprob[i]), _top(top_ids[i], top_lp[i])))
+      self.phases.count("tokens")
       if r.generated >= r.max_tokens:
         self._finish(i, "length")
+    self.phases.since("emit", t)
 
 
 def _mask_index(cache: dict) -> Array:

@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -29,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmjax.errors import UserError
 from lmjax.inference import openai_api as api
 from lmjax.inference.engine import Engine, Request
+from lmjax.inference.phases import Phases
 
 MAX_BODY_BYTES = 8 << 20
 
@@ -48,6 +50,10 @@ class Served:
   template: Any  # lmjax.data.chat.ChatTemplate
   name: str
   created: int = 0
+  # the event loop's time: engine events waiting for it, turning tokens into text (and stop
+  # strings), and writing chunks
+  phases: Phases = dataclasses.field(default_factory=lambda: Phases(
+      ("queue_wait", "detokenize", "encode"), ("events", "chunks")))
 
   @property
   def special(self):
@@ -94,13 +100,19 @@ def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
   return out
 
 
-async def _drive(choice: ChoiceState, request: Request, events: asyncio.Queue, out: asyncio.Queue
-                 ) -> None:
-  """Feeds one engine request's events to its choice; puts (choice, released text, finish
-  reason or None) on `out`, the finish reason on its last item."""
+async def _drive(choice: ChoiceState, request: Request, events: asyncio.Queue,
+                 out: asyncio.Queue) -> None:
+  """Feeds one engine request's events (with the time each was emitted) to its choice; puts
+  (choice, released text, finish reason or None) on `out`, the finish reason on its last
+  item."""
+  ph = choice.served.phases
   try:
     while choice.finish is None:
-      text = choice.handle(await events.get())
+      emitted, event = await events.get()
+      t = ph.since("queue_wait", emitted)
+      text = choice.handle(event)
+      ph.since("detokenize", t)
+      ph.count("events")
       if text or choice.finish:
         await out.put((choice, text, choice.finish))
   finally:
@@ -123,7 +135,8 @@ class Completion:
           choice = ChoiceState(p * body.n + j, served, prompt, body.stops())
           events: asyncio.Queue = asyncio.Queue()
           request = Request(
-              prompt, max_tokens, lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e),
+              prompt, max_tokens, lambda e, q=events: loop.call_soon_threadsafe(
+                  q.put_nowait, (time.perf_counter(), e)),
               temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
               seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
               echo_logprobs=echo_logprobs, stop_ids=stop_ids)
@@ -255,7 +268,10 @@ def create_app(served: Served, api_key: str | None = None) -> FastAPI:
     return {"status": "ok", "model": served.name, "rows": engine.slots,
             "busy_rows": engine.busy_rows(), "max_len": engine.max_len,
             "prefill_chunk": engine.chunk, "kv_cache_bytes": engine.cache_bytes(),
-            "decode_steps": engine.steps, "prefill_chunks": engine.chunks}
+            "decode_steps": engine.steps, "prefill_chunks": engine.chunks,
+            "profile": {"engine": engine.phases.snapshot(),
+                        "server": dict(served.phases.snapshot(),
+                                       thread_cpu_s=time.thread_time())}}
 
   @app.get("/v1/models")
   async def models():
@@ -346,9 +362,13 @@ async def _stream_completions(served: Served, completion: Completion, rid: str, 
     if body.echo and choice.index not in echoed:
       echoed.add(choice.index)
       text = texts[choice.index // body.n] + text
-    yield _sse(api.envelope("text_completion", rid, served.name, [
+    t = time.perf_counter()
+    chunk = _sse(api.envelope("text_completion", rid, served.name, [
         {"index": choice.index, "text": text, "logprobs": None, "finish_reason": finish}],
         **usage.every()))
+    served.phases.since("encode", t)
+    served.phases.count("chunks")
+    yield chunk
   if usage.on:
     yield usage.last("text_completion", rid, served.name, completion)
   yield "data: [DONE]\n\n"
@@ -407,10 +427,14 @@ async def _stream_chat(served: Served, completion: Completion, rid: str,
         {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
          "finish_reason": None}], **usage.every()))
   async for choice, text, finish in completion.updates():
+    t = time.perf_counter()
     delta = {"content": text} if text else {}
-    yield _sse(api.envelope(kind, rid, served.name, [
+    chunk = _sse(api.envelope(kind, rid, served.name, [
         {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish}],
         **usage.every()))
+    served.phases.since("encode", t)
+    served.phases.count("chunks")
+    yield chunk
   if usage.on:
     yield usage.last(kind, rid, served.name, completion)
   yield "data: [DONE]\n\n"
