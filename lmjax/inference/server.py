@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmjax.errors import UserError
 from lmjax.inference import openai_api as api
+from lmjax.inference.choice_state import ChoiceState, Inbox
 from lmjax.inference.engine import Engine, Request
 from lmjax.inference.phases import Phases
 
@@ -63,33 +64,6 @@ class Served:
     return tuple({self.template.end_of_turn(self.tokenizer), self.special.eos} - {-1})
 
 
-class ChoiceState:
-  """One choice's tokens, text (cut at stop strings), log-probabilities and end."""
-
-  def __init__(self, index: int, served: Served, prompt: list[int], stops: list[str]):
-    self.index, self.served, self.prompt = index, served, prompt
-    self.ids: list[int] = []
-    self.logprobs: list[tuple[float, list]] = []
-    self.prompt_logprobs: tuple[list, list] | None = None
-    self.text = api.StopText(stops)
-    self.finish: str | None = None
-
-  def handle(self, event: tuple) -> str:
-    """An engine event -> the text it releases."""
-    if event[0] == "prompt":
-      self.prompt_logprobs = (event[1], event[2])
-      return ""
-    if event[0] == "token":
-      self.ids.append(event[1])
-      self.logprobs.append((event[2], event[3]))
-      out = self.text.add(self.served.tokenizer.decode(self.ids))
-      if self.text.stopped:
-        self.finish = "stop"
-      return out
-    self.finish = self.finish or event[1]
-    return self.text.finish()
-
-
 def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
   """Each token's text as it appears in the decoded whole (leading spaces included)."""
   out, before = [], ""
@@ -100,19 +74,18 @@ def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
   return out
 
 
-async def _drive(choice: ChoiceState, request: Request, events: asyncio.Queue,
-                 out: asyncio.Queue) -> None:
-  """Feeds one engine request's events (with the time each was emitted) to its choice; puts
-  (choice, released text, finish reason or None) on `out`, the finish reason on its last
-  item."""
-  ph = choice.served.phases
+async def _drive(choice: ChoiceState, request: Request, inbox: Inbox, out: asyncio.Queue,
+                 ph: Phases) -> None:
+  """Feeds one engine request's events to its choice, a batch at a time; puts (choice,
+  released text, finish reason or None) on `out`, the finish reason on its last item."""
   try:
     while choice.finish is None:
-      emitted, event = await events.get()
-      t = ph.since("queue_wait", emitted)
-      text = choice.handle(event)
+      batch = await inbox.take()
+      t = time.perf_counter()
+      ph.seconds["queue_wait"] += sum(t - emitted for emitted, _ in batch)
+      text = choice.handle([event for _, event in batch])
       ph.since("detokenize", t)
-      ph.count("events")
+      ph.count("events", len(batch))
       if text or choice.finish:
         await out.put((choice, text, choice.finish))
   finally:
@@ -123,7 +96,8 @@ class Completion:
   """The choices of one API request, running concurrently in the engine."""
 
   def __init__(self, served: Served, body: api._Body, prompts: list[list[int]], max_tokens: int,
-               stop_ids: tuple[int, ...], echo_logprobs: bool = False):
+               stop_ids: tuple[int, ...], echo_logprobs: bool = False,
+               token_logprobs: bool = False):
     self.served, self.n, self.out = served, body.n, asyncio.Queue()
     self.choices: list[ChoiceState] = []
     self.tasks: list[asyncio.Future] = []
@@ -132,18 +106,17 @@ class Completion:
     try:
       for p, prompt in enumerate(prompts):
         for j in range(body.n):
-          choice = ChoiceState(p * body.n + j, served, prompt, body.stops())
-          events: asyncio.Queue = asyncio.Queue()
+          choice = ChoiceState(p * body.n + j, served.tokenizer, prompt, body.stops())
+          inbox = Inbox(loop)
           request = Request(
-              prompt, max_tokens, lambda e, q=events: loop.call_soon_threadsafe(
-                  q.put_nowait, (time.perf_counter(), e)),
-              temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+              prompt, max_tokens, inbox.put, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
               seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
-              echo_logprobs=echo_logprobs, stop_ids=stop_ids)
+              echo_logprobs=echo_logprobs, token_logprobs=token_logprobs, stop_ids=stop_ids)
           served.engine.submit(request)
           submitted.append(request)
           self.choices.append(choice)
-          self.tasks.append(asyncio.ensure_future(_drive(choice, request, events, self.out)))
+          self.tasks.append(asyncio.ensure_future(
+              _drive(choice, request, inbox, self.out, served.phases)))
     except BaseException:
       for r in submitted:
         r.cancel()
@@ -338,7 +311,7 @@ async def _completions(served: Served, body: api.CompletionRequest, http: HttpRe
   budget = _budget(served, prompts, body.max_tokens)
   scored = body.echo and body.logprobs is not None
   completion = Completion(served, body, prompts, budget, (served.special.eos,),
-                          echo_logprobs=scored)
+                          echo_logprobs=scored, token_logprobs=body.logprobs is not None)
   rid = api.new_id("cmpl")
   if body.stream:
     return StreamingResponse(_stream_completions(served, completion, rid, body, texts),
@@ -406,7 +379,8 @@ async def _chat(served: Served, body: api.ChatRequest, http: HttpRequest):
   prompt = _chat_prompt(served, body)
   limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
   budget = _budget(served, [prompt], limit)
-  completion = Completion(served, body, [prompt], budget, served.end_of_turn())
+  completion = Completion(served, body, [prompt], budget, served.end_of_turn(),
+                          token_logprobs=body.logprobs)
   rid = api.new_id("chatcmpl")
   if body.stream:
     return StreamingResponse(_stream_chat(served, completion, rid, body),
