@@ -22,10 +22,10 @@ ends (end-of-sequence, its token budget, or cancelled). Each loop iteration runs
 at most one prefill chunk and then one decode dispatch. The host's work per dispatch
 (copying the rows' inputs in, the results out, handing tokens to requests) does not
 depend on how many steps it runs, so a dispatch runs `steps_per_dispatch` steps, except
-while a request waits for a row, is being prefilled or has yet to get its first token:
-then it runs one (or until the first row's budget ends, when no row is free), so time
-to first token does not grow and a long prompt still delays the running requests by at
-most one chunk per token. Sampling parameters, seeds, stop ids and token budgets are
+while a request is being prefilled or waits for a free row: then it runs one (or, when
+no row is free, until the first row's budget ends), so a new request's first token comes
+from the dispatch that follows its last prefill chunk and a long prompt still delays the
+running requests by at most one chunk per token. Sampling parameters, seeds, stop ids and token budgets are
 per row (arrays, `batch_state.py`), so they never cause a compilation.
 
 A row's last generated token is never fed back, so a request fits when
@@ -306,14 +306,15 @@ class Engine:
         r.emit(("prompt", [None] + [lp for lp, _ in r.prompt_logprobs],
                 [None] + [top for _, top in r.prompt_logprobs]))
 
-  def _steps(self, active: np.ndarray, prefilling: bool) -> int:
-    """Decode steps for this dispatch: one while a request is being prefilled, has yet to
-    draw its first token or waits for a free row; when it waits for a row to end, until the
-    first budget runs out; else `steps_per_dispatch`."""
-    fresh = active & (self._table.ints[:, bs.GENERATED] == 0)
-    if prefilling or fresh.any() or (not self._waiting.empty() and None in self._rows):
+  def _steps(self, prefilling: bool) -> int:
+    """Decode steps for this dispatch: one while a request is being prefilled (its first
+    token comes from the dispatch that follows its last chunk, in the same iteration) or
+    waits for a free row; while requests wait for a row to end, until the first budget
+    runs out; else `steps_per_dispatch`."""
+    waiting = not self._waiting.empty()
+    if prefilling or (waiting and None in self._rows):
       return 1
-    if not self._waiting.empty():
+    if waiting:
       return int(np.clip(self._table.remaining().min(), 1, self.steps_per_dispatch))
     return self.steps_per_dispatch
 
@@ -335,7 +336,7 @@ class Engine:
   def _decode_rows(self, active: np.ndarray, prefilling: bool) -> None:
     busy = int(np.flatnonzero(active)[-1]) + 1
     rows = next(b for b in self.buckets if b >= busy)
-    records = self._run_decode(rows, self._steps(active, prefilling))
+    records = self._run_decode(rows, self._steps(prefilling))
     t = time.perf_counter()
     drawn = np.count_nonzero(records[..., 0], axis=1)  # (rows,) tokens each row drew
     ran = int(drawn.max())
