@@ -25,7 +25,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model):
-  engine = Engine(*model, pad=0, slots=4, chunk=16, steps_per_dispatch=8).start()
+  # no time cap: every dispatch that may run 8 steps does, however busy the machine is
+  engine = Engine(*model, pad=0, slots=4, chunk=16, steps_per_dispatch=8,
+                  dispatch_ms=1e9).start()
   yield engine
   engine.stop()
 
@@ -78,6 +80,18 @@ def test_several_steps_per_dispatch_and_the_first_token_after_one(model, engine)
   assert engine.phases.counts["dispatches"] - dispatches <= 2 + 40 // 8  # not one per step
   assert got.first_at == began + 1  # the first token came from a one-step dispatch
   sampling = SamplingConfig(40, temperature=0.9)
+  assert got.tokens == Generator(*model, eos=-1, pad=0).generate([PROMPT], sampling, seed=4)[0]
+
+
+def test_a_dispatch_fits_its_time_budget(model):
+  slow = Engine(*model, pad=0, slots=2, chunk=16, steps_per_dispatch=8, dispatch_ms=0).start()
+  try:
+    got = _run(slow, PROMPT, 20, temperature=0.9, seed=4)
+  finally:
+    slow.stop()
+  counts = slow.phases.counts  # after the first 8-step dispatch, no step fits 0 ms: one each
+  assert counts["steps"] == 20 and counts["dispatches"] - len(slow.buckets) >= 20 - 8 + 1
+  sampling = SamplingConfig(20, temperature=0.9)
   assert got.tokens == Generator(*model, eos=-1, pad=0).generate([PROMPT], sampling, seed=4)[0]
 
 

@@ -21,11 +21,12 @@ iteration, then decodes with whatever else is running, and leaves its row when i
 ends (end-of-sequence, its token budget, or cancelled). Each loop iteration runs
 at most one prefill chunk and then one decode dispatch. The host's work per dispatch
 (copying the rows' inputs in, the results out, handing tokens to requests) does not
-depend on how many steps it runs, so a dispatch runs `steps_per_dispatch` steps, except
-while a request is being prefilled or waits for a free row: then it runs one (or, when
-no row is free, until the first row's budget ends), so a new request's first token comes
-from the dispatch that follows its last prefill chunk and a long prompt still delays the
-running requests by at most one chunk per token. Sampling parameters, seeds, stop ids and token budgets are
+depend on how many steps it runs, so a dispatch runs up to `steps_per_dispatch` steps,
+as many as fit `dispatch_ms` of device time (a request arriving mid-dispatch waits for it),
+except while a request is being prefilled or waits for a free row: then it runs one (or,
+when no row is free, until the first row's budget ends), so a new request's first token
+comes from the dispatch that follows its last prefill chunk and a long prompt still delays
+the running requests by at most one chunk per token. Sampling parameters, seeds, stop ids and token budgets are
 per row (arrays, `batch_state.py`), so they never cause a compilation.
 
 A row's last generated token is never fed back, so a request fits when
@@ -92,7 +93,8 @@ class Engine:
   """Serves requests from a background thread; `submit` and `Request.cancel` from any thread."""
 
   def __init__(self, cfg: TransformerConfig, params: Any, pad: int, slots: int = 8,
-               chunk: int = 64, max_len: int | None = None, steps_per_dispatch: int = 8):
+               chunk: int = 64, max_len: int | None = None, steps_per_dispatch: int = 8,
+               dispatch_ms: float = 10.0):
     self.decoder = Decoder(cfg, params, "serving needs a decoder (CLM) model")
     cfg, params = self.decoder.cfg, self.decoder.params
     max_len = min(max_len or cfg.max_len, cfg.max_len)
@@ -100,6 +102,10 @@ class Engine:
       raise UserError(f"--max_batch ({slots}), the chunk ({chunk}) and the steps per dispatch "
                       f"({steps_per_dispatch}) must be >= 1, --max_len ({max_len}) >= 2")
     self.steps_per_dispatch = steps_per_dispatch
+    # A dispatch's steps are also capped at about `dispatch_ms` of device time (from each
+    # batch size's recent seconds per step): a request arriving mid-dispatch waits for it.
+    self.dispatch_seconds = dispatch_ms / 1e3
+    self._step_seconds: dict[int, float] = {}
     self.cfg, self.params, self.pad = cfg, params, pad
     self.slots, self.chunk, self.max_len = slots, min(chunk, max_len), max_len
     # A multiple of the chunk: a chunk written at any multiple of it stays inside the row.
@@ -306,23 +312,28 @@ class Engine:
         r.emit(("prompt", [None] + [lp for lp, _ in r.prompt_logprobs],
                 [None] + [top for _, top in r.prompt_logprobs]))
 
-  def _steps(self, prefilling: bool) -> int:
+  def _steps(self, prefilling: bool, rows: int) -> int:
     """Decode steps for this dispatch: one while a request is being prefilled (its first
     token comes from the dispatch that follows its last chunk, in the same iteration) or
-    waits for a free row; while requests wait for a row to end, until the first budget
-    runs out; else `steps_per_dispatch`."""
+    waits for a free row; else as many as fit `dispatch_ms` at this batch size's recent
+    speed, at most `steps_per_dispatch`, and when requests wait for a row to end, no more
+    than the first budget to run out."""
     waiting = not self._waiting.empty()
     if prefilling or (waiting and None in self._rows):
       return 1
+    per_step = self._step_seconds.get(rows)
+    fit = self.steps_per_dispatch if per_step is None else int(self.dispatch_seconds / per_step)
+    steps = int(np.clip(fit, 1, self.steps_per_dispatch))
     if waiting:
-      return int(np.clip(self._table.remaining().min(), 1, self.steps_per_dispatch))
-    return self.steps_per_dispatch
+      steps = min(steps, max(int(self._table.remaining().min()), 1))
+    return steps
 
-  def _run_decode(self, rows: int, steps: int) -> np.ndarray:
-    """One dispatch of the first `rows` rows; its records (rows, steps_per_dispatch, RECORD)."""
+  def _run_decode(self, rows: int, steps: int) -> tuple[np.ndarray, float]:
+    """One dispatch of the first `rows` rows: its records (rows, steps_per_dispatch, RECORD)
+    and the seconds from its dispatch to its results."""
     ph, t = self.phases, time.perf_counter()
     ints, floats = self._table.ints[:rows].copy(), self._table.floats[:rows].copy()
-    t = ph.since("prepare", t)
+    t = began = ph.since("prepare", t)
     self._cache, self._next, records = self._decode(self.params, self._cache, self._next, ints,
                                                     floats, np.int32(steps), rows=rows)
     t = ph.since("dispatch", t)
@@ -331,15 +342,18 @@ class Engine:
     records = np.asarray(records)  # the one copy to the host
     ph.since("transfer", t)
     ph.count("dispatches")
-    return records
+    return records, t - began
 
   def _decode_rows(self, active: np.ndarray, prefilling: bool) -> None:
     busy = int(np.flatnonzero(active)[-1]) + 1
     rows = next(b for b in self.buckets if b >= busy)
-    records = self._run_decode(rows, self._steps(prefilling))
+    records, seconds = self._run_decode(rows, self._steps(prefilling, rows))
     t = time.perf_counter()
     drawn = np.count_nonzero(records[..., 0], axis=1)  # (rows,) tokens each row drew
     ran = int(drawn.max())
+    if ran:  # a running average, so that a slow moment on a shared machine passes
+      last = self._step_seconds.get(rows, seconds / ran)
+      self._step_seconds[rows] = 0.8 * last + 0.2 * seconds / ran
     self.steps += ran
     self.phases.count("steps", ran)
     self.phases.count("row_steps", int(drawn.sum()))
