@@ -22,12 +22,13 @@ ends (end-of-sequence, its token budget, or cancelled). Each loop iteration runs
 at most one prefill chunk and then one decode dispatch. The host's work per dispatch
 (copying the rows' inputs in, the results out, handing tokens to requests) does not
 depend on how many steps it runs, so a dispatch runs up to `steps_per_dispatch` steps,
-as many as fit `dispatch_ms` of device time (a request arriving mid-dispatch waits for it),
-except while a request is being prefilled or waits for a free row: then it runs one (or,
-when no row is free, until the first row's budget ends), so a new request's first token
-comes from the dispatch that follows its last prefill chunk and a long prompt still delays
-the running requests by at most one chunk per token. Sampling parameters, seeds, stop ids and token budgets are
-per row (arrays, `batch_state.py`), so they never cause a compilation.
+as many as fit `dispatch_ms` of device time (a request arriving mid-dispatch waits for
+it), except while a request is being prefilled or waits for a free row: then it runs one
+(or, when no row is free, until the first row's budget ends), so a new request's first
+token comes from the dispatch that follows its last prefill chunk and a long prompt still
+delays the running requests by at most one chunk per token. Sampling parameters, seeds,
+stop ids and token budgets are per row (arrays, `batch_state.py`), so they never cause a
+compilation.
 
 A row's last generated token is never fed back, so a request fits when
 prompt <= max_len and prompt + max_tokens <= max_len + 1.

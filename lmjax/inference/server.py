@@ -109,8 +109,8 @@ class Completion:
           choice = ChoiceState(p * body.n + j, served.tokenizer, prompt, body.stops())
           inbox = Inbox(loop)
           request = Request(
-              prompt, max_tokens, inbox.put, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-              seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
+              prompt, max_tokens, inbox.put, temperature=body.temperature, top_p=body.top_p,
+              top_k=body.top_k, seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
               echo_logprobs=echo_logprobs, token_logprobs=token_logprobs, stop_ids=stop_ids)
           served.engine.submit(request)
           submitted.append(request)
