@@ -120,3 +120,24 @@ def test_every_path_samples_the_same_tokens(model, engine, sampling):
   streamed = list(generator.stream(prompt, sampling, seed=11))
   assert served == batch and streamed == batch[0]
   assert len({tuple(b) for b in batch}) > 1 and max(map(len, batch)) > 5
+
+
+def test_a_request_taking_a_row_below_running_rows_decodes_as_alone(model, engine):
+  """Row 0 freed while rows 1 and 2 run: the request that takes it is prefilled, then
+  decoded in batches that span the running rows, and must start from its own logits."""
+  sampling = SamplingConfig(max_new_tokens=12, temperature=0.0)
+  events = [[] for _ in range(3)]
+  requests = [Request([2, 40 + i, 50 + i], 60, events[i].append) for i in range(3)]
+  for r in requests:
+    engine.submit(r)
+  deadline = threading.Event()
+  while sum(e[0] == "token" for e in events[2]) < 3:
+    assert not deadline.wait(0.01) and not any(e[0] == "done" for e in events[2])
+  requests[0].cancel()
+  while not any(e[0] == "done" for e in events[0]):
+    deadline.wait(0.01)
+  prompt = [2, 17, 33, 9]
+  got = _engine_tokens(engine, prompt, sampling, [0])[0]
+  for r in requests[1:]:
+    r.cancel()
+  assert got == Generator(*model, eos=3, pad=0).generate([prompt], sampling)[0]

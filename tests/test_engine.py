@@ -157,3 +157,4 @@ def test_sample_follows_each_rows_parameters():
   draws = sample(jnp.repeat(logits[5:], 200, 0), jax.random.split(keys[0], 200),
                       jnp.full(200, 5.0), jnp.ones(200), jnp.full(200, 2))
   assert set(np.asarray(draws).tolist()) == set(top2.tolist())  # hot, but only the top 2
+

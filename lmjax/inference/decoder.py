@@ -77,20 +77,31 @@ def sample(logits: Array, keys: Array, temperature: Array, top_p: Array, top_k: 
   """(S, V) logits, (S, 2) keys, (S,) temperature, top_p, top_k -> (S,) int32 token ids.
 
   Temperature 0 is greedy (the argmax of the raw logits); top_k 0 and top_p 1 keep every
-  token. Rows that filter nothing skip the sort, and a batch of greedy rows skips the
-  random draw: both only save work, the tokens are the same."""
-  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+  token. A row's draw is `jax.random.categorical(key, kept logits)`'s, written out (the
+  argmax of Gumbel noise plus the logits) so that greedy and sampled rows share one argmax.
+  Rows that filter nothing skip the sort, and a batch of greedy rows skips the random
+  draw: both only save work, the tokens are the same."""
+  greedy = temperature == 0
   unfiltered = (top_p >= 1) & (top_k <= 0)
 
-  def draw(kept):
-    drawn = jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
-    return jnp.where(temperature == 0, best, drawn)
-  branches = [lambda: best, lambda: draw(scaled),
-              lambda: draw(jnp.where(unfiltered[:, None], scaled,
-                                     _top_k_top_p(scaled, top_p, top_k)))]
-  which = jnp.where(jnp.all(temperature == 0), 0, jnp.where(jnp.all(unfiltered), 1, 2))
+  def draw(filtering: bool) -> Array:
+    kept = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    if filtering:
+      kept = jnp.where(unfiltered[:, None], kept, _top_k_top_p(kept, top_p, top_k))
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[1:], logits.dtype))(keys)
+    return first_argmax(jnp.where(greedy[:, None], logits, noise + kept))
+  branches = [lambda: first_argmax(logits), lambda: draw(False), lambda: draw(True)]
+  which = jnp.where(jnp.all(greedy), 0, jnp.where(jnp.all(unfiltered), 1, 2))
   return jax.lax.switch(which, branches)
+
+
+def first_argmax(x: Array) -> Array:
+  """(S, V) -> (S,) int32: `jnp.argmax` (the first index of each row's maximum) as two plain
+  reductions; XLA:CPU runs argmax's paired (value, index) reduction several times slower."""
+  top = jnp.max(x, axis=-1, keepdims=True)
+  vocab = x.shape[-1]
+  first = jnp.min(jnp.where(x == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+  return jnp.minimum(first, vocab - 1)  # a row of NaNs: the last id, not out of range
 
 
 def _top_k_top_p(scaled: Array, top_p: Array, top_k: Array) -> Array:

@@ -5,9 +5,10 @@ segment id 0, so nothing attends to it, and each row's cache index advances by
 its real tokens only, so its first new token overwrites its padding); the cache
 holds P + max_new_tokens slots. `generate` prefills the prompts in one forward pass,
 then produces one token per step inside `lax.while_loop`, all in one compiled
-function. `stream` yields tokens one by one from the host for interactive use. The cache, the forward
-pass and the sampler are `decoder.py`'s, shared with the serving engine: row i of a
-batch sampled with `seed` draws as a served request with seed `seed + i` does.
+function. `stream` yields tokens one by one from the host for interactive use. The
+cache, the forward pass and the sampler are `decoder.py`'s, shared with the serving
+engine: row i of a batch sampled with `seed` draws as a served request with seed
+`seed + i` does.
 """
 
 from __future__ import annotations

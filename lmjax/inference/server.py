@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -28,7 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmjax.errors import UserError
 from lmjax.inference import openai_api as api
+from lmjax.inference.choice_state import ChoiceState, Inbox
 from lmjax.inference.engine import Engine, Request
+from lmjax.inference.phases import Phases
 
 MAX_BODY_BYTES = 8 << 20
 
@@ -48,6 +51,10 @@ class Served:
   template: Any  # lmjax.data.chat.ChatTemplate
   name: str
   created: int = 0
+  # the event loop's time: engine events waiting for it, turning tokens into text (and stop
+  # strings), and writing chunks
+  phases: Phases = dataclasses.field(default_factory=lambda: Phases(
+      ("queue_wait", "detokenize", "encode"), ("events", "chunks")))
 
   @property
   def special(self):
@@ -55,33 +62,6 @@ class Served:
 
   def end_of_turn(self) -> tuple[int, ...]:
     return tuple({self.template.end_of_turn(self.tokenizer), self.special.eos} - {-1})
-
-
-class ChoiceState:
-  """One choice's tokens, text (cut at stop strings), log-probabilities and end."""
-
-  def __init__(self, index: int, served: Served, prompt: list[int], stops: list[str]):
-    self.index, self.served, self.prompt = index, served, prompt
-    self.ids: list[int] = []
-    self.logprobs: list[tuple[float, list]] = []
-    self.prompt_logprobs: tuple[list, list] | None = None
-    self.text = api.StopText(stops)
-    self.finish: str | None = None
-
-  def handle(self, event: tuple) -> str:
-    """An engine event -> the text it releases."""
-    if event[0] == "prompt":
-      self.prompt_logprobs = (event[1], event[2])
-      return ""
-    if event[0] == "token":
-      self.ids.append(event[1])
-      self.logprobs.append((event[2], event[3]))
-      out = self.text.add(self.served.tokenizer.decode(self.ids))
-      if self.text.stopped:
-        self.finish = "stop"
-      return out
-    self.finish = self.finish or event[1]
-    return self.text.finish()
 
 
 def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -94,13 +74,18 @@ def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
   return out
 
 
-async def _drive(choice: ChoiceState, request: Request, events: asyncio.Queue, out: asyncio.Queue
-                 ) -> None:
-  """Feeds one engine request's events to its choice; puts (choice, released text, finish
-  reason or None) on `out`, the finish reason on its last item."""
+async def _drive(choice: ChoiceState, request: Request, inbox: Inbox, out: asyncio.Queue,
+                 ph: Phases) -> None:
+  """Feeds one engine request's events to its choice, a batch at a time; puts (choice,
+  released text, finish reason or None) on `out`, the finish reason on its last item."""
   try:
     while choice.finish is None:
-      text = choice.handle(await events.get())
+      batch = await inbox.take()
+      t = time.perf_counter()
+      ph.seconds["queue_wait"] += sum(t - emitted for emitted, _ in batch)
+      text = choice.handle([event for _, event in batch])
+      ph.since("detokenize", t)
+      ph.count("events", len(batch))
       if text or choice.finish:
         await out.put((choice, text, choice.finish))
   finally:
@@ -111,7 +96,8 @@ class Completion:
   """The choices of one API request, running concurrently in the engine."""
 
   def __init__(self, served: Served, body: api._Body, prompts: list[list[int]], max_tokens: int,
-               stop_ids: tuple[int, ...], echo_logprobs: bool = False):
+               stop_ids: tuple[int, ...], echo_logprobs: bool = False,
+               token_logprobs: bool = False):
     self.served, self.n, self.out = served, body.n, asyncio.Queue()
     self.choices: list[ChoiceState] = []
     self.tasks: list[asyncio.Future] = []
@@ -120,17 +106,17 @@ class Completion:
     try:
       for p, prompt in enumerate(prompts):
         for j in range(body.n):
-          choice = ChoiceState(p * body.n + j, served, prompt, body.stops())
-          events: asyncio.Queue = asyncio.Queue()
+          choice = ChoiceState(p * body.n + j, served.tokenizer, prompt, body.stops())
+          inbox = Inbox(loop)
           request = Request(
-              prompt, max_tokens, lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e),
-              temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-              seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
-              echo_logprobs=echo_logprobs, stop_ids=stop_ids)
+              prompt, max_tokens, inbox.put, temperature=body.temperature, top_p=body.top_p,
+              top_k=body.top_k, seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
+              echo_logprobs=echo_logprobs, token_logprobs=token_logprobs, stop_ids=stop_ids)
           served.engine.submit(request)
           submitted.append(request)
           self.choices.append(choice)
-          self.tasks.append(asyncio.ensure_future(_drive(choice, request, events, self.out)))
+          self.tasks.append(asyncio.ensure_future(
+              _drive(choice, request, inbox, self.out, served.phases)))
     except BaseException:
       for r in submitted:
         r.cancel()
@@ -255,7 +241,10 @@ def create_app(served: Served, api_key: str | None = None) -> FastAPI:
     return {"status": "ok", "model": served.name, "rows": engine.slots,
             "busy_rows": engine.busy_rows(), "max_len": engine.max_len,
             "prefill_chunk": engine.chunk, "kv_cache_bytes": engine.cache_bytes(),
-            "decode_steps": engine.steps, "prefill_chunks": engine.chunks}
+            "decode_steps": engine.steps, "prefill_chunks": engine.chunks,
+            "profile": {"engine": engine.phases.snapshot(),
+                        "server": dict(served.phases.snapshot(),
+                                       thread_cpu_s=time.thread_time())}}
 
   @app.get("/v1/models")
   async def models():
@@ -322,7 +311,7 @@ async def _completions(served: Served, body: api.CompletionRequest, http: HttpRe
   budget = _budget(served, prompts, body.max_tokens)
   scored = body.echo and body.logprobs is not None
   completion = Completion(served, body, prompts, budget, (served.special.eos,),
-                          echo_logprobs=scored)
+                          echo_logprobs=scored, token_logprobs=body.logprobs is not None)
   rid = api.new_id("cmpl")
   if body.stream:
     return StreamingResponse(_stream_completions(served, completion, rid, body, texts),
@@ -346,9 +335,13 @@ async def _stream_completions(served: Served, completion: Completion, rid: str, 
     if body.echo and choice.index not in echoed:
       echoed.add(choice.index)
       text = texts[choice.index // body.n] + text
-    yield _sse(api.envelope("text_completion", rid, served.name, [
+    t = time.perf_counter()
+    chunk = _sse(api.envelope("text_completion", rid, served.name, [
         {"index": choice.index, "text": text, "logprobs": None, "finish_reason": finish}],
         **usage.every()))
+    served.phases.since("encode", t)
+    served.phases.count("chunks")
+    yield chunk
   if usage.on:
     yield usage.last("text_completion", rid, served.name, completion)
   yield "data: [DONE]\n\n"
@@ -386,7 +379,8 @@ async def _chat(served: Served, body: api.ChatRequest, http: HttpRequest):
   prompt = _chat_prompt(served, body)
   limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
   budget = _budget(served, [prompt], limit)
-  completion = Completion(served, body, [prompt], budget, served.end_of_turn())
+  completion = Completion(served, body, [prompt], budget, served.end_of_turn(),
+                          token_logprobs=body.logprobs)
   rid = api.new_id("chatcmpl")
   if body.stream:
     return StreamingResponse(_stream_chat(served, completion, rid, body),
@@ -407,10 +401,14 @@ async def _stream_chat(served: Served, completion: Completion, rid: str,
         {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
          "finish_reason": None}], **usage.every()))
   async for choice, text, finish in completion.updates():
+    t = time.perf_counter()
     delta = {"content": text} if text else {}
-    yield _sse(api.envelope(kind, rid, served.name, [
+    chunk = _sse(api.envelope(kind, rid, served.name, [
         {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish}],
         **usage.every()))
+    served.phases.since("encode", t)
+    served.phases.count("chunks")
+    yield chunk
   if usage.on:
     yield usage.last(kind, rid, served.name, completion)
   yield "data: [DONE]\n\n"
