@@ -237,17 +237,20 @@ def _busy_rows(url: str) -> int:
 
 def test_a_client_that_disconnects_mid_stream_is_cleaned_up(served):
   url, _ = served
-  body = {"prompt": "ROMEO.", "max_tokens": 250, "temperature": 0, "stream": True}
+  # 16 choices of 250 tokens on 4 rows: seconds of work, far more than the client takes to
+  # read its first chunk and hang up (one long choice alone can end first on a fast engine).
+  body = {"prompt": "ROMEO.", "max_tokens": 250, "temperature": 0.9, "seed": 1, "n": 16,
+          "stream": True}
   with httpx.Client(timeout=60) as http:
     with http.stream("POST", url + "/v1/completions", json=body,
                      headers={"Authorization": f"Bearer {KEY}"}) as r:
       lines = r.iter_lines()
       assert next(lines).startswith("data: ")
-      assert _busy_rows(url) == 1
+      assert _busy_rows(url) == 4
   deadline = time.monotonic() + 30
   while _busy_rows(url) and time.monotonic() < deadline:
     time.sleep(0.05)
-  assert _busy_rows(url) == 0  # the row was freed long before its 250 tokens
+  assert _busy_rows(url) == 0  # the rows were freed long before 16 x 250 tokens
   again = httpx.post(url + "/v1/completions", json={"prompt": "ROMEO.", "max_tokens": 2},
                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
   assert again.status_code == 200
