@@ -29,7 +29,7 @@ from lmjax.data import store
 from lmjax.data.batches import PackedDataset
 from lmjax.data.pipeline import delimiters
 from lmjax.data.prepare import PrepareConfig, prepare
-from lmjax.data.tokenizer import load_tokenizer
+from lmjax.data.tokenizer_io import load_tokenizer
 from lmjax.errors import UserError
 from lmjax.experiment import experiment_from_dict
 from lmjax.sharding import batch_sharding
@@ -96,7 +96,7 @@ def reader_rate(path: str, seq_len: int, batch: int, batches: int) -> float:
 
 def checkpoint_seconds(exp, workdir: str, repeats: int = 3) -> tuple[float, float]:
   """(save, restore) seconds of the experiment's fresh train state, min of `repeats`."""
-  run = train_lib.setup_run(exp, workdir)
+  run = train_lib.build_run(exp, workdir)
   state = jax.jit(lambda: train_lib.unbox(train_lib.init_state(
       run.fns, 0, (1, exp.data.seq_len))))()
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
@@ -158,7 +158,7 @@ def main(argv):
 def measure(exp, batches: int, steps: int) -> tuple[float, float]:
   """(input pipeline tokens/s, train step tokens/s) for one experiment."""
   with tempfile.TemporaryDirectory() as workdir:
-    run = train_lib.setup_run(exp, workdir)
+    run = train_lib.build_run(exp, workdir)
     data = data_rate(run, batches)
     run.ckpt.close()
     run.writer.close()

@@ -27,8 +27,9 @@ from absl import app, flags
 from lmjax import objectives
 from lmjax import train as train_lib
 from lmjax.data import BUNDLED_DIR, Tokenizer, chat
+from lmjax.data.examples import TaskConfig
 from lmjax.model import TransformerConfig
-from lmjax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from lmjax.optim import OptimizerConfig
 from lmjax.sharding import unbox
 
 flags.DEFINE_bool("quick", False, "fewer repeats")
@@ -47,9 +48,7 @@ def _fns(kind: str, model: TransformerConfig, tok: Tokenizer, task=None):
   cfg = objectives.objective_class(kind).config_class(kind=kind)
   objective = objectives.build(cfg, tok.special, model.vocab_size, task)
   opt = OptimizerConfig(learning_rate=1e-3, warmup_steps=0)
-  return train_lib.StepFns(objective.build_model(model, True), objective.build_model(model, True),
-                           make_optimizer(opt, 100), learning_rate_schedule(opt, 100), objective,
-                           tok.special), objective
+  return train_lib.step_fns(model.replace(dropout_rate=0.0), objective, opt, 100), objective
 
 
 def _timer(fns, batch):
@@ -83,7 +82,7 @@ def step_costs(quick: bool) -> dict:
                             num_layers=4, num_heads=4, d_ff=512, scan_layers=False,
                             dtype="float32")
   rng = np.random.default_rng(0)
-  task = objectives.TaskConfig(kind="sft", seq_len=SEQ)
+  task = TaskConfig()
   packed = chat.pack_conversations(os.path.join(DATA, "chat_train.jsonl"), tok,
                                    chat.load_template(tok), SEQ, "newest")
   rows = {k: v[:2 * BATCH] for k, v in packed.arrays.items()}
@@ -120,7 +119,7 @@ def preference_accuracy(run: str) -> dict:
   tok = source.tokenizer
   pairs = chat.preference_rows(os.path.join(DATA, "dpo_eval.jsonl"), tok,
                                chat.load_template(tok), SEQ, "drop").arrays
-  model = objectives.SFT(objectives.ObjectiveConfig(kind="sft"), tok.special,
+  model = objectives.SFT(objectives.SFTConfig(), tok.special,
                          source.model.vocab_size).build_model(source.model, True)
   logps = jax.jit(lambda p, *a: _completion_logps(model, p, *a))
   side = {s: np.asarray(logps(source.params, *(pairs[f"{s}_{k}"] for k in

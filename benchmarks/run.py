@@ -161,18 +161,17 @@ def run_compile(quick: bool) -> dict:
   import functools
 
   from benchmarks.train_step import SPECIAL
+  from lmjax import objectives
   from lmjax import train as train_lib
-  from lmjax.model import build_model
-  from lmjax.objectives import ObjectiveConfig
-  from lmjax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+  from lmjax.objectives import LMConfig
+  from lmjax.optim import OptimizerConfig
   out = {}
   for scan in (True, False):
     for depth in (2, 8, 32):
       shape = Shape("clm", 256, depth, 256, 4)
       cfg = shape.model().replace(scan_layers=scan)
       opt = OptimizerConfig()
-      fns = train_lib.StepFns(build_model(cfg), build_model(cfg), make_optimizer(opt, 10),
-                              learning_rate_schedule(opt, 10), ObjectiveConfig(), SPECIAL)
+      fns = train_lib.step_fns(cfg, objectives.build(LMConfig(), SPECIAL, cfg.vocab_size), opt, 10)
       state = jax.eval_shape(lambda: train_lib.unbox(train_lib.init_state(fns, 0, (1, 8))))
       batch = {k: jax.ShapeDtypeStruct((4, 256), np.int32)
                for k in ("tokens", "segment_ids", "positions")}
@@ -250,9 +249,8 @@ def run_flops(quick: bool) -> list[dict]:
   from benchmarks.train_step import SPECIAL
   from lmjax import train as train_lib
   from lmjax.metrics import lowered_dot_flops
-  from lmjax.model import build_model
-  from lmjax.objectives import ObjectiveConfig
-  from lmjax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+  from lmjax import objectives
+  from lmjax.optim import OptimizerConfig
   rows = []
   for objective in ("clm", "mlm"):
     shape = Shape(objective, 256, 2, 256, 4)
@@ -260,9 +258,9 @@ def run_flops(quick: bool) -> list[dict]:
     # attention's blocks, the fused head's chunks) once, not once per iteration.
     cfg = shape.model().replace(scan_layers=False, attention_impl="xla")
     opt = OptimizerConfig()
-    fns = train_lib.StepFns(build_model(cfg), build_model(cfg), make_optimizer(opt, 10),
-                            learning_rate_schedule(opt, 10),
-                            ObjectiveConfig(kind=objective, fused_head="off"), SPECIAL)
+    cls = objectives.objective_class(objective).config_class
+    fns = train_lib.step_fns(cfg, objectives.build(cls(kind=objective, fused_head="off"),
+                                                   SPECIAL, cfg.vocab_size), opt, 10)
     state = jax.eval_shape(lambda: train_lib.unbox(train_lib.init_state(fns, 0, (1, 8))))
     batch = {k: jax.ShapeDtypeStruct((4, 256), np.int32)
              for k in ("tokens", "segment_ids", "positions")}

@@ -18,9 +18,9 @@ import numpy as np
 from lmjax import train as train_lib
 from lmjax.data.tokenizer import SpecialTokens
 from lmjax.metrics import flops_per_token
-from lmjax.model import TransformerConfig, build_model
-from lmjax.objectives import ObjectiveConfig
-from lmjax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from lmjax.model import TransformerConfig
+from lmjax import objectives
+from lmjax.optim import OptimizerConfig
 
 SPECIAL = SpecialTokens(pad=0, unk=1, bos=2, eos=3, mask=4, cls=5, sep=6)
 
@@ -54,7 +54,8 @@ class Shape:
 
   @property
   def flops_per_step(self) -> float:
-    predictions = ObjectiveConfig(kind=self.objective).predictions(self.seq_len)
+    predictions = objectives.objective_class(self.objective).config_class(
+        kind=self.objective).predictions(self.seq_len)
     return flops_per_token(self.model(), self.seq_len, predictions) * self.batch * self.seq_len
 
 
@@ -70,9 +71,9 @@ def lmjax_step(shape: Shape, steps: int, model_cfg: TransformerConfig | None = N
   """A callable that runs `steps` compiled lmjax train steps (state donated, on device)."""
   cfg = model_cfg or shape.model()
   opt = OptimizerConfig(warmup_steps=0)
-  fns = train_lib.StepFns(build_model(cfg), build_model(cfg), make_optimizer(opt, 1000),
-                          learning_rate_schedule(opt, 1000), ObjectiveConfig(kind=shape.objective),
-                          SPECIAL)
+  cls = objectives.objective_class(shape.objective).config_class
+  fns = train_lib.step_fns(cfg, objectives.build(cls(kind=shape.objective), SPECIAL,
+                                                 cfg.vocab_size), opt, 1000)
   state = jax.jit(lambda: train_lib.unbox(train_lib.init_state(fns, 0, (1, 8))))()
   step = jax.jit(functools.partial(train_lib.train_step, fns), donate_argnums=(0,))
   batch = jax.device_put(_batch(shape))

@@ -14,7 +14,7 @@ from lmjax.experiment import default_config
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg
-  c = ml_collections.ConfigDict(default_config())
+  c = ml_collections.ConfigDict(default_config("mlm"))
   c.model.update(
       family="encoder",
       vocab_size=30592,  # BERT's 30522 rounded up to a multiple of 128

@@ -29,7 +29,7 @@ from lmjax.experiment import default_config
 
 
 @dataclasses.dataclass(frozen=True)
-class ConfidencePenaltyConfig(objectives.ObjectiveConfig):
+class ConfidencePenaltyConfig(objectives.LMConfig):  # CLM's options, and one more
   kind: str = "clm_confidence_penalty"
   penalty: float = 0.1  # weight of the (negative) entropy of each next-token distribution
 
@@ -56,8 +56,8 @@ class CLMWithConfidencePenalty(objectives.CLM):
     sums["objective"] = sums["objective"] - self.cfg.penalty * sums["entropy"]
     return sums
 
-  def summarize(self, sums):
-    metrics = super().summarize(sums)
+  def metrics(self, sums):
+    metrics = super().metrics(sums)
     metrics["entropy"] = sums["entropy"] / jnp.maximum(sums["weight"], 1.0)  # nats per token
     return metrics
 

@@ -3,7 +3,7 @@
   python -m launch.finetune --config experiments/chat_tiny.py --init_from runs/clm_tiny \
       --workdir runs/chat_tiny
   python -m launch.finetune --config experiments/dpo_tiny.py --init_from runs/chat_tiny \
-      --workdir runs/dpo_tiny [--config.dpo.beta=0.1 --config.dpo.label_smoothing=0.0]
+      --workdir runs/dpo_tiny [--config.objective.beta=0.1 --config.objective.label_smoothing=0.0]
 
 Each pair (experiments/data/dpo_{train,eval}.jsonl, from make_dialogues.py) shows a
 passage and asks who speaks first: `chosen` names the first speaker, `rejected`
@@ -17,17 +17,18 @@ import os
 
 import ml_collections
 
-from lmjax.finetune import default_finetune_config
+from lmjax.experiment import default_config
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(default_finetune_config())
-  c.task.update(kind="dpo", train_file=os.path.join(DATA, "dpo_train.jsonl"),
-                eval_file=os.path.join(DATA, "dpo_eval.jsonl"), seq_len=256, dropout_rate=0.0,
-                truncation="drop")
-  c.dpo.update(beta=0.1, label_smoothing=0.0)
+  c = ml_collections.ConfigDict(default_config("dpo"))
+  c.task.update(train_file=os.path.join(DATA, "dpo_train.jsonl"),
+                eval_file=os.path.join(DATA, "dpo_eval.jsonl"))
+  c.objective.update(beta=0.1, label_smoothing=0.0, truncation="drop")
+  c.data.seq_len = 256
+  c.model.dropout_rate = 0.0
   c.optimizer.update(learning_rate=5e-4, warmup_steps=10, schedule="cosine", weight_decay=0.0)
   c.train.update(steps=200, batch_size=16, log_every=10, eval_every=50, eval_batches=0,
                  checkpoint_every=50)

@@ -11,7 +11,7 @@ from lmjax.experiment import default_config
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg
-  c = ml_collections.ConfigDict(default_config())
+  c = ml_collections.ConfigDict(default_config("mlm"))
   c.model.update(
       family="encoder",
       vocab_size=2048,  # = the bundled tokenizer

@@ -1,4 +1,5 @@
-"""Conventions every launcher shares: one-line errors and a readable log."""
+"""Conventions every launcher shares: one-line errors, a readable log, and where an
+`--output` file goes (`output_path`)."""
 
 from __future__ import annotations
 
@@ -115,30 +116,44 @@ def define_dtype_flag() -> None:
                     "checkpoint's dtype, float32 when absent; an lmjax run's model.dtype)")
 
 
-def load_model(path: str, dtype: str | None) -> Any:
-  """`lmjax.pretrained.load`, saying which dtype the model computes in."""
-  from lmjax import pretrained
-  source = pretrained.load(path, dtype)
-  declared = "--dtype" if dtype else f"model.dtype={source.model.dtype}"
-  # `auto` depends on the backend, which then starts; an explicit dtype needs none yet (a
-  # bad checkpoint found next stays a one-line error, without the backend's start-up noise)
-  name = source.model.resolved_dtype if source.model.dtype == "auto" else source.model.dtype
-  logging.info("%s computes in %s (%s)", source.source, name, declared)
-  return source
-
-
 def output_path(workdir: str, name: str) -> str:
-  """`name` inside `workdir` (a directory or a bucket URL); a path that leads elsewhere is
-  refused."""
-  if paths.is_remote(workdir):
-    if "/" in name or name in ("", ".", ".."):
-      raise UserError(f"--output={name} must be a file name inside --workdir")
-    return paths.join(paths.resolve(workdir), name)
-  root = os.path.realpath(workdir)
-  path = os.path.realpath(os.path.join(root, name))
-  if os.path.isabs(name) or not path.startswith(root + os.sep):
-    raise UserError(f"--output={name} must be a file name inside --workdir")
+  """Where `--output=name` writes: a bare file name inside `workdir` for an lmjax run, and
+  in the current directory for a Hugging Face model directory (never into the model's own
+  folder, often read-only or shared); any other path (relative to the current directory,
+  absolute, gs:// or s3://) as given. Its directory is created and checked writable here,
+  so a bad one is one line before the evaluation runs, not after it."""
+  from lmjax.pretrained import is_hf_dir
+  if not name or name in (".", "..") or name.endswith(("/", os.sep)):
+    raise UserError(f"--output={name!r} must name a file")
+  bare = not paths.is_remote(name) and os.path.basename(name) == name
+  if bare and not is_hf_dir(workdir):
+    if not paths.isdir(workdir):
+      return paths.join(workdir, name)  # loading the model refuses the workdir next
+    path = paths.join(paths.resolve(workdir), name)
+  else:
+    path = paths.resolve(name)
+  _check_writable(path, name)
   return path
+
+
+def _check_writable(path: str, name: str) -> None:
+  """Creates `path`'s directory and writes and removes a probe file there (a bucket:
+  lists it and puts and deletes a probe object)."""
+  folder, remote = paths.dirname(path), paths.is_remote(path)
+  if remote:
+    paths.check_access(folder, write=True)  # a bad bucket or credentials: one line
+  if paths.isdir(path):
+    raise UserError(f"--output={name}: {path} is a directory; name a file")
+  if remote:
+    return
+  probe = os.path.join(folder, f".{os.path.basename(path)}.{paths.tmp_tag()}")
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with open(probe, "wb"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--output={name}: cannot write in {folder} ({e.strerror or e})") from None
 
 
 def write_json(path: str, data: Any, default: Callable | None = None) -> None:

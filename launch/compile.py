@@ -3,6 +3,8 @@ pip install -e ".[tpu]"); prints and writes what the run would cost.
 
   python -m launch.compile --config experiments/llama_1b.py:fsdp --topology v5e:4x4 \
       [--num_slices 1] [--output compile.json] [--config.train.batch_size=64 ...]
+  python -m launch.compile --config experiments/chat_tiny.py --init_from runs/clm_tiny \
+      --topology v5e:2x2                     # any objective: MLM, SFT, DPO, a task head
 
 Per-device memory (arguments, temporaries, outputs, code) against the chip's HBM,
 compiled FLOPs against lmjax's MFU formula, XLA's step-time estimate with the
@@ -26,6 +28,8 @@ config_flags.DEFINE_config_file("config", None, "experiment file, e.g. experimen
 flags.DEFINE_string("topology", None, "TPU topology: v5e:4x4, v5p:2x2x2, v4:2x2x4, ...")
 flags.DEFINE_integer("num_slices", 1, "slices of that topology (multislice)", lower_bound=1)
 flags.DEFINE_string("output", "", "also write the report to this JSON file")
+flags.DEFINE_string("init_from", None, "a fine-tuning experiment's pretrained model (an lmjax "
+                    "run or a Hugging Face directory): its architecture is compiled")
 flags.mark_flags_as_required(["config", "topology"])
 FLAGS = flags.FLAGS
 
@@ -35,7 +39,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from lmjax import aot
-  exp = experiment_from_dict(FLAGS.config.to_dict())
+  config = FLAGS.config.to_dict()
+  if FLAGS.init_from:
+    config.setdefault("train", {})["init_from"] = FLAGS.init_from
+  exp = experiment_from_dict(config)
   start = time.perf_counter()
   report = aot.compile_for_topology(exp, FLAGS.topology, FLAGS.num_slices)
   report["compile_seconds"] = time.perf_counter() - start

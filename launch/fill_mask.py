@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from launch.cli import cli_main, define_dtype_flag, load_model, parse_flags
+from launch.cli import cli_main, define_dtype_flag, parse_flags
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
 flags.DEFINE_string("text", None, "text with one or more <mask>")
@@ -22,7 +22,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from lmjax.inference.fill_mask import fill_mask
-  source = load_model(FLAGS.workdir, FLAGS.dtype)
+  from lmjax import pretrained
+  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True)
   results = fill_mask(source.model, source.params, source.tokenizer, FLAGS.text, FLAGS.top_k)
   for i, candidates in enumerate(results):
     print(f"<mask> {i + 1}:")

@@ -1,34 +1,27 @@
-"""Fine-tunes a pretrained run or Hugging Face model on a classification, regression or QA
-task, with the pretraining loop: the same mesh, FSDP, checkpoints, preemption and resume.
+"""Fine-tunes a pretrained run or Hugging Face model: `launch.train` with --init_from
+required, printing the held-out measures at the end.
 
   python -m launch.finetune --config experiments/finetune_genre.py \
       --init_from runs/mlm_tiny --workdir runs/genre [--config.train.steps=500 ...]
 
-Prints the held-out measures and writes them to WORKDIR/results.json; checkpoints
-go to WORKDIR/checkpoints, and running the same command again resumes.
-Multi-process runs take the flags of launch.train (or launch.local / SLURM / TPU).
+The experiment's `objective.kind` (sft, dpo, classification, regression, qa) says what
+to train; the architecture and tokenizer come from --init_from. Checkpoints go to
+WORKDIR/checkpoints, the held-out measures to WORKDIR/results.json, and running the
+same command again resumes. Multi-process runs take the flags of launch.train (or
+launch.local / SLURM / TPU).
 """
 
 from __future__ import annotations
 
 import json
 
+import jax
 from absl import app, flags
-from ml_collections import config_flags
 
+from launch import train as train_launcher
 from launch.cli import cli_main, parse_flags
-from lmjax import distributed
+from lmjax import paths
 
-config_flags.DEFINE_config_file("config", None, "fine-tuning experiment, e.g. "
-                                "experiments/finetune_genre.py[:random]")
-flags.DEFINE_string("init_from", None, "an lmjax run directory or a Hugging Face directory")
-flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and results.json")
-flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs)")
-flags.DEFINE_integer("num_processes", 0, "number of processes (multi-process runs)", lower_bound=0)
-flags.DEFINE_integer("process_id", -1, "this process's index (multi-process runs)", lower_bound=-1)
-flags.DEFINE_integer("cpu_devices", 0, "simulated CPU devices per process (0: default)",
-                     lower_bound=0)
-flags.mark_flags_as_required(["config", "init_from", "workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -36,15 +29,14 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from lmjax.finetune import finetune, finetune_from_dict
-  exp = finetune_from_dict(FLAGS.config.to_dict())
-  distributed.apply_runtime(exp.runtime)
-  distributed.initialize(distributed.DistributedConfig.from_env(
-      coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-      process_id=FLAGS.process_id, cpu_devices=FLAGS.cpu_devices))
-  result = finetune(exp, FLAGS.init_from, FLAGS.workdir)
-  print(json.dumps(result, indent=2))
+  exp = train_launcher.experiment()
+  train_launcher.start_runtime(exp)
+  train_launcher.train(exp)
+  if jax.process_index() == 0:
+    results = paths.join(paths.resolve(FLAGS.workdir), "results.json")
+    print(json.dumps(json.loads(paths.read_bytes(results)), indent=2))
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "init_from", "workdir"])
   app.run(main, flags_parser=parse_flags)

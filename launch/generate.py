@@ -20,7 +20,7 @@ import time
 
 from absl import app, flags, logging
 
-from launch.cli import cli_main, define_dtype_flag, load_model, parse_flags
+from launch.cli import cli_main, define_dtype_flag, parse_flags
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
@@ -50,9 +50,10 @@ def main(argv: list[str]) -> None:
     raise UserError("give --prompt TEXT, --interactive or --chat")
   if FLAGS.num_samples < 1:
     raise UserError("--num_samples must be >= 1")
+  from lmjax import pretrained
   from lmjax.inference.generate import Generator, SamplingConfig
   sampling = SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-  source = load_model(FLAGS.workdir, FLAGS.dtype)
+  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True)
   if FLAGS.chat:
     chat_loop(source, sampling)
     return

@@ -2,12 +2,16 @@
 
   python -m launch.lm_eval --workdir runs/clm_tiny --tasks hellaswag,arc_easy \
       [--include_path my_tasks/] [--num_fewshot 0] [--batch_size 8] [--limit 100] \
-      [--output lm_eval.json]
+      [--output results/lm_eval.json]
 
 --workdir is an lmjax run or a Hugging Face GPT-2/LLaMA directory. Tasks come from
 lm-eval's registry or from YAML files under --include_path (their datasets must
 be local: nothing is downloaded here). Prints lm-eval's table and writes the
-results JSON inside --workdir. Needs the eval extra: pip install -e ".[eval]".
+results JSON to --output: any path, local or gs:// / s3://, written atomically; a
+bare file name (the default, lm_eval.json) lands inside an lmjax run's --workdir,
+or in the current directory for a Hugging Face model directory (never in the
+model's own folder). Its directory is checked writable before the evaluation
+runs. Needs the eval extra: pip install -e ".[eval]".
 """
 
 from __future__ import annotations
@@ -16,8 +20,7 @@ import os
 
 from absl import app, flags
 
-from launch.cli import (cli_main, define_dtype_flag, load_model, output_path, parse_flags,
-                        write_json)
+from launch.cli import cli_main, define_dtype_flag, output_path, parse_flags, write_json
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
@@ -27,7 +30,9 @@ flags.DEFINE_integer("num_fewshot", None, "examples in each prompt (default: the
                      lower_bound=0)
 flags.DEFINE_integer("batch_size", 8, "requests per compiled batch", lower_bound=1)
 flags.DEFINE_integer("limit", None, "at most this many documents per task", lower_bound=1)
-flags.DEFINE_string("output", "lm_eval.json", "JSON file name, inside --workdir")
+flags.DEFINE_string("output", "lm_eval.json", "results JSON: any path, local or gs:// / s3://; "
+                    "a bare file name goes inside an lmjax run's --workdir (the current "
+                    "directory for a Hugging Face model directory)")
 flags.DEFINE_bool("apply_chat_template", False, "render each request with the model's chat "
                   "template (lm-eval's own flag; few-shot examples as turns)")
 flags.DEFINE_bool("log_samples", False, "keep each request and response in the output JSON")
@@ -40,15 +45,16 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  out = output_path(FLAGS.workdir, FLAGS.output)
   if FLAGS.include_path and not os.path.isdir(FLAGS.include_path):
     raise UserError(f"--include_path {FLAGS.include_path} is not a directory")
+  out = output_path(FLAGS.workdir, FLAGS.output)  # a bad place fails before the evaluation
   try:
     from lm_eval.utils import handle_non_serializable, make_table
     from lmjax import harness
   except ImportError:
     raise UserError('launch.lm_eval needs lm-eval: pip install -e ".[eval]"') from None
-  source = load_model(FLAGS.workdir, FLAGS.dtype)
+  from lmjax import pretrained
+  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True)
   results = harness.run(source, FLAGS.tasks, FLAGS.num_fewshot, FLAGS.batch_size, FLAGS.limit,
                         FLAGS.include_path, FLAGS.log_samples, FLAGS.apply_chat_template)
   print(make_table(results))

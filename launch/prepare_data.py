@@ -17,7 +17,7 @@ from absl import app, flags
 from launch.cli import cli_main, parse_flags
 from lmjax.data.pipeline import delimiters
 from lmjax.data.prepare import PrepareConfig, prepare
-from lmjax.data.tokenizer import load_tokenizer
+from lmjax.data.tokenizer_io import load_tokenizer
 from lmjax.errors import UserError
 
 flags.DEFINE_multi_string("input", None, "files, directories or glob patterns (quote globs)")

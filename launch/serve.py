@@ -6,8 +6,8 @@
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET
 /health (see lmjax/inference/server.py and docs/serve.md). Requests share the
 running batch of `--max_batch` rows (continuous batching); the programs that serve
-them (one prefill chunk, a decode step per batch size 1, 2, 4, ... max_batch) compile
-at start-up. It listens on 127.0.0.1 unless --host says
+them (one prefill chunk, a decode program of up to 8 steps per batch size 1, 2, 4, ...
+max_batch) compile at start-up. It listens on 127.0.0.1 unless --host says
 otherwise; with --api_key (or the LMJAX_API_KEY environment variable) every
 request must carry `Authorization: Bearer KEY`. SIGTERM or Ctrl-C stops taking
 requests, lets the running ones finish (up to --drain_seconds, then cancels them)
@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags, logging
 
-from launch.cli import cli_main, define_dtype_flag, load_model, parse_flags
+from launch.cli import cli_main, define_dtype_flag, parse_flags
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax decoder run or a Hugging Face model directory")
@@ -55,13 +55,14 @@ def main(argv: list[str]) -> None:
     from lmjax.inference import server
   except ImportError:
     raise UserError('launch.serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
+  from lmjax import pretrained
   from lmjax.data.chat import load_template
   from lmjax.inference.engine import Engine
   api_key = FLAGS.api_key if FLAGS.api_key is not None else os.environ.get("LMJAX_API_KEY")
   if api_key == "":
     raise UserError("--api_key is empty; give a key or leave the flag out")
   _check_port(FLAGS.host, FLAGS.port)
-  source = load_model(FLAGS.workdir, FLAGS.dtype)
+  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True)
   tokenizer = source.tokenizer
   engine = Engine(source.model, source.params, pad=max(tokenizer.special.pad, 0),
                   slots=FLAGS.max_batch, chunk=FLAGS.prefill_chunk, max_len=FLAGS.max_len)

@@ -15,17 +15,15 @@ import os
 import re
 from typing import Any
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lmjax.data.tokenizer import Tokenizer
 from lmjax.errors import UserError
 from lmjax.experiment import Experiment
 from lmjax.metrics import flops_per_token
-from lmjax.model import build_model
-from lmjax.optim import learning_rate_schedule, make_optimizer
-from lmjax.sharding import batch_shardings, logical_to_shardings, make_mesh, replicated
+from lmjax.sharding import batch_shardings, logical_to_shardings, replicated, unbox
+from lmjax.steps import init_state, jit_steps
 
 # Per chip: HBM bytes and peak bf16 FLOP/s (vendor figures).
 CHIPS = {"v4": (32 << 30, 275e12), "v5e": (16 << 30, 197e12), "v5p": (95 << 30, 459e12),
@@ -84,29 +82,32 @@ def compile_for_topology(exp: Experiment, topology: str, num_slices: int = 1
                             attention_impl="splash" if exp.model.attention_impl == "auto"
                             else exp.model.attention_impl)
   objective = exp.objective  # `auto` fuses the vocabulary head on CPU only
-  if objective.fused_head == "auto":
+  if getattr(objective, "fused_head", "") == "auto":
     objective = dataclasses.replace(objective, fused_head="off")
   exp = dataclasses.replace(exp, model=model, objective=objective)
+  from lmjax.run import settle
+  exp, source = settle(exp)  # a fine-tuning objective: init_from's architecture
   # A TPU executable cannot be stored in (or read from) this host's persistent cache.
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   try:
-    return _compile_and_report(exp, topology, devices)
+    return _compile_and_report(exp, source, topology, devices)
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
 
 
-def _compile_and_report(exp: Experiment, topology: str, devices: list[Any]) -> dict[str, Any]:
+def _compile_and_report(exp: Experiment, source: Any, topology: str, devices: list[Any]
+                        ) -> dict[str, Any]:
   model = exp.model
-  compiled = _compile(exp, devices)
+  compiled = _compile(exp, source, devices)
   if isinstance(compiled, str):  # the compiler's out-of-memory message
     return {"topology": topology, "devices": len(devices), "fits": False,
             "attention_impl": model.attention_impl,
             "chip_hbm_bytes": CHIPS[topology.split(":")[0]][0], "compiler_says": compiled}
   costs = _costs(compiled)
   if model.scan_layers and model.num_layers > 2:
-    small = [_costs(_compile(dataclasses.replace(exp, model=model.replace(
-        num_layers=n, scan_layers=False)), devices, COUNTING_OPTIONS)) for n in (1, 2)]
+    small = [_costs(_compile(*_with_layers(exp, source, n), devices, COUNTING_OPTIONS))
+             for n in (1, 2)]
     costs = {k: small[0][k] + (model.num_layers - 1) * (small[1][k] - small[0][k])
              for k in costs}
   kernel = kernel_attention_flops(exp) if "tpu_custom_call" in compiled.as_text() else 0.0
@@ -114,16 +115,29 @@ def _compile_and_report(exp: Experiment, topology: str, devices: list[Any]) -> d
   return _report(exp, topology, len(devices), compiled, costs, kernel)
 
 
+def _with_layers(exp: Experiment, source: Any, n: int) -> tuple[Experiment, Any]:
+  """The experiment (and its fine-tuning source's architecture) with `n` unrolled layers."""
+  model = exp.model.replace(num_layers=n, scan_layers=False,
+                            layer_types=exp.model.layer_types[:n])
+  if source is not None:
+    source = dataclasses.replace(source, model=model)
+  return dataclasses.replace(exp, model=model), source
+
+
 def kernel_attention_flops(exp: Experiment) -> float:
   """FLOPs per step of a Pallas attention kernel, which XLA's cost analysis does not see:
   forward QK^T and PV (4 per query, key and head dim), backward with the scores
-  recomputed (10), over the key blocks a causal kernel visits ((n + 1) / 2n of n)."""
+  recomputed (10), over the key blocks the kernel visits: (n + 1) / 2n of n causal, the
+  blocks a window reaches for a sliding-window layer."""
   model, seq, batch = exp.model, exp.data.seq_len, exp.train.batch_size
   from lmjax.model.splash import _block
-  blocks = -(-seq // _block(-(-seq // 128) * 128))
-  visited = (blocks + 1) / (2 * blocks) if model.causal else 1.0
-  per_token = 14 * model.num_layers * model.num_heads * model.dim_per_head * seq * visited
-  return per_token * seq * batch
+  block = _block(-(-seq // 128) * 128)
+  blocks = -(-seq // block)
+  causal = (blocks + 1) / (2 * blocks) * seq if model.causal else seq  # keys per query
+  window = min(seq, (-(-model.sliding_window // block) + 1) * block) if model.sliding_window \
+      else seq
+  keys = sum(min(window, causal) if local else causal for local in model.local_layers)
+  return 14 * model.num_heads * model.dim_per_head * keys * seq * batch
 
 
 # For the programs whose costs are counted: on large meshes XLA's TPU partitioner turns
@@ -134,30 +148,23 @@ COUNTING_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                     "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 
 
-def _compile(exp: Experiment, devices: list[Any], options: dict[str, Any] | None = None
-             ) -> Any:
-  """The compiled train step on `devices`, or the compiler's message if it does not fit."""
-  from lmjax import train as train_lib
-  import flax.linen as nn
-  mesh = make_mesh(exp.mesh, devices)
-  tokenizer = Tokenizer(exp.data.tokenizer)
-  t, model = exp.train, exp.model
-  train_lib.check_experiment(exp, tokenizer.vocab_size, mesh.shape["data"] * mesh.shape["fsdp"])
-  fns = train_lib.StepFns(build_model(model, deterministic=model.dropout_rate == 0),
-                          build_model(model), make_optimizer(exp.optimizer, t.steps, model.width_mult),
-                          learning_rate_schedule(exp.optimizer, t.steps), exp.objective,
-                          tokenizer.special, t.grad_accum_steps)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(exp.mesh.rules):
-    abstract = jax.eval_shape(functools.partial(train_lib.init_state, fns, t.seed,
+def _compile(exp: Experiment, source: Any, devices: list[Any],
+             options: dict[str, Any] | None = None) -> Any:
+  """The compiled train step on `devices`, or the compiler's message if it does not fit:
+  the run `launch.train` would build (`lmjax.run.assemble`), for any objective."""
+  from lmjax import run as run_lib
+  parts = run_lib.assemble(exp, None, devices, compile_only=True, source=source)
+  mesh, rules, t = parts.mesh, exp.mesh.rules, exp.train
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(functools.partial(init_state, parts.fns, t.seed,
                                                 (1, exp.data.seq_len)))
-    shardings = logical_to_shardings(abstract, mesh, exp.mesh.rules)
+    shardings = logical_to_shardings(abstract, mesh, rules)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         train_lib.unbox(abstract), shardings)
-    rows = (t.batch_size, exp.data.seq_len)
-    sample = {k: np.zeros(rows, np.int32) for k in ("tokens", "segment_ids", "positions")}
-    in_shardings = batch_shardings(mesh, exp.mesh.rules, sample)
-    batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32, sharding=in_shardings[k]) for k in sample}
-    step, _ = train_lib.jit_steps(fns, shardings, in_shardings, replicated(mesh))
+                         unbox(abstract), shardings)
+    batch = run_lib.abstract_batch(parts)
+    in_shardings = batch_shardings(mesh, rules, batch)
+    batch = run_lib.abstract_batch(parts, in_shardings)
+    step, _ = jit_steps(parts.fns, shardings, in_shardings, replicated(mesh))
     try:
       return step.lower(state, batch).compile(compiler_options=options)
     except jax.errors.JaxRuntimeError as e:
@@ -193,7 +200,8 @@ def _report(exp: Experiment, topology: str, n: int, compiled: Any, costs: dict[s
   seconds = max(costs["flops"] / peak, costs["bytes"] / HBM_BANDWIDTH[generation])
   return {
       "topology": topology, "devices": n, "chip_hbm_bytes": hbm,
-      "attention_impl": exp.model.attention_impl, "fused_head": exp.objective.fused_head,
+      "attention_impl": exp.model.attention_impl, "objective": exp.objective.kind,
+      "fused_head": getattr(exp.objective, "fused_head", "off"),
       "pallas_kernels": compiled.as_text().count("custom_call_target=\"tpu_custom_call\""),
       "memory_per_device": {**memory, "total": used}, "fits": used <= hbm,
       "flops_per_step": {"compiled": costs["flops"] * n, "formula": formula,

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lmjax import objectives
 from lmjax.data.batches import PackedDataset
 from lmjax.data.corpus import open_corpus
 from lmjax.data.pipeline import delimiters
 from lmjax.errors import UserError
-from lmjax.model import build_model
-from lmjax.objectives import ObjectiveConfig
 from lmjax.pretrained import Pretrained, require_weights
-from lmjax.train import StepFns, eval_step
+from lmjax.steps import eval_step, step_fns
 
 
 def evaluate_files(source: Pretrained, files: list[str], seq_len: int = 0, batch_size: int = 8,
@@ -33,10 +30,10 @@ def evaluate_files(source: Pretrained, files: list[str], seq_len: int = 0, batch
   begin, end = delimiters(source.tokenizer, source.objective)
   corpus = open_corpus(files, source.tokenizer, begin, end, source.objective, cache_dir, "eval")
   data = PackedDataset(corpus, seq_len, seed, shuffle=False)
-  model = build_model(cfg.replace(dropout_rate=0.0, remat_policy="none"))
-  require_weights(source, model, jnp.zeros((1, seq_len), jnp.int32), "evaluation")
-  fns = StepFns(model, model, optax.identity(), optax.constant_schedule(0.0),
-                ObjectiveConfig(kind=source.objective), sp)
+  objective = objectives.build(objectives.objective_class(source.objective).config_class(
+      kind=source.objective), sp, cfg.vocab_size)
+  fns = step_fns(cfg.replace(dropout_rate=0.0, remat_policy="none"), objective)  # no optimizer
+  require_weights(source, fns.eval_model, jnp.zeros((1, seq_len), jnp.int32), "evaluation")
   step = jax.jit(lambda p, b, r: eval_step(fns, p, b, r))
   n = data.num_eval_batches(batch_size)
   n = min(n, max_batches) if max_batches else n
@@ -44,7 +41,7 @@ def evaluate_files(source: Pretrained, files: list[str], seq_len: int = 0, batch
   for i in range(n):
     sums = step(source.params, data.eval_batch(i, batch_size), jax.random.PRNGKey(seed + i))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  metrics = {k: float(v) for k, v in objectives.summarize(total).items()}
+  metrics = {k: float(v) for k, v in objective.metrics(total).items()}
   if source.objective == "mlm":
     del metrics["perplexity"]  # of masked tokens only: not a language-model perplexity
   return {**metrics, "batches": n, "seq_len": seq_len, "objective": source.objective}

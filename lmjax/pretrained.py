@@ -1,24 +1,25 @@
 """Weights to start from: an lmjax run directory or a Hugging Face model directory.
 
 `load(path)` returns the architecture, the parameters (host arrays in lmjax's
-layout) and the tokenizer that belongs to them, whichever the source. The
-launchers for generation, fill-mask, evaluation and fine-tuning, and
-`train.init_from`, all go through it.
+layout) and the tokenizer that belongs to them (`lmjax.data.tokenizer_io`),
+whichever the source. The launchers for generation, fill-mask, evaluation,
+serving, conversion and fine-tuning, and `train.init_from`, all go through it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
 import jax
 import numpy as np
+from absl import logging
 
 from lmjax import paths
 from lmjax.checkpoint import Checkpointer
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.convert.hf import read_hf
+from lmjax.data.tokenizer_io import load_tokenizer
 from lmjax.errors import UserError
 from lmjax.model.config import TransformerConfig
 from lmjax.model.transformer import stack_layers, unstack_layers
@@ -28,22 +29,30 @@ from lmjax.model.transformer import stack_layers, unstack_layers
 class Pretrained:
   model: TransformerConfig
   params: dict[str, Any]  # nested dicts of arrays, lmjax names and layout
-  tokenizer: Any  # lmjax.data.tokenizer.Tokenizer or lmjax.data.hf_tokenizer.HFTokenizer
+  tokenizer: Any  # what lmjax.data.tokenizer_io.load_tokenizer returns
   objective: str  # "clm" or "mlm": what the weights were trained for
   source: str  # where they came from, for messages
 
 
 def is_hf_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json"))
+  """A (local) Hugging Face model directory, rather than an lmjax run."""
+  return not paths.is_remote(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load(path: str, dtype: str | None = None) -> Pretrained:
+def load(path: str, dtype: str | None = None, announce: bool = False) -> Pretrained:
   """An lmjax run (its newest intact checkpoint; local or in a bucket) or a Hugging Face
   directory (local). It computes in `dtype` if given, else in what it declares: a Hugging
-  Face checkpoint's `dtype`/`torch_dtype` (float32 when absent), a run's `model.dtype`."""
+  Face checkpoint's `dtype`/`torch_dtype` (float32 when absent), a run's `model.dtype`.
+  `announce` logs which dtype that is and why (the launchers' first line about a model)."""
   source = _load(path)
   if dtype:
     source.model = source.model.replace(dtype=dtype)
+  if announce:
+    declared = "--dtype" if dtype else f"model.dtype={source.model.dtype}"
+    # `auto` depends on the backend, which then starts; an explicit dtype needs none yet (a
+    # bad checkpoint found next stays a one-line error, without the backend's start-up noise)
+    name = source.model.resolved_dtype if source.model.dtype == "auto" else source.model.dtype
+    logging.info("%s computes in %s (%s)", source.source, name, declared)
   return source
 
 
@@ -53,13 +62,20 @@ def _load(path: str) -> Pretrained:
   if not paths.isdir(path):
     raise UserError(f"{path} is not a directory (expected an lmjax run or a Hugging Face "
                     "model directory)")
-  if not paths.is_remote(path) and is_hf_dir(path):
-    from lmjax.convert.hf import import_hf
-    return import_hf(path)
+  if is_hf_dir(path):
+    return load_hf(path)
   if paths.isdir(paths.join(path, "checkpoints")):
     return load_run(path)
   raise UserError(f"{path} holds neither checkpoints/ (an lmjax run) nor config.json "
                   "(a Hugging Face model)")
+
+
+def load_hf(directory: str) -> Pretrained:
+  """A Hugging Face directory (float32 weights, scanned layout) with its tokenizer."""
+  weights = read_hf(directory)
+  objective = "mlm" if weights.kind == "bert" else "clm"
+  return Pretrained(weights.config, weights.params, load_tokenizer(directory), objective,
+                    f"{directory} (Hugging Face {weights.kind})")
 
 
 def load_run(workdir: str) -> Pretrained:
@@ -77,48 +93,13 @@ def load_run(workdir: str) -> Pretrained:
                     "to set damaged steps aside") from None
   finally:
     ckpt.close()
-  tokenizer = load_run_tokenizer(workdir)
+  tokenizer = load_tokenizer(workdir)
   if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
-    raise UserError(f"{workdir}/tokenizer.model is not the tokenizer the run was trained with")
+    raise UserError(f"{tokenizer.path} is not the tokenizer the run was trained with")
   model = TransformerConfig(**meta["config"]["model"])
   objective = "clm" if model.family == "decoder" else "mlm"  # what the backbone models
   return Pretrained(model, jax.tree.map(np.asarray, params), tokenizer, objective,
                     f"{workdir} step {steps[0]}")
-
-
-HF_TOKENIZER_DIR = "tokenizer"  # a run's Hugging Face tokenizer (no config.json at its top)
-CHAT_TEMPLATE = "chat_template.jinja"
-
-
-def save_tokenizer(tokenizer: Any, workdir: str) -> None:
-  """Writes a run's tokenizer beside its checkpoints: lmjax's SentencePiece model as
-  tokenizer.model, a Hugging Face tokenizer's files (and its special ids) in tokenizer/."""
-  from lmjax.data.hf_tokenizer import HFTokenizer
-  if not isinstance(tokenizer, HFTokenizer):
-    paths.write_atomic(paths.join(workdir, "tokenizer.model"), tokenizer.data)
-    return
-  origin, folder = os.path.dirname(tokenizer.path), paths.join(workdir, HF_TOKENIZER_DIR)
-  paths.makedirs(folder)
-  for name in (os.path.basename(tokenizer.path), "tokenizer_config.json", CHAT_TEMPLATE):
-    if os.path.isfile(os.path.join(origin, name)):
-      with open(os.path.join(origin, name), "rb") as f:
-        paths.write_atomic(paths.join(folder, name), f.read())
-  ids = {f"{k}_token_id": getattr(tokenizer.special, k) for k in ("bos", "eos", "pad")}
-  paths.write_atomic(paths.join(folder, "config.json"), json.dumps(ids))
-
-
-def load_run_tokenizer(workdir: str) -> Any:
-  """The tokenizer `save_tokenizer` (or pretraining) put in a run, with the chat template
-  a chat run saved beside it."""
-  if paths.isdir(paths.join(workdir, HF_TOKENIZER_DIR)) and not paths.is_remote(workdir):
-    from lmjax.data.hf_tokenizer import HFTokenizer
-    tokenizer = HFTokenizer(os.path.join(workdir, HF_TOKENIZER_DIR))
-  else:
-    tokenizer = Tokenizer(paths.join(workdir, "tokenizer.model"))
-  template = paths.join(workdir, CHAT_TEMPLATE)
-  if paths.exists(template):
-    tokenizer.chat_template = paths.read_bytes(template).decode("utf-8")
-  return tokenizer
 
 
 def to_layout(params: dict[str, Any], source: TransformerConfig,

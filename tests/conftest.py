@@ -18,7 +18,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "lmjax-tests-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
-# model.dtype=auto on CPU picks bfloat16 matmuls on AMX CPUs (lmjax/model/precision.py); the
+# model.dtype=auto on CPU picks bfloat16 matmuls on AMX CPUs (lmjax/cpu_dtype.py); the
 # suite's tolerances are float32's, so it pins that (tests/test_precision.py unpins it).
 os.environ.setdefault("LMJAX_CPU_DTYPE", "float32")
 

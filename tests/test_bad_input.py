@@ -32,7 +32,10 @@ CONFIG_CASES = [
     ({"model": {"dtype": "float8"}}, "model.dtype must be auto, float32, bfloat16, float16, bfloat16_matmuls"),
     ({"optimizer": {"schedule": "step"}}, "optimizer.schedule must be cosine, linear or constant"),
     ({"objective": {"kind": "span"}}, "objective.kind must be one of clm, mlm,"),
-    ({"objective": {"mask_rate": 1.5}}, "0 < mask_rate < 1"),
+    ({"objective": {"kind": "mlm", "mask_rate": 1.5}}, "0 < mask_rate < 1"),
+    ({"objective": {"mask_rate": 0.3}}, "objective.mask_rate is not an option of "
+     "objective.kind=clm (its options: fused_head, kind, label_smoothing, z_loss)"),
+    ({"objective": {"kind": "dpo", "beta": 0.0}}, "objective.beta must be positive"),
     ({"data": {"bad_utf8": "ignore"}}, "data.bad_utf8 must be 'fail' or 'skip'"),
     ({"mesh": {"rules": (("batch", "model"),)}}, "unknown mesh axis 'model'"),
 ]

@@ -12,6 +12,7 @@ import pytest
 from hf_models import CHATML, CHATML_MARKED, make_chat_tokenizer
 from lmjax import objectives
 from lmjax.data import BUNDLED_DIR, Tokenizer, chat
+from lmjax.data.examples import TaskConfig
 from lmjax.errors import UserError
 
 TOKENIZER = os.path.join(BUNDLED_DIR, "tokenizer.model")
@@ -89,7 +90,7 @@ def test_truncation_and_packing(tmp_path):
                                        {"prompt": "To be, or not to be:", "completion": " that."}])
   whole = len(chat.encode(chat.Conversation("x", tuple(long)), tok, template)[0])
   seq_len = whole // 2
-  with pytest.raises(UserError, match=rf"c.jsonl:2: {whole} tokens, longer than task.seq_len="):
+  with pytest.raises(UserError, match=rf"c.jsonl:2: {whole} tokens, longer than data.seq_len="):
     chat.pack_conversations(path, tok, template, seq_len, "off")
   dropped = chat.pack_conversations(path, tok, template, seq_len, "drop")
   assert (dropped.conversations, dropped.dropped, dropped.cut) == (3, 1, 0)
@@ -121,8 +122,8 @@ def test_packed_equals_unpacked():
     seqs.append((list(rng.integers(7, 60, n)), mask))
   cfg = TransformerConfig(vocab_size=64, max_len=32, d_model=16, num_layers=2, num_heads=2,
                           d_ff=32)
-  sft = objectives.build(objectives.ObjectiveConfig(kind="sft"),
-                         SpecialTokens(0, 1, 2, 3, 4, 5, 6), 64, objectives.TaskConfig(kind="sft"))
+  sft = objectives.build(objectives.SFTConfig(),
+                         SpecialTokens(0, 1, 2, 3, 4, 5, 6), 64, TaskConfig())
   model = sft.build_model(cfg, True)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))["params"]
 

@@ -13,7 +13,7 @@ from tiny import ROOT, assert_same_checkpoint, kill_twice
 from lmjax import pretrained
 
 TINY = ["--config.train.steps=6", "--config.train.batch_size=8", "--config.train.eval_every=0",
-        "--config.train.log_every=2", "--config.task.seq_len=160"]
+        "--config.train.log_every=2", "--config.data.seq_len=160"]
 
 
 def launch(module, *args, stdin=None, ok=True):
@@ -35,7 +35,7 @@ def chat_run(tiny_runs):
 
 def test_sft_run_keeps_its_template_and_reports_assistant_tokens(chat_run):
   result = json.loads((chat_run / "results.json").read_text())
-  assert result["task"] == "sft" and 0 <= result["accuracy"] <= 1 and result["tokens"] > 0
+  assert result["objective"] == "sft" and 0 <= result["accuracy"] <= 1 and result["tokens"] > 0
   assert np.isfinite(result["loss"])
   assert (chat_run / "chat_template.jinja").is_file() and (chat_run / "tokenizer.model").is_file()
 
@@ -95,7 +95,7 @@ def _run(config, init, workdir, tmp_path, *args, popen=False):
   files = [f"--config.task.train_file={_subset(tmp_path, f'{kind}_train', 48)}",
            f"--config.task.eval_file={_subset(tmp_path, f'{kind}_eval', 16)}"]
   command = [sys.executable, "-m", "launch.finetune", f"--config=experiments/{config}.py",
-             f"--init_from={init}", f"--workdir={workdir}", "--config.task.seq_len=160",
+             f"--init_from={init}", f"--workdir={workdir}", "--config.data.seq_len=160",
              "--config.train.batch_size=8", "--config.train.log_every=1",
              "--config.train.eval_every=0", "--config.optimizer.warmup_steps=1", *files, *args]
   if popen:
@@ -166,9 +166,9 @@ BAD = [
     ("sft", {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
      "message 2 is an empty assistant turn"),
     ("sft", {"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": "y"}]},
-     "longer than task.seq_len=64 (set task.truncation=drop or newest)"),
+     "longer than data.seq_len=64 (set objective.truncation=drop or newest)"),
     ("dpo", {"prompt": "Who?", "chosen": "Me.", "rejected": "Me."}, "'chosen' equals 'rejected'"),
-    ("dpo", {"prompt": LONG, "chosen": "Me.", "rejected": "You."}, "longer than task.seq_len=64"),
+    ("dpo", {"prompt": LONG, "chosen": "Me.", "rejected": "You."}, "longer than data.seq_len=64"),
     ("template", {"messages": [{"role": "user", "content": "x"},
                                {"role": "assistant", "content": "y"}]},
      "failed to render (TemplateError: a system message first)"),
@@ -179,21 +179,23 @@ BAD = [
 def test_bad_input_is_one_line_naming_the_line_and_writes_nothing(tiny_runs, tmp_path, kind,
                                                                    record, message):
   from lmjax.errors import UserError
-  from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict
+  from lmjax.experiment import default_config
+  from tiny import finetune
   good = ({"prompt": "Who?", "chosen": "Me.", "rejected": "You."} if kind == "dpo" else
           {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
   path = tmp_path / "data.jsonl"
   path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
-  config = default_finetune_config()
-  config["task"].update(kind="dpo" if kind == "dpo" else "sft", train_file=str(path),
-                        eval_file=str(path), seq_len=64, truncation="off")
+  config = default_config("dpo" if kind == "dpo" else "sft")
+  config["task"].update(train_file=str(path), eval_file=str(path))
+  config["objective"]["truncation"] = "off"
+  config["data"]["seq_len"] = 64
   if kind == "template":
     template = tmp_path / "t.jinja"
     template.write_text("{% if messages[0]['role'] != 'system' %}"
                         "{{ raise_exception('a system message first') }}{% endif %}")
-    config["task"]["chat_template"] = str(template)
+    config["objective"]["chat_template"] = str(template)
   with pytest.raises(UserError) as err:
-    finetune(finetune_from_dict(config), str(tiny_runs / "clm_tiny"), str(tmp_path / "run"))
+    finetune(config, tiny_runs / "clm_tiny", tmp_path / "run")
   text = str(err.value)
   line = 1 if kind == "template" else 2
   assert text.startswith(f"{path}:{line}") and message in text and "\n" not in text, text

@@ -6,7 +6,8 @@ import pytest
 
 from lmjax.data import BUNDLED_DIR, PackedDataset, Tokenizer, read_documents
 from lmjax.data import corpus
-from lmjax.data.tokenizer import install_tokenizer, train_tokenizer
+from lmjax.data.tokenizer import train_tokenizer
+from lmjax.data.tokenizer_io import install_tokenizer
 from lmjax.errors import UserError
 
 BUNDLED_TOKENIZER = os.path.join(BUNDLED_DIR, "tokenizer.model")

@@ -12,10 +12,9 @@ import pytest
 from tiny import ROOT
 from lmjax.errors import UserError
 from lmjax.experiment import default_config, experiment_from_dict
-from lmjax.model import build_model
 from lmjax.sharding import logical_to_shardings, make_mesh
-from lmjax.train import StepFns, init_state
-from lmjax.optim import learning_rate_schedule, make_optimizer
+from lmjax import objectives
+from lmjax.train import init_state, step_fns
 from lmjax.data.tokenizer import SpecialTokens
 
 EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
@@ -23,7 +22,8 @@ EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(RO
 FINETUNING = {"finetune_genre": [None, "random"], "finetune_pairs": [None],
               "chat_tiny": [None], "dpo_tiny": [None], "qa_tiny": [None],
               "finetune_regression": [None]}  # configs for launch.finetune
-VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp", "v5e16"]}
+VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp", "v5e16"],
+            "qwen3_tiny": [None, "0.6b"], "gemma_tiny": [None, "gemma3", "2b"]}
 CASES = [(name, arg) for name in EXPERIMENTS if name not in FINETUNING
          for arg in VARIANTS.get(name, [None])]
 
@@ -40,23 +40,22 @@ def test_experiment_builds_abstractly(name, arg):
   assert os.path.isfile(exp.data.tokenizer) and all(map(os.path.isfile, exp.data.train_files))
   assert exp.data.seq_len <= exp.model.max_len
   special = SpecialTokens(0, 1, 2, 3, 4, 5, 6)
-  fns = StepFns(build_model(exp.model), build_model(exp.model),
-                make_optimizer(exp.optimizer, exp.train.steps),
-                learning_rate_schedule(exp.optimizer, exp.train.steps), exp.objective, special)
+  objective = objectives.build(exp.objective, special, exp.model.vocab_size, exp.task)
+  fns = step_fns(exp.model, objective, exp.optimizer, exp.train.steps)
   abstract = jax.eval_shape(lambda: init_state(fns, 0, (1, exp.data.seq_len)))
   shardings = logical_to_shardings(abstract, make_mesh(exp.mesh), exp.mesh.rules)
   assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(abstract))
   batch = jax.ShapeDtypeStruct((2, exp.data.seq_len), jnp.int32)
-  logits = jax.eval_shape(lambda p, t: fns.model.apply({"params": p}, t),
+  logits = jax.eval_shape(lambda p, t: fns.eval_model.apply({"params": p}, t),
                           abstract.params, batch)
   assert logits.shape == (2, exp.data.seq_len, exp.model.vocab_size)
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n, args in FINETUNING.items() for a in args])
 def test_finetuning_experiment_parses(name, arg):
-  from lmjax.finetune import finetune_from_dict
   module = importlib.import_module(f"experiments.{name}")
-  exp = finetune_from_dict((module.get_config(arg) if arg else module.get_config()).to_dict())
+  exp = experiment_from_dict((module.get_config(arg) if arg else module.get_config()).to_dict())
+  assert objectives.objective_class(exp.objective.kind).fine_tunes
   assert exp.train.init == (arg or "pretrained")
   assert exp.task.dataset == "shakespeare_genre" or (
       os.path.isfile(exp.task.train_file) and os.path.isfile(exp.task.eval_file))

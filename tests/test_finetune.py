@@ -8,8 +8,10 @@ import pytest
 from lmjax import pretrained
 from lmjax.data import genres
 from lmjax.errors import UserError
-from lmjax.data.tasks import TaskDataset
-from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict
+from lmjax.data.examples import ExampleDataset
+from lmjax.experiment import default_config, experiment_from_dict
+from lmjax.run import train_and_evaluate
+from tiny import finetune
 from lmjax.model import SequenceClassifier, TransformerConfig
 
 
@@ -55,9 +57,9 @@ def test_decoder_classifier_pools_the_last_real_token():
 
 
 def test_task_batches_are_a_function_of_seed_and_step():
-  data = TaskDataset({"x": np.arange(10)}, seed=0)
+  data = ExampleDataset({"x": np.arange(10)}, seed=0)
   a = [data.batch(s, 4)["x"].tolist() for s in range(5)]
-  assert a == [TaskDataset({"x": np.arange(10)}, seed=0).batch(s, 4)["x"].tolist()
+  assert a == [ExampleDataset({"x": np.arange(10)}, seed=0).batch(s, 4)["x"].tolist()
                for s in range(5)]
   assert sorted(a[0] + a[1] + a[2][:2]) == list(range(10))  # one epoch covers every example
   parts = [data.batch(3, 4, p, 2)["x"].tolist() for p in range(2)]
@@ -78,22 +80,24 @@ def test_qa_head_learns_a_toy_span_task(tiny_runs, tmp_path):
   import json
   for name in ("train", "eval"):
     (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-  config = default_finetune_config()
-  config["task"].update(kind="qa", train_file=str(tmp_path / "train.jsonl"),
-                        eval_file=str(tmp_path / "eval.jsonl"), seq_len=48, dropout_rate=0.0)
+  config = default_config("qa")
+  config["task"].update(train_file=str(tmp_path / "train.jsonl"),
+                        eval_file=str(tmp_path / "eval.jsonl"))
+  config["data"]["seq_len"] = 48
   config["optimizer"].update(learning_rate=3e-3, warmup_steps=5)
-  config["train"].update(steps=60, batch_size=16, eval_every=0, log_every=60)
-  start = finetune(finetune_from_dict({**config, "train": {**config["train"], "steps": 1}}),
-                   str(tiny_runs / "mlm_tiny"), str(tmp_path / "first"))
-  result = finetune(finetune_from_dict(config), str(tiny_runs / "mlm_tiny"), str(tmp_path / "qa"))
+  config["train"].update(steps=60, batch_size=16, eval_every=0, log_every=60, eval_batches=0)
+  start = finetune({**config, "train": {**config["train"], "steps": 1}},
+                   tiny_runs / "mlm_tiny", tmp_path / "first")
+  result = finetune(config, tiny_runs / "mlm_tiny", tmp_path / "qa")
   assert result["loss"] < start["loss"] - 1.0, (start, result)
   assert result["accuracy"] > start["accuracy"]
 
 
 def test_finetune_config_errors():
   with pytest.raises(UserError, match="unknown config key train.stepz"):
-    finetune_from_dict({"train": {"stepz": 1}})
+    experiment_from_dict({"train": {"stepz": 1}})
   with pytest.raises(UserError, match="train.init must be 'pretrained' or 'random'"):
-    finetune_from_dict({"train": {"init": "zeros"}})
-  with pytest.raises(UserError, match="--init_from is required"):
-    finetune(finetune_from_dict({}), "", "/tmp/x")
+    experiment_from_dict({"train": {"init": "zeros"}})
+  with pytest.raises(UserError, match="objective.kind=qa fine-tunes a pretrained model: give "
+                     "--init_from"):
+    train_and_evaluate(experiment_from_dict(default_config("qa")), "/tmp/x")

@@ -16,9 +16,9 @@ import pytest
 
 from tiny import ROOT, kill_twice
 from lmjax.checkpoint import Checkpointer
-from lmjax.objectives.tasks import classification_measures, regression_measures
+from lmjax.objectives.task_heads import classification_measures, regression_measures
 
-SMALL = ["--config.task.seq_len=32", "--config.train.batch_size=16", "--config.train.log_every=1",
+SMALL = ["--config.data.seq_len=32", "--config.train.batch_size=16", "--config.train.log_every=1",
          "--config.optimizer.warmup_steps=2"]
 
 
@@ -35,7 +35,7 @@ def _train_losses(workdir):
 
 def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, tmp_path):
   args = ["--config.train.steps=4", "--config.train.eval_every=0",
-          "--config.task.dropout_rate=0.0"]
+          "--config.model.dropout_rate=0.0"]
   one = _finetune(tiny_runs / "mlm_tiny", tmp_path / "one", "--cpu_devices=1", *args)
   assert one.returncode == 0, one.stderr[-3000:]
   eight = _finetune(tiny_runs / "mlm_tiny", tmp_path / "eight", "--cpu_devices=8",

@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from lmjax import objectives
 from lmjax import train as train_lib
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.experiment import experiment_from_dict
 from lmjax.metrics import flops_per_token, lowered_dot_flops
-from lmjax.model import build_model
-from lmjax.optim import learning_rate_schedule, make_optimizer
 from tiny import tiny_config
 
 
@@ -22,9 +21,8 @@ def step_costs(name, tmp_path, arg=None, **overrides):
                        model__attention_impl="xla", **overrides)
   exp = experiment_from_dict(config.to_dict())
   tok = Tokenizer(exp.data.tokenizer)
-  fns = train_lib.StepFns(build_model(exp.model), build_model(exp.model),
-                          make_optimizer(exp.optimizer, 10),
-                          learning_rate_schedule(exp.optimizer, 10), exp.objective, tok.special)
+  fns = train_lib.step_fns(exp.model, objectives.build(exp.objective, tok.special,
+                                                       exp.model.vocab_size), exp.optimizer, 10)
   state = jax.eval_shape(lambda: train_lib.unbox(train_lib.init_state(fns, 0, (1, 8))))
   b, t = exp.train.batch_size, exp.data.seq_len
   batch = {k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in ("tokens", "segment_ids", "positions")}

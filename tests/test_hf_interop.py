@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hf_models import make_hf_model
-from lmjax.convert import export_hf, import_hf
+from lmjax import pretrained
+from lmjax.convert import export_hf
 from lmjax.model import build_model
 from lmjax.model.transformer import Transformer
 
@@ -36,7 +37,7 @@ def test_imported_model_matches_transformers(tmp_path, kind):
     want_logits = hf(input_ids=t_tokens, attention_mask=t_mask).logits.numpy()
     want_hidden = getattr(hf, BASE[kind])(input_ids=t_tokens,
                                           attention_mask=t_mask).last_hidden_state.numpy()
-  source = import_hf(str(tmp_path / kind))
+  source = pretrained.load(str(tmp_path / kind))
   params = jax.tree.map(jnp.asarray, source.params)
   segments = jnp.asarray(mask, jnp.int32)
   got_logits = build_model(source.model).apply({"params": params}, jnp.asarray(tokens), segments)
@@ -53,9 +54,9 @@ def test_imported_model_matches_transformers(tmp_path, kind):
 def test_export_then_import_is_exact_and_loads_in_transformers(tmp_path, kind):
   import transformers
   make_hf_model(kind, str(tmp_path / "hf"), seed=1)
-  source = import_hf(str(tmp_path / "hf"))
+  source = pretrained.load(str(tmp_path / "hf"))
   export_hf(source, str(tmp_path / "out"))
-  back = import_hf(str(tmp_path / "out"))
+  back = pretrained.load(str(tmp_path / "out"))
   assert back.model == source.model
   assert jax.tree.all(jax.tree.map(np.array_equal, back.params, source.params))
   assert back.tokenizer.sha256 == source.tokenizer.sha256
@@ -80,9 +81,9 @@ def test_bert_model_checkpoint_without_prefix_or_head(tmp_path):
   base.save_pretrained(str(tmp_path / "base"))
   for name in ("vocab.txt", "tokenizer_config.json"):
     os.link(tmp_path / "mlm" / name, tmp_path / "base" / name)
-  source = import_hf(str(tmp_path / "base"))
+  source = pretrained.load(str(tmp_path / "base"))
   assert "output_bias" not in source.params
-  full = import_hf(str(tmp_path / "mlm"))
+  full = pretrained.load(str(tmp_path / "mlm"))
   assert jax.tree.all(jax.tree.map(np.array_equal, source.params["transformer"],
                                    full.params["transformer"]))
   with pytest.raises(UserError, match="has no MLM head"):
@@ -95,12 +96,11 @@ def test_an_imported_model_computes_in_its_declared_dtype_whatever_the_cpu(tmp_p
   transformers; a bfloat16 checkpoint computes in bfloat16; --dtype overrides both."""
   import json
 
-  from lmjax import pretrained
   from lmjax.errors import UserError
-  from lmjax.model import precision
-  monkeypatch.delenv(precision.ENV, raising=False)
-  monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
-  monkeypatch.setattr(precision, "measure", lambda: pytest.fail("nothing may be timed"))
+  from lmjax import cpu_dtype
+  monkeypatch.delenv(cpu_dtype.ENV, raising=False)
+  monkeypatch.setattr(cpu_dtype, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+  monkeypatch.setattr(cpu_dtype, "measure", lambda: pytest.fail("nothing may be timed"))
   hf = make_hf_model("bert", str(tmp_path / "bert"))
   config = json.loads((tmp_path / "bert" / "config.json").read_text())
   assert config.get("dtype", config.get("torch_dtype")) == "float32"
@@ -122,8 +122,8 @@ def test_an_imported_model_computes_in_its_declared_dtype_whatever_the_cpu(tmp_p
     if value:
       config[key] = value
     (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
-    assert import_hf(str(tmp_path / "bert")).model.dtype == expected
+    assert pretrained.load(str(tmp_path / "bert")).model.dtype == expected
   config["dtype"] = "float64"
   (tmp_path / "bert" / "config.json").write_text(json.dumps(config))
   with pytest.raises(UserError, match="declares dtype 'float64'"):
-    import_hf(str(tmp_path / "bert"))
+    pretrained.load(str(tmp_path / "bert"))

@@ -95,7 +95,9 @@ def test_local_tasks_alone_skip_indexing_the_built_in_ones():
   assert harness.task_manager(("lmjax_mc", "lmjax_ppl"), INCLUDE) is manager  # kept
 
 
-def test_launcher_writes_results_inside_the_workdir(tiny_runs, tmp_path):
+def test_launcher_output_paths(tiny_runs, tmp_path):
+  """A bare --output name lands inside an lmjax run; a path (the README's) is taken from the
+  current directory, also for a Hugging Face model, whose folder stays as it was."""
   run = tmp_path / "run"
   os.symlink(tiny_runs / "clm_tiny", run)
   proc = subprocess.run([sys.executable, "-m", "launch.lm_eval", f"--workdir={run}",
@@ -105,6 +107,19 @@ def test_launcher_writes_results_inside_the_workdir(tiny_runs, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tiny_runs / "clm_tiny" / "mc.json").read_text())
   assert 0 <= result["results"]["lmjax_mc"]["acc,none"] <= 1 and result["compiled_shapes"] >= 1
+  hf, tasks = tiny_runs / "gpt2", tmp_path / "tasks"  # the task, its data found from anywhere
+  tasks.mkdir()
+  yaml = open(os.path.join(INCLUDE, "lmjax_mc.yaml")).read()
+  (tasks / "lmjax_mc.yaml").write_text(yaml.replace("tests/", f"{ROOT}/tests/"))
+  before = sorted(os.listdir(hf))
+  proc = subprocess.run([sys.executable, "-m", "launch.lm_eval", f"--workdir={hf}",
+                         "--tasks=lmjax_mc", f"--include_path={tasks}", "--limit=4",
+                         "--output=results/lme.json"], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "results" / "lme.json").read_text())
+  assert result["model"].startswith(str(hf)) and "lmjax_mc" in result["results"]
+  assert sorted(os.listdir(hf)) == before
   bad = subprocess.run([sys.executable, "-m", "launch.lm_eval", f"--workdir={run}",
                         "--tasks=no_such_task"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)

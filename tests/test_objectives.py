@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.objectives import (ObjectiveConfig, clm_targets, cross_entropy_sums,
-                              fused_cross_entropy_sums, max_predictions, mlm_mask, summarize)
+from lmjax.objectives import (MLMConfig, clm_targets, cross_entropy_sums,
+                              fused_cross_entropy_sums, max_predictions, mlm_mask, token_metrics)
 
 SPECIAL = (0, 1, 2, 3, 4, 5, 6)
 MASK_ID, VOCAB = 4, 50
@@ -23,10 +23,10 @@ def test_clm_loss_ignores_padding_and_cross_document_targets():
   seg = jnp.array([[1, 1, 1, 2, 2, 0, 0]])
   targets, weights = clm_targets(tokens, seg)
   logits = jax.random.normal(jax.random.PRNGKey(0), (1, 7, VOCAB))
-  base = summarize(cross_entropy_sums(logits, targets, weights))
+  base = token_metrics(cross_entropy_sums(logits, targets, weights))
   # Changing logits where no target is counted changes nothing.
   noisy = logits.at[0, jnp.array([2, 4, 5, 6])].add(100.0)
-  assert float(summarize(cross_entropy_sums(noisy, targets, weights))["loss"]) == float(base["loss"])
+  assert float(token_metrics(cross_entropy_sums(noisy, targets, weights))["loss"]) == float(base["loss"])
   assert float(base["tokens"]) == 3
   manual = -np.mean([jax.nn.log_softmax(logits[0, i])[t] for i, t in ((0, 11), (1, 12), (3, 21))])
   np.testing.assert_allclose(base["loss"], manual, rtol=1e-5)
@@ -44,7 +44,7 @@ def test_z_loss_and_label_smoothing_change_only_the_objective():
 
 
 def test_mlm_masking_statistics():
-  cfg = ObjectiveConfig(kind="mlm")
+  cfg = MLMConfig()
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, VOCAB, size=(64, 128)).astype(np.int32)
   tokens[:, 0], tokens[:, -1] = 5, 6  # [CLS] ... [SEP]
@@ -81,7 +81,7 @@ def test_mlm_masking_statistics():
 
 
 def test_mlm_selection_is_uniform_over_ordinary_tokens():
-  cfg = ObjectiveConfig(kind="mlm")
+  cfg = MLMConfig()
   tokens = jnp.arange(10, 50).reshape(1, 40).at[0, 5].set(5)  # one special token
   seg = jnp.ones_like(tokens)
   draw = jax.jit(jax.vmap(lambda key: mlm_mask(key, tokens, seg, cfg, MASK_ID, SPECIAL,
@@ -94,7 +94,7 @@ def test_mlm_selection_is_uniform_over_ordinary_tokens():
 
 
 def test_mlm_mask_depends_only_on_the_key():
-  cfg = ObjectiveConfig(kind="mlm")
+  cfg = MLMConfig()
   tokens = jnp.arange(7, 47).reshape(2, 20)
   seg = jnp.ones_like(tokens)
   a = mlm_mask(jax.random.PRNGKey(3), tokens, seg, cfg, MASK_ID, SPECIAL, VOCAB)

@@ -107,3 +107,20 @@ def test_registry_rules():
   with pytest.raises(UserError, match="objective.kind must be one of clm, mlm, classification"):
     experiment_from_dict({"objective": {"kind": "nope"}})
   assert objectives.registered()[:5] == ["clm", "mlm", "classification", "regression", "qa"]
+
+
+def test_a_plugin_that_would_break_later_is_refused_when_registered():
+  """Mistakes that would otherwise surface at the first step, or never: options that lack
+  what the inherited loss reads, and a metrics method under the name lmjax 0.1 used."""
+  import dataclasses
+
+  @dataclasses.dataclass(frozen=True)
+  class Bare(objectives.ObjectiveConfig):
+    kind: str = "clm_bare"
+
+  with pytest.raises(TypeError, match="must subclass CLM's options, .*LMConfig"):
+    objectives.register("clm_bare")(type("Bare", (objectives.CLM,), {"config_class": Bare}))
+  with pytest.raises(TypeError, match="summarize: the method is now called `metrics`"):
+    objectives.register("clm_old")(type("Old", (objectives.CLM,),
+                                        {"summarize": lambda self, sums: sums}))
+  assert "clm_bare" not in objectives.registered() and "clm_old" not in objectives.registered()

@@ -15,47 +15,49 @@ from tiny import tiny_config
 from lmjax import train as train_lib
 from lmjax.errors import UserError
 from lmjax.experiment import experiment_from_dict
-from lmjax.model import TransformerConfig, precision
+from lmjax import cpu_dtype
+from lmjax.model import TransformerConfig
+from lmjax.model.precision import mixed_matmul
 
 
 def test_pinned_dtype_and_a_bad_value(monkeypatch):
-  monkeypatch.setenv(precision.ENV, "bfloat16")
+  monkeypatch.setenv(cpu_dtype.ENV, "bfloat16")
   assert TransformerConfig().compute_dtype == jnp.bfloat16
-  monkeypatch.setenv(precision.ENV, "float32")
+  monkeypatch.setenv(cpu_dtype.ENV, "float32")
   assert TransformerConfig().compute_dtype == jnp.float32
   assert TransformerConfig(dtype="bfloat16").compute_dtype == jnp.bfloat16  # explicit wins
-  monkeypatch.setenv(precision.ENV, "bfloat16_matmuls")  # float32 activations
+  monkeypatch.setenv(cpu_dtype.ENV, "bfloat16_matmuls")  # float32 activations
   assert TransformerConfig().compute_dtype == jnp.float32
   assert TransformerConfig().matmul_dtype == jnp.bfloat16
-  monkeypatch.setenv(precision.ENV, "fp8")
+  monkeypatch.setenv(cpu_dtype.ENV, "fp8")
   with pytest.raises(UserError, match="LMJAX_CPU_DTYPE='fp8': expected float32, bfloat16, "
                                       "bfloat16_matmuls, measure"):
     TransformerConfig().compute_dtype
 
 
 def test_the_rule_reads_the_cpu_features(tmp_path, monkeypatch):
-  assert precision.rule(frozenset({"avx512f", "amx_tile", "amx_bf16"})) == "bfloat16_matmuls"
-  assert precision.rule(frozenset({"avx512f", "avx512_bf16"})) == "float32"  # no AMX
-  assert precision.rule(frozenset()) == "float32"
+  assert cpu_dtype.rule(frozenset({"avx512f", "amx_tile", "amx_bf16"})) == "bfloat16_matmuls"
+  assert cpu_dtype.rule(frozenset({"avx512f", "avx512_bf16"})) == "float32"  # no AMX
+  assert cpu_dtype.rule(frozenset()) == "float32"
   x86, arm = tmp_path / "x86", tmp_path / "arm"
   x86.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n\n"
                  "processor\t: 1\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
   arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
-  assert "amx_bf16" in precision.cpu_flags(str(x86))
-  assert precision.rule(precision.cpu_flags(str(arm))) == "float32"
-  assert precision.cpu_flags(str(tmp_path / "none")) == frozenset()  # macOS: no cpuinfo
-  monkeypatch.delenv(precision.ENV, raising=False)
-  monkeypatch.setattr(precision, "measure", lambda: pytest.fail("auto must not time anything"))
-  monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+  assert "amx_bf16" in cpu_dtype.cpu_flags(str(x86))
+  assert cpu_dtype.rule(cpu_dtype.cpu_flags(str(arm))) == "float32"
+  assert cpu_dtype.cpu_flags(str(tmp_path / "none")) == frozenset()  # macOS: no cpuinfo
+  monkeypatch.delenv(cpu_dtype.ENV, raising=False)
+  monkeypatch.setattr(cpu_dtype, "measure", lambda: pytest.fail("auto must not time anything"))
+  monkeypatch.setattr(cpu_dtype, "cpu_flags", lambda: frozenset({"amx_bf16"}))
   assert TransformerConfig().resolved_dtype == "bfloat16_matmuls"
-  monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+  monkeypatch.setattr(cpu_dtype, "cpu_flags", lambda: frozenset({"avx2"}))
   assert TransformerConfig().resolved_dtype == "float32"
 
 
 def test_auto_is_one_answer_in_many_processes_on_a_loaded_machine():
   """The complaint: five processes, two numerics. Now several processes resolve `auto`
   while every core is busy, and all give the answer of the CPU's features."""
-  env = {k: v for k, v in os.environ.items() if k != precision.ENV}
+  env = {k: v for k, v in os.environ.items() if k != cpu_dtype.ENV}
   burn = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
           for _ in range(os.cpu_count() or 2)]
   try:
@@ -67,21 +69,21 @@ def test_auto_is_one_answer_in_many_processes_on_a_loaded_machine():
     for p in burn:
       p.kill()
       p.wait(timeout=30)
-  assert answers == {precision.rule(precision.cpu_flags())}
+  assert answers == {cpu_dtype.rule(cpu_dtype.cpu_flags())}
 
 
 def test_measure_is_an_opt_in_and_works_inside_a_trace(monkeypatch):
-  monkeypatch.setenv(precision.ENV, precision.MEASURE)
-  precision.measure.cache_clear()
+  monkeypatch.setenv(cpu_dtype.ENV, cpu_dtype.MEASURE)
+  cpu_dtype.measure.cache_clear()
   seen = []
   jax.jit(lambda x: seen.append(TransformerConfig().compute_dtype) or x)(1.0)  # traced
-  seconds = precision.measure()  # cached: the same figures the trace used
-  assert set(seconds) == set(precision.CHOICES) and min(seconds.values()) > 0
+  seconds = cpu_dtype.measure()  # cached: the same figures the trace used
+  assert set(seconds) == set(cpu_dtype.CHOICES) and min(seconds.values()) > 0
   best = min(seconds, key=seconds.get)
-  chosen = best if seconds["float32"] >= precision.MARGIN * seconds[best] else "float32"
-  assert precision.cpu_auto_dtype() == chosen
+  chosen = best if seconds["float32"] >= cpu_dtype.MARGIN * seconds[best] else "float32"
+  assert cpu_dtype.cpu_auto_dtype() == chosen
   assert seen == [jnp.dtype(jnp.bfloat16 if chosen == "bfloat16" else jnp.float32)]
-  precision.measure.cache_clear()
+  cpu_dtype.measure.cache_clear()
 
 
 def test_bfloat16_matmuls_round_only_the_operands():
@@ -90,7 +92,7 @@ def test_bfloat16_matmuls_round_only_the_operands():
   x, w = jax.random.normal(keys[0], (64, 32)), jax.random.normal(keys[1], (32, 16))
   g = jax.random.normal(keys[2], (64, 16))
   bf = jnp.dtype(jnp.bfloat16)
-  y, vjp = jax.vjp(lambda x, w: precision.mixed_matmul(x, w, bf), x, w)
+  y, vjp = jax.vjp(lambda x, w: mixed_matmul(x, w, bf), x, w)
   dx, dw = vjp(g)
   rounded = lambda a: a.astype(bf).astype(jnp.float32)
   np.testing.assert_allclose(y, rounded(x) @ rounded(w), rtol=1e-5, atol=1e-5)

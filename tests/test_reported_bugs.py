@@ -166,11 +166,13 @@ def test_every_numeric_field_of_the_train_launcher_starts_or_fails_in_one_line(t
 def test_every_numeric_field_of_the_finetune_launcher_starts_or_fails_in_one_line(
     tiny_runs, tmp_path):
   from experiments import finetune_pairs
-  from lmjax.finetune import build_run, finetune_from_dict
+  from lmjax.experiment import experiment_from_dict
+  from lmjax.run import dry_run
   base = finetune_pairs.get_config().to_dict()
-  base["task"]["seq_len"] = 32
+  base["data"]["seq_len"] = 32
+  base["train"]["init_from"] = str(tiny_runs / "mlm_tiny")
   assert len(_numeric_fields(base)) >= 25
   workdir = tmp_path / "run"
-  started, refused = _walk(base, lambda c: build_run(
-      finetune_from_dict(c), str(tiny_runs / "mlm_tiny"), str(workdir), dry=True), workdir)
+  started, refused = _walk(base, lambda c: dry_run(experiment_from_dict(c), str(workdir)),
+                           workdir)
   assert started > 10 and refused > 40

@@ -135,7 +135,7 @@ def test_windows_overlap_by_the_stride_and_point_at_the_answer(tmp_path, kind):
     got = ex.context[w.offsets[r][s][0]:w.offsets[r][e][1]]
     assert squad.normalize_answer(got) == squad.normalize_answer(ex.answers[0])
   assert w.arrays["starts"][-1] == 0  # an unanswerable question points at the null position
-  with pytest.raises(UserError, match="question long: .* not more than task.doc_stride=16"):
+  with pytest.raises(UserError, match="question long: .* not more than objective.doc_stride=16"):
     squad.make_windows([QAExample("long", "Why? " * 60, "x", (), ())], tok, 64, 16, family)
 
 
@@ -166,7 +166,8 @@ def test_qa_fine_tuning_reports_squad_measures_and_writes_predictions(tiny_runs,
   launch.finetune's loop: results.json holds EM/F1 and the split, predictions.json the
   answers in the official scripts' format."""
   from lmjax.data import BUNDLED_DIR
-  from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict
+  from lmjax.experiment import default_config
+  from tiny import finetune
   with open(f"{BUNDLED_DIR}/valid.txt") as f:
     lines = [l.strip() for l in f if len(l.split()) > 5][:120]
   paragraphs = []
@@ -179,11 +180,12 @@ def test_qa_fine_tuning_reports_squad_measures_and_writes_predictions(tiny_runs,
   path = tmp_path / "squad.json"
   path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t",
                                                           "paragraphs": paragraphs}]}))
-  config = default_finetune_config()
-  config["task"].update(kind="qa", train_file=str(path), eval_file=str(path), seq_len=48,
-                        doc_stride=16, dropout_rate=0.0)
-  config["train"].update(steps=3, batch_size=8, eval_every=0, log_every=3)
-  result = finetune(finetune_from_dict(config), str(tiny_runs / "mlm_tiny"), str(tmp_path / "run"))
+  config = default_config("qa")
+  config["task"].update(train_file=str(path), eval_file=str(path))
+  config["objective"]["doc_stride"] = 16
+  config["data"]["seq_len"] = 48
+  config["train"].update(steps=3, batch_size=8, eval_every=0, log_every=3, eval_batches=0)
+  result = finetune(config, tiny_runs / "mlm_tiny", tmp_path / "run")
   assert result["examples"] == 16 and result["windows"] > 16  # contexts past seq_len
   assert {"exact", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "best_f1",
           "best_f1_thresh"} <= set(result)
@@ -246,13 +248,14 @@ def test_qa_on_eight_devices_equals_one_and_kill_9_resumes_exactly(tiny_runs, tm
 
 @pytest.mark.parametrize("init", ["bert", "clm_tiny"])  # a Hugging Face BERT; a decoder run
 def test_qa_starts_from_a_hugging_face_bert_and_from_a_decoder(tiny_runs, tmp_path, init):
-  from lmjax.finetune import default_finetune_config, finetune, finetune_from_dict
+  from lmjax.finetune import default_finetune_config  # lmjax 0.1's schema still reads
+  from tiny import finetune
   config = default_finetune_config()
   config["task"].update(kind="qa", train_file=_qa_subset(tmp_path, "train", 24),
                         eval_file=_qa_subset(tmp_path, "eval", 8), seq_len=64, doc_stride=16,
                         dropout_rate=0.0)
   config["train"].update(steps=2, batch_size=8, eval_every=0, log_every=2)
-  result = finetune(finetune_from_dict(config), str(tiny_runs / init), str(tmp_path / "run"))
+  result = finetune(config, tiny_runs / init, tmp_path / "run")
   assert result["examples"] == 8 and result["windows"] > 8
   assert {"exact", "f1", "HasAns_f1", "NoAns_exact", "best_exact_thresh"} <= set(result)
   assert len(json.loads((tmp_path / "run" / "predictions.json").read_text())) == 8

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tiny import tiny_config
+from lmjax import objectives
 from lmjax import train as train_lib
 from lmjax.checkpoint import Checkpointer
 from lmjax.data import batches
@@ -15,8 +16,7 @@ from lmjax.data.tokenizer import SpecialTokens
 from lmjax.errors import UserError
 from lmjax.experiment import experiment_from_dict
 from lmjax.model import TransformerConfig, build_model
-from lmjax.objectives import ObjectiveConfig
-from lmjax.optim import OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
+from lmjax.optim import OptimizerConfig, decay_mask, learning_rate_schedule
 
 SPECIAL = SpecialTokens(pad=0, unk=1, bos=2, eos=3, mask=4, cls=5, sep=6)
 
@@ -26,9 +26,9 @@ def _fns(kind, accum, dropout=0.0):
                           max_len=16, d_model=16, num_layers=2, num_heads=2, d_ff=32,
                           dropout_rate=dropout)
   opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
-  return train_lib.StepFns(build_model(cfg, deterministic=dropout == 0), build_model(cfg),
-                           make_optimizer(opt, 10), learning_rate_schedule(opt, 10),
-                           ObjectiveConfig(kind=kind), SPECIAL, accum)
+  objective = objectives.build(objectives.objective_class(kind).config_class(kind=kind), SPECIAL,
+                               cfg.vocab_size)
+  return train_lib.step_fns(cfg, objective, opt, 10, accum)
 
 
 def _batch():
@@ -100,10 +100,11 @@ def _final_state(workdir, step):
     ckpt.close()
 
 
-@pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny"])
+@pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny", "qwen3_tiny", "gemma_tiny"])
 def test_interrupted_run_resumes_to_identical_parameters(tmp_path, monkeypatch, name):
+  family = {"model__sliding_window": 8} if name == "gemma_tiny" else {}  # within the rows
   config = tiny_config(name, tmp_path, train__steps=12, train__checkpoint_every=4,
-                       train__eval_every=6)
+                       train__eval_every=6, **family)
   exp = experiment_from_dict(config.to_dict())
   straight = train_lib.train_and_evaluate(exp, str(tmp_path / "straight"))
 
@@ -174,16 +175,20 @@ def test_run_stops_after_consecutive_non_finite_steps(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
 
 
-@pytest.mark.parametrize("kind,tied", [("clm", True), ("clm", False), ("mlm", True),
-                                       ("mlm", False)])
-def test_fused_head_trains_as_the_logits_path(kind, tied):
-  """objective.fused_head=on and off take the same steps: same metrics and parameters."""
+@pytest.mark.parametrize("kind,tied,cap", [("clm", True, 0.0), ("clm", False, 0.0),
+                                           ("mlm", True, 0.0), ("mlm", False, 0.0),
+                                           ("clm", True, 2.0), ("clm", False, 2.0)])
+def test_fused_head_trains_as_the_logits_path(kind, tied, cap):
+  """objective.fused_head=on and off take the same steps: same metrics and parameters
+  (with Gemma's final soft-capping too: the fused loss caps its chunks' logits)."""
   runs = []
   for mode in ("off", "on"):
     fns = _fns(kind, 1)
-    cfg = fns.model.cfg.replace(tie_embeddings=tied, use_bias=not tied)
+    cfg = fns.model.cfg.replace(tie_embeddings=tied, use_bias=not tied, final_softcap=cap)
+    options = objectives.objective_class(kind).config_class(kind=kind, fused_head=mode,
+                                                            z_loss=1e-3)
     fns = dataclasses.replace(fns, model=build_model(cfg), eval_model=build_model(cfg),
-                              objective=ObjectiveConfig(kind=kind, fused_head=mode, z_loss=1e-3))
+                              objective=objectives.build(options, SPECIAL, cfg.vocab_size))
     state = _init(fns)
     step = jax.jit(functools.partial(train_lib.train_step, fns))
     for _ in range(3):
@@ -203,13 +208,13 @@ def test_auto_dtype_is_resolved_once_per_run_and_kept_on_resume(tmp_path, monkey
   """`model.dtype=auto` on CPU: the answer is written beside the run's checkpoints, and a
   resume computes in it even on a CPU that would answer otherwise (a run moved to another
   machine)."""
-  from lmjax.model import precision
-  monkeypatch.delenv(precision.ENV, raising=False)
+  from lmjax import cpu_dtype
+  monkeypatch.delenv(cpu_dtype.ENV, raising=False)
   config = tiny_config("clm_tiny", tmp_path, train__steps=2, train__checkpoint_every=2)
   workdir = str(tmp_path / "run")
 
   def run_with(flags, steps):
-    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(cpu_dtype, "cpu_flags", lambda: frozenset(flags))
     config.train.steps = steps
     train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), workdir)
     ckpt = Checkpointer(workdir)

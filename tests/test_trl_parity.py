@@ -11,7 +11,9 @@ import torch
 from hf_models import make_chat_model
 from lmjax import objectives, pretrained
 from lmjax.convert import export_hf
-from lmjax.objectives import DPOConfig, ObjectiveConfig, TaskConfig
+from lmjax.data.examples import TaskConfig
+from lmjax.data.pipeline import DataConfig
+from lmjax.objectives import DPOConfig, SFTConfig
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Who is there?"},
@@ -42,10 +44,10 @@ def _write(path, records):
 
 
 def _objective(kind, source, path, cfg=None):
-  cfg = cfg or ObjectiveConfig(kind=kind)
-  task = TaskConfig(kind=kind, train_file=path, eval_file=path, seq_len=128, pack=False)
+  cfg = cfg or SFTConfig(pack=False)
+  task = TaskConfig(train_file=path, eval_file=path)
   objective = objectives.build(cfg, source.tokenizer.special, source.model.vocab_size, task)
-  train, _ = objective.datasets(None, source.tokenizer, source.model, 0)
+  train, _ = objective.datasets(DataConfig(seq_len=128), source.tokenizer, source.model, 0)
   return objective, train, objective.build_model(source.model, True)
 
 
@@ -101,19 +103,20 @@ def test_sft_loss_equals_trl(reference, tmp_path):
 def test_dpo_losses_and_rewards_equal_trl(reference, tmp_path):
   import datasets
   import transformers
-  from lmjax.finetune import finetune, finetune_from_dict, default_finetune_config
+  from lmjax.experiment import default_config
+  from tiny import finetune
   from trl import DPOConfig as TRLConfig
   from trl import DPOTrainer
   ref_dir = str(reference / "ref")
   # The policy: a few SFT steps from the reference, exported as launch.convert exports it.
-  config = default_finetune_config()
+  config = default_config("sft")
   chats = _write(tmp_path / "chats.jsonl", [{"messages": c} for c in CONVERSATIONS])
-  config["task"].update(kind="sft", train_file=chats, eval_file=chats, seq_len=64,
-                        dropout_rate=0.0)
+  config["task"].update(train_file=chats, eval_file=chats)
+  config["data"]["seq_len"] = 64
   config["optimizer"].update(learning_rate=3e-2, warmup_steps=0)
   config["train"].update(steps=3, batch_size=2, eval_every=0, checkpoint_every=3,
                          async_checkpoints=False)
-  finetune(finetune_from_dict(config), ref_dir, str(tmp_path / "sft"))
+  finetune(config, ref_dir, tmp_path / "sft")
   export_hf(pretrained.load(str(tmp_path / "sft")), str(tmp_path / "policy"))
   policy, ref = pretrained.load(str(tmp_path / "policy")), pretrained.load(ref_dir)
   assert not jax.tree.all(jax.tree.map(np.array_equal, policy.params, ref.params))

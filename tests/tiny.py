@@ -71,3 +71,15 @@ def assert_same_checkpoint(a, b, step: int) -> None:
   finally:
     x.close()
     y.close()
+
+
+def finetune(config: dict, init_from, workdir) -> dict:
+  """A fine-tuning run of `config` (a plain dict, today's schema) from `init_from`, as
+  launch.finetune makes it; returns its results.json."""
+  import json
+  from lmjax.experiment import experiment_from_dict
+  from lmjax.run import train_and_evaluate
+  config = {**config, "train": {**config.get("train", {}), "init_from": str(init_from)}}
+  train_and_evaluate(experiment_from_dict(config), str(workdir))
+  with open(os.path.join(str(workdir), "results.json")) as f:
+    return json.load(f)

@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from lmjax.data.permutation import permute, round_keys
+from lmjax.data.permutation import epoch_order, round_keys
 from lmjax.data.store import Shard, TokenSource
 from lmjax.errors import UserError
 
@@ -39,15 +39,9 @@ class PackedDataset:
 
   def window_ids(self, start: int, count: int) -> np.ndarray:
     """Window ids at positions [start, start + count) of the endless epoch sequence."""
-    flat = np.arange(start, start + count, dtype=np.int64)
     if not self.shuffle:
-      return flat % self.num_windows
-    epochs, offsets = np.divmod(flat, self.num_windows)
-    out = np.empty(count, dtype=np.int64)
-    for epoch in np.unique(epochs):
-      sel = epochs == epoch
-      out[sel] = permute(offsets[sel], self.num_windows, self._keys(int(epoch)))
-    return out
+      return np.arange(start, start + count, dtype=np.int64) % self.num_windows
+    return epoch_order(start, count, self.num_windows, self.seed, self._keys)
 
   def rows(self, window_ids: np.ndarray) -> Batch:
     """Packs the given windows; ids < 0 give all-padding rows."""

@@ -28,10 +28,11 @@ import json
 import os
 import re
 from datetime import datetime
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from lmjax.data.jsonl import read_json_lines
 from lmjax.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -229,32 +230,9 @@ def check_messages(messages: Any, where: str, need_assistant: bool = True
   return tuple(out)
 
 
-def json_lines(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-  """(path:line, record) of each non-empty line of a task file."""
-  from lmjax.data.corpus import check_files
-  check_files([path], "task")
-  with open(path, encoding="utf-8-sig") as f:
-    yield from json_records(path, f)
-
-
-def json_records(path: str, lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-  """(path:line, record) of each non-empty line; one line naming the place otherwise."""
-  for lineno, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    where = f"{path}:{lineno}"
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(record, dict):
-      raise UserError(f"{where}: expected a JSON object")
-    yield where, record
-
-
 def read_conversations(path: str) -> list[Conversation]:
   out = []
-  for where, record in json_lines(path):
+  for where, record in read_json_lines(path):
     if "messages" in record:
       out.append(Conversation(where, check_messages(record["messages"], where)))
     elif "prompt" in record and "completion" in record:
@@ -322,8 +300,8 @@ def fit(conv: Conversation, tokenizer: Any, template: ChatTemplate, seq_len: int
   if len(ids) <= seq_len:
     return ids, mask, False
   if truncation == "off":
-    raise UserError(f"{conv.where}: {len(ids)} tokens, longer than task.seq_len={seq_len} "
-                    "(set task.truncation=drop or newest)")
+    raise UserError(f"{conv.where}: {len(ids)} tokens, longer than data.seq_len={seq_len} "
+                    "(set objective.truncation=drop or newest)")
   if truncation == "drop" or not conv.messages:
     return None
   system = [m for m in conv.messages[:1] if m["role"] == "system"]
@@ -404,7 +382,7 @@ def pack_conversations(path: str, tokenizer: Any, template: ChatTemplate, seq_le
     cut += got[2]
     fitted.append(got[:2])
   if not fitted:
-    raise UserError(f"{path}: no conversation fits in task.seq_len={seq_len}")
+    raise UserError(f"{path}: no conversation fits in data.seq_len={seq_len}")
   return Packed(pack(fitted, seq_len, max(tokenizer.special.pad, 0), per_row), len(convs),
                 dropped, cut)
 
@@ -431,7 +409,7 @@ def read_preferences(path: str) -> list[Preference]:
   messages), or no prompt: then the turns chosen and rejected share are the prompt, as
   TRL's `extract_prompt` takes it."""
   out = []
-  for where, record in json_lines(path):
+  for where, record in read_json_lines(path):
     if "chosen" not in record or "rejected" not in record:
       raise UserError(f"{where}: expected 'chosen' and 'rejected' (and a 'prompt')")
     prompt, chosen, rejected = record.get("prompt"), record["chosen"], record["rejected"]
@@ -500,13 +478,13 @@ def preference_rows(path: str, tokenizer: Any, template: ChatTemplate, seq_len: 
     longest = max(len(chosen[0]), len(rejected[0]))
     if longest > seq_len:
       if truncation == "off":
-        raise UserError(f"{pref.where}: {longest} tokens, longer than task.seq_len={seq_len} "
-                        "(set task.truncation=drop)")
+        raise UserError(f"{pref.where}: {longest} tokens, longer than data.seq_len={seq_len} "
+                        "(set objective.truncation=drop)")
       dropped += 1
       continue
     kept.append((chosen, rejected))
   if not kept:
-    raise UserError(f"{path}: no preference pair fits in task.seq_len={seq_len}")
+    raise UserError(f"{path}: no preference pair fits in data.seq_len={seq_len}")
   pad = max(tokenizer.special.pad, 0)
   arrays = {}
   for i, side in enumerate(("chosen", "rejected")):

@@ -36,7 +36,7 @@ class HFTokenizer:
     if path is None:
       raise UserError(f"{directory} has no tokenizer.json or vocab.txt")
     self.path, self.sha256 = path, file_sha256(path)
-    settings = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    settings = read_json(os.path.join(directory, "tokenizer_config.json"))
     try:
       if path.endswith(".json"):
         self._tok = tokenizers.Tokenizer.from_file(path)
@@ -49,7 +49,7 @@ class HFTokenizer:
     # lmjax frames, packs and pads itself, so text must encode to all of its ids, unpadded.
     self._tok.no_padding()
     self._tok.no_truncation()
-    config = _read_json(os.path.join(directory, "config.json"))
+    config = read_json(os.path.join(directory, "config.json"))
     self.special = self._special(config)
     self.chat_template = read_chat_template(directory, settings)
     # The special-token strings a chat template sees, as transformers' special_tokens_map
@@ -118,19 +118,21 @@ def read_chat_template(directory: str, settings: dict[str, Any]) -> str | None:
   return template if isinstance(template, str) and template else None
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def read_json(path: str) -> dict[str, Any]:
+  """A JSON settings file of a model directory; {} when there is none."""
   if not os.path.isfile(path):
     return {}
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
-def sentencepiece_to_json(model_path: str) -> str:
-  """An lmjax SentencePiece model as a `tokenizers` tokenizer.json that encodes and decodes
-  exactly as SentencePiece does (unigram or BPE, byte fallback, identity normaliser).
+def sentencepiece_to_json(model: bytes) -> str:
+  """An lmjax SentencePiece model (its bytes) as a `tokenizers` tokenizer.json that encodes
+  and decodes exactly as SentencePiece does (unigram or BPE, byte fallback, identity
+  normaliser).
 
   SentencePiece prefixes the text with one "▁", turns spaces into "▁" and splits
   before each "▁"; its user-defined symbols ([MASK], [CLS], [SEP]) are matched
@@ -140,8 +142,7 @@ def sentencepiece_to_json(model_path: str) -> str:
   from sentencepiece import sentencepiece_model_pb2
   from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
   proto = sentencepiece_model_pb2.ModelProto()
-  with open(model_path, "rb") as f:
-    proto.ParseFromString(f.read())
+  proto.ParseFromString(model)
   pieces = [(p.piece, p.score) for p in proto.pieces]
   unk = next(i for i, p in enumerate(proto.pieces) if p.type == p.UNKNOWN)
   if proto.trainer_spec.model_type == proto.trainer_spec.UNIGRAM:

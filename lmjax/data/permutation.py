@@ -9,7 +9,7 @@ cheaply as one of 10^3. Levanter's data store orders its epochs the same way.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -52,3 +52,17 @@ def permute(ids: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
       out[walking] = _feistel(out[walking], half_bits, keys)
       walking = out >= np.uint64(n)
   return out.astype(np.int64)
+
+
+def epoch_order(start: int, count: int, n: int, seed: int,
+                keys: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+  """Items at positions [start, start + count) of the endless sequence that visits [0, n)
+  once per epoch, epoch e in the order keyed by (seed, e): every dataset's batches, as a
+  pure function of (seed, step). `keys(epoch)` may supply cached round keys."""
+  keys = keys or (lambda epoch: round_keys([seed, epoch]))
+  epochs, offsets = np.divmod(np.arange(start, start + count, dtype=np.int64), n)
+  out = np.empty(count, dtype=np.int64)
+  for epoch in np.unique(epochs):
+    sel = epochs == epoch
+    out[sel] = permute(offsets[sel], n, keys(int(epoch)))
+  return out

@@ -92,7 +92,7 @@ def shard_name(settings: Settings, input_sha256: str, part: Sequence[int]) -> st
 
 @functools.lru_cache(maxsize=2)
 def _encoder(kind: str, data: bytes, num_threads: int) -> Callable[[list[str]], list[list[int]]]:
-  from lmjax.data.tokenizer import encoder
+  from lmjax.data.tokenizer_io import encoder
   return encoder(kind, data, num_threads)
 
 
@@ -395,7 +395,7 @@ class Summary:
 
 def prepare(cfg: PrepareConfig, show_progress: bool = True) -> Summary:
   """Writes (or completes) the token store `cfg.output` from `cfg.inputs`."""
-  from lmjax.data.tokenizer import load_tokenizer, serialized
+  from lmjax.data.tokenizer_io import load_tokenizer, serialized
   start = time.monotonic()
   if cfg.engine not in ("local", "ray"):
     raise UserError(f"engine must be 'local' or 'ray', got {cfg.engine!r}")

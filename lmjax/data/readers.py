@@ -7,8 +7,9 @@ them), and `.parquet` (the text column, read by row group, as FineWeb ships).
 Inputs are files, directories (searched recursively) or glob patterns; each
 expands in sorted order.
 
-A leading UTF-8 byte-order mark (Windows tools write one) is dropped. Blank and null
-texts are not documents: they are skipped and counted (`ReadStats.blank_docs`).
+A leading UTF-8 byte-order mark (Windows tools write one) is dropped, as every
+JSON-lines reader drops it (`lmjax.data.jsonl`). Blank and null texts are not
+documents: they are skipped and counted (`ReadStats.blank_docs`).
 
 A large file is cut into `Part`s that workers read independently: uncompressed
 text at document boundaries by byte offset, parquet by row group, compressed
@@ -21,13 +22,13 @@ import dataclasses
 import glob
 import gzip
 import io
-import json
 import os
 import zlib
 from typing import BinaryIO, Iterator, Sequence
 
 from absl import logging
 
+from lmjax.data.jsonl import parse_object, strip_bom
 from lmjax.errors import UserError
 
 COMPRESSED = {".gz": "gzip", ".zst": "zstd"}
@@ -35,7 +36,6 @@ SUFFIXES = (".txt", ".jsonl", ".parquet", ".jsonl.gz", ".json.gz", ".txt.gz", ".
             ".json.zst", ".txt.zst")
 # A longer line is a broken or binary file, not text; reading stops before it fills memory.
 MAX_LINE_BYTES = 16 << 20
-BOM = b"\xef\xbb\xbf"
 
 
 @dataclasses.dataclass
@@ -253,8 +253,8 @@ def _lines(part: Part, bad_utf8: str) -> Iterator[tuple[str, str]]:
         if not raw:
           break
         lineno, pos = lineno + 1, pos + len(raw)
-        if lineno == 1 and part.lo == 0 and raw.startswith(BOM):
-          raw = raw[len(BOM):]
+        if lineno == 1 and part.lo == 0:
+          raw = strip_bom(raw)
         if len(raw) > MAX_LINE_BYTES:
           raise UserError(f"{where}:{lineno}: line longer than {MAX_LINE_BYTES >> 20} MiB; is "
                           "this a text file? Split long documents into lines")
@@ -286,16 +286,13 @@ def _text_documents(part: Part, bad_utf8: str) -> Iterator[str]:
 
 def _json_texts(part: Part, bad_utf8: str, field: str) -> Iterator[str | None]:
   """The `field` of each JSON line (None where it is null); empty lines are no records."""
+  wanted = f" with a '{field}' field (set data.text_field / --text_field for another name)"
   for where, line in _lines(part, bad_utf8):
     if not line.strip():
       continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(record, dict) or field not in record:
-      raise UserError(f"{where}: expected a JSON object with a '{field}' field "
-                      "(set data.text_field / --text_field for another name)")
+    record = parse_object(line, where, wanted)
+    if field not in record:
+      raise UserError(f"{where}: expected a JSON object{wanted}")
     text = record[field]
     if text is not None and not isinstance(text, str):
       raise UserError(f"{where}: the '{field}' field must be a string or null")

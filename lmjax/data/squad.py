@@ -18,10 +18,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import re
 import string
 from typing import Any, Iterator, Mapping, Sequence
 
+from lmjax.data.jsonl import read_json_lines, strip_bom
 from lmjax.errors import UserError
 
 
@@ -132,17 +134,9 @@ def _best_threshold(examples: Sequence[QAExample], raw: Mapping[str, float],
 def read_examples(path: str) -> list[QAExample]:
   """SQuAD JSON (v1.1 or v2.0) or Hugging Face JSON lines, checked: each gold answer must
   stand at its `answer_start`; v2 questions without answers must say `is_impossible`."""
-  import os
-  if not os.path.isfile(path):
-    raise UserError(f"task file not found: {path}")
-  with open(path, encoding="utf-8-sig") as f:
-    text = f.read()
-  try:
-    whole = json.loads(text)
-  except json.JSONDecodeError:
-    whole = None  # JSON lines (Hugging Face's .json and .jsonl)
+  whole = _whole_json(path)
   records = _squad_json(path, whole) if isinstance(whole, dict) and "data" in whole \
-      else _json_lines(path, text)
+      else _json_lines(path)
   out = []
   for where, ex in records:
     if not ex.context.strip():
@@ -180,9 +174,21 @@ def _squad_json(path: str, whole: dict) -> Iterator[tuple[str, QAExample]]:
                                tuple(int(a["answer_start"]) for a in answers))
 
 
-def _json_lines(path: str, text: str) -> Iterator[tuple[str, QAExample]]:
-  from lmjax.data.chat import json_records
-  for where, r in json_records(path, text.splitlines()):
+def _whole_json(path: str) -> Any:
+  """The file as one JSON document (SQuAD's own format), or None when it is not one
+  (JSON lines: Hugging Face's .json and .jsonl, read line by line next)."""
+  if not os.path.isfile(path):
+    raise UserError(f"task file not found: {path}")
+  with open(path, "rb") as f:
+    data = strip_bom(f.read())
+  try:
+    return json.loads(data.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    return None
+
+
+def _json_lines(path: str) -> Iterator[tuple[str, QAExample]]:
+  for where, r in read_json_lines(path, "task"):
     if isinstance(r.get("answer"), str) and "answers" not in r:  # lmjax's own QA lines
       at = r.get("context", "").find(r["answer"]) if isinstance(r.get("context"), str) else -1
       if at < 0:
@@ -228,7 +234,7 @@ def make_windows(examples: Sequence[QAExample], tokenizer: Any, seq_len: int, do
   and last token where the row holds all of it, else position 0 (the null answer, as
   run_qa points a window without the answer at [CLS])."""
   import numpy as np
-  from lmjax.data.tasks import _frame
+  from lmjax.data.examples import _frame
   begin, sep, end = _frame(tokenizer, family)
   rows, types, targets, owner, offsets = [], [], [], [], []
   for i, ex in enumerate(examples):
@@ -237,7 +243,7 @@ def make_windows(examples: Sequence[QAExample], tokenizer: Any, seq_len: int, do
     if room <= doc_stride:
       raise UserError(f"question {ex.id}: {len(head)} tokens leave {max(room, 0)} of "
                       f"seq_len={seq_len} for the context, not more than "
-                      f"task.doc_stride={doc_stride}; raise seq_len or shorten the question")
+                      f"objective.doc_stride={doc_stride}; raise seq_len or shorten the question")
     ids, spans = tokenizer.encode_with_offsets(ex.context)
     answer = None if ex.impossible else (ex.starts[0], ex.starts[0] + len(ex.answers[0]))
     lo = 0

@@ -1,4 +1,6 @@
-"""SentencePiece tokenizers with the special tokens lmjax models rely on.
+"""SentencePiece tokenizers with the special tokens lmjax models rely on: the `Tokenizer`
+class and its training (reading one from any source, saving and installing it:
+`lmjax.data.tokenizer_io`).
 
 Ids 0-3 are pad, unk, bos, eos; [MASK], [CLS], [SEP] and a newline piece are
 user-defined symbols right after them. Byte fallback keeps every input
@@ -17,7 +19,6 @@ import numpy as np
 import sentencepiece as spm
 
 from lmjax import paths
-from lmjax.data.hf_tokenizer import HFTokenizer
 from lmjax.data.special import SpecialTokens
 from lmjax.errors import UserError
 
@@ -95,34 +96,6 @@ class Tokenizer:
     return self._sp.id_to_piece(int(i))
 
 
-def load_tokenizer(path: str):
-  """A SentencePiece model file, or a Hugging Face tokenizer (a model directory, its
-  tokenizer.json or its vocab.txt)."""
-  if os.path.isdir(path) or os.path.basename(path) in ("tokenizer.json", "vocab.txt"):
-    return HFTokenizer(path if os.path.isdir(path) else os.path.dirname(path) or ".")
-  return Tokenizer(path)
-
-
-def serialized(tokenizer) -> tuple[str, bytes]:
-  """(kind, bytes) from which `encoder` rebuilds `tokenizer` in another process."""
-  if isinstance(tokenizer, Tokenizer):
-    return "sentencepiece", tokenizer.data
-  return "huggingface", tokenizer.serialized()
-
-
-def encoder(kind: str, data: bytes, num_threads: int = 1):
-  """texts -> ids without special tokens, from `serialized`'s output."""
-  if kind == "sentencepiece":
-    sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(data)
-    return lambda texts: sp.encode(texts, num_threads=num_threads)
-  import tokenizers
-  tok = tokenizers.Tokenizer.from_str(data.decode())
-  tok.no_padding()
-  tok.no_truncation()
-  return lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-
-
 def _training_sentences(lines: Iterable[str]) -> Iterator[str]:
   """Non-empty lines, long ones cut into pieces SentencePiece will not drop."""
   for line in lines:
@@ -161,34 +134,9 @@ def train_tokenizer(lines: Iterable[str], output_path: str, vocab_size: int,
         minloglevel=2)
   except RuntimeError as e:
     raise UserError(f"tokenizer training failed: {e}") from None
-  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-  tmp = output_path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, output_path)
+  try:
+    paths.makedirs(paths.dirname(paths.resolve(output_path)))
+    paths.write_atomic(output_path, model.getvalue())
+  except OSError as e:
+    raise UserError(f"cannot write {output_path} ({e.strerror or e})") from None
   return Tokenizer(output_path)
-
-
-def install_tokenizer(source: str, workdir: str, write: bool = True) -> Tokenizer:
-  """Copies the run's tokenizer into WORKDIR/tokenizer.model once and loads that copy.
-
-  A workdir keeps the vocabulary it was trained with: a different `source`
-  later is refused rather than silently decoding with the wrong pieces. With
-  `write=False` only the checks run (the launcher validates everything before
-  it writes anything).
-  """
-  dest = paths.join(workdir, "tokenizer.model")
-  if not source and not paths.exists(dest):
-    raise UserError("no tokenizer given: set --config.data.tokenizer=PATH")
-  wanted = Tokenizer(source) if source else None
-  if paths.exists(dest):
-    installed = Tokenizer(dest)
-    if wanted is not None and wanted.sha256 != installed.sha256:
-      raise UserError(f"{source} differs from the tokenizer this workdir was trained with "
-                      f"({dest}); use a new --workdir or the original tokenizer")
-    return installed
-  if not write:
-    return wanted  # type: ignore[return-value]
-  paths.makedirs(workdir)
-  paths.write_atomic(dest, wanted.data)  # processes sharing a workdir write identical bytes
-  return Tokenizer(dest)

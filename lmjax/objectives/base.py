@@ -1,10 +1,10 @@
 """The interface an objective implements, and the registry that names objectives.
 
-The training loop (`lmjax.train`) knows no objective by name. It asks the run's
+The training loop (`lmjax.loop`) knows no objective by name. It asks the run's
 `Objective` for five things: its batches (`datasets`), its model with the head it
 needs (`build_model`), the model inputs, targets and weights of a batch (`prepare`,
 traced), the summed loss terms (`loss_sums`, traced; the form gradient accumulation
-and `summarize` use) and its held-out measures (`eval_sums`, `eval_metrics`).
+and `metrics` use) and its held-out measures (`eval_sums`, `eval_metrics`).
 Sharding, accumulation, non-finite skips, checkpoints and exact resume stay the
 loop's, so every objective has them.
 
@@ -12,7 +12,7 @@ An objective is a subclass registered under a name, which `objective.kind` selec
 
     @register("clm_aux")
     class CLMWithAux(CLM):
-      config_class = AuxConfig  # its own options, a subclass of ObjectiveConfig
+      config_class = AuxConfig  # its options: a subclass of CLM's (`LMConfig`)
       def loss_sums(self, model, params, batch, rngs): ...
 
 Research code registers its own in the file that uses it (an experiment file is
@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from lmjax.errors import UserError, check_ranges
+from lmjax.errors import UserError
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -39,38 +39,17 @@ _BUILT_IN: set[str] = set()  # lmjax's own names: research code cannot replace t
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-  # A registered objective: clm | mlm (pretraining) | classification | regression | qa
-  # (fine-tuning, set by launch.finetune from the task) | one an experiment file registers.
+  """The `objective` section: which objective, and (in each objective's subclass of this
+  class) its options. lmjax's: clm, mlm (pretraining); sft, dpo (chat); classification,
+  regression, qa (task heads); or one an experiment file registers."""
+
   kind: str = "clm"
-  mask_rate: float = 0.15  # MLM: share of ordinary tokens selected as targets (exact per row)
-  mask_token_prob: float = 0.8  # of the selected: replaced by [MASK]
-  random_token_prob: float = 0.1  # of the selected: replaced by a random token; rest kept
-  z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
-  label_smoothing: float = 0.0
-  # Vocabulary head + loss fused over chunks of positions, never building the (B, T, V)
-  # logits (`fused_cross_entropy_sums`): auto (on CPU, where it is faster) | on | off.
-  fused_head: str = "auto"
 
   def __post_init__(self):
     if self.kind not in _REGISTRY:
       raise ValueError(f"objective.kind must be one of {', '.join(registered())}, got "
                        f"{self.kind!r} (an objective of your own: register it, see "
                        "experiments/custom_objective.py)")
-    check_ranges("objective", self, non_negative=("z_loss", "mask_token_prob", "random_token_prob"),
-                 fractions=("label_smoothing",))
-    if self.fused_head not in ("auto", "on", "off"):
-      raise ValueError(f"objective.fused_head must be auto, on or off, got {self.fused_head!r}")
-    if not 0 < self.mask_rate < 1 or self.mask_token_prob + self.random_token_prob > 1:
-      raise ValueError("objective: need 0 < mask_rate < 1 and mask_token_prob + "
-                       "random_token_prob <= 1")
-
-  def use_fused_head(self) -> bool:
-    """Whether the train and eval steps fuse the vocabulary head into the loss. `auto`: on
-    CPU, where XLA's (N, V) logits matmuls and their transposes cost a third of a small
-    model's step; on TPU and GPU, fused matmuls of the full logits are the faster path."""
-    if self.fused_head == "auto":
-      return jax.default_backend() == "cpu"
-    return self.fused_head == "on"
 
   def predictions(self, seq_len: int) -> int:
     """Positions per row the vocabulary head runs on (for FLOP counts)."""
@@ -79,7 +58,7 @@ class ObjectiveConfig:
 
 class Dataset(Protocol):
   """Batches as pure functions of (seed, step): what the loop reads (`PackedDataset`,
-  `TaskDataset`)."""
+  `ExampleDataset`)."""
 
   def batch(self, step: int, global_batch: int, process_index: int = 0,
             process_count: int = 1) -> dict[str, np.ndarray]: ...
@@ -95,14 +74,15 @@ class Objective:
   override what differs, `register` names them.
 
   Built once per run with its config, the tokenizer's special ids, the model's
-  vocabulary size and, for a fine-tuning objective, the `task` section of
-  `launch.finetune` (its files, labels, lengths).
+  vocabulary size and the experiment's `task` section (the labelled files that the
+  fine-tuning objectives read; pretraining objectives ignore it).
   """
 
   kind: ClassVar[str] = ""  # the registered name (set by `register`)
   config_class: ClassVar[type] = ObjectiveConfig  # its typed options
-  needs_task: ClassVar[bool] = False  # fine-tuning only: data from `task`, not `data`
-  options_section: ClassVar[str] = ""  # launch.finetune: the config section of its options
+  # Fine-tuning: starts from `train.init_from` (which decides the architecture and the
+  # tokenizer) and reads its examples from the `task` section, not from `data`.
+  fine_tunes: ClassVar[bool] = False
 
   def __init__(self, cfg: ObjectiveConfig, special: Any, vocab_size: int, task: Any = None):
     self.cfg, self.special, self.vocab_size, self.task = cfg, special, vocab_size, task
@@ -113,6 +93,13 @@ class Objective:
                ) -> tuple[Dataset, Dataset]:
     """(train, eval) batches: `data` is the run's DataConfig, `model` its TransformerConfig."""
     raise NotImplementedError(f"objective {self.kind!r} builds no datasets")
+
+  def batch_spec(self, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Each batch array's shape per row and dtype, as `datasets` yields them: what
+    `lmjax.aot` compiles the step for without reading any data (a test holds the two
+    equal for every objective)."""
+    rows = {k: ((seq_len,), np.int32) for k in ("tokens", "segment_ids", "positions")}
+    return rows
 
   def build_model(self, model: Any, deterministic: bool) -> nn.Module:
     """The backbone with the head this objective needs."""
@@ -158,17 +145,17 @@ class Objective:
     axis are gathered per example for `eval_metrics`."""
     return self.loss_sums(model, params, batch, {})
 
-  def summarize(self, sums: dict[str, Array]) -> dict[str, Array]:
+  def metrics(self, sums: dict[str, Array]) -> dict[str, Array]:
     """Metrics of summed terms (train lines and evaluation alike)."""
-    from lmjax.objectives.losses import summarize
-    return summarize(sums)
+    from lmjax.objectives.losses import token_metrics
+    return token_metrics(sums)
 
   # -- held-out measures (host)
 
   def eval_metrics(self, sums: dict[str, float], examples: dict[str, np.ndarray]
                    ) -> dict[str, float]:
     """The held-out measures from the eval set's summed terms and gathered examples."""
-    return {k: float(v) for k, v in self.summarize(sums).items()}
+    return {k: float(v) for k, v in self.metrics(sums).items()}
 
   @classmethod
   def head_positions(cls, cfg: ObjectiveConfig, seq_len: int) -> int:
@@ -179,18 +166,29 @@ class Objective:
 def register(name: str) -> Callable[[type[Objective]], type[Objective]]:
   """Class decorator: makes an `Objective` subclass `objective.kind=name`."""
   def add(cls: type[Objective]) -> type[Objective]:
-    if not (isinstance(cls, type) and issubclass(cls, Objective)):
-      raise TypeError(f"register({name!r}) takes an Objective subclass, got {cls!r}")
-    if not issubclass(cls.config_class, ObjectiveConfig):
-      raise TypeError(f"{cls.__name__}.config_class must subclass ObjectiveConfig")
-    if name in _BUILT_IN and _REGISTRY[name] is not cls:
-      raise ValueError(f"objective {name!r} is lmjax's own; register yours under another name")
+    _check_plugin(name, cls)
     cls.kind = name
     _REGISTRY[name] = cls
     if cls.__module__.startswith("lmjax."):
       _BUILT_IN.add(name)
     return cls
   return add
+
+
+def _check_plugin(name: str, cls: Any) -> None:
+  """Mistakes a plug-in would otherwise pay for at its first step, or never notice."""
+  if not (isinstance(cls, type) and issubclass(cls, Objective)):
+    raise TypeError(f"register({name!r}) takes an Objective subclass, got {cls!r}")
+  if name in _BUILT_IN and _REGISTRY[name] is not cls:
+    raise ValueError(f"objective {name!r} is lmjax's own; register yours under another name")
+  if "summarize" in vars(cls):  # renamed: an override under the old name is never called
+    raise TypeError(f"{cls.__name__}.summarize: the method is now called `metrics`")
+  for base in cls.__mro__[1:]:  # the options the inherited code reads must exist
+    if getattr(base, "kind", "") in _REGISTRY and not issubclass(cls.config_class, base.config_class):
+      raise TypeError(f"{cls.__name__}.config_class must subclass {base.__name__}'s options, "
+                      f"{base.config_class.__module__}.{base.config_class.__name__}")
+  if not issubclass(cls.config_class, ObjectiveConfig):
+    raise TypeError(f"{cls.__name__}.config_class must subclass ObjectiveConfig")
 
 
 def registered() -> list[str]:

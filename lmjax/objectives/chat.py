@@ -2,7 +2,7 @@
 and direct preference optimisation (dpo).
 
 Conversations come from the `task` section's JSON lines (`lmjax.data.chat`),
-rendered with the chat template (`task.chat_template`, else the pretrained
+rendered with the chat template (`objective.chat_template`, else the pretrained
 tokenizer's own, else lmjax's default), packed several per row with segment ids.
 The loss is next-token cross-entropy on the assistant's tokens only, so the
 held-out `loss` and `accuracy` are per assistant token.
@@ -21,8 +21,48 @@ from absl import logging
 
 from lmjax.errors import UserError
 from lmjax.objectives.base import Batch, ObjectiveConfig, register
-from lmjax.objectives.losses import clm_targets
-from lmjax.objectives.pretraining import LanguageModelling
+from lmjax.objectives.losses import clm_targets, target_logprobs
+from lmjax.objectives.pretraining import LanguageModelling, LMConfig
+
+TRUNCATION = ("off", "drop", "newest")
+
+
+def _check_chat_options(cfg: Any) -> None:
+  if cfg.truncation not in TRUNCATION:
+    raise ValueError(f"objective.truncation must be off, drop or newest, got {cfg.truncation!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig(LMConfig):
+  kind: str = "sft"
+  # A .jinja chat template file ("" = the model's own, else lmjax's default).
+  chat_template: str = ""
+  # Conversations longer than data.seq_len: off (an error) | drop | newest (the newest
+  # turns that fit, ending at an assistant turn).
+  truncation: str = "drop"
+  pack: bool = True  # several conversations per row
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_chat_options(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig(ObjectiveConfig):
+  kind: str = "dpo"
+  chat_template: str = ""  # as SFT's
+  truncation: str = "drop"  # off | drop (newest keeps no pair whole)
+  beta: float = 0.1  # strength of the KL penalty toward the reference (initial) model
+  label_smoothing: float = 0.0  # conservative DPO: the chance that a preference is flipped
+
+  def __post_init__(self):
+    super().__post_init__()
+    _check_chat_options(self)
+    if self.beta <= 0:
+      raise ValueError(f"objective.beta must be positive, got {self.beta}")
+    if not 0 <= self.label_smoothing < 0.5:
+      raise ValueError(f"objective.label_smoothing must be in [0, 0.5), got "
+                       f"{self.label_smoothing}")
 
 Array = jax.Array
 
@@ -30,43 +70,48 @@ Array = jax.Array
 class ChatObjective(LanguageModelling):
   """Shared by the chat objectives: decoders only, the template kept with the run."""
 
-  needs_task = True
+  fine_tunes = True
   template: Any = None  # the ChatTemplate `datasets` rendered with
 
   records = ""  # what its files hold, for the error that names them
 
   def datasets(self, data: Any, tokenizer: Any, model: Any, seed: int):
     from lmjax.data import chat
-    from lmjax.data.tasks import TaskDataset
+    from lmjax.data.examples import ExampleDataset
     if model.family != "decoder":
       raise UserError(f"objective {self.kind} fine-tunes decoders; --init_from is an encoder")
     task = self.task
     if not (task.train_file and task.eval_file):
       raise UserError(f"objective {self.kind} needs task.train_file and task.eval_file (JSON "
                       f"lines of {self.records})")
-    self.template = chat.load_template(tokenizer, task.chat_template)
-    return tuple(TaskDataset(self.rows(split, path, tokenizer), seed)
+    self.template = chat.load_template(tokenizer, self.cfg.chat_template)
+    return tuple(ExampleDataset(self.rows(split, path, tokenizer, data.seq_len), seed)
                  for split, path in (("train", task.train_file), ("eval", task.eval_file)))
 
-  def rows(self, split: str, path: str, tokenizer: Any) -> dict[str, Any]:
+  def rows(self, split: str, path: str, tokenizer: Any, seq_len: int) -> dict[str, Any]:
     """The (N, T) arrays of one file's records."""
     raise NotImplementedError
 
   def run_files(self) -> dict[str, str]:
     return {"chat_template.jinja": self.template.text} if self.template else {}
 
+  def batch_spec(self, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    row = {k: ((seq_len,), np.int32) for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+    return {**row, "weights": ((), np.float32)}
+
 
 @register("sft")
 class SFT(ChatObjective):
   """Chat SFT: the assistant's tokens of packed conversations."""
 
+  config_class = SFTConfig
   records = "messages, or prompt and completion"
 
-  def rows(self, split: str, path: str, tokenizer: Any) -> dict[str, Any]:
+  def rows(self, split: str, path: str, tokenizer: Any, seq_len: int) -> dict[str, Any]:
     from lmjax.data import chat
-    task = self.task
-    packed = chat.pack_conversations(path, tokenizer, self.template, task.seq_len,
-                                     task.truncation, 0 if task.pack else 1)
+    cfg = self.cfg
+    packed = chat.pack_conversations(path, tokenizer, self.template, seq_len,
+                                     cfg.truncation, 0 if cfg.pack else 1)
     logging.info("%s %s: %d conversations (%d dropped, %d cut to their newest turns) in %d "
                  "rows: %.0f%% real tokens, %.0f%% loss tokens", split, path,
                  packed.conversations, packed.dropped, packed.cut, len(packed.arrays["tokens"]),
@@ -82,28 +127,6 @@ class SFT(ChatObjective):
             "targets": targets, "weights": weights}
 
 
-@dataclasses.dataclass(frozen=True)
-class DPOOptions:
-  """The `dpo` section of a fine-tuning experiment."""
-
-  beta: float = 0.1  # strength of the KL penalty toward the reference (initial) model
-  label_smoothing: float = 0.0  # conservative DPO: the chance that a preference is flipped
-
-
-@dataclasses.dataclass(frozen=True)
-class DPOConfig(ObjectiveConfig):
-  kind: str = "dpo"
-  beta: float = 0.1  # strength of the KL penalty toward the reference model
-  # `label_smoothing` (inherited): the conservative DPO's chance that a label is flipped
-
-  def __post_init__(self):
-    super().__post_init__()
-    if self.beta <= 0:
-      raise ValueError(f"dpo.beta must be positive, got {self.beta}")
-    if not 0 <= self.label_smoothing < 0.5:
-      raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-
-
 @register("dpo")
 class DPO(ChatObjective):
   """Direct preference optimisation (Rafailov et al., 2023), TRL's `sigmoid` loss:
@@ -112,19 +135,23 @@ class DPO(ChatObjective):
   model, its log-probabilities computed once per start before training (`precompute`)."""
 
   config_class = DPOConfig
-  options_section = "dpo"
-
   records = "prompt, chosen and rejected"
 
-  def rows(self, split: str, path: str, tokenizer: Any) -> dict[str, Any]:
+  def rows(self, split: str, path: str, tokenizer: Any, seq_len: int) -> dict[str, Any]:
     from lmjax.data import chat
-    pairs = chat.preference_rows(path, tokenizer, self.template, self.task.seq_len,
-                                 self.task.truncation)
-    logging.info("%s %s: %d preference pairs (%d dropped as longer than task.seq_len)", split,
+    pairs = chat.preference_rows(path, tokenizer, self.template, seq_len, self.cfg.truncation)
+    logging.info("%s %s: %d preference pairs (%d dropped as longer than data.seq_len)", split,
                  path, pairs.conversations, pairs.dropped)
     n = len(pairs.arrays["chosen_tokens"])
     return {**pairs.arrays, "ref_chosen": np.zeros(n, np.float32),  # set by `precompute`
             "ref_rejected": np.zeros(n, np.float32)}
+
+  def batch_spec(self, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    row = super().batch_spec(seq_len)
+    sides = {f"{side}_{k}": v for side in ("chosen", "rejected") for k, v in row.items()
+             if k != "weights"}
+    return {**sides, "ref_chosen": ((), np.float32), "ref_rejected": ((), np.float32),
+            "weights": ((), np.float32)}
 
   def precompute(self, datasets: tuple, model: nn.Module, params: Any) -> None:
     """The reference log-probabilities of every pair, from the initial `params`."""
@@ -159,7 +186,7 @@ class DPO(ChatObjective):
             "reward_chosen": jnp.sum(reward_chosen * w),
             "reward_rejected": jnp.sum(reward_rejected * w), "margin": jnp.sum(margin * w)}
 
-  def summarize(self, sums: dict[str, Array]) -> dict[str, Array]:
+  def metrics(self, sums: dict[str, Array]) -> dict[str, Array]:
     n = jnp.maximum(sums["weight"], 1.0)
     return {"loss": sums["loss"] / n, "reward_accuracy": sums["correct"] / n,
             "reward_chosen": sums["reward_chosen"] / n,
@@ -178,6 +205,4 @@ def _completion_logps(model: nn.Module, params: Any, tokens: Array, segments: Ar
   logits = model.apply({"params": params}, tokens, segments, positions, rngs=rngs or {})
   targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
   weights = jnp.pad(mask[:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)  # predicts a completion
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))  # (N, T, V)
-  picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # (N, T)
-  return jnp.sum(picked * weights, axis=-1)
+  return jnp.sum(target_logprobs(logits, targets) * weights, axis=-1)  # (N,)

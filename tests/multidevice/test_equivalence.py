@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tiny import tiny_config
+from lmjax import run as run_lib
 from lmjax import train as train_lib
 from lmjax.checkpoint import Checkpointer
 from lmjax.experiment import experiment_from_dict
@@ -21,14 +22,16 @@ WIDE = dict(model__d_model=64, model__num_heads=8, model__d_ff=128, train__batch
 
 
 def _experiment(tmp_path, name, mesh, **overrides):
-  config = tiny_config(name, tmp_path, **{**WIDE, **overrides})
+  family = {"model__sliding_window": 8} if name == "gemma_tiny" else {}  # within the rows
+  config = tiny_config(name, tmp_path, **{**WIDE, **family, **overrides})
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
   return experiment_from_dict(config.to_dict())
 
 
 def _losses(exp, workdir, monkeypatch, one_device=False):
   if one_device:
-    monkeypatch.setattr(train_lib, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:1]))
+    monkeypatch.setattr(run_lib, "make_mesh", lambda cfg, devices=None: make_mesh(
+        cfg, jax.devices()[:1]))
   train_lib.train_and_evaluate(exp, str(workdir))
   monkeypatch.undo()
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
@@ -40,7 +43,7 @@ def _losses(exp, workdir, monkeypatch, one_device=False):
 def baselines(tmp_path_factory):
   mp = pytest.MonkeyPatch()
   out = {}
-  for name in ("clm_tiny", "mlm_tiny"):
+  for name in ("clm_tiny", "mlm_tiny", "qwen3_tiny", "gemma_tiny"):
     tmp = tmp_path_factory.mktemp(name)
     out[name] = _losses(_experiment(tmp, name, (1, 1, 1)), tmp / "run", mp, one_device=True)
   return out
@@ -48,7 +51,7 @@ def baselines(tmp_path_factory):
 
 @pytest.mark.parametrize("name,mesh", [
     ("clm_tiny", (8, 1, 1)), ("clm_tiny", (2, 4, 1)), ("clm_tiny", (1, 1, 8)),
-    ("mlm_tiny", (2, 2, 2))])
+    ("mlm_tiny", (2, 2, 2)), ("qwen3_tiny", (2, 2, 2)), ("gemma_tiny", (2, 2, 2))])
 def test_sharded_training_matches_one_device(tmp_path, monkeypatch, baselines, name, mesh):
   train, evals = _losses(_experiment(tmp_path, name, mesh), tmp_path / "run", monkeypatch)
   assert len(train) == 5
@@ -77,12 +80,10 @@ def test_attention_implementations_on_a_mesh_match_one_device(tmp_path, monkeypa
 
 def _sharded_state(exp, mesh=None):
   from lmjax.data.tokenizer import SpecialTokens
-  from lmjax.model import build_model
-  from lmjax.optim import learning_rate_schedule, make_optimizer
-  fns = train_lib.StepFns(build_model(exp.model), build_model(exp.model),
-                          make_optimizer(exp.optimizer, 10),
-                          learning_rate_schedule(exp.optimizer, 10), exp.objective,
-                          SpecialTokens(0, 1, 2, 3, 4, 5, 6))
+  from lmjax import objectives
+  objective = objectives.build(exp.objective, SpecialTokens(0, 1, 2, 3, 4, 5, 6),
+                               exp.model.vocab_size)
+  fns = train_lib.step_fns(exp.model, objective, exp.optimizer, 10)
   mesh = mesh or make_mesh(exp.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(exp.mesh.rules):
     abstract = jax.eval_shape(lambda: train_lib.init_state(fns, 0, (1, 32)))
@@ -110,7 +111,8 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
 @pytest.mark.parametrize("target", [(1, 1, 1), (2, 1, 2)])
 def test_checkpoint_restores_onto_another_mesh(tmp_path, monkeypatch, target):
   exp = _experiment(tmp_path, "clm_tiny", (1, 4, 1), train__steps=3, train__eval_every=0)
-  monkeypatch.setattr(train_lib, "make_mesh", lambda cfg: make_mesh(cfg, jax.devices()[:4]))
+  monkeypatch.setattr(run_lib, "make_mesh", lambda cfg, devices=None: make_mesh(
+      cfg, jax.devices()[:4]))
   train_lib.train_and_evaluate(exp, str(tmp_path / "run"))
   ckpt = Checkpointer(str(tmp_path / "run"))
   saved = ckpt.restore_arrays(3)

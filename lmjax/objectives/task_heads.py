@@ -1,8 +1,8 @@
-"""Fine-tuning objectives of `launch.finetune`: classification and regression of a text or
-a text pair (GLUE-style), and extractive QA, each a head on the pretrained backbone.
+"""Objectives that train a task head on a pretrained backbone: classification and
+regression of a text or a text pair (GLUE-style), and extractive QA.
 
-Their data comes from the run's `task` section (`TaskConfig`: files, labels,
-length), encoded with the pretrained model's tokenizer (`lmjax.data.tasks`); a
+Their examples come from the run's `task` section (`lmjax.data.examples.TaskConfig`:
+files, labels), encoded with the pretrained model's tokenizer at `data.seq_len`; a
 task's batches are labelled examples, and its held-out measures are the ones the
 field reports.
 """
@@ -25,64 +25,47 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskConfig:
-  kind: str = "classification"  # classification | regression | qa | a registered task objective
-  dataset: str = ""  # built-in dataset ("shakespeare_genre"), else train_file/eval_file
-  train_file: str = ""  # JSON lines, see lmjax/data/tasks.py
-  eval_file: str = ""
-  labels: tuple[str, ...] = ()  # class names (classification)
-  seq_len: int = 128
-  dropout_rate: float = 0.1
-  # Chat (sft, dpo): a .jinja chat template file ("" = the model's own, else lmjax's);
-  # conversations longer than seq_len: off (an error) | drop | newest (the newest turns
-  # that fit, ending at an assistant turn); pack several conversations per row.
-  chat_template: str = ""
-  truncation: str = "drop"
-  pack: bool = True
-  # QA: context windows overlapping by doc_stride tokens (0: seq_len // 4); answers of at
-  # most max_answer_tokens from the n_best starts and ends; SQuAD 2.0: "no answer" when
-  # the null score beats the best span by more than null_threshold.
+class QAConfig(ObjectiveConfig):
+  kind: str = "qa"
+  # Context windows overlap by doc_stride tokens (0: data.seq_len // 4); answers of at most
+  # max_answer_tokens from the n_best starts and ends; SQuAD 2.0: "no answer" when the
+  # null score beats the best span by more than null_threshold.
   doc_stride: int = 0
   max_answer_tokens: int = 30
   n_best: int = 20
   null_threshold: float = 0.0
 
   def __post_init__(self):
-    from lmjax.objectives.base import _REGISTRY
-    tasks = sorted(k for k, cls in _REGISTRY.items() if cls.needs_task)
-    if self.kind not in tasks:
-      raise ValueError(f"task.kind must be one of {', '.join(tasks)}, got {self.kind!r}")
-    if self.dataset not in ("", "shakespeare_genre"):
-      raise ValueError(f"task.dataset {self.dataset!r} is unknown (known: shakespeare_genre)")
-    if self.seq_len < 4:
-      raise ValueError(f"task.seq_len must be at least 4, got {self.seq_len}")
-    if not 0 <= self.dropout_rate < 1:
-      raise ValueError(f"task.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    super().__post_init__()
     if self.doc_stride < 0 or self.max_answer_tokens < 1 or self.n_best < 1:
-      raise ValueError("task.doc_stride must be >= 0, task.max_answer_tokens and task.n_best "
-                       ">= 1")
-    if self.truncation not in ("off", "drop", "newest"):
-      raise ValueError(f"task.truncation must be off, drop or newest, got {self.truncation!r}")
+      raise ValueError("objective.doc_stride must be >= 0, objective.max_answer_tokens and "
+                       "objective.n_best >= 1")
 
 
 class Task(Objective):
   """Labelled examples through a task head; `weight` counts examples, not tokens."""
 
-  needs_task = True
+  fine_tunes = True
   head = "classifier/"  # where the new head's parameters live
 
   def datasets(self, data: Any, tokenizer: Any, model: Any, seed: int):
-    from lmjax.data.tasks import TaskDataset
-    train, held_out = self.examples(tokenizer, model.family)
-    return TaskDataset(train, seed), TaskDataset(held_out, seed)
+    from lmjax.data.examples import ExampleDataset
+    train, held_out = self.examples(tokenizer, model.family, data.seq_len)
+    return ExampleDataset(train, seed), ExampleDataset(held_out, seed)
 
-  def examples(self, tokenizer: Any, family: str
+  def examples(self, tokenizer: Any, family: str, seq_len: int
                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(train, eval) arrays encoded with the pretrained model's tokenizer."""
     raise NotImplementedError
 
   def is_new_param(self, name: str) -> bool:
     return name.startswith(self.head)
+
+  targets_spec = {"labels": ((), np.int32)}  # what each example is labelled with
+
+  def batch_spec(self, seq_len: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    row = {k: ((seq_len,), np.int32) for k in ("tokens", "segment_ids", "token_types")}
+    return {**row, **self.targets_spec, "weights": ((), np.float32)}
 
   def loss_sums(self, model: nn.Module, params: Any, batch: Batch,
                 rngs: dict[str, Array]) -> dict[str, Array]:
@@ -115,7 +98,7 @@ class Task(Objective):
 
   def eval_metrics(self, sums: dict[str, float], examples: dict[str, np.ndarray]
                    ) -> dict[str, float]:
-    metrics = {k: float(v) for k, v in self.summarize(sums).items()}
+    metrics = {k: float(v) for k, v in self.metrics(sums).items()}
     keep = examples["examples"] > 0
     result = {"loss": metrics["loss"], "examples": float(keep.sum()),
               "accuracy": metrics["accuracy"]}
@@ -131,7 +114,7 @@ class Task(Objective):
 
 
 class _Labelled(Task):
-  """A text or a text pair with a label: the JSON lines of `lmjax.data.tasks`, or the
+  """A text or a text pair with a label: the JSON lines of `lmjax.data.examples`, or the
   bundled genre dataset."""
 
   regression = False
@@ -142,8 +125,9 @@ class _Labelled(Task):
       return ()
     return genres.LABELS if self.task.dataset == "shakespeare_genre" else self.task.labels
 
-  def examples(self, tokenizer: Any, family: str):
-    from lmjax.data import genres, tasks
+  def examples(self, tokenizer: Any, family: str, seq_len: int):
+    from lmjax.data import examples as tasks
+    from lmjax.data import genres
     task, labels = self.task, self.label_names()
     if task.dataset == "shakespeare_genre":
       train, held_out = ([(p, None, label) for p, label in genres.genre_examples(split)]
@@ -154,8 +138,7 @@ class _Labelled(Task):
     else:
       raise UserError("set task.dataset, or task.train_file and task.eval_file (and "
                       "task.labels for classification)")
-    encode = lambda ex: tasks.encode_labelled(tokenizer, ex, task.seq_len, family,
-                                              self.regression)
+    encode = lambda ex: tasks.encode_labelled(tokenizer, ex, seq_len, family, self.regression)
     return encode(train), encode(held_out)
 
   def build_model(self, model: Any, deterministic: bool) -> nn.Module:
@@ -180,6 +163,7 @@ class Regression(_Labelled):
   """Mean squared error of one output; Pearson, Spearman and MSE."""
 
   regression = True
+  targets_spec = {"labels": ((), np.float32)}
 
   def example_terms(self, out, batch):
     loss = jnp.square(out[:, 0] - batch["labels"])
@@ -199,25 +183,26 @@ class Regression(_Labelled):
 
 @register("qa")
 class QA(Task):
-  """Extractive QA as run_qa does it: long contexts in windows of `task.seq_len` that
-  overlap by `task.doc_stride`, start and end scores per window (position 0: no answer),
+  """Extractive QA as run_qa does it: long contexts in windows of `data.seq_len` that
+  overlap by `objective.doc_stride`, start and end scores per window (position 0: no answer),
   and held-out answers chosen by span search over an example's windows, measured by the
   official SQuAD rules (exact match, F1; for SQuAD 2.0 the HasAns/NoAns split and the
   best null threshold). The answers go to WORKDIR/predictions.json."""
 
+  config_class = QAConfig
   head = "span/"
+  targets_spec = {"starts": ((), np.int32), "ends": ((), np.int32)}
   eval_windows: Any = None
   eval_examples: Any = None
   predictions: dict[str, str] = {}
 
-  def examples(self, tokenizer: Any, family: str):
+  def examples(self, tokenizer: Any, family: str, seq_len: int):
     from lmjax.data import squad
     task = self.task
     if not (task.train_file and task.eval_file):
       raise UserError("a QA task needs task.train_file and task.eval_file")
-    stride = task.doc_stride or task.seq_len // 4
-    windows = lambda examples: squad.make_windows(examples, tokenizer, task.seq_len, stride,
-                                                  family)
+    stride = self.cfg.doc_stride or seq_len // 4
+    windows = lambda examples: squad.make_windows(examples, tokenizer, seq_len, stride, family)
     train = windows(squad.read_examples(task.train_file))
     self.eval_examples = squad.read_examples(task.eval_file)
     self.eval_windows = windows(self.eval_examples)
@@ -244,17 +229,17 @@ class QA(Task):
   def eval_metrics(self, sums: dict[str, float], examples: dict[str, np.ndarray]
                    ) -> dict[str, float]:
     from lmjax.data import squad
-    metrics = {k: float(v) for k, v in self.summarize(sums).items()}
+    metrics = {k: float(v) for k, v in self.metrics(sums).items()}
     rows = int((examples["examples"] > 0).sum())  # eval windows come first, in order
-    task, v2 = self.task, any(e.impossible for e in self.eval_examples)
+    cfg, v2 = self.cfg, any(e.impossible for e in self.eval_examples)
     self.predictions, odds, _ = squad.best_answers(
         self.eval_windows, examples["start_logits"][:rows], examples["end_logits"][:rows],
-        self.eval_examples, task.n_best, task.max_answer_tokens,
-        task.null_threshold if v2 else None)
+        self.eval_examples, cfg.n_best, cfg.max_answer_tokens,
+        cfg.null_threshold if v2 else None)
     result = {"loss": metrics["loss"], "accuracy": metrics["accuracy"],  # per window
               "examples": float(len(self.eval_examples)), "windows": float(rows)}
     measured = squad.evaluate(self.eval_examples, self.predictions,
-                              odds if v2 else None, task.null_threshold)
+                              odds if v2 else None, cfg.null_threshold)
     result.update(measured)
     return result
 

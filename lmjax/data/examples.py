@@ -1,5 +1,7 @@
-"""Labelled data for fine-tuning: classification and regression of a text or a text pair
-(GLUE-style); extractive QA's windows are in `lmjax.data.squad`.
+"""Labelled examples for fine-tuning: the `task` section that names their files, the
+classification and regression records of a text or a text pair (GLUE-style), and
+`ExampleDataset`, their batches as a function of (seed, step). Extractive QA's windows
+are in `lmjax.data.squad`, conversations in `lmjax.data.chat`.
 
 Files are JSON lines: {"text": ..., "label": ...}, with an optional "text_pair",
 for classification (label a name from the config's label list, or its index)
@@ -12,32 +14,41 @@ second.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
 
-from lmjax.data.corpus import check_files
-from lmjax.data.permutation import permute, round_keys
+from lmjax.data.jsonl import read_json_lines
+from lmjax.data.permutation import epoch_order
 from lmjax.errors import UserError
+
+DATASETS = ("shakespeare_genre",)  # built in: no files needed
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """The `task` section: the labelled examples a fine-tuning objective reads (chat
+  conversations, preference pairs, labelled texts, QA files). How it trains on them is
+  the objective's (`objective.*`); the row length is `data.seq_len`."""
+
+  dataset: str = ""  # a built-in dataset (DATASETS), else train_file / eval_file
+  train_file: str = ""  # JSON lines (this module's docstring, lmjax/data/chat.py, squad.py)
+  eval_file: str = ""
+  labels: tuple[str, ...] = ()  # class names (classification)
+
+  def __post_init__(self):
+    if self.dataset not in ("",) + DATASETS:
+      raise ValueError(f"task.dataset {self.dataset!r} is unknown (known: "
+                       f"{', '.join(DATASETS)})")
 
 
 def _records(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
-  check_files([path], "task")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        missing = [k for k in fields if k not in record]
-      except json.JSONDecodeError:
-        missing = ["(not JSON)"]
-        record = {}
-      if missing:
-        raise UserError(f"{path}:{lineno}: expected a JSON object with {', '.join(fields)}")
-      out.append(record)
+  for where, record in read_json_lines(path, "task"):
+    if any(k not in record for k in fields):
+      raise UserError(f"{where}: expected a JSON object with {', '.join(fields)}")
+    out.append(record)
   return out
 
 
@@ -107,10 +118,10 @@ def encode_labelled(tokenizer: Any, examples: list[Example], seq_len: int, famil
           "labels": np.asarray([label for _, _, label in examples], dtype)}
 
 
-class TaskDataset:
-  """Labelled examples as batches of a pure function of (seed, step), like PackedDataset:
-  each epoch a keyed permutation of the examples; eval batches in order, padded with
-  weight-0 rows."""
+class ExampleDataset:
+  """Examples as batches of a pure function of (seed, step), like PackedDataset's windows:
+  each epoch a keyed permutation of the examples (the same order function); eval batches
+  in order, padded with weight-0 rows."""
 
   def __init__(self, arrays: dict[str, np.ndarray], seed: int):
     self.arrays, self.seed = arrays, seed
@@ -125,14 +136,8 @@ class TaskDataset:
   def batch(self, step: int, global_batch: int, process_index: int = 0,
             process_count: int = 1) -> dict[str, np.ndarray]:
     per = global_batch // process_count
-    flat = np.arange(step * global_batch + process_index * per,
-                     step * global_batch + (process_index + 1) * per)
-    epochs, offsets = np.divmod(flat, self.num_examples)
-    ids = np.empty(per, np.int64)
-    for epoch in np.unique(epochs):
-      sel = epochs == epoch
-      ids[sel] = permute(offsets[sel], self.num_examples, round_keys([self.seed, int(epoch)]))
-    return self._rows(ids)
+    start = step * global_batch + process_index * per
+    return self._rows(epoch_order(start, per, self.num_examples, self.seed))
 
   def eval_batch(self, index: int, global_batch: int, process_index: int = 0,
                  process_count: int = 1) -> dict[str, np.ndarray]:

@@ -1,0 +1,140 @@
+"""The pure train and eval steps, and the one factory of what they need.
+
+`train_step(fns, state, batch) -> (state, metrics)` is jitted once with donated
+state and explicit shardings (`jit_steps`). Randomness (MLM masking, dropout)
+comes from `fold_in(state.rng, step)` and data from `(seed, step)`, so a resumed
+run reproduces an uninterrupted one exactly. The steps know no objective by
+name: the run's `Objective` prepares the batch and sums the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lmjax.model.config import TransformerConfig
+from lmjax.objectives import Objective
+from lmjax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # int32 scalar: optimizer steps taken
+  params: Any
+  opt_state: Any
+  rng: Array  # base PRNG key data (uint32[2]); step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  """What the steps need besides state and batch; fixed for a run (`step_fns` builds it)."""
+
+  model: nn.Module  # training model (dropout active if configured)
+  eval_model: nn.Module  # deterministic model
+  tx: optax.GradientTransformation | None  # None: evaluation only
+  schedule: optax.Schedule
+  objective: Objective
+  grad_accum_steps: int = 1
+
+
+def step_fns(model: TransformerConfig, objective: Objective,
+             optimizer: OptimizerConfig | None = None, steps: int = 1,
+             grad_accum_steps: int = 1) -> StepFns:
+  """The models the objective needs (with dropout for training, without for evaluation)
+  and, given an optimizer, its update and schedule over `steps`."""
+  tx, schedule = None, optax.constant_schedule(0.0)
+  if optimizer is not None:
+    tx = make_optimizer(optimizer, steps, model.width_mult)
+    schedule = learning_rate_schedule(optimizer, steps)
+  return StepFns(objective.build_model(model, deterministic=model.dropout_rate == 0),
+                 objective.build_model(model, True), tx, schedule, objective, grad_accum_steps)
+
+
+def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
+               ) -> tuple[TrainState, Metrics]:
+  """One optimizer step over `grad_accum_steps` microbatches; exact as one big batch."""
+  mask_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  objective = fns.objective
+  b = objective.prepare(batch, mask_rng)
+  total = jnp.maximum(jnp.sum(b["weights"]), 1.0)  # targets in the whole batch
+
+  def loss_fn(params, micro, rng):
+    sums = objective.loss_sums(fns.model, params, micro, {"dropout": rng})
+    return sums["objective"] / total, sums
+
+  grads, sums = _accumulated(jax.grad(loss_fn, has_aux=True), state.params, b, dropout_rng,
+                             fns.grad_accum_steps)
+  updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  # A non-finite loss or gradient skips the update: parameters and optimizer state stay.
+  finite = jnp.isfinite(sums["objective"]) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  metrics = objective.metrics(sums)
+  metrics.update(grad_norm=grad_norm, learning_rate=fns.schedule(state.step),
+                 skipped=1.0 - finite.astype(jnp.float32))
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state))
+  return new_state, metrics
+
+
+def _accumulated(grad_fn: Callable, params: Any, batch: dict[str, Array], rng: Array, n: int
+                 ) -> tuple[Any, dict[str, Array]]:
+  """(gradient, summed terms) of the batch as `n` microbatches, scanned."""
+  if n == 1:
+    return grad_fn(params, batch, rng)
+  micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+  def accumulate(carry, xs):
+    i, mb = xs
+    g, s = grad_fn(params, mb, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, carry, (g, s)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)  # the sums' structure: the objective's keys
+  shapes = jax.eval_shape(grad_fn, params, first, rng)
+  zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.lax.scan(accumulate, zero, (jnp.arange(n), micro))[0]
+
+
+def eval_step(fns: StepFns, params: Any, batch: dict[str, Array], rng: Array
+              ) -> dict[str, Array]:
+  """The objective's eval terms of one batch (MLM masks drawn from a fixed `rng`): scalars
+  to sum over the eval set, per-example arrays to gather."""
+  b = fns.objective.prepare(batch, rng)
+  return fns.objective.eval_sums(fns.eval_model, params, b)
+
+
+def init_state(fns: StepFns, seed: int, batch_shape: tuple[int, int]) -> TrainState:
+  """A fresh state; parameters stay boxed with their logical axis names."""
+  rng = jax.random.PRNGKey(seed)
+  dummy = jnp.zeros(batch_shape, jnp.int32)
+  params = fns.eval_model.init(jax.random.fold_in(rng, 1 << 30), dummy,
+                               jnp.ones_like(dummy))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=fns.tx.init(params), rng=rng)
+
+
+def jit_steps(fns: StepFns, state_sharding: Any, batch_shardings: dict[str, Any],
+              replicated: Any) -> tuple[Callable, Callable]:
+  """Jitted (train_step, eval_step) with explicit shardings; the state is donated."""
+  train = jax.jit(functools.partial(train_step, fns),
+                  in_shardings=(state_sharding, batch_shardings),
+                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  evaluate = jax.jit(functools.partial(eval_step, fns),
+                     in_shardings=(state_sharding.params, batch_shardings, replicated),
+                     out_shardings=replicated)
+  return train, evaluate
+
+
+def count_params(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))
