@@ -14,7 +14,7 @@ from test_optimizers import StopAt
 from tiny import ROOT, assert_same_checkpoint, tiny_config
 from lmjax import train as train_lib
 from lmjax.data.batches import PackedDataset
-from lmjax.data.mixture import MixtureDataset, parse_mixture, stage_weights
+from lmjax.data.mixture import InterleavedEval, MixtureDataset, parse_mixture, stage_weights
 from lmjax.data.store import TokenStream
 from lmjax.errors import UserError
 from lmjax.experiment import experiment_from_dict
@@ -72,6 +72,18 @@ def test_every_batch_is_a_function_of_seed_and_step_on_any_host_count():
       for key in whole:
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
     assert not np.array_equal(whole["tokens"], other.batch(step, 16)["tokens"])
+
+
+def test_the_overall_eval_set_takes_the_sources_in_turn():
+  a, b = (PackedDataset(TokenStream((j * 100000 + np.arange(n * SEQ) // SEQ).astype(np.int32),
+                                    np.arange(0, n * SEQ, 50)), SEQ, 0, shuffle=False)
+          for j, n in ((3, 5), (4, 2)))
+  data = InterleavedEval([a, b])
+  assert data.num_eval_batches(4) == 2
+  rows = np.concatenate([data.eval_batch(i, 4, p, 2)["tokens"][:, 0] for i in range(2)
+                         for p in range(2)])
+  np.testing.assert_array_equal(rows, [300000, 400000, 300001, 400001, 300002, 300003, 300004,
+                                       0])  # in turn; the last row is padding
 
 
 def test_a_source_wraps_into_a_new_epoch():
@@ -136,6 +148,9 @@ def test_training_on_a_mixture_reports_each_source(tmp_path):
   assert [r["step"] for r in per_source] == [5, 10] and per_source[0]["loss"] > 0
   usage = [r for r in records if r["split"] == "data"][-1]
   assert abs(sum(usage[f"{n}/share"] for n in ("comedy", "tragedy", "history")) - 1) < 1e-9
+  # the overall held-out loss takes the sources in turn: its prefix is not one source's
+  overall = [r["loss"] for r in records if r["split"] == "eval"][-1]
+  assert overall not in {r["loss"] for r in records if r["split"].startswith("eval/")}
   tags = _tensorboard_tags(tmp_path / "run")
   assert {"eval/comedy/loss", "eval/history/loss", "data/history/wraps"} <= tags, tags
   # exact resume: stopped at step 5 and resumed, the run ends where the straight one did

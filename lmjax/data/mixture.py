@@ -161,6 +161,8 @@ class MixtureDataset:
   def batch(self, step: int, global_batch: int, process_index: int = 0,
             process_count: int = 1) -> Batch:
     """This process's rows of the global batch of `step`."""
+    if global_batch % process_count:
+      raise UserError(f"batch size {global_batch} is not divisible by {process_count} processes")
     per = global_batch // process_count
     source, index = self.locate(step * global_batch + process_index * per, per, global_batch)
     out: Batch | None = None
@@ -246,3 +248,36 @@ class MixtureHook:
       return []
     over = self.data.consumed(steps, self.batch) > self.data.num_windows()
     return [self.data.names[j] for j in np.flatnonzero(over)]
+
+
+class InterleavedEval:
+  """The sources' held-out windows taken in turn, one of each (a source that runs out drops
+  out): the overall eval set of a mixture, so that a fixed prefix of it (`train.eval_batches`)
+  holds every source, not only the first."""
+
+  def __init__(self, sources: Sequence[PackedDataset]):
+    self.sources = list(sources)
+    keys = [(k, j) for j, ds in enumerate(self.sources) for k in range(ds.num_windows)]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    self.source = np.array([keys[i][1] for i in order], np.int64)
+    self.window = np.array([keys[i][0] for i in order], np.int64)
+    self.num_windows = len(order)
+
+  def eval_batch(self, index: int, global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> Batch:
+    """Batch `index` of the fixed pass; rows past the end are padding."""
+    per = global_batch // process_count
+    ids = np.arange(index * global_batch + process_index * per,
+                    index * global_batch + (process_index + 1) * per)
+    valid = ids < self.num_windows
+    source = np.where(valid, self.source[np.minimum(ids, self.num_windows - 1)], -1)
+    out = self.sources[0].rows(np.full(per, -1))  # all padding, then each source's rows
+    for j in np.unique(source[valid]):
+      sel = source == j
+      rows = self.sources[j].rows(self.window[np.minimum(ids, self.num_windows - 1)][sel])
+      for k, v in rows.items():
+        out[k][sel] = v
+    return out
+
+  def num_eval_batches(self, global_batch: int) -> int:
+    return -(-self.num_windows // global_batch)

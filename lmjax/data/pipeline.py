@@ -9,7 +9,6 @@ from typing import Any
 from lmjax.data import mixture as mixture_lib
 from lmjax.data.batches import PackedDataset
 from lmjax.data.corpus import open_corpus
-from lmjax.data.store import TokenSource
 from lmjax.data.tokenizer import Tokenizer
 
 
@@ -70,23 +69,22 @@ def build_datasets(cfg: DataConfig, tokenizer: Tokenizer, objective: str,
           PackedDataset(held_out, cfg.seq_len, seed, shuffle=False))
 
 
-def _mixture(cfg: DataConfig, open_: Any, seed: int
-             ) -> tuple[mixture_lib.MixtureDataset, PackedDataset]:
+def _mixture(cfg: DataConfig, open_: Any, seed: int) -> tuple[mixture_lib.MixtureDataset, Any]:
   """The mixture's sources; held out: data.eval_files if given, else every source's own
-  eval entries back to back."""
+  eval windows in turn (`InterleavedEval`)."""
   sources = mixture_lib.parse_mixture(cfg.mixture)
   train = [PackedDataset(open_(s.train_files, f"mixture.{s.name}.train"), cfg.seq_len, seed,
                          salt=(mixture_lib.SALT, j)) for j, s in enumerate(sources)]
   evals = {s.name: open_(s.eval_files, f"mixture.{s.name}.eval") for s in sources
            if s.eval_files}
+  evals = {k: PackedDataset(v, cfg.seq_len, seed, shuffle=False) for k, v in evals.items()}
   if cfg.eval_files:
-    held_out = open_(cfg.eval_files, "eval")
+    held_out = PackedDataset(open_(cfg.eval_files, "eval"), cfg.seq_len, seed, shuffle=False)
   elif evals:
-    held_out = TokenSource([shard for src in evals.values() for shard in src.shards])
+    held_out = mixture_lib.InterleavedEval(list(evals.values()))
   else:
-    held_out = open_((), "eval")  # the usual "no eval files given" line
-  data = mixture_lib.MixtureDataset(
-      [s.name for s in sources], train, mixture_lib.stage_weights(sources), seed,
-      cfg.mixture_exhausted,
-      {k: PackedDataset(v, cfg.seq_len, seed, shuffle=False) for k, v in evals.items()})
-  return data, PackedDataset(held_out, cfg.seq_len, seed, shuffle=False)
+    open_((), "eval")  # the usual "no eval files given" line
+  data = mixture_lib.MixtureDataset([s.name for s in sources], train,
+                                    mixture_lib.stage_weights(sources), seed,
+                                    cfg.mixture_exhausted, evals)
+  return data, held_out
