@@ -1,11 +1,14 @@
 """Warmup-stable-decay schedules, and cooldowns branched from a stable run's checkpoint that
 end bit for bit where an uninterrupted wsd run does."""
 
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
-from tiny import assert_same_checkpoint, tiny_config
+from tiny import ROOT, TINY_OVERRIDES, assert_same_checkpoint, tiny_config
 from lmjax import train as train_lib
 from lmjax.errors import UserError
 from lmjax.experiment import experiment_from_dict
@@ -92,3 +95,31 @@ def test_bad_branches_are_one_line(tmp_path):
       train_lib.train_and_evaluate(_exp(tmp_path, **{**wsd, **overrides}),
                                    str(tmp_path / f"bad{i}"))
     assert not (tmp_path / f"bad{i}").exists()  # refused before anything is written
+
+
+def test_a_sweep_branches_several_cooldowns_from_one_stable_run(tmp_path):
+  """experiments/sweeps/cooldowns.py's form, through launch.sweep's command line: a grid over
+  train.steps, every trial branched from the same stable checkpoint; each ends bit for bit
+  where a wsd run of its length from step 0 ends."""
+  stable = tmp_path / "stable"
+  train_lib.train_and_evaluate(_exp(tmp_path, train__steps=8, optimizer__schedule="constant"),
+                               str(stable))
+  sweep = tmp_path / "cooldowns.py"
+  sweep.write_text("from lmjax.sweep import Sweep\n\n\ndef get_sweep():\n"
+                   "  return Sweep(grid={'train.steps': [10, 12]}, fixed={"
+                   "'optimizer.schedule': 'wsd', 'optimizer.decay_start': 8})\n")
+  changes = {**TINY_OVERRIDES, "data.cache_dir": str(tmp_path / "cache"),
+             "train.checkpoint_every": 4, "train.keep_checkpoints": 10,
+             "optimizer.learning_rate": 5e-3, "train.branch_from": f"{stable}:8"}
+  proc = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=experiments/clm_tiny.py",
+                         f"--sweep={sweep}", f"--workdir={tmp_path / 'cool'}", "--",
+                         *(f"--config.{k}={v}" for k, v in changes.items())],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  trials = {int(d.name.split("=")[-1]): d for d in (tmp_path / "cool").iterdir() if "=" in d.name}
+  assert sorted(trials) == [10, 12]
+  for steps, trial in trials.items():
+    whole = tmp_path / f"whole{steps}"
+    train_lib.train_and_evaluate(_exp(tmp_path, train__steps=steps, optimizer__schedule="wsd",
+                                      optimizer__decay_start=8), str(whole))
+    assert_same_checkpoint(whole, trial, steps)
