@@ -1,6 +1,6 @@
 """Warmup-stable-decay against cosine, and cooldowns branched from one stable run.
 
-  python -m benchmarks.wsd [--lr 4e-3] [--steps 600] [--branch 400] [--cooldowns 50,100,200]
+  python -m benchmarks.wsd [--lr 4e-3] [--steps 600] [--branch 480] [--cooldowns 40,80,120]
       [--seeds 0,1,2] [--parallel 2] [--workdir DIR] [--json F] [--quick]
 
 clm_tiny, 16 rows of 128 tokens a step, AdamW at --lr (benchmarks.optimizers' choice),
@@ -10,11 +10,12 @@ warm-up 120 steps in every run.
   (1-sqrt to 0, Hägele et al. 2024's recipe) at the same --steps, one run per seed: the
   median final held-out loss of each.
 - cooldowns: one stable run (`schedule=constant`) to --branch steps, and from its
-  checkpoint there one cooldown per length in --cooldowns, all three from one sweep (a grid
-  over train.steps with `train.branch_from=stable:BRANCH` and `optimizer.decay_start=BRANCH`
-  fixed); against three separate wsd runs of the same lengths (each from step 0), whose
-  final losses they must equal bit for bit, and cosine runs of those lengths. Reported:
-  the losses and the training steps each way costs.
+  checkpoint there one cooldown per length in --cooldowns, all from one sweep (a grid over
+  train.steps with `train.branch_from=stable:BRANCH` and `optimizer.decay_start=BRANCH`
+  fixed); against separate wsd runs of the same lengths from step 0, whose final losses
+  they must equal bit for bit (the seed-0 wsd run of the schedules above is the separate
+  run of length --steps when --branch is 80% of it). Reported: the losses and the
+  training steps each way costs.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from launch.cli import cli_main
 
 flags.DEFINE_float("lr", 4e-3, "AdamW's peak learning rate")
 flags.DEFINE_integer("steps", 600, "steps of the schedule comparison")
-flags.DEFINE_integer("branch", 400, "the stable run's length and the branch step")
-flags.DEFINE_list("cooldowns", ["50", "100", "200"], "cooldown lengths branched from it")
+flags.DEFINE_integer("branch", 480, "the stable run's length and the branch step")
+flags.DEFINE_list("cooldowns", ["40", "80", "120"], "cooldown lengths branched from it")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "training seeds of the schedule comparison")
 flags.DEFINE_integer("parallel", 2, "runs at once")
 flags.DEFINE_bool("quick", False, "d64 x 2 layers, seq 64, short runs")
@@ -82,30 +83,35 @@ def schedules(folder: str, steps: int) -> dict:
   return out
 
 
-def cooldowns(folder: str, branch: int, lengths: list[int]) -> dict:
-  """Cooldowns branched from one stable run, against separate wsd and cosine runs."""
+def cooldowns(folder: str, branch: int, lengths: list[int], steps: int) -> dict:
+  """Cooldowns branched from one stable run, against separate wsd runs from step 0."""
   totals = [branch + c for c in lengths]
   stable = os.path.join(folder, "stable")
-  timed: dict[str, float] = {}
   start = time.time()
   curves.run_train(stable, curves.overrides({
       **common(folder), "train.steps": branch, "optimizer.schedule": "constant",
-      "train.checkpoint_every": branch, "train.eval_every": branch}))
-  timed["stable"] = time.time() - start
-  runs = {"branched": {"train.branch_from": f"{stable}:{branch}",
-                       "optimizer.decay_start": branch, **WSD},
-          "separate": {"optimizer.decay_start": branch, **WSD},
-          "cosine": {"optimizer.schedule": "cosine"}}
+      "train.checkpoint_every": branch}))
+  timed = {"stable": time.time() - start}
   out = {"branch": branch, "lengths": lengths}
-  for name, fixed in runs.items():
-    sweep = curves.grid_file(os.path.join(folder, f"cool_{name}.py"), {"train.steps": totals},
+  # the schedules' seed-0 wsd run (20% of --steps) is the separate run of that length
+  reused = {}
+  if round(0.2 * steps) == steps - branch and 0 in finals(os.path.join(folder, "wsd"),
+                                                         "train.seed"):
+    reused[steps] = finals(os.path.join(folder, "wsd"), "train.seed")[0]
+  for name, fixed, grid in (
+      ("branched", {"train.branch_from": f"{stable}:{branch}", "optimizer.decay_start": branch,
+                    **WSD}, totals),
+      ("separate", {"optimizer.decay_start": branch, **WSD}, [t for t in totals
+                                                              if t not in reused])):
+    sweep = curves.grid_file(os.path.join(folder, f"cool_{name}.py"), {"train.steps": grid},
                              fixed)
     start = time.time()
     curves.run_sweep(sweep, os.path.join(folder, f"cool_{name}"), curves.overrides(
         {**common(folder), "train.checkpoint_every": 10**6}), FLAGS.parallel)
     timed[name] = time.time() - start
-    out[name] = {str(k): v for k, v in sorted(finals(os.path.join(folder, f"cool_{name}"),
-                                                     "train.steps").items())}
+    got = finals(os.path.join(folder, f"cool_{name}"), "train.steps")
+    out[name] = {str(k): v for k, v in sorted({**got, **(reused if name == "separate"
+                                                        else {})}.items())}
   out["identical"] = out["branched"] == out["separate"]
   out["steps"] = {"branched": branch + sum(lengths), "separate": sum(totals)}
   out["seconds"] = timed
@@ -119,8 +125,6 @@ def report(c: dict) -> None:
   print("  separate wsd runs of the same lengths: "
         + ", ".join(f"{t} -> {v:.4f}" for t, v in c["separate"].items())
         + f" ({'bit for bit the same' if c['identical'] else 'DIFFERENT'})")
-  print("  cosine runs of the same lengths: "
-        + ", ".join(f"{t} -> {v:.4f}" for t, v in c["cosine"].items()))
   s = c["steps"]
   print(f"  training steps: branched {s['branched']} (stable {c['branch']} + cooldowns), "
         f"separate {s['separate']}: {s['branched'] / s['separate']:.2f}x")
@@ -130,17 +134,17 @@ def report(c: dict) -> None:
 def main(argv: list[str]) -> None:
   del argv
   steps = 60 if FLAGS.quick and not FLAGS["steps"].present else FLAGS.steps
-  branch = 40 if FLAGS.quick and not FLAGS["branch"].present else FLAGS.branch
+  branch = 48 if FLAGS.quick and not FLAGS["branch"].present else FLAGS.branch
   lengths = [int(x) for x in FLAGS.cooldowns]
   if FLAGS.quick and not FLAGS["cooldowns"].present:
-    lengths = [5, 10, 20]
+    lengths = [4, 8, 12]
   with tempfile.TemporaryDirectory() as tmp:
     folder = FLAGS.workdir or tmp
     os.makedirs(folder, exist_ok=True)
     print("== schedules", flush=True)
     out = {"lr": FLAGS.lr, "steps": steps, "schedules": schedules(folder, steps)}
     print("== cooldowns", flush=True)
-    out["cooldowns"] = cooldowns(folder, branch, lengths)
+    out["cooldowns"] = cooldowns(folder, branch, lengths, steps)
     report(out["cooldowns"])
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
