@@ -96,6 +96,10 @@ def restore_branch(exp: Experiment, target: Any, tokenizer_sha: str) -> Any:
   ckpt = Checkpointer(run, read_only=True)
   try:
     state, _ = ckpt.restore(step, target)
+  except Exception as e:  # noqa: BLE001  (orbax reports a mismatched tree in many types)
+    raise UserError(f"train.branch_from={exp.train.branch_from}: its state does not restore "
+                    f"into this run's ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                    "the optimizer's options must shape its state alike") from None
   finally:
     ckpt.close()
   logging.info("branched from %s step %d", run, step)
