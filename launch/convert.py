@@ -2,15 +2,18 @@
 
   python -m launch.convert --input runs/clm_tiny --output exported/clm_tiny
 
-The output directory gets config.json, model.safetensors and the tokenizer; it
-loads with GPT2LMHeadModel, BertForMaskedLM or LlamaForCausalLM, whichever
-matches the architecture. Hugging Face directories need no import step: every
+The output directory gets config.json, model.safetensors (shards and their index past
+--max_shard_mb) and the tokenizer; it loads with the transformers class of its family:
+the one named by --family, else a Hugging Face input's own, else the first that matches
+the architecture (gpt2, bert, llama, mistral, qwen2, qwen3, gemma2, gemma3_text, olmo2;
+phi3 only when named). Hugging Face directories need no import step: every
 lmjax launcher (generate, fill_mask, evaluate, finetune, train --init_from)
 reads them directly. After writing, the export is read back and compared.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -22,6 +25,9 @@ from lmjax.errors import UserError
 
 flags.DEFINE_string("input", None, "an lmjax run directory or a Hugging Face directory")
 flags.DEFINE_string("output", None, "new directory for the Hugging Face files")
+flags.DEFINE_string("family", "", "the Hugging Face model_type to write (default: the "
+                    "input's own if it is a Hugging Face directory, else inferred)")
+flags.DEFINE_integer("max_shard_mb", 5 * 1024, "weights past this size are written in shards")
 flags.mark_flags_as_required(["input", "output"])
 FLAGS = flags.FLAGS
 
@@ -36,7 +42,10 @@ def main(argv: list[str]) -> None:
   from lmjax.convert import export_hf
   from lmjax.model import stack_layers
   source = pretrained.load(FLAGS.input)
-  kind = export_hf(source, FLAGS.output)
+  family = FLAGS.family or _own_family(FLAGS.input)
+  if FLAGS.max_shard_mb < 1:
+    raise UserError(f"--max_shard_mb must be >= 1, got {FLAGS.max_shard_mb}")
+  kind = export_hf(source, FLAGS.output, family, FLAGS.max_shard_mb * 1024 ** 2)
   back = pretrained.load(FLAGS.output)
   # Compared in one layout: an unrolled run (layers_0..) reads back scanned.
   layout = lambda params: stack_layers(params, source.model.num_layers)
@@ -48,6 +57,15 @@ def main(argv: list[str]) -> None:
   declared = back.model.dtype  # config.json's dtype: what transformers will compute in
   print(f"wrote {FLAGS.output} ({kind}, float32 weights, declared dtype {declared}, from "
         f"{source.source}); read back: identical")
+
+
+def _own_family(path: str) -> str | None:
+  """A Hugging Face input's model_type: exported back as itself (Phi-3 stays Phi-3)."""
+  from lmjax import pretrained
+  if not pretrained.is_hf_dir(path):
+    return None
+  with open(os.path.join(path, "config.json")) as f:
+    return json.load(f).get("model_type")
 
 
 if __name__ == "__main__":

@@ -182,7 +182,8 @@ def default_config(objective: str = "clm") -> dict[str, Any]:
 def architecture(model_dict: Mapping[str, Any]) -> dict[str, Any]:
   """The model fields that decide parameter shapes and meaning (a saved config written
   before a field existed reads as that field's default)."""
-  full = {**dataclasses.asdict(TransformerConfig()), **model_dict}
+  defaults = json.loads(json.dumps(dataclasses.asdict(TransformerConfig())))  # as saved: lists
+  full = {**defaults, **model_dict}
   return {k: v for k, v in full.items() if k not in COMPUTE_FIELDS}
 
 

@@ -13,7 +13,16 @@ LLAMA = dict(GPT2, position="rope", norm="rmsnorm", mlp="swiglu", activation="si
              num_kv_heads=2, use_bias=False, tie_embeddings=False)
 BERT = dict(GPT2, family="encoder", norm_position="post", embedding_norm=True,
             activation="gelu_exact", type_vocab_size=2)
-FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "bert": BERT}
+# Gemma 3's options, interleaved: local, local, global layers (window 3 on 8-token rows),
+# sandwich (1 + w) norms, per-head qk-norm, local RoPE base, scaled embeddings, GeGLU,
+# soft-capping, query_pre_attn_scalar, a yarn-scaled global RoPE.
+GEMMA3 = dict(LLAMA, activation="gelu_tanh", tie_embeddings=True, norm_position="sandwich",
+              norm_plus_one=True, qk_norm="head", embed_scale=True, sliding_window=3,
+              layer_types=("local", "local", "global"), rope_local_theta=100.0,
+              rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=4, attn_softcap=5.0,
+              final_softcap=4.0, attn_scale_dim=6.0, head_dim=16)
+OLMO2 = dict(LLAMA, norm_position="branch_post", qk_norm="projection", qkv_bias=True)
+FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "bert": BERT, "gemma3": GEMMA3, "olmo2": OLMO2}
 
 
 def _inputs():
@@ -31,7 +40,9 @@ def _init(cfg):
 
 
 @pytest.mark.parametrize("family,remat", [("gpt2", "none"), ("bert", "none"), ("llama", "none"),
-                                          ("llama", "full"), ("gpt2", "dots")])
+                                          ("llama", "full"), ("gpt2", "dots"),
+                                          ("gemma3", "none"), ("gemma3", "full"),
+                                          ("olmo2", "none")])
 def test_scan_equals_unrolled(family, remat):
   unrolled_cfg = TransformerConfig(**FAMILIES[family], scan_layers=False, remat_policy=remat)
   model_u, params_u = _init(unrolled_cfg)
@@ -125,3 +136,121 @@ def test_auto_dtype_is_bfloat16_on_accelerators_float32_on_cpu(monkeypatch):
   for backend in ("gpu", "tpu"):
     monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
     assert cfg.compute_dtype == jnp.bfloat16 and cfg.weight_dtype == jnp.float32
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "xla", "splash"])
+def test_interleaved_local_and_global_layers_scanned_equal_unrolled(impl):
+  """A scanned stack reads each layer's kind as data (a traced window, a lax.cond between
+  splash kernels, a selected dense mask); unrolled, each layer's kind is fixed. Rows of 160
+  tokens, window 40: local layers must differ from global ones."""
+  cfg = TransformerConfig(**{**GEMMA3, "max_len": 160, "sliding_window": 40}, dtype="float32",
+                          attention_impl=impl, scan_layers=False)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 160), 0, 64)
+  segments = jnp.ones_like(tokens).at[1, 150:].set(0)
+  model_u = build_model(cfg)
+  params_u = unbox(model_u.init(jax.random.PRNGKey(0), tokens))["params"]
+  model_s = build_model(cfg.replace(scan_layers=True))
+  params_s = stack_layers(params_u, cfg.num_layers)
+  valid = np.asarray(segments, bool)
+  out_u = np.asarray(model_u.apply({"params": params_u}, tokens, segments))
+  out_s = np.asarray(model_s.apply({"params": params_s}, tokens, segments))
+  np.testing.assert_allclose(out_s[valid], out_u[valid], atol=2e-5, rtol=2e-5)
+  every_global = build_model(cfg.replace(layer_types=("global",)))
+  other = np.asarray(every_global.apply({"params": params_u}, tokens, segments))
+  assert np.abs(other[valid] - out_u[valid]).max() > 1e-3
+
+
+def _decode_all(cfg, params, sequences, prompt_lens, chunk):
+  """Logits of every position of right-padded rows, from a KV cache filled as the decoder
+  does: one call for the prompts (padded to `chunk`), then one token per call."""
+  model = build_model(cfg, decode=True)
+  b, total = sequences.shape
+  dummy = jnp.zeros((b, total + chunk), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.apply({"params": params}, dummy,
+                                              mutable=["cache"])[1]["cache"])
+  cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  step = jax.jit(lambda c, t, s, p: model.apply({"params": params, "cache": c}, t, s, p,
+                                                mutable=["cache"]))
+  lens = np.array(prompt_lens)
+  seg = (np.arange(chunk)[None] < lens[:, None]).astype(np.int32)
+  tokens = np.where(seg, sequences[:, :chunk], 0)
+  logits, out = step(cache, tokens, seg, np.arange(chunk)[None] * seg)
+  got = [[np.asarray(logits[i, j]) for j in range(n)] for i, n in enumerate(lens)]
+  for t in range(total - lens.max()):
+    pos = lens + t
+    logits, out = step(out["cache"], sequences[np.arange(b), pos][:, None],
+                       np.ones((b, 1), np.int32), pos[:, None])
+    for i in range(b):
+      got[i].append(np.asarray(logits[i, 0]))
+  return got
+
+
+@pytest.mark.parametrize("family,scan", [("gemma3", False), ("gemma3", True),
+                                         ("mistral", False)])
+def test_incremental_decoding_with_a_window_equals_the_full_forward_pass(family, scan):
+  """Rows of 7 and 4 prompt tokens (window 3), then 17 tokens one at a time: each step's
+  logits equal the full forward pass's at that position. Local layers see only their
+  window in the cache (unrolled: a step reads just those slots), with their own RoPE base."""
+  base = GEMMA3 if family == "gemma3" else dict(LLAMA, sliding_window=3)
+  cfg = TransformerConfig(**{**base, "max_len": 64}, dtype="float32", scan_layers=scan)
+  sequences = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, 24), 0, 64))
+  params = unbox(build_model(cfg).init(jax.random.PRNGKey(0), jnp.asarray(sequences)))["params"]
+  full = np.asarray(build_model(cfg).apply({"params": params}, sequences))  # (B, T, V)
+  got = _decode_all(cfg, params, sequences, [7, 4], chunk=8)
+  for i in range(2):
+    np.testing.assert_allclose(np.stack(got[i]), full[i, :len(got[i])], atol=2e-5, rtol=2e-5)
+  unwindowed = build_model(cfg.replace(sliding_window=0, layer_types=()))
+  other = np.asarray(unwindowed.apply({"params": params}, sequences))
+  assert np.abs(other - full).max() > 1e-3  # the window mattered
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(rope_scaling="dynamic"), "dynamic NTK.*not implemented"),
+    (dict(rope_scaling="longrope"), "rope_scaling must be one of"),
+    (dict(rope_scaling="llama3", rope_factor=8.0), "needs model.rope_original_max_len"),
+    (dict(layer_types=("local", "global")), "local layers but model.sliding_window is 0"),
+    (dict(sliding_window=4, layer_types=("local", "lokal")), "holds 'lokal'"),
+    (dict(sliding_window=4, layer_types=("local",) * 5), "names 5 layers"),
+    (dict(norm="layernorm", norm_plus_one=True), "needs model.norm='rmsnorm'"),
+    (dict(qk_norm="all"), "qk_norm must be one of"),
+    (dict(norm_position="middle"), "norm_position must be one of"),
+    (dict(attn_softcap=-1.0), "attn_softcap must be >= 0"),
+    (dict(family="encoder", sliding_window=4), "sliding_window is for causal decoders"),
+])
+def test_bad_family_options_are_one_line(fields, message):
+  with pytest.raises(ValueError, match=message):
+    TransformerConfig(**{**LLAMA, **fields})
+
+
+def test_family_options_default_to_the_plain_model_and_read_back_from_json():
+  import dataclasses
+  import json
+  cfg = TransformerConfig(**GEMMA3)
+  again = TransformerConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+  assert again == cfg and again.layer_types == ("local", "local", "global")
+  assert cfg.local_layers == (True, True, False) and cfg.uniform_layers is None
+  plain = TransformerConfig(**LLAMA)
+  assert plain.local_layers == (False,) * 3 and plain.uniform_layers is False
+  assert TransformerConfig(**LLAMA, sliding_window=5).uniform_layers is True
+
+
+def test_qkv_bias_and_qk_norm_parameters():
+  _, params = _init(TransformerConfig(**OLMO2))
+  attn = params["transformer"]["stack"]["layers"]["attention"]
+  assert attn["query"]["bias"].shape == (3, 4, 8) and "bias" not in attn["out"]
+  assert attn["query_norm"]["norm"]["scale"].shape == (3, 32)  # the whole projection, H*Dh
+  assert attn["key_norm"]["norm"]["scale"].shape == (3, 16)
+  _, gemma = _init(TransformerConfig(**GEMMA3))
+  layers = gemma["transformer"]["stack"]["layers"]
+  assert layers["attention"]["query_norm"]["norm"]["scale"].shape == (3, 16)  # per head
+  assert set(layers) >= {"attention_norm", "attention_post_norm", "mlp_norm", "mlp_post_norm"}
+  assert not np.any(layers["mlp_post_norm"]["norm"]["scale"])  # (1 + w): w starts at 0
+
+
+def test_final_softcap_bounds_the_logits_and_the_fused_head_carries_it():
+  model, params = _init(TransformerConfig(**{**GEMMA3, "final_softcap": 0.5}))
+  logits = model.apply({"params": params}, *_inputs())
+  assert np.abs(np.asarray(logits)).max() < 0.5
+  head = model.apply({"params": params}, *_inputs(), project=False)
+  assert head.softcap == 0.5  # the fused loss caps its chunks' logits itself
+  np.testing.assert_allclose(head.logits(), logits, rtol=1e-6)

@@ -1,8 +1,10 @@
-"""GPT-2, BERT and LLaMA checkpoints of Hugging Face `transformers`, in and out.
+"""Checkpoints of Hugging Face `transformers`, in and out: GPT-2, BERT, and LLaMA and
+the families built on it (`decoders.py`: Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3,
+OLMo 2).
 
 A Hugging Face model directory holds `config.json` and `model.safetensors`
 (or shards listed in `model.safetensors.index.json`); weights are read and
-written with `safetensors.numpy`, so neither torch nor pickle is involved.
+written with numpy (`weights.py`), so neither torch nor pickle is involved.
 Each family is one table of (Hugging Face name, lmjax paths, conversion both
 ways); the same table serves import and export, which keeps them exact inverses.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from absl import logging
@@ -20,47 +22,21 @@ from lmjax.data.tokenizer_io import export_tokenizer
 from lmjax.errors import UserError
 from lmjax.model.config import TransformerConfig
 from lmjax.model.transformer import stack_layers, unstack_layers
+from lmjax.convert import decoders
+from lmjax.convert.tables import Entry, heads_in as _heads_in, heads_out as _heads_out
+from lmjax.convert.tables import linear as _linear, norm as _norm, same as _same
+from lmjax.convert.weights import MAX_SHARD_BYTES, read_safetensors, write_safetensors
 
 ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_exact",
                "silu": "silu", "swish": "silu", "relu": "relu"}
 ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu_exact": "gelu", "silu": "silu", "relu": "relu"}
 HF_DTYPES = ("float32", "bfloat16", "float16")  # what a config.json may declare
-PREFIXES = {"gpt2": "transformer.", "bert": "bert.", "llama": "model."}
+PREFIXES = {"gpt2": "transformer.", "bert": "bert.",
+            **{kind: "model." for kind in decoders.ARCHITECTURES}}
+FAMILIES = ("gpt2", "bert", *decoders.ARCHITECTURES)  # what read_hf reads, export_hf writes
 # Buffers and heads lmjax has no use for; anything else left over gets a warning.
 IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "pooler.", "position_ids",
            "lm_head.weight", "cls.predictions.decoder.", "cls.seq_relationship")
-
-
-class Entry(NamedTuple):
-  hf: str  # name in the Hugging Face state dict (without the family's prefix)
-  paths: tuple[str, ...]  # lmjax parameter paths it feeds, '/'-joined
-  to_lmjax: Callable[[np.ndarray], list[np.ndarray]]
-  to_hf: Callable[[list[np.ndarray]], np.ndarray]
-
-
-def _same(hf, path):
-  return Entry(hf, (path,), lambda a: [a], lambda xs: xs[0])
-
-
-def _linear(hf, path):  # torch Linear (out, in) <-> kernel (in, out)
-  return Entry(hf, (path,), lambda w: [w.T], lambda xs: xs[0].T)
-
-
-def _heads_in(hf, path, heads):  # (H*Dh, D) <-> (D, H, Dh); bias (H*Dh,) <-> (H, Dh)
-  if hf.endswith(".bias"):
-    return Entry(hf, (path,), lambda b: [b.reshape(heads, -1)], lambda xs: xs[0].reshape(-1))
-  return Entry(hf, (path,), lambda w: [w.T.reshape(w.shape[1], heads, -1)],
-               lambda xs: xs[0].reshape(xs[0].shape[0], -1).T)
-
-
-def _heads_out(hf, path, heads):  # (D, H*Dh) <-> (H, Dh, D)
-  return Entry(hf, (path,), lambda w: [w.T.reshape(heads, -1, w.shape[0])],
-               lambda xs: xs[0].reshape(-1, xs[0].shape[-1]).T)
-
-
-def _norm(hf, path, bias=True):
-  out = [_same(f"{hf}.weight", f"{path}/norm/scale")]
-  return out + [_same(f"{hf}.bias", f"{path}/norm/bias")] if bias else out
 
 
 def _gpt2(cfg: TransformerConfig) -> list[Entry]:
@@ -116,30 +92,10 @@ def _bert(cfg: TransformerConfig, with_head: bool) -> list[Entry]:
   return table
 
 
-def _llama(cfg: TransformerConfig) -> list[Entry]:
-  h, k = cfg.num_heads, cfg.kv_heads
-  table = [_same("embed_tokens.weight", "transformer/embed/tokens/embedding"),
-           *_norm("norm", "transformer/final_norm", bias=False)]
-  if not cfg.tie_embeddings:
-    table.append(_linear("^lm_head.weight", "lm_head/kernel"))
-  for i in range(cfg.num_layers):
-    a, p = f"layers.{i}.", f"transformer/stack/layers_{i}/"
-    table += [
-        _heads_in(f"{a}self_attn.q_proj.weight", f"{p}attention/query/kernel", h),
-        _heads_in(f"{a}self_attn.k_proj.weight", f"{p}attention/key/kernel", k),
-        _heads_in(f"{a}self_attn.v_proj.weight", f"{p}attention/value/kernel", k),
-        _heads_out(f"{a}self_attn.o_proj.weight", f"{p}attention/out/kernel", h),
-        _linear(f"{a}mlp.gate_proj.weight", f"{p}mlp/gate/kernel"),
-        _linear(f"{a}mlp.up_proj.weight", f"{p}mlp/up/kernel"),
-        _linear(f"{a}mlp.down_proj.weight", f"{p}mlp/wo/kernel"),
-        *_norm(f"{a}input_layernorm", f"{p}attention_norm", bias=False),
-        *_norm(f"{a}post_attention_layernorm", f"{p}mlp_norm", bias=False)]
-  return table
-
-
 def _table(kind: str, cfg: TransformerConfig, with_head: bool = True) -> list[Entry]:
-  return {"gpt2": lambda: _gpt2(cfg), "bert": lambda: _bert(cfg, with_head),
-          "llama": lambda: _llama(cfg)}[kind]()
+  if kind in decoders.ARCHITECTURES:
+    return decoders.table(cfg, kind)
+  return _gpt2(cfg) if kind == "gpt2" else _bert(cfg, with_head)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -149,7 +105,11 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[str, TransformerConfig]:
   kind = hf.get("model_type")
   get = lambda *names, default=None: next((hf[n] for n in names if hf.get(n) is not None),
                                           default)
-  act = get("activation_function", "hidden_act", default="gelu_new")
+  if kind in decoders.ARCHITECTURES:  # the key and default of the family's own config class
+    key, default = decoders.ACTIVATION[kind]
+    act = hf.get(key) or default
+  else:
+    act = get("activation_function", "hidden_act", default="gelu_new")
   if act not in ACT_FROM_HF:
     raise UserError(f"activation {act!r} is not supported (known: {', '.join(ACT_FROM_HF)})")
   common = dict(vocab_size=hf["vocab_size"], activation=ACT_FROM_HF[act], scan_layers=True,
@@ -171,22 +131,13 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[str, TransformerConfig]:
         d_ff=hf["intermediate_size"], norm_eps=hf.get("layer_norm_eps", 1e-12),
         norm_position="post", embedding_norm=True, type_vocab_size=hf.get("type_vocab_size", 2),
         tie_embeddings=hf.get("tie_word_embeddings", True), **common)
-  if kind == "llama":
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-      raise UserError(f"LLaMA rope scaling {rope.get('rope_type')!r} is not supported")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-      raise UserError("LLaMA variants with attention or MLP biases are not supported")
-    heads = hf["num_attention_heads"]
-    return kind, TransformerConfig(
-        family="decoder", max_len=hf["max_position_embeddings"], d_model=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or 0, d_ff=hf["intermediate_size"], mlp="swiglu",
-        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope",
-        rope_theta=float(get("rope_theta", default=rope.get("rope_theta", 10000.0))),
-        use_bias=False, tie_embeddings=hf.get("tie_word_embeddings", False), **common)
-  raise UserError(f"model_type {kind!r} is not supported (lmjax imports gpt2, bert, llama)")
+  if kind in decoders.ARCHITECTURES:
+    return kind, decoders.config_from_hf(hf, kind, common)
+  if kind == "gemma3":
+    raise UserError("model_type 'gemma3' is Gemma 3 with its vision tower; lmjax imports the "
+                    "text model, model_type gemma3_text (Gemma3ForCausalLM)")
+  raise UserError(f"model_type {kind!r} is not supported (lmjax imports "
+                  f"{', '.join(FAMILIES)})")
 
 
 def declared_dtype(hf: dict[str, Any]) -> str:
@@ -207,68 +158,60 @@ def _require(cfg: TransformerConfig, kind: str, **fields) -> None:
     raise UserError(f"this model cannot be exported as {kind}: {', '.join(wrong)}")
 
 
-def config_to_hf(cfg: TransformerConfig, special: Any) -> tuple[str, dict[str, Any]]:
-  """(family, config.json contents) for the Hugging Face class that matches `cfg`."""
+def config_to_hf(cfg: TransformerConfig, special: Any, family: str | None = None
+                 ) -> tuple[str, dict[str, Any]]:
+  """(family, config.json contents) for `family`, or by default the Hugging Face class that
+  matches `cfg` (an encoder: BERT; learned positions: GPT-2; else `decoders.infer_kind`)."""
+  if family is not None and family not in FAMILIES:
+    raise UserError(f"cannot export as {family!r} (lmjax exports {', '.join(FAMILIES)})")
   if cfg.width_mult != 1.0:
     raise UserError(f"a µP model wider than its base (d_model {cfg.d_model}, base "
                     f"{cfg.mup_base}) scales its attention and logits in ways Hugging Face "
                     "configs cannot express; it cannot be exported")
   ids = {f"{k}_token_id": (v if v >= 0 else None)
          for k, v in (("bos", special.bos), ("eos", special.eos), ("pad", special.pad))}
-  if cfg.family == "encoder":
-    _require(cfg, "BERT", norm_position="post", embedding_norm=True, position="learned",
-             norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True, head_dim=0,
-             num_kv_heads=0)
-    return "bert", dict(
-        model_type="bert", architectures=["BertForMaskedLM"], vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, intermediate_size=cfg.d_ff,
-        hidden_act=ACT_TO_HF[cfg.activation], max_position_embeddings=cfg.max_len,
-        type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=True, pad_token_id=special.pad)
-  if cfg.position == "learned":
-    _require(cfg, "GPT-2", norm_position="pre", embedding_norm=False, norm="layernorm",
-             mlp="gelu", use_bias=True, tie_embeddings=True, type_vocab_size=0, head_dim=0,
-             num_kv_heads=0)
-    return "gpt2", dict(
-        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_len, n_embd=cfg.d_model, n_layer=cfg.num_layers,
-        n_head=cfg.num_heads, n_inner=cfg.d_ff, activation_function=ACT_TO_HF[cfg.activation],
-        layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True, **ids)
-  _require(cfg, "LLaMA", norm_position="pre", embedding_norm=False, norm="rmsnorm",
-           mlp="swiglu", use_bias=False, type_vocab_size=0)
-  return "llama", dict(
-      model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=cfg.vocab_size,
-      hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
-      head_dim=cfg.dim_per_head, max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
-      rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default",
-                                                  "rope_theta": cfg.rope_theta},
-      hidden_act=ACT_TO_HF[cfg.activation], tie_word_embeddings=cfg.tie_embeddings,
-      attention_bias=False, mlp_bias=False, **ids)
+  if family == "bert" or (family is None and cfg.family == "encoder"):
+    return "bert", _bert_config(cfg, special)
+  if family == "gpt2" or (family is None and cfg.position == "learned"):
+    return "gpt2", _gpt2_config(cfg, ids)
+  kind = family or decoders.infer_kind(cfg)
+  wrong = decoders.problems(cfg, kind) + ([] if cfg.causal else ["model.family='encoder'"])
+  if wrong:
+    raise UserError(f"this model cannot be exported as {kind}: {', '.join(wrong)}")
+  return kind, decoders.config_to_hf(cfg, kind, ids)
+
+
+# Fields that neither GPT-2 nor BERT has: at their defaults, or the export is refused.
+_PLAIN = dict(decoders.PLAIN, sliding_window=0, qk_norm="none", rope_scaling="none")
+
+
+def _bert_config(cfg: TransformerConfig, special: Any) -> dict[str, Any]:
+  _require(cfg, "BERT", **{**_PLAIN, **dict(
+      family="encoder", norm_position="post", embedding_norm=True, position="learned",
+      norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True, head_dim=0,
+      num_kv_heads=0)})
+  return dict(
+      model_type="bert", architectures=["BertForMaskedLM"], vocab_size=cfg.vocab_size,
+      hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, intermediate_size=cfg.d_ff,
+      hidden_act=ACT_TO_HF[cfg.activation], max_position_embeddings=cfg.max_len,
+      type_vocab_size=max(cfg.type_vocab_size, 1), layer_norm_eps=cfg.norm_eps,
+      tie_word_embeddings=True, pad_token_id=special.pad)
+
+
+def _gpt2_config(cfg: TransformerConfig, ids: dict[str, Any]) -> dict[str, Any]:
+  _require(cfg, "GPT-2", **{**_PLAIN, **dict(
+      family="decoder", position="learned", norm_position="pre", embedding_norm=False,
+      norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True, type_vocab_size=0,
+      head_dim=0, num_kv_heads=0)})
+  return dict(
+      model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
+      n_positions=cfg.max_len, n_embd=cfg.d_model, n_layer=cfg.num_layers,
+      n_head=cfg.num_heads, n_inner=cfg.d_ff, activation_function=ACT_TO_HF[cfg.activation],
+      layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True, **ids)
 
 
 # ----------------------------------------------------------------------------- weights
-
-
-def read_safetensors(directory: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
-  index = os.path.join(directory, "model.safetensors.index.json")
-  if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.isfile(os.path.join(directory, "model.safetensors")):
-    files = ["model.safetensors"]
-  else:
-    raise UserError(f"{directory} has no model.safetensors (only safetensors weights are "
-                    "imported, never pickle files such as pytorch_model.bin)")
-  tensors: dict[str, np.ndarray] = {}
-  for name in files:
-    try:
-      tensors.update(load_file(os.path.join(directory, name)))
-    except Exception as e:  # safetensors raises its own error types
-      raise UserError(f"cannot read {directory}/{name}: {str(e).splitlines()[0][:200]}") from None
-  return tensors
 
 
 def _nest(flat: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -334,12 +277,13 @@ def read_hf(directory: str) -> HFWeights:
   return HFWeights(kind, cfg, stack_layers(_nest(flat), cfg.num_layers))
 
 
-def export_hf(source: Any, directory: str) -> str:
+def export_hf(source: Any, directory: str, family: str | None = None,
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
   """Writes `source` (an `lmjax.pretrained.Pretrained`: model, params, tokenizer) as a
-  directory `transformers` loads; returns the family."""
-  from safetensors.numpy import save_file
+  directory `transformers` loads, as `family` (by default the one `config_to_hf` infers),
+  in shards past `max_shard_bytes`; returns the family."""
   cfg = source.model
-  kind, hf_config = config_to_hf(cfg, source.tokenizer.special)
+  kind, hf_config = config_to_hf(cfg, source.tokenizer.special, family)
   # The weights are written in float32; the declared dtype is what lmjax computed in where
   # that is one transformers knows (`auto` and bfloat16_matmuls: float32).
   hf_config["dtype"] = cfg.dtype if cfg.dtype in HF_DTYPES else "float32"
@@ -358,7 +302,7 @@ def export_hf(source: Any, directory: str) -> str:
   if not with_head and kind == "bert":
     hf_config["architectures"] = ["BertModel"]
   os.makedirs(directory, exist_ok=True)
-  save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+  write_safetensors(tensors, directory, max_shard_bytes)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
   export_tokenizer(source.tokenizer, directory)

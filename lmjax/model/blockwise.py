@@ -6,9 +6,12 @@ The queries are cut into blocks of `block_q` positions and the keys into blocks 
 max `m`, normaliser `l`, weighted sum `acc`), so no (T, S) score matrix exists.
 Key blocks entirely above the causal diagonal are never visited (the loop bound),
 and blocks in which no query may see any key (another packed document, padding)
-are skipped by a `lax.cond`. The backward pass recomputes the probabilities block
-by block from the saved log-sum-exp (FlashAttention-2), so the forward pass keeps
-only q, k, v, the output and one float per query and head. Rows short enough to be one
+are skipped by a `lax.cond`. A sliding window (a query sees the `window` keys ending at
+itself) bounds the loop from below as the diagonal bounds it from above, so a query block
+visits about window / block_k + 1 key blocks whatever the length. The backward pass
+recomputes the probabilities block by block from the saved log-sum-exp
+(FlashAttention-2), so the forward pass keeps only q, k, v, the output and one float per
+query and head. Rows short enough to be one
 block (`SAVED_PROBS_MAX_LEN`) keep their probabilities instead: cheaper than recomputing.
 
 Layout: the G query heads that share a KV head are folded into the rows of a
@@ -30,7 +33,7 @@ _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) underflows to 0 without N
 
 
 def _block_mask(q_seg: Array, k_seg: Array, q_start: Array | int, k_start: Array | int,
-                groups: int, causal: bool, prefix_len: Array | None,
+                groups: int, causal: bool, prefix_len: Array | None, window: Array | None,
                 keys_first: bool = False) -> Array:
   """Segment ids (B, bq), (B, bk) and block offsets -> (B, 1, bq * G, bk) bool mask,
   or (B, 1, bk, bq * G) with `keys_first` (the backward pass's transposed scores)."""
@@ -40,17 +43,19 @@ def _block_mask(q_seg: Array, k_seg: Array, q_start: Array | int, k_start: Array
   if keys_first:  # build it transposed rather than transpose it: no copy
     mask = (k_seg[:, :, None] == q_seg[:, None, :]) & (q_seg[:, None, :] != 0)
     allowed = k_pos[:, None] <= q_pos[None, :]  # (bk, bq*G)
+    recent = k_pos[:, None] > q_pos[None, :] - window if window is not None else True
     key_axis = 1
   else:
     mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] != 0)
     allowed = k_pos[None, :] <= q_pos[:, None]  # (bq*G, bk)
+    recent = k_pos[None, :] > q_pos[:, None] - window if window is not None else True
     key_axis = 2
   if causal:
     if prefix_len is not None:
       in_prefix = k_pos[None] < prefix_len[:, None]  # (B, bk)
       in_prefix = jnp.expand_dims(in_prefix, 3 - key_axis)  # broadcast over the query rows
       allowed = allowed | in_prefix
-    mask = mask & allowed
+    mask = mask & (allowed & recent)  # the window bounds the prefix's keys too
   return mask[:, None]
 
 
@@ -77,12 +82,35 @@ def _first_query_block(j: int, block_q: int, block_k: int, causal: bool,
   return (j * block_k) // block_q if causal and prefix_len is None else 0
 
 
-def _forward(q, k, v, seg, prefix_len, spec):
+def _first_key_block(i: int, block_q: int, block_k: int, window: Array | None) -> Array | int:
+  """The first key block that query block i's first query sees within the window."""
+  return 0 if window is None else jnp.maximum(0, (i * block_q - window + 1) // block_k)
+
+
+def _query_blocks(j: int, block_q: int, block_k: int, num_q: int,
+                  window: Array | None) -> Array | int:
+  """How many query blocks can see key block j at most: its last key is in the window of
+  the queries up to window - 1 positions later."""
+  if window is None:
+    return num_q
+  return jnp.minimum(num_q, ((j + 1) * block_k + window - 2) // block_q + 1)
+
+
+def _capped(scores: Array, softcap: float) -> tuple[Array, Array | None]:
+  """Soft-capped scores c tanh(s / c) (Gemma 2) and the tanh, whose derivative the backward
+  pass needs; the scores themselves when softcap is 0."""
+  if not softcap:
+    return scores, None
+  t = jnp.tanh(scores / softcap)
+  return softcap * t, t
+
+
+def _forward(q, k, v, seg, prefix_len, window, spec):
   """q (B, K, T*G, D), k/v (B, K, T, D) -> out (B, K, T*G, D), lse (B, K, T*G)."""
-  causal, groups, block_q, block_k = spec
+  causal, groups, block_q, block_k, scale, softcap = spec
   rows = block_q * groups
   num_q, num_k = k.shape[2] // block_q, k.shape[2] // block_k
-  scale = q.shape[-1] ** -0.5
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   outs, lses = [], []
   for i in range(num_q):
     q_blk = q[:, :, i * rows:(i + 1) * rows] * scale  # (B, K, bq*G, D)
@@ -91,11 +119,13 @@ def _forward(q, k, v, seg, prefix_len, spec):
     def visit(j, carry, q_blk=q_blk, q_seg=q_seg, i=i):
       k_blk, v_blk, k_seg = (jax.lax.dynamic_slice_in_dim(x, j * block_k, block_k, axis=a)
                              for x, a in ((k, 2), (v, 2), (seg, 1)))
-      mask = _block_mask(q_seg, k_seg, i * block_q, j * block_k, groups, causal, prefix_len)
+      mask = _block_mask(q_seg, k_seg, i * block_q, j * block_k, groups, causal, prefix_len,
+                         window)
 
       def update(carry, masked):
         m, l, acc = carry
         scores = jnp.einsum("bkqd,bksd->bkqs", q_blk, k_blk, preferred_element_type=jnp.float32)
+        scores = _capped(scores, softcap)[0]
         if masked:
           scores = jnp.where(mask, scores, _NEG)  # (B, K, bq*G, bk)
         m_new = jnp.maximum(m, scores.max(-1))
@@ -112,8 +142,9 @@ def _forward(q, k, v, seg, prefix_len, spec):
     shape = q_blk.shape[:-1]
     init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(q_blk.shape, jnp.float32))
+    lo = _first_key_block(i, block_q, block_k, window)
     hi = _key_blocks(i, block_q, block_k, num_k, causal, prefix_len)
-    m, l, acc = jax.lax.fori_loop(0, hi, visit, init)
+    m, l, acc = jax.lax.fori_loop(lo, hi, visit, init)
     seen = l > 0  # rows that see no key at all (padding) give 0, not NaN
     safe_l = jnp.where(seen, l, 1.0)
     outs.append(jnp.where(seen[..., None], acc / safe_l[..., None], 0.0))
@@ -121,12 +152,12 @@ def _forward(q, k, v, seg, prefix_len, spec):
   return jnp.concatenate(outs, axis=2).astype(q.dtype), jnp.concatenate(lses, axis=2)
 
 
-def _backward(q, k, v, seg, prefix_len, out, lse, d_out, spec):
+def _backward(q, k, v, seg, prefix_len, window, out, lse, d_out, spec):
   """FlashAttention-2's backward: per key block, walk the query blocks that see it."""
-  causal, groups, block_q, block_k = spec
+  causal, groups, block_q, block_k, scale, softcap = spec
   rows = block_q * groups
   num_q, num_k = k.shape[2] // block_q, k.shape[2] // block_k
-  scale = q.shape[-1] ** -0.5
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B, K, T*G)
   dq = jnp.zeros(q.shape, jnp.float32)
   dks, dvs = [], []
@@ -139,19 +170,23 @@ def _backward(q, k, v, seg, prefix_len, out, lse, d_out, spec):
       q_blk, do_blk, lse_blk, delta_blk = rows_of(q), rows_of(d_out), rows_of(lse), rows_of(delta)
       q_seg = jax.lax.dynamic_slice_in_dim(seg, i * block_q, block_q, axis=1)
       mask = _block_mask(q_seg, k_seg, i * block_q, j * block_k, groups, causal, prefix_len,
-                         keys_first=True)
+                         window, keys_first=True)
 
       def update(carry, masked):
         dq, dk, dv = carry
         scores_t = jnp.einsum("bksd,bkqd->bksq", k_blk, q_blk * scale,
                               preferred_element_type=jnp.float32)  # (B, K, bk, bq*G)
+        scores_t, tanh_t = _capped(scores_t, softcap)
         p_t = jnp.exp(scores_t - lse_blk[:, :, None])
         if masked:
           p_t = jnp.where(mask, p_t, 0.0)
         dv = dv + jnp.einsum("bksq,bkqd->bksd", p_t.astype(do_blk.dtype), do_blk,
                              preferred_element_type=jnp.float32)
         dp_t = jnp.einsum("bksd,bkqd->bksq", v_blk, do_blk, preferred_element_type=jnp.float32)
-        ds_t = (p_t * (dp_t - delta_blk[:, :, None]) * scale).astype(q.dtype)
+        ds_t = p_t * (dp_t - delta_blk[:, :, None])
+        if softcap:  # d/ds of c tanh(s / c)
+          ds_t = ds_t * (1 - tanh_t * tanh_t)
+        ds_t = (ds_t * scale).astype(q.dtype)
         dk = dk + jnp.einsum("bksq,bkqd->bksd", ds_t, q_blk, preferred_element_type=jnp.float32)
         dq_blk = jnp.einsum("bksq,bksd->bkqd", ds_t, k_blk, preferred_element_type=jnp.float32)
         return jax.lax.dynamic_update_slice_in_dim(dq, rows_of(dq) + dq_blk, i * rows, 2), dk, dv
@@ -162,28 +197,33 @@ def _backward(q, k, v, seg, prefix_len, out, lse, d_out, spec):
 
     zeros = jnp.zeros(k_blk.shape, jnp.float32)
     lo = _first_query_block(j, block_q, block_k, causal, prefix_len)
-    dq, dk, dv = jax.lax.fori_loop(lo, num_q, visit, (dq, zeros, zeros))
+    hi = _query_blocks(j, block_q, block_k, num_q, window)
+    dq, dk, dv = jax.lax.fori_loop(lo, hi, visit, (dq, zeros, zeros))
     dks.append(dk)
     dvs.append(dv)
   return (dq.astype(q.dtype), jnp.concatenate(dks, axis=2).astype(k.dtype),
           jnp.concatenate(dvs, axis=2).astype(v.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, seg, prefix_len, spec):
-  return _forward(q, k, v, seg, prefix_len, spec)[0]
+def _no_grad(x: Array | None):
+  return None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
 
 
-def _attention_fwd(q, k, v, seg, prefix_len, spec):
-  out, lse = _forward(q, k, v, seg, prefix_len, spec)
-  return out, (q, k, v, seg, prefix_len, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, seg, prefix_len, window, spec):
+  """spec: (causal, groups, block_q, block_k, scale (None: 1/sqrt(D)), softcap (0: off))."""
+  return _forward(q, k, v, seg, prefix_len, window, spec)[0]
+
+
+def _attention_fwd(q, k, v, seg, prefix_len, window, spec):
+  out, lse = _forward(q, k, v, seg, prefix_len, window, spec)
+  return out, (q, k, v, seg, prefix_len, window, out, lse)
 
 
 def _attention_bwd(spec, res, d_out):
-  q, k, v, seg, prefix_len, out, lse = res
-  dq, dk, dv = _backward(q, k, v, seg, prefix_len, out, lse, d_out, spec)
-  no_grad = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
-  return dq, dk, dv, no_grad(seg), no_grad(prefix_len)
+  q, k, v, seg, prefix_len, window, out, lse = res
+  dq, dk, dv = _backward(q, k, v, seg, prefix_len, window, out, lse, d_out, spec)
+  return dq, dk, dv, _no_grad(seg), _no_grad(prefix_len), _no_grad(window)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -196,49 +236,60 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 SAVED_PROBS_MAX_LEN = 256
 
 
-def _probs(q, k, seg, prefix_len, spec):
-  """Normalised probabilities (B, K, T*G, T) of one whole-sequence block, 0 where masked."""
-  causal, groups, operands = spec
-  mask = _block_mask(seg, seg, 0, 0, groups, causal, prefix_len)  # (B, 1, T*G, T)
-  scores = jnp.einsum("bkqd,bksd->bkqs", (q * q.shape[-1] ** -0.5).astype(operands),
+def _short_scores(q, k, spec) -> tuple[Array, Array | None]:
+  """Soft-capped scores (B, K, T*G, T) of one whole-sequence block, and their tanh."""
+  operands, scale, softcap = spec[2:]
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  scores = jnp.einsum("bkqd,bksd->bkqs", (q * scale).astype(operands),
                       k.astype(operands), preferred_element_type=jnp.float32)
-  scores = jnp.where(mask, scores, _NEG)
+  return _capped(scores, softcap)
+
+
+def _probs(q, k, seg, prefix_len, window, spec):
+  """Normalised probabilities (B, K, T*G, T) of one whole-sequence block, 0 where masked."""
+  causal, groups = spec[:2]
+  mask = _block_mask(seg, seg, 0, 0, groups, causal, prefix_len, window)  # (B, 1, T*G, T)
+  scores = jnp.where(mask, _short_scores(q, k, spec)[0], _NEG)
   e = jnp.where(mask, jnp.exp(scores - scores.max(-1, keepdims=True)), 0.0)
   total = e.sum(-1, keepdims=True)
   return e / jnp.where(total > 0, total, 1.0)  # rows that see no key (padding): 0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _short_attention(q, k, v, seg, prefix_len, spec):
-  """spec: (causal, groups, operands): the dtype of the matmuls' operands (sums float32).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _short_attention(q, k, v, seg, prefix_len, window, spec):
+  """spec: (causal, groups, operands, scale, softcap); operands: the dtype of the matmuls'
+  operands (sums float32).
   The two matmuls that contract over the query rows (dv, dk) take float32 operands:
   XLA's CPU backend runs that layout through Eigen, slower in bfloat16."""
-  return _short_fwd(q, k, v, seg, prefix_len, spec)[0]
+  return _short_fwd(q, k, v, seg, prefix_len, window, spec)[0]
 
 
-def _short_fwd(q, k, v, seg, prefix_len, spec):
+def _short_fwd(q, k, v, seg, prefix_len, window, spec):
   operands = spec[2]
-  p = _probs(q, k, seg, prefix_len, spec).astype(operands)
+  p = _probs(q, k, seg, prefix_len, window, spec).astype(operands)
   out = jnp.einsum("bkqs,bksd->bkqd", p, v.astype(operands),
                    preferred_element_type=jnp.float32).astype(q.dtype)
-  return out, (q, k, v, seg, prefix_len, out, p)
+  return out, (q, k, v, seg, prefix_len, window, out, p)
 
 
 def _short_bwd(spec, res, d_out):
-  q, k, v, seg, prefix_len, out, p = res
+  q, k, v, seg, prefix_len, window, out, p = res
   operands, wide = spec[2], jnp.promote_types(spec[2], q.dtype)  # wide: float32 for mixed
   f32 = dict(preferred_element_type=jnp.float32)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
   dv = jnp.einsum("bkqs,bkqd->bksd", p.astype(wide), d_out.astype(wide), **f32)
   dp = jnp.einsum("bkqd,bksd->bkqs", d_out.astype(operands), v.astype(operands), **f32)
   ds = p.astype(jnp.float32) * (dp - delta)
-  scale = q.shape[-1] ** -0.5  # on the (T, D) operands: XLA's CPU matmul fusions would
-  dq = jnp.einsum("bkqs,bksd->bkqd", ds.astype(operands),  # build a (T, T) array of it
-                  (k * scale).astype(operands), **f32)
+  if spec[4]:  # soft-capped: d/ds of c tanh(s / c), from the scores recomputed
+    tanh = _short_scores(q, k, spec)[1]
+    ds = ds * (1 - tanh * tanh)
+  # The scale goes on the (T, D) operands: XLA's CPU matmul fusions would build a (T, T)
+  # array of it.
+  scale = q.shape[-1] ** -0.5 if spec[3] is None else spec[3]
+  dq = jnp.einsum("bkqs,bksd->bkqd", ds.astype(operands), (k * scale).astype(operands), **f32)
   dk = jnp.einsum("bkqs,bkqd->bksd", ds.astype(wide), (q * scale).astype(wide), **f32)
-  no_grad = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad(seg),
-          no_grad(prefix_len))
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), _no_grad(seg),
+          _no_grad(prefix_len), _no_grad(window))
 
 
 _short_attention.defvjp(_short_fwd, _short_bwd)
@@ -252,12 +303,16 @@ def _pad_to(x: Array, multiple: int) -> Array:
 
 def blockwise_attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool,
                         prefix_len: Array | None = None, block_q: int = 512,
-                        block_k: int = 512, matmul_dtype: jnp.dtype | None = None) -> Array:
+                        block_k: int = 512, matmul_dtype: jnp.dtype | None = None,
+                        window: int | Array | None = None, scale: float | None = None,
+                        softcap: float = 0.0) -> Array:
   """Exact masked attention, blockwise. q (B, T, H, Dh); k, v (B, T, K, Dh), H a
   multiple of K; segment_ids (B, T) (0 = padding); prefix_len (B,) -> (B, T, H, Dh).
 
   Rows that may attend to nothing (padding) come out as zeros. `matmul_dtype`: the
   operands of the one-block path's matmuls (bfloat16_matmuls); longer rows ignore it.
+  `window` (causal only; an int or a traced scalar): a query sees the `window` keys ending
+  at itself. `scale`: of the scores (default 1/sqrt(Dh)); `softcap`: c tanh(scores / c).
   """
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
@@ -270,10 +325,14 @@ def blockwise_attention(q: Array, k: Array, v: Array, segment_ids: Array, causal
   q = q.transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, d)  # (B, K, T*G, Dh), row = t*G + g
   k = _pad_to(k, multiple).transpose(0, 2, 1, 3)  # (B, K, T, Dh)
   v = _pad_to(v, multiple).transpose(0, 2, 1, 3)
+  window = None if window is None or not causal else jnp.asarray(window, jnp.int32)
+  softcap = float(softcap)
   if short:
     operands = jnp.dtype(matmul_dtype or q.dtype).name
-    out = _short_attention(q, k, v, seg, prefix_len, (causal, groups, operands))
+    out = _short_attention(q, k, v, seg, prefix_len, window,
+                           (causal, groups, operands, scale, softcap))
   else:
-    out = _attention(q, k, v, seg, prefix_len, (causal, groups, block_q, block_k))
+    out = _attention(q, k, v, seg, prefix_len, window,
+                     (causal, groups, block_q, block_k, scale, softcap))
   out = out.reshape(b, kv_heads, -1, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, -1, h, d)
   return out[:, :t]

@@ -14,6 +14,10 @@ Family = Literal["decoder", "encoder"]
 DTYPES = ("float32", "bfloat16", "float16", "bfloat16_matmuls")
 ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "cudnn", "blockwise", "splash", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+NORM_POSITIONS = ("pre", "post", "sandwich", "branch_post")
+QK_NORMS = ("none", "head", "projection")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
+LAYER_TYPES = ("global", "local")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,13 +36,49 @@ class TransformerConfig:
   num_kv_heads: int = 0  # 0 = num_heads (MHA); 1 = MQA; in between = GQA
   head_dim: int = 0  # 0 = d_model // num_heads
   d_ff: int = 1024
+  # gelu: act(x W1) W2 (GPT-2, BERT); swiglu: the gated MLP (act(x Wg) * x Wu) W2 with
+  # `activation` as the gate's: silu is SwiGLU (LLaMA), gelu_tanh GeGLU (Gemma).
   mlp: Literal["gelu", "swiglu"] = "gelu"
   activation: Literal["gelu_tanh", "gelu_exact", "silu", "relu"] = "gelu_tanh"
   norm: Literal["layernorm", "rmsnorm"] = "layernorm"
   norm_eps: float = 1e-5
-  norm_position: Literal["pre", "post"] = "pre"  # BERT is post-norm
+  # Where a block's norms sit. pre: x + f(norm(x)) (GPT-2, LLaMA); post: norm(x + f(x))
+  # (BERT); sandwich: x + norm'(f(norm(x))) (Gemma 2, 3); branch_post: x + norm'(f(x))
+  # (OLMo 2). f is attention, then the MLP; all but post end with a final norm.
+  norm_position: Literal["pre", "post", "sandwich", "branch_post"] = "pre"
+  norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w initialised at 0 (Gemma)
   position: Literal["learned", "rope"] = "learned"
   rope_theta: float = 10000.0
+  # RoPE scaling for contexts past pretraining's (Hugging Face's `rope_type`; dynamic NTK is
+  # not offered: its frequencies would change with each batch's length). linear: positions
+  # divided by rope_factor; llama3: Llama 3.1's per-band interpolation; yarn: NTK-by-parts
+  # with cos and sin scaled by an attention factor.
+  rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+  rope_factor: float = 1.0  # linear, llama3, yarn: how much longer the context becomes
+  rope_original_max_len: int = 0  # llama3, yarn: pretraining's context length
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths past original/low are scaled fully
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths under original/high are kept
+  rope_beta_fast: float = 32.0  # yarn: rotations under which a dimension is interpolated
+  rope_beta_slow: float = 1.0  # yarn: rotations over which a dimension is kept
+  rope_attention_factor: float = 0.0  # yarn: cos and sin times this; 0: 0.1 ln(factor) + 1
+  rope_truncate: bool = True  # yarn: round the correction range to whole dimensions
+  rope_local_theta: float = 0.0  # local layers' own base, unscaled (Gemma 3); 0: as global
+  # Sliding-window attention: a query on a local layer sees itself and the sliding_window - 1
+  # tokens before it (Hugging Face's `sliding_window`); 0: every layer is global.
+  sliding_window: int = 0
+  # "global" or "local" per layer, repeated over the stack: ("local",) * 5 + ("global",) is
+  # Gemma 3's pattern, ("local", "global") Gemma 2's. (): every layer local when
+  # sliding_window is set (Mistral), else global.
+  layer_types: tuple[str, ...] = ()
+  qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2), use_bias or not
+  # Norm of queries and keys before RoPE: over each head (Qwen3, Gemma 3) or over the whole
+  # projection, all heads at once (OLMo 2); the norm is `norm`, with norm_plus_one.
+  qk_norm: Literal["none", "head", "projection"] = "none"
+  # Scores are divided by sqrt(this); 0: head_dim (Gemma's query_pre_attn_scalar).
+  attn_scale_dim: float = 0.0
+  attn_softcap: float = 0.0  # scores -> c tanh(scores / c) before the softmax; 0: off (Gemma 2)
+  final_softcap: float = 0.0  # logits -> c tanh(logits / c); 0: off (Gemma 2)
+  embed_scale: bool = False  # token embeddings times sqrt(d_model) (Gemma)
   type_vocab_size: int = 0  # BERT token-type embeddings; 0 = none
   embedding_norm: bool = False  # LayerNorm after the embeddings (BERT)
   use_bias: bool = True  # biases in dense layers and norms
@@ -65,6 +105,7 @@ class TransformerConfig:
   mup_base_d_model: int = 0  # 0: d_model (this is the base width)
 
   def __post_init__(self):
+    object.__setattr__(self, "layer_types", tuple(self.layer_types))  # a JSON list reads back
     if self.family not in ("decoder", "encoder"):
       raise ValueError(f"model.family must be 'decoder' or 'encoder', got {self.family!r}")
     check_ranges("model", self, positive=("vocab_size", "max_len", "d_model", "num_layers",
@@ -93,6 +134,49 @@ class TransformerConfig:
     if self.parametrization == "mup" and self.d_model % self.mup_base:
       raise ValueError(f"model.d_model={self.d_model} is not a multiple of "
                        f"model.mup_base_d_model={self.mup_base} (µP widens the base width)")
+    self._check_variants()
+    self._check_rope()
+
+  def _check_variants(self) -> None:
+    """The options of today's families (Qwen, Mistral, Gemma, OLMo 2)."""
+    for name, allowed in (("norm_position", NORM_POSITIONS), ("qk_norm", QK_NORMS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    check_ranges("model", self, non_negative=("sliding_window", "attn_scale_dim", "attn_softcap",
+                                              "final_softcap"))
+    if self.norm_plus_one and self.norm != "rmsnorm":
+      raise ValueError("model.norm_plus_one scales an RMSNorm by (1 + w): it needs "
+                       "model.norm='rmsnorm'")
+    if self.norm_position == "post" and self.qk_norm != "none":
+      raise ValueError("model.qk_norm is for pre-norm, sandwich and branch_post blocks")
+    bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+    if bad:
+      raise ValueError(f"model.layer_types holds {bad[0]!r}; each must be 'global' or 'local'")
+    if len(self.layer_types) > self.num_layers:
+      raise ValueError(f"model.layer_types names {len(self.layer_types)} layers, more than "
+                       f"model.num_layers={self.num_layers}")
+    if "local" in self.layer_types and not self.sliding_window:
+      raise ValueError("model.layer_types has local layers but model.sliding_window is 0")
+    if self.sliding_window and not self.causal:
+      raise ValueError("model.sliding_window is for causal decoders (model.family='decoder')")
+
+  def _check_rope(self) -> None:
+    if self.rope_scaling == "dynamic":
+      raise ValueError("model.rope_scaling='dynamic' (dynamic NTK) is not implemented: its "
+                       "frequencies change with each batch's length; use yarn or linear")
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f"model.rope_scaling must be one of {ROPE_SCALINGS}, "
+                       f"got {self.rope_scaling!r}")
+    check_ranges("model", self, positive=("rope_factor",),
+                 non_negative=("rope_original_max_len", "rope_attention_factor",
+                               "rope_local_theta"))
+    if self.position != "rope" and (self.rope_scaling != "none" or self.rope_local_theta):
+      raise ValueError("model.rope_scaling and model.rope_local_theta need model.position='rope'")
+    if self.rope_scaling in ("llama3", "yarn") and not self.rope_original_max_len:
+      raise ValueError(f"model.rope_scaling={self.rope_scaling} needs "
+                       "model.rope_original_max_len (the pretraining context length)")
+    if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise ValueError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor")
 
   @property
   def mup_base(self) -> int:
@@ -119,6 +203,26 @@ class TransformerConfig:
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def local_layers(self) -> tuple[bool, ...]:
+    """Whether each layer attends within the sliding window (True) or to every earlier token."""
+    if not self.sliding_window:
+      return (False,) * self.num_layers
+    types = self.layer_types or ("local",)
+    return tuple(types[i % len(types)] == "local" for i in range(self.num_layers))
+
+  @property
+  def uniform_layers(self) -> bool | None:
+    """True or False when every layer is local, or every one global; None when they mix
+    (then a scanned stack reads each layer's kind as data)."""
+    kinds = set(self.local_layers)
+    return kinds.pop() if len(kinds) == 1 else None
+
+  @property
+  def attention_scale(self) -> float | None:
+    """The scores' scale when it is not 1/sqrt(head_dim) (attn_scale_dim), else None."""
+    return self.attn_scale_dim ** -0.5 if self.attn_scale_dim else None
 
   @property
   def causal(self) -> bool:

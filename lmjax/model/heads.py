@@ -31,14 +31,16 @@ class Projection:
   bias: Array | None  # (V,)
   vocab_first: bool = flax.struct.field(pytree_node=False)
   matmul_dtype: jnp.dtype = flax.struct.field(pytree_node=False, default=None)  # operands
+  softcap: float = flax.struct.field(pytree_node=False, default=0.0)  # c tanh(logits / c)
 
   def logits(self) -> Array:
-    """features @ W + bias: (B, L, V) float32."""
+    """features @ W + bias (soft-capped if `softcap`): (B, L, V) float32."""
     h, dtype = self.features, self.matmul_dtype or self.features.dtype
     contract = ((h.ndim - 1,), (1 if self.vocab_first else 0,))
     logits = jax.lax.dot_general(h.astype(dtype), self.weight.astype(dtype),
                                  (contract, ((), ())), preferred_element_type=jnp.float32)
-    return logits if self.bias is None else logits + self.bias.astype(jnp.float32)
+    logits = logits if self.bias is None else logits + self.bias.astype(jnp.float32)
+    return self.softcap * jnp.tanh(logits / self.softcap) if self.softcap else logits
 
 
 class VocabKernel(nn.Module):
@@ -79,7 +81,7 @@ class LanguageModel(nn.Module):
       h = jnp.take_along_axis(h, predict_at[..., None], axis=1)  # (B, K, D)
     head = self.head(backbone, h)
     if not project:
-      return head
+      return head  # a fused loss applies its soft-cap (`Projection.softcap`) itself
     return nn.with_logical_constraint(head.logits(), ("batch", "length", "vocab"))
 
   def head(self, backbone: Transformer, h: Array) -> Projection:
@@ -98,8 +100,10 @@ class DecoderLM(LanguageModel):
   def head(self, backbone: Transformer, h: Array) -> Projection:
     h = readout_features(self.cfg, h)
     if self.cfg.tie_embeddings:
-      return Projection(h, backbone.embedding_table(), None, True, self.cfg.matmul_dtype)
-    return VocabKernel(self.cfg, self.cfg.use_bias, name="lm_head")(h)
+      return Projection(h, backbone.embedding_table(), None, True, self.cfg.matmul_dtype,
+                        self.cfg.final_softcap)
+    head = VocabKernel(self.cfg, self.cfg.use_bias, name="lm_head")(h)
+    return head.replace(softcap=self.cfg.final_softcap)
 
 
 class EncoderMLM(LanguageModel):

@@ -1,4 +1,4 @@
-"""Building blocks: dense layers, norms, MLPs and rotary positions.
+"""Building blocks: dense layers, norms, MLPs and embeddings.
 
 Every parameter is created through `nn.with_logical_partitioning`, naming its
 axes with the logical names of `lmjax.sharding` (embed, heads, kv, mlp, vocab,
@@ -78,35 +78,56 @@ HIDDEN = ("query", "key", "value", "out", "wi", "wo", "gate", "up", "transform")
 
 
 def dense(cfg: TransformerConfig, features, num_in: int, kernel_names, bias_names, name: str,
-          std: float | None = None) -> Dense:
-  """A Dense layer configured from `cfg` (dtypes, bias, init scale)."""
+          std: float | None = None, bias: bool | None = None) -> Dense:
+  """A Dense layer configured from `cfg` (dtypes, bias unless `bias` says, init scale)."""
   features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
   std = cfg.init_std if std is None else std
   if name in HIDDEN:
     std /= cfg.width_mult ** 0.5
-  return Dense(features, num_in, tuple(kernel_names), tuple(bias_names), cfg.use_bias,
+  bias = cfg.use_bias if bias is None else bias
+  return Dense(features, num_in, tuple(kernel_names), tuple(bias_names), bias,
                cfg.compute_dtype, cfg.weight_dtype, std, cfg.matmul_dtype, name=name)
 
 
 class Norm(nn.Module):
-  """LayerNorm or RMSNorm over the last axis; statistics in float32."""
+  """LayerNorm or RMSNorm over the last axis; statistics in float32. Its scale is named
+  `axis` for sharding (the model width; the query/key norms name theirs)."""
 
   cfg: TransformerConfig
+  axis: str | None = "embed"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
-    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+    if cfg.norm_plus_one:
+      return PlusOneRMSNorm(cfg, self.axis, name="norm")(x)
+    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis,))
     if cfg.norm == "rmsnorm":
       return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
                         param_dtype=cfg.weight_dtype, scale_init=ones, name="norm")(x)
     return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
                         param_dtype=cfg.weight_dtype, scale_init=ones,
-                        bias_init=zeros_init(("embed",)), name="norm")(x)
+                        bias_init=zeros_init((self.axis,)), name="norm")(x)
+
+
+class PlusOneRMSNorm(nn.Module):
+  """Gemma's RMSNorm: x / rms(x) * (1 + w), w initialised at 0, all in float32 and then
+  cast (transformers' Gemma2RMSNorm: `(x * w).to(dtype)`, not Llama's `x.to(dtype) * w`)."""
+
+  cfg: TransformerConfig
+  axis: str | None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    w = self.param("scale", zeros_init((self.axis,)), (x.shape[-1],), cfg.weight_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+    return (y * (1.0 + w.astype(jnp.float32))).astype(cfg.compute_dtype)
 
 
 class Mlp(nn.Module):
-  """GELU MLP (GPT-2, BERT) or SwiGLU (LLaMA): (B, T, D) -> (B, T, D)."""
+  """GELU MLP (GPT-2, BERT) or gated (SwiGLU: LLaMA; GeGLU: Gemma): (B, T, D) -> (B, T, D)."""
 
   cfg: TransformerConfig
   deterministic: bool = True
@@ -124,18 +145,6 @@ class Mlp(nn.Module):
     std = cfg.init_std / (2 * cfg.num_layers) ** 0.5  # GPT-2's depth-scaled residual init
     y = dense(cfg, cfg.d_model, 1, ("mlp", "embed"), ("embed",), "wo", std)(h)  # (B, T, D)
     return nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
-
-
-def rope(x: Array, positions: Array, theta: float) -> Array:
-  """Rotary embedding, rotate-half layout (LLaMA/HF). x: (B, T, H, Dh); positions: (B, T)."""
-  half = x.shape[-1] // 2
-  inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)  # (Dh/2,)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, Dh/2)
-  cos = jnp.cos(angles)[:, :, None, :]  # (B, T, 1, Dh/2)
-  sin = jnp.sin(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
 
 
 class Embeddings(nn.Module):
@@ -163,6 +172,8 @@ class Embeddings(nn.Module):
 
   def __call__(self, tokens: Array, positions: Array, token_types: Array | None) -> Array:
     x = self.tokens(tokens)  # (B, T, D)
+    if self.cfg.embed_scale:  # Gemma: sqrt(d) rounded to the embedding's dtype first
+      x = x * jnp.asarray(self.cfg.d_model ** 0.5, self.cfg.weight_dtype).astype(x.dtype)
     if self.cfg.position == "learned":
       x = x + self.positions(positions)
     if self.cfg.type_vocab_size:

@@ -34,25 +34,33 @@ def _block(length: int) -> int:
   return next(b for b in (BLOCK, 256, MIN_BLOCK) if length % b == 0)
 
 
-def _kernel(length: int, groups: int, causal: bool, interpret: bool):
+def _kernel(length: int, groups: int, causal: bool, interpret: bool, window: int | None,
+            softcap: float):
   """The kernel in MQA form for G query heads. Built per trace, not cached: it holds
-  arrays, which inside a transformation (nn.scan) are that trace's tracers."""
+  arrays, which inside a transformation (nn.scan) are that trace's tracers. `window`: the
+  kernel's LocalMask, a query sees keys q - (window - 1) .. q, and skips the blocks outside."""
   shape = (length, length)
-  head_mask = masks.CausalMask(shape) if causal else masks.FullMask(shape)
+  if window is not None:
+    head_mask = masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+  else:
+    head_mask = masks.CausalMask(shape) if causal else masks.FullMask(shape)
   b = _block(length)
   sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                             block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
   return splash.make_splash_mqa(masks.MultiHeadMask([head_mask] * groups), block_sizes=sizes,
-                                head_shards=1, q_seq_shards=1, interpret=interpret)
+                                head_shards=1, q_seq_shards=1, interpret=interpret,
+                                attn_logits_soft_cap=softcap or None)
 
 
 def _local(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool,
-           interpret: bool) -> Array:
+           interpret: bool, window: int | None = None, scale: float | None = None,
+           softcap: float = 0.0) -> Array:
   """This device's part: q (B, T, H, Dh), k/v (B, T, K, Dh) -> (B, T, H, Dh)."""
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
-  kernel = _kernel(t, h // kv_heads, causal, interpret)
-  q = (q * d ** -0.5).reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+  kernel = _kernel(t, h // kv_heads, causal, interpret, window, softcap)
+  q = q * (d ** -0.5 if scale is None else scale)
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, T, Dh)
 
   def one_row(q, k, v, seg):  # q (K, G, T, Dh), k/v (K, T, Dh), seg (T,)
@@ -71,8 +79,11 @@ def _dividing(mesh: jax.sharding.AbstractMesh, axes: Any, size: int) -> Any:
 
 
 def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: bool,
-                     prefix_len: Array | None = None) -> Array:
-  """q (B, T, H, Dh); k, v (B, T, K, Dh); segment_ids (B, T), 0 = padding -> (B, T, H, Dh)."""
+                     prefix_len: Array | None = None, window: int | None = None,
+                     scale: float | None = None, softcap: float = 0.0) -> Array:
+  """q (B, T, H, Dh); k, v (B, T, K, Dh); segment_ids (B, T), 0 = padding -> (B, T, H, Dh).
+  `window` (a static int, causal): sliding-window attention; `scale` of the scores
+  (default 1/sqrt(Dh)); `softcap`: c tanh(scores / c), the kernel's own."""
   if prefix_len is not None:
     raise ValueError("model.attention_impl=splash cannot express a prefix-LM mask (the kernel's "
                      "mask is fixed at compile time, prefix lengths are per example); use "
@@ -85,7 +96,8 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, causal: b
   mesh = jax.sharding.get_abstract_mesh()
   on_tpu = not mesh.empty and mesh.abstract_device.platform == "tpu"
   local = functools.partial(_local, causal=causal,
-                            interpret=not (on_tpu or jax.default_backend() == "tpu"))
+                            interpret=not (on_tpu or jax.default_backend() == "tpu"),
+                            window=window if causal else None, scale=scale, softcap=softcap)
   if not mesh.empty:
     batch, length, heads, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
     if length is not None:

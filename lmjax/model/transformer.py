@@ -3,7 +3,9 @@
 `scan_layers` and `remat_policy` are owned by `LayerStack` alone: the scanned
 stack keeps one set of layer parameters with a leading `layers` axis, the
 unrolled stack keeps `layers_0 .. layers_{L-1}`; `stack_layers` and
-`unstack_layers` convert between the two layouts.
+`unstack_layers` convert between the two layouts. Layers that differ (local and
+global attention, Gemma 2, 3) differ by a flag: a Python bool in an unrolled stack,
+one element of a scanned (L,) array in a scanned one.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.model.attention import (DENSE_IMPLEMENTATIONS, CacheMask, MaskSpec,
-                                   MultiHeadAttention, resolve_implementation)
+from lmjax.model.attention import (DENSE_IMPLEMENTATIONS, MultiHeadAttention,
+                                   resolve_implementation)
 from lmjax.model.config import TransformerConfig
 from lmjax.model.layers import Embeddings, Mlp, Norm
+from lmjax.model.masks import CacheMask, DenseMasks, MaskSpec
 
 Array = jax.Array
 _policies = jax.checkpoint_policies
@@ -30,24 +33,38 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-  """Attention + MLP with residuals; pre-norm (GPT-2/LLaMA) or post-norm (BERT)."""
+  """Attention + MLP with residuals; the norms where `norm_position` puts them.
+
+  `local`: whether this layer attends within the sliding window; None: the layer reads
+  it from its call (a scanned stack whose layers mix both kinds).
+  """
 
   cfg: TransformerConfig
   deterministic: bool = True
   decode: bool = False
+  local: bool | None = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: MaskSpec | Array, positions: Array) -> tuple[Array, None]:
+  def __call__(self, x: Array, mask, positions: Array, local: Array | None = None
+               ) -> tuple[Array, None]:
     cfg, det = self.cfg, self.deterministic
-    attn = MultiHeadAttention(cfg, det, self.decode, name="attention")
+    local = self.local if self.local is not None else local
+    attention = MultiHeadAttention(cfg, det, self.decode, name="attention")
+    attn = lambda h: attention(h, mask, positions, local)
     mlp = Mlp(cfg, det, name="mlp")
-    attn_norm, mlp_norm = Norm(cfg, name="attention_norm"), Norm(cfg, name="mlp_norm")
+    norm = lambda name: Norm(cfg, name=name)
     if cfg.norm_position == "pre":
-      x = x + attn(attn_norm(x), mask, positions)  # (B, T, D)
-      x = x + mlp(mlp_norm(x))
-    else:
-      x = attn_norm(x + attn(x, mask, positions))
-      x = mlp_norm(x + mlp(x))
+      x = x + attn(norm("attention_norm")(x))  # (B, T, D)
+      x = x + mlp(norm("mlp_norm")(x))
+    elif cfg.norm_position == "post":
+      x = norm("attention_norm")(x + attn(x))
+      x = norm("mlp_norm")(x + mlp(x))
+    elif cfg.norm_position == "sandwich":
+      x = x + norm("attention_post_norm")(attn(norm("attention_norm")(x)))
+      x = x + norm("mlp_post_norm")(mlp(norm("mlp_norm")(x)))
+    else:  # branch_post
+      x = x + norm("attention_post_norm")(attn(x))
+      x = x + norm("mlp_post_norm")(mlp(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, None  # (carry, per-layer output) as nn.scan expects
 
@@ -60,21 +77,25 @@ class LayerStack(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: MaskSpec | Array, positions: Array) -> Array:
+  def __call__(self, x: Array, mask, positions: Array) -> Array:
     cfg = self.cfg
     block = Block
     if cfg.remat_policy != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
+      uniform = cfg.uniform_layers  # None: the layers' kinds go in as data
+      flags = () if uniform is not None else (jnp.asarray(cfg.local_layers),)
       scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, self.deterministic, self.decode, name="layers")(x, mask, positions)
+                        in_axes=(nn.broadcast, nn.broadcast) + (0,) * len(flags),
+                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(cfg, self.deterministic, self.decode, uniform, name="layers")(
+          x, mask, positions, *flags)
       return x
-    for i in range(cfg.num_layers):
-      x, _ = block(cfg, self.deterministic, self.decode, name=f"layers_{i}")(x, mask, positions)
+    for i, local in enumerate(cfg.local_layers):
+      x, _ = block(cfg, self.deterministic, self.decode, local, name=f"layers_{i}")(
+          x, mask, positions)
     return x
 
 
@@ -93,8 +114,10 @@ class Transformer(nn.Module):
     self.embed = Embeddings(self.cfg, self.deterministic)
     self.stack = LayerStack(self.cfg, self.deterministic, self.decode)
     if self.decode:
-      self.cache_mask = CacheMask()
-    if self.cfg.norm_position == "pre":
+      local = self.cfg.local_layers
+      self.cache_mask = CacheMask(self.cfg.sliding_window if any(local) else 0,
+                                  mixed=len(set(local)) > 1)
+    if self.cfg.norm_position != "post":
       self.final_norm = Norm(self.cfg)
 
   def __call__(self, tokens: Array, segment_ids: Array | None = None,
@@ -106,18 +129,28 @@ class Transformer(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if self.decode:
-      mask = self.cache_mask(segment_ids)  # (B, 1, T, cache length)
+      mask = self.cache_mask(segment_ids)  # (B, 1, T, cache length), or both kinds
     else:
-      mask = MaskSpec(segment_ids, prefix_len, self.cfg.causal)
-      impl = resolve_implementation(self.cfg.attention_impl, self.cfg.compute_dtype,
-                                    prefix_len is not None)
-      if impl in DENSE_IMPLEMENTATIONS:  # built once here, not once per layer
-        mask = mask.dense()  # (B, 1, T, T)
+      mask = self._mask(MaskSpec(segment_ids, prefix_len, self.cfg.causal))
     x = self.embed(tokens, positions, token_types)  # (B, T, D)
     x = self.stack(x, mask, positions)
-    if self.cfg.norm_position == "pre":
+    if self.cfg.norm_position != "post":
       x = self.final_norm(x)
     return x
+
+  def _mask(self, spec: MaskSpec) -> MaskSpec | Array | DenseMasks:
+    """The spec, or for a dense implementation its (B, 1, T, T) mask(s), built once here
+    rather than once per layer: with the window where every layer is local, both kinds
+    where they mix."""
+    cfg = self.cfg
+    impl = resolve_implementation(cfg.attention_impl, cfg.compute_dtype,
+                                  spec.prefix_len is not None, bool(cfg.attn_softcap))
+    if impl not in DENSE_IMPLEMENTATIONS:
+      return spec
+    uniform = cfg.uniform_layers
+    if uniform is None:
+      return DenseMasks(spec.dense(), spec.dense(cfg.sliding_window))
+    return spec.dense(cfg.sliding_window if uniform else None)
 
   def embedding_table(self) -> Array:
     """The token embedding (V, D), which a tied head projects onto."""
