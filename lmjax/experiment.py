@@ -22,7 +22,7 @@ from lmjax.distributed import RuntimeConfig
 from lmjax.errors import UserError, check_ranges
 from lmjax.model.config import TransformerConfig
 from lmjax.objectives import ObjectiveConfig, objective_class, registered
-from lmjax.optim import OptimizerConfig
+from lmjax.optim import OptimizerConfig, optimizer_options
 from lmjax.sharding import MeshConfig, check_rules
 
 
@@ -44,6 +44,9 @@ class TrainConfig:
   # fine-tuning objective it also decides the architecture and the tokenizer).
   init_from: str = ""
   init: str = "pretrained"  # pretrained | random: init_from's architecture, fresh weights
+  # RUN:STEP: a new run starts from that run's whole train state at STEP (a cooldown
+  # branched from a stable run; lmjax/cooldown.py)
+  branch_from: str = ""
   # lm-evaluation-harness tasks scored during training (decoders, one process; `.[eval]`):
   lm_eval_tasks: tuple[str, ...] = ()
   lm_eval_every: int = 0  # steps between harness runs (0: at the end only)
@@ -58,6 +61,8 @@ class TrainConfig:
                                           "checkpoint_every", "keep_checkpoints"),
                  non_negative=("seed", "eval_every", "eval_batches", "peak_flops_per_device",
                                "max_consecutive_skips", "lm_eval_every", "lm_eval_limit"))
+    if self.branch_from and self.init_from:
+      raise ValueError("train.branch_from and train.init_from both set: give one")
     if self.init not in ("pretrained", "random"):
       raise ValueError(f"train.init must be 'pretrained' or 'random', got {self.init!r}")
     if self.profile_steps and not (len(self.profile_steps) == 2 and
@@ -157,8 +162,10 @@ def experiment_from_dict(config: Mapping[str, Any]) -> Experiment:
                     f"(known: {', '.join(_CLASSES)})")
   cls, options = _objective_options(config.get("objective", {}))
   sections = {name: section_from_dict(name, klass, config.get(name, {}))
-              for name, klass in _CLASSES.items() if name != "objective"}
+              for name, klass in _CLASSES.items() if name not in ("objective", "optimizer")}
   sections["objective"] = section_from_dict("objective", cls, options)
+  sections["optimizer"] = section_from_dict("optimizer", *optimizer_options(
+      config.get("optimizer", {})))  # the options of its kind (a registered optimizer's own)
   sections["mesh"] = dataclasses.replace(sections["mesh"], rules=check_rules(sections["mesh"].rules))
   return Experiment(**sections)
 

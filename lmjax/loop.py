@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lmjax import paths
+from lmjax import cooldown, paths
 from lmjax.errors import UserError
 from lmjax.experiment import Experiment, architecture
 from lmjax.metrics import Throughput, flops_per_token, peak_flops
+from lmjax.optim import state_bytes
 from lmjax.preemption import PreemptionWatch
 from lmjax.sharding import batch_shardings, logical_to_shardings, replicated, unbox
 from lmjax.steps import count_params, init_state, jit_steps
@@ -46,6 +47,10 @@ class LoopContext:
     """The objective's held-out measures now (kept as the run's latest)."""
     self.eval_metrics = evaluate(self.eval_fn, params, self.run, self.put)
     return self.eval_metrics
+
+  def evaluate_on(self, params: Any, data: Any) -> dict[str, float]:
+    """The same measures on other held-out data (a mixture's sources), not kept."""
+    return evaluate(self.eval_fn, params, self.run, self.put, data)
 
 
 class Hook:
@@ -149,6 +154,8 @@ def default_hooks(run: Any, should_stop: Callable | None = None) -> list[Hook]:
   """The hooks a run's config asks for, in the order they run after a step."""
   t = run.exp.train
   hooks: list[Hook] = [Evaluation()]
+  # the data's own (a mixture's per-source evaluation and wrap counts; duck-typed hooks)
+  hooks += getattr(run.train_data, "loop_hooks", lambda run: [])(run)
   if t.lm_eval_tasks:
     hooks.append(LmEval())
   if should_stop is not None:
@@ -166,9 +173,11 @@ def _agreed(stop: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.bool_(stop)))
 
 
-def evaluate(eval_fn: Callable, params: Any, run: Any, put: Callable) -> dict[str, float]:
-  """The objective's held-out measures over a fixed prefix (or all) of the eval split."""
-  t, data = run.exp.train, run.eval_data
+def evaluate(eval_fn: Callable, params: Any, run: Any, put: Callable, data: Any = None
+             ) -> dict[str, float]:
+  """The objective's held-out measures over a fixed prefix (or all) of the eval split
+  (or of `data`)."""
+  t, data = run.exp.train, data if data is not None else run.eval_data
   n = data.num_eval_batches(t.batch_size)
   n = min(n, t.eval_batches) if t.eval_batches else n
   base = jax.random.PRNGKey(t.seed + 1)
@@ -207,6 +216,8 @@ def restore_or_init(run: Any, boxed: Any, shardings: Any) -> Any:
       continue
     logging.info("resumed from %s step %d", ckpt.directory, step)
     return state
+  if run.exp.train.branch_from:  # a new branch: the source run's state at its step
+    return cooldown.restore_branch(run.exp, target, run.meta["tokenizer_sha256"])
   make = functools.partial(init_state, run.fns, run.exp.train.seed, (1, run.exp.data.seq_len))
   state = jax.jit(lambda: unbox(make()), out_shardings=shardings)()
   if run.init_params is not None:  # a new task head is abstract there: it stays fresh
@@ -290,6 +301,10 @@ def train_loop(run: Any, hooks: list[Hook]) -> dict[str, float]:
   logging.info("%s: %.1fM parameters; steps %d..%d on %d device(s), mesh %s",
                run.exp.model.family, count_params(state.params) / 1e6, step, t.steps,
                jax.device_count(), dict(run.mesh.shape))
+  total, per_device = state_bytes(state.opt_state)
+  logging.info("optimizer %s: state %.1f MiB (%.2f bytes per parameter), %.1f MiB on device 0",
+               run.exp.optimizer.kind, total / 2**20, total / max(count_params(state.params), 1),
+               per_device / 2**20)
   host_batch = lambda s: run.train_data.batch(s, t.batch_size, jax.process_index(),
                                               jax.process_count())
   log = _TrainLog(ctx)

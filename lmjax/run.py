@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 from absl import logging
 
-from lmjax import __version__, cpu_dtype, objectives, paths, pretrained
+from lmjax import __version__, cooldown, cpu_dtype, objectives, paths, pretrained
 from lmjax.checkpoint import Checkpointer
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.data.tokenizer_io import install_tokenizer, save_tokenizer
@@ -148,6 +148,8 @@ def assemble(exp: Experiment, workdir: str | None, devices: Sequence[Any] | None
                                                               t.seed)
   fns = step_fns(exp.model, objective, exp.optimizer, t.steps, t.grad_accum_steps)
   parts = RunParts(exp, config, workdir, tokenizer, mesh, fns, *data, source)
+  if t.branch_from and not compile_only and not has_checkpoints(workdir):
+    cooldown.source_meta(exp)  # the branch's checks, before anything is written
   if source is not None and not compile_only and (fine_tunes or not has_checkpoints(workdir)):
     parts.init_params = initial_params(parts, tokenizer.sha256)
   return parts

@@ -21,7 +21,7 @@ import optax
 
 from lmjax.model.config import TransformerConfig
 from lmjax.objectives import Objective
-from lmjax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from lmjax.optim import OptimizerConfig, build_optimizer
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -45,6 +45,9 @@ class StepFns:
   schedule: optax.Schedule
   objective: Objective
   grad_accum_steps: int = 1
+  # (params, opt_state) -> where the gradient is taken (schedule-free: not the parameters,
+  # which are its averaged point); None: at the parameters
+  gradient_point: Callable[[Any, Any], Any] | None = None
 
 
 def step_fns(model: TransformerConfig, objective: Objective,
@@ -52,12 +55,25 @@ def step_fns(model: TransformerConfig, objective: Objective,
              grad_accum_steps: int = 1) -> StepFns:
   """The models the objective needs (with dropout for training, without for evaluation)
   and, given an optimizer, its update and schedule over `steps`."""
-  tx, schedule = None, optax.constant_schedule(0.0)
+  eval_model = objective.build_model(model, True)
+  tx, schedule, point = None, optax.constant_schedule(0.0), None
   if optimizer is not None:
-    tx = make_optimizer(optimizer, steps, model.width_mult)
-    schedule = learning_rate_schedule(optimizer, steps)
+    built = build_optimizer(optimizer, steps, model.width_mult,
+                            functools.partial(param_axes, eval_model))
+    tx, schedule, point = built.tx, built.schedule, built.gradient_point
   return StepFns(objective.build_model(model, deterministic=model.dropout_rate == 0),
-                 objective.build_model(model, True), tx, schedule, objective, grad_accum_steps)
+                 eval_model, tx, schedule, objective, grad_accum_steps, point)
+
+
+def param_axes(model: nn.Module) -> Any:
+  """The logical axis names of each of `model`'s parameters (a tree of tuples), from
+  its abstract initialisation: what optimizers that treat axes apart read (Muon)."""
+  dummy = jnp.zeros((1, 8), jnp.int32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy,
+                                            jnp.ones_like(dummy))["params"])
+  return jax.tree.map(lambda x: tuple(x.names) if isinstance(x, nn.Partitioned) else
+                      (None,) * len(x.shape), boxed,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
@@ -72,7 +88,8 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
     sums = objective.loss_sums(fns.model, params, micro, {"dropout": rng})
     return sums["objective"] / total, sums
 
-  grads, sums = _accumulated(jax.grad(loss_fn, has_aux=True), state.params, b, dropout_rng,
+  at = fns.gradient_point(state.params, state.opt_state) if fns.gradient_point else state.params
+  grads, sums = _accumulated(jax.grad(loss_fn, has_aux=True), at, b, dropout_rng,
                              fns.grad_accum_steps)
   updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

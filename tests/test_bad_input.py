@@ -30,7 +30,7 @@ CONFIG_CASES = [
     ({"model": {"parametrization": "mup", "mup_base_d_model": 96}},
      "model.d_model=256 is not a multiple of model.mup_base_d_model=96"),
     ({"model": {"dtype": "float8"}}, "model.dtype must be auto, float32, bfloat16, float16, bfloat16_matmuls"),
-    ({"optimizer": {"schedule": "step"}}, "optimizer.schedule must be cosine, linear or constant"),
+    ({"optimizer": {"schedule": "step"}}, "optimizer.schedule must be cosine, linear, constant or wsd"),
     ({"objective": {"kind": "span"}}, "objective.kind must be one of clm, mlm,"),
     ({"objective": {"kind": "mlm", "mask_rate": 1.5}}, "0 < mask_rate < 1"),
     ({"objective": {"mask_rate": 0.3}}, "objective.mask_rate is not an option of "

@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from lmjax.data.permutation import epoch_order, round_keys
+from lmjax.data.permutation import epoch_order, permute, round_keys
 from lmjax.data.store import Shard, TokenSource
 from lmjax.errors import UserError
 
@@ -25,9 +25,12 @@ Batch = dict[str, np.ndarray]  # tokens, segment_ids, positions: (rows, seq_len)
 class PackedDataset:
   """Random access to packed rows: tokens, segment ids (1.. per document, 0 = pad), positions."""
 
-  def __init__(self, source: TokenSource | Shard, seq_len: int, seed: int, shuffle: bool = True):
+  def __init__(self, source: TokenSource | Shard, seq_len: int, seed: int, shuffle: bool = True,
+               salt: tuple[int, ...] = ()):
+    """`salt` keys the epoch order apart from another dataset's of the same seed (a
+    mixture's sources); without it the order is the one lmjax has always had."""
     self.source = source if isinstance(source, TokenSource) else TokenSource([source])
-    self.seq_len, self.seed, self.shuffle = seq_len, seed, shuffle
+    self.seq_len, self.seed, self.shuffle, self.salt = seq_len, seed, shuffle, tuple(salt)
     self.num_windows = self.source.num_tokens // seq_len
     if self.num_windows == 0:
       raise UserError(f"corpus has {self.source.num_tokens} tokens, fewer than one row of "
@@ -35,13 +38,24 @@ class PackedDataset:
 
   @functools.lru_cache(maxsize=8)
   def _keys(self, epoch: int) -> np.ndarray:
-    return round_keys([self.seed, epoch])
+    return round_keys([self.seed, *self.salt, epoch])
 
   def window_ids(self, start: int, count: int) -> np.ndarray:
     """Window ids at positions [start, start + count) of the endless epoch sequence."""
     if not self.shuffle:
       return np.arange(start, start + count, dtype=np.int64) % self.num_windows
     return epoch_order(start, count, self.num_windows, self.seed, self._keys)
+
+  def window_ids_at(self, positions: np.ndarray) -> np.ndarray:
+    """Window ids at any positions of the endless epoch sequence (shuffled datasets)."""
+    if not self.shuffle:
+      return np.asarray(positions, np.int64) % self.num_windows
+    epochs, offsets = np.divmod(np.asarray(positions, np.int64), self.num_windows)
+    out = np.empty(len(offsets), np.int64)
+    for epoch in np.unique(epochs):
+      sel = epochs == epoch
+      out[sel] = permute(offsets[sel], self.num_windows, self._keys(int(epoch)))
+    return out
 
   def rows(self, window_ids: np.ndarray) -> Batch:
     """Packs the given windows; ids < 0 give all-padding rows."""
