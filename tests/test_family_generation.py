@@ -91,6 +91,18 @@ def test_greedy_tokens_equal_transformers_generate(family):
   assert gen.generate([family.prompt], SamplingConfig(NEW, temperature=0.0)) == [family.want]
 
 
+def test_export_keeps_the_generation_config(family, tmp_path):
+  """launch.convert's export (lmjax.convert.export_hf) writes the model's
+  generation_config.json: transformers reads its eos ids and sampling defaults back."""
+  import transformers as T
+  from lmjax.convert import export_hf
+  export_hf(family.source, str(tmp_path), "phi3" if family.name == "phi3" else None)
+  got = T.GenerationConfig.from_pretrained(str(tmp_path))
+  assert got.eos_token_id == family.eos
+  assert (got.do_sample, got.temperature, got.top_p, got.top_k) == (True, 0.7, 0.8, 20)
+  assert pretrained.load(str(tmp_path)).generation == family.source.generation
+
+
 def _directory(tmp_path_factory, name: str = "gemma3_text"):
   """Gemma 3's directory as the family fixture writes it (local and global layers, their
   own RoPE bases, a window shorter than the text, final soft-cap), with transformers' tokens."""
