@@ -4,10 +4,11 @@ Each family's tiny random model (tests/hf_models.py) continues a 113-token promp
 40 tokens (past every sliding window, 64, and Llama 3's original context, 64): the serving
 Engine (launch.serve) and lmjax's Generator (launch.generate, chat, lm-eval) give
 transformers' tokens, and launch.generate and launch.serve themselves on Gemma 3 (local and
-global layers with their own RoPE bases, a final soft-cap). Each directory's generation_config.json names two eos ids, the second
-one a token transformers produces, and sampling defaults (do_sample, temperature 0.7,
-top_p 0.8, top_k 20): generation stops where transformers' stops, and the launchers take the
-defaults unless a flag or a request sets them.
+global layers with their own RoPE bases, a final soft-cap). Each directory's
+generation_config.json names two eos ids, the second one a token transformers produces, and
+sampling defaults (do_sample, temperature 0.7, top_p 0.8, top_k 20): generation stops where
+transformers' stops, the launchers take the defaults unless a flag or a request sets them,
+and the export writes the file back.
 """
 
 from __future__ import annotations
