@@ -220,3 +220,28 @@ def test_a_bad_generation_config_is_one_line(raw, message):
   with pytest.raises(UserError, match=message) as e:
     generation_config.defaults(raw, eos=7)
   assert "\n" not in str(e.value)
+
+
+def test_export_adds_a_chat_templates_end_of_turn_to_the_eos_ids(tmp_path):
+  """A model whose chat template ends a turn with a token other than its eos ids (here a
+  blank line) exports with that token among its eos ids, so transformers' generate ends a
+  reply where launch.generate --chat and launch.serve do; a model without a template and
+  without a generation_config.json exports config.json's ids, marked as derived from it."""
+  import transformers as T
+  from lmjax.convert.hf import generation_config as export_generation_config
+  make_family_model("mistral", str(tmp_path))
+  os.remove(tmp_path / "generation_config.json")
+  plain = pretrained.load(str(tmp_path))
+  assert export_generation_config(plain) == {"bos_token_id": 1, "eos_token_id": 2,
+                                             "pad_token_id": 2, "_from_model_config": True}
+  (tmp_path / "chat_template.jinja").write_text(
+      "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+      "{% if add_generation_prompt %}assistant: {% endif %}")
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+  source = pretrained.load(str(tmp_path))
+  from lmjax.data.chat import load_template
+  end = load_template(source.tokenizer).end_of_turn(source.tokenizer)
+  assert end not in (2, 7)
+  from lmjax.convert import export_hf
+  export_hf(source, str(tmp_path / "out"))
+  assert T.GenerationConfig.from_pretrained(str(tmp_path / "out")).eos_token_id == [2, 7, end]
