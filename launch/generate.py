@@ -9,9 +9,13 @@
 and keeps the whole conversation as context (the oldest tokens drop out once
 it exceeds the model's length). `--chat` applies the model's chat template (the
 run's, a Hugging Face directory's, or lmjax's default; `--chat_template FILE`
-overrides it): each reply ends at the template's end-of-turn marker, and the
+overrides it): each reply ends at the template's end-of-turn marker (or an eos id), and the
 oldest turns drop out when the conversation outgrows the model. With `--prompt` it
 answers that one user message and exits; without, it reads a turn per line.
+
+A model's generation_config.json (a Hugging Face directory's, or the one a run fine-tuned
+from it keeps) sets the defaults of --temperature, --top_p and --top_k (greedy unless it
+says `do_sample`) and the ids that end a generation (often several); flags given win.
 """
 
 from __future__ import annotations
@@ -51,14 +55,14 @@ def main(argv: list[str]) -> None:
   if FLAGS.num_samples < 1:
     raise UserError("--num_samples must be >= 1")
   from lmjax import pretrained
-  from lmjax.inference.generate import Generator, SamplingConfig
-  sampling = SamplingConfig(FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  from lmjax.inference.generate import Generator
   source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True)
+  sampling, eos_ids = sampling_config(source)
   if FLAGS.chat:
     chat_loop(source, sampling)
     return
   tok = source.tokenizer
-  gen = Generator(source.model, source.params, eos=tok.special.eos, pad=tok.special.pad)
+  gen = Generator(source.model, source.params, eos=eos_ids, pad=max(tok.special.pad, 0))
   start = [tok.special.bos] if tok.special.bos >= 0 else []
   if FLAGS.interactive:
     converse(gen, tok, start, sampling)
@@ -72,6 +76,19 @@ def main(argv: list[str]) -> None:
       print(f"--- sample {i + 1}")
     print(FLAGS.prompt + tok.decode(ids))
   logging.info("%d tokens in %.2fs (with compilation)", sum(map(len, outputs)), seconds)
+
+
+def sampling_config(source) -> tuple:
+  """(SamplingConfig, eos ids): the sampling flags given, else the model's
+  generation_config.json's defaults where it has one, else the flags' defaults."""
+  from lmjax.inference import generation_config
+  from lmjax.inference.generate import SamplingConfig
+  defaults = generation_config.for_model(source)
+  knobs = {k: FLAGS[k].value for k in ("temperature", "top_k", "top_p")}
+  if defaults.source:
+    logging.info("sampling defaults from %s", defaults.describe())
+    knobs.update({k: getattr(defaults, k) for k in knobs if not FLAGS[k].present})
+  return SamplingConfig(FLAGS.max_new_tokens, **knobs), defaults.eos_ids
 
 
 def chat_loop(source, sampling) -> None:

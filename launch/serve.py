@@ -9,7 +9,9 @@ running batch of `--max_batch` rows (continuous batching); the programs that ser
 them (one prefill chunk, a decode program of up to 8 steps per batch size 1, 2, 4, ...
 max_batch) compile at start-up. It listens on 127.0.0.1 unless --host says
 otherwise; with --api_key (or the LMJAX_API_KEY environment variable) every
-request must carry `Authorization: Bearer KEY`. SIGTERM or Ctrl-C stops taking
+request must carry `Authorization: Bearer KEY`. A model's generation_config.json gives the
+defaults of the sampling fields a request leaves out (temperature, top_p, top_k) and the
+ids that end a reply (several, often). SIGTERM or Ctrl-C stops taking
 requests, lets the running ones finish (up to --drain_seconds, then cancels them)
 and exits 0.
 """
@@ -57,6 +59,7 @@ def main(argv: list[str]) -> None:
     raise UserError('launch.serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
   from lmjax import pretrained
   from lmjax.data.chat import load_template
+  from lmjax.inference import generation_config
   from lmjax.inference.engine import Engine
   api_key = FLAGS.api_key if FLAGS.api_key is not None else os.environ.get("LMJAX_API_KEY")
   if api_key == "":
@@ -67,8 +70,11 @@ def main(argv: list[str]) -> None:
   engine = Engine(source.model, source.params, pad=max(tokenizer.special.pad, 0),
                   slots=FLAGS.max_batch, chunk=FLAGS.prefill_chunk, max_len=FLAGS.max_len)
   name = FLAGS.name or os.path.basename(os.path.normpath(FLAGS.workdir))
+  generation = generation_config.for_model(source)
+  if generation.source:
+    logging.info("request defaults from %s", generation.describe())
   served = server.Served(engine, tokenizer, load_template(tokenizer, FLAGS.chat_template), name,
-                         int(time.time()))
+                         int(time.time()), generation=generation)
   began = time.perf_counter()
   engine.start()
   logging.info("compiled in %.1fs: %d rows x %d tokens, prefill chunks of %d; KV cache %.1f MiB "

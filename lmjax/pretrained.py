@@ -19,8 +19,9 @@ from absl import logging
 from lmjax import paths
 from lmjax.checkpoint import Checkpointer
 from lmjax.convert.hf import read_hf
-from lmjax.data.tokenizer_io import load_tokenizer
+from lmjax.data.tokenizer_io import HF_TOKENIZER_DIR, load_tokenizer
 from lmjax.errors import UserError
+from lmjax.inference import generation_config
 from lmjax.model.config import TransformerConfig
 from lmjax.model.transformer import stack_layers, unstack_layers
 
@@ -32,6 +33,9 @@ class Pretrained:
   tokenizer: Any  # what lmjax.data.tokenizer_io.load_tokenizer returns
   objective: str  # "clm" or "mlm": what the weights were trained for
   source: str  # where they came from, for messages
+  # generation_config.json's contents ({} if none): a Hugging Face directory's, or the one a
+  # run fine-tuned from such a directory keeps beside its tokenizer
+  generation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def is_hf_dir(path: str) -> bool:
@@ -75,7 +79,8 @@ def load_hf(directory: str) -> Pretrained:
   weights = read_hf(directory)
   objective = "mlm" if weights.kind == "bert" else "clm"
   return Pretrained(weights.config, weights.params, load_tokenizer(directory), objective,
-                    f"{directory} (Hugging Face {weights.kind})")
+                    f"{directory} (Hugging Face {weights.kind})",
+                    generation_config.read_file(directory))
 
 
 def load_run(workdir: str) -> Pretrained:
@@ -98,8 +103,10 @@ def load_run(workdir: str) -> Pretrained:
     raise UserError(f"{tokenizer.path} is not the tokenizer the run was trained with")
   model = TransformerConfig(**meta["config"]["model"])
   objective = "clm" if model.family == "decoder" else "mlm"  # what the backbone models
+  saved = paths.join(workdir, HF_TOKENIZER_DIR)
+  generation = {} if paths.is_remote(workdir) else generation_config.read_file(saved)
   return Pretrained(model, jax.tree.map(np.asarray, params), tokenizer, objective,
-                    f"{workdir} step {steps[0]}")
+                    f"{workdir} step {steps[0]}", generation)
 
 
 def to_layout(params: dict[str, Any], source: TransformerConfig,

@@ -160,6 +160,14 @@ BASE = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_h
     (dict(model_type="gemma2", use_bidirectional_attention=True),
      "use_bidirectional_attention: true"),
     (dict(model_type="gemma3"), "model_type 'gemma3' is Gemma 3 with its vision tower"),
+    (dict(model_type="llama", rope_parameters={"rope_type": "foo", "factor": 2.0}),
+     "llama: rope_type 'foo' is not supported"),
+    (dict(model_type="llama", rope_parameters={"rope_type": "llama3", "factor": 8.0}),
+     "llama: rope_type 'llama3' needs low_freq_factor"),
+    (dict(model_type="qwen3", rope_parameters={"rope_type": "yarn"}),
+     "qwen3: rope_type 'yarn' needs factor"),
+    (dict(model_type="mistral", rope_parameters={"rope_type": "linear", "factor": "2"}),
+     "mistral: RoPE parameter factor='2' is not a number"),
     (dict(model_type="mixtral"), "model_type 'mixtral' is not supported"),
 ])
 def test_options_lmjax_lacks_are_one_line(config, message):

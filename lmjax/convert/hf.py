@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from absl import logging
 
+from lmjax.data import chat
 from lmjax.data.tokenizer_io import export_tokenizer
 from lmjax.errors import UserError
 from lmjax.model.config import TransformerConfig
@@ -305,5 +306,32 @@ def export_hf(source: Any, directory: str, family: str | None = None,
   write_safetensors(tensors, directory, max_shard_bytes)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
+  if kind != "bert":
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:
+      json.dump(generation_config(source), f, indent=2)
   export_tokenizer(source.tokenizer, directory)
   return kind
+
+
+def generation_config(source: Any) -> dict[str, Any]:
+  """generation_config.json of an export: the source's own (a Hugging Face model's, or the
+  one a run fine-tuned from it kept: sampling defaults, several eos ids) over its tokenizer's
+  bos/eos/pad ids; a chat template's end-of-turn id joins the eos ids, so that transformers'
+  `generate` ends a reply where lmjax's does. Without either it is config.json's ids, marked
+  as transformers marks the copy it derives from config.json."""
+  special, tok = source.tokenizer.special, source.tokenizer
+  out = dict(getattr(source, "generation", None) or {})
+  added = not out
+  for name in ("bos", "eos", "pad"):
+    if out.get(f"{name}_token_id") is None and getattr(special, name) >= 0:
+      out[f"{name}_token_id"] = getattr(special, name)
+  if getattr(tok, "chat_template", None):
+    eos = out.get("eos_token_id")
+    ids = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+    end = chat.load_template(tok).end_of_turn(tok)
+    if end >= 0 and end not in ids:
+      out["eos_token_id"], added = ids + [end], False
+      out.pop("_from_model_config", None)  # transformers would take config.json's ids
+  if added:
+    out["_from_model_config"] = True
+  return out

@@ -46,9 +46,26 @@ def _kind_of(params: dict[str, Any], family: str) -> str:
   return name
 
 
+# The keys each scaling cannot do without (transformers' `_validate_*_rope_parameters`).
+REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+            "yarn": ("factor",)}
+
+
+def _check_numbers(params: dict[str, Any], name: str, family: str) -> None:
+  """One line for a required key left out, or any scaling key that is not a number."""
+  for key in REQUIRED.get(name, ()):
+    if params.get(key) is None:
+      raise UserError(f"{family}: rope_type {name!r} needs {key} in its RoPE parameters")
+  for key, value in params.items():
+    if key not in ("rope_type", "type", "truncate") and value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float))):
+      raise UserError(f"{family}: RoPE parameter {key}={value!r} is not a number")
+
+
 def _scaling(params: dict[str, Any], hf: dict[str, Any], family: str) -> dict[str, Any]:
   """The lmjax fields of one flat parameter dict."""
   name = _kind_of(params, family)
+  _check_numbers(params, name, family)
   out: dict[str, Any] = dict(rope_theta=float(params["rope_theta"]), rope_scaling=SCALINGS[name])
   if name == "default":
     return out

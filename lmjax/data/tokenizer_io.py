@@ -78,7 +78,10 @@ def save_tokenizer(tokenizer: AnyTokenizer, workdir: str) -> None:
     return
   origin, folder = os.path.dirname(tokenizer.path), paths.join(workdir, HF_TOKENIZER_DIR)
   paths.makedirs(folder)
-  for name in (os.path.basename(tokenizer.path), "tokenizer_config.json", CHAT_TEMPLATE):
+  # generation_config.json: the model's eos ids and sampling defaults, which serving and
+  # generation from the run keep (lmjax.inference.generation_config)
+  for name in (os.path.basename(tokenizer.path), "tokenizer_config.json", CHAT_TEMPLATE,
+               "generation_config.json"):
     if os.path.isfile(os.path.join(origin, name)):
       with open(os.path.join(origin, name), "rb") as f:
         paths.write_atomic(paths.join(folder, name), f.read())

@@ -7,6 +7,7 @@ from typing import Any, Iterator, Sequence
 
 from lmjax.data import chat
 from lmjax.errors import UserError
+from lmjax.inference import generation_config
 from lmjax.inference.generate import Generator, SamplingConfig
 
 
@@ -17,7 +18,9 @@ class ChatSession:
     self.tokenizer = source.tokenizer
     self.template = chat.load_template(self.tokenizer, template_path)
     self.end_of_turn = self.template.end_of_turn(self.tokenizer)
-    self.generator = Generator(source.model, source.params, eos=self.end_of_turn,
+    # a reply also ends at the model's eos ids (generation_config.json's, often several)
+    stops = (self.end_of_turn, *generation_config.for_model(source).eos_ids)
+    self.generator = Generator(source.model, source.params, eos=stops,
                                pad=max(self.tokenizer.special.pad, 0))
     self.max_len = source.model.max_len
 

@@ -65,10 +65,13 @@ def right_pad(prompts: Sequence[Sequence[int]], length: int, pad: int
 class Generator:
   """Decoding with one decoder model's parameters; compiled functions are cached per shape."""
 
-  def __init__(self, cfg: TransformerConfig, params: Any, eos: int, pad: int):
+  def __init__(self, cfg: TransformerConfig, params: Any, eos: int | Sequence[int], pad: int):
+    """`eos`: the id, or ids (generation_config.json often names several), that end a row;
+    -1 or () for none."""
     self.decoder = Decoder(cfg, params, "generation needs a decoder (CLM) model; use fill_mask "
                            "for encoders")
-    self.cfg, self.params, self.eos, self.pad = self.decoder.cfg, self.decoder.params, eos, pad
+    self.cfg, self.params, self.pad = self.decoder.cfg, self.decoder.params, pad
+    self.eos = tuple(int(i) for i in (eos if isinstance(eos, Sequence) else [eos]) if i >= 0)
     self.full_model = build_model(self.cfg)
 
   def _forward(self, params, cache, tokens, segments, positions):
@@ -106,7 +109,7 @@ class Generator:
       out = out.at[:, t].set(tok)
       logits, cache = self._forward(params, cache, tok[:, None], (~done)[:, None].astype(jnp.int32),
                                     (lengths + t)[:, None])
-      return t + 1, cache, logits, out, done | (tok == self.eos)
+      return t + 1, cache, logits, out, done | _is_stop(tok, self.eos)
 
     out = jnp.full((b, n), self.pad, jnp.int32)
     carry = (jnp.int32(0), cache, logits, out, jnp.zeros((b,), bool))
@@ -146,7 +149,7 @@ class Generator:
       tok, logits, cache = self._step(self.params, cache, logits, np.int32(t), knobs,
                                       np.int32(len(prompt) + t))
       tok = int(tok)
-      if tok == self.eos:
+      if tok in self.eos:
         return
       yield tok
 
@@ -173,5 +176,12 @@ class Generator:
     return [_until(r[len(p):], self.eos) for r, p in zip(rows, prompts)]
 
 
-def _until(tokens: list[int], eos: int) -> list[int]:
-  return tokens[:tokens.index(eos)] if eos in tokens else tokens
+def _is_stop(tokens: Array, stops: tuple[int, ...]) -> Array:
+  """(B,) ids -> (B,) whether each is one of `stops`."""
+  return jnp.any(tokens[:, None] == jnp.asarray(stops or (-1,), jnp.int32), axis=-1)
+
+
+def _until(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
+  """The tokens before the first of the `eos` ids."""
+  ends = [i for i, t in enumerate(tokens) if t in eos]
+  return tokens[:ends[0]] if ends else tokens

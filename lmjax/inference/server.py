@@ -31,6 +31,7 @@ from lmjax.errors import UserError
 from lmjax.inference import openai_api as api
 from lmjax.inference.choice_state import ChoiceState, Inbox
 from lmjax.inference.engine import Engine, Request
+from lmjax.inference.generation_config import GenerationDefaults
 from lmjax.inference.phases import Phases
 
 MAX_BODY_BYTES = 8 << 20
@@ -55,13 +56,32 @@ class Served:
   # strings), and writing chunks
   phases: Phases = dataclasses.field(default_factory=lambda: Phases(
       ("queue_wait", "detokenize", "encode"), ("events", "chunks")))
+  # generation_config.json's sampling defaults and eos ids (None: OpenAI's defaults and the
+  # tokenizer's eos)
+  generation: GenerationDefaults | None = None
 
   @property
   def special(self):
     return self.tokenizer.special
 
+  def eos_ids(self) -> tuple[int, ...]:
+    """The ids that end a completion."""
+    if self.generation is not None and self.generation.eos_ids:
+      return self.generation.eos_ids
+    return (self.special.eos,) if self.special.eos >= 0 else ()
+
   def end_of_turn(self) -> tuple[int, ...]:
-    return tuple({self.template.end_of_turn(self.tokenizer), self.special.eos} - {-1})
+    """The ids that end a chat reply: the template's end of turn and the eos ids."""
+    ids = (self.template.end_of_turn(self.tokenizer), *self.eos_ids())
+    return tuple(i for i in dict.fromkeys(ids) if i >= 0)
+
+  def sampling(self, body: api._Body) -> dict[str, Any]:
+    """A request's temperature, top_p and top_k: those it sets, else the model's
+    generation_config.json's, else OpenAI's defaults (the request's own)."""
+    given = body.model_fields_set
+    use_model = self.generation is not None and self.generation.source
+    return {k: getattr(self.generation if use_model and k not in given else body, k)
+            for k in ("temperature", "top_p", "top_k")}
 
 
 def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -109,8 +129,8 @@ class Completion:
           choice = ChoiceState(p * body.n + j, served.tokenizer, prompt, body.stops())
           inbox = Inbox(loop)
           request = Request(
-              prompt, max_tokens, inbox.put, temperature=body.temperature, top_p=body.top_p,
-              top_k=body.top_k, seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
+              prompt, max_tokens, inbox.put, **served.sampling(body),
+              seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
               echo_logprobs=echo_logprobs, token_logprobs=token_logprobs, stop_ids=stop_ids)
           served.engine.submit(request)
           submitted.append(request)
@@ -310,7 +330,7 @@ async def _completions(served: Served, body: api.CompletionRequest, http: HttpRe
   prompts, texts = _completion_prompts(served, body.prompt)
   budget = _budget(served, prompts, body.max_tokens)
   scored = body.echo and body.logprobs is not None
-  completion = Completion(served, body, prompts, budget, (served.special.eos,),
+  completion = Completion(served, body, prompts, budget, served.eos_ids(),
                           echo_logprobs=scored, token_logprobs=body.logprobs is not None)
   rid = api.new_id("cmpl")
   if body.stream:

@@ -1,0 +1,77 @@
+"""Fine-tuning starts from each of today's families' Hugging Face directories, and the trained
+run goes back out.
+
+For the families' tiny random models (tests/hf_models.py), `launch.finetune` with
+experiments/chat_tiny.py (SFT, lmjax's default chat template) trains two steps from the
+directory; the run keeps the model's generation_config.json (its eos ids); exported, the
+trained run loads in transformers with no missing or unexpected weights and gives lmjax's
+logits within 1e-4 in float32, past every sliding window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hf_models import load_causal_lm, make_family_model
+from lmjax import pretrained
+from lmjax.convert import export_hf
+from lmjax.model import build_model
+from tiny import ROOT
+
+# Each weight layout and training-time option once (a subprocess each, about 20 s of CPU):
+# biases and a tied head (Qwen2), attention soft-caps (Gemma 2), sandwich norms, qk-norm,
+# local and global layers with their own RoPE (Gemma 3), fused weights (Phi-3), post-norms
+# and whole-projection qk-norm (OLMo 2). Llama 3, Mistral and Qwen3 add no weight or option
+# these lack (RoPE scaling, a window on every layer, head_dim apart from d_model).
+NAMES = ["qwen2", "gemma2", "gemma3_text", "phi3", "olmo2"]
+
+
+def _subset(tmp_path, name: str, n: int) -> str:
+  path = tmp_path / f"{name}.jsonl"
+  with open(os.path.join(ROOT, "experiments", "data", f"{name}.jsonl")) as f:
+    path.write_text("".join(line for _, line in zip(range(n), f)))
+  return str(path)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sft_from_each_familys_directory_and_its_export(name, tmp_path):
+  init, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "out"
+  make_family_model(name, str(init))
+  with open(init / "generation_config.json", "w") as f:
+    json.dump({"eos_token_id": [2, 7], "do_sample": True, "temperature": 0.6}, f)
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.finetune", "--config=experiments/chat_tiny.py",
+       f"--init_from={init}", f"--workdir={run}", "--config.data.seq_len=160",
+       "--config.train.batch_size=4", "--config.train.steps=2", "--config.train.eval_every=0",
+       "--config.optimizer.warmup_steps=1", "--config.train.log_every=1",
+       f"--config.task.train_file={_subset(tmp_path, 'chat_train', 16)}",
+       f"--config.task.eval_file={_subset(tmp_path, 'chat_eval', 4)}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  losses = [r["loss"] for r in map(json.loads, open(run / "metrics.jsonl"))
+            if r["split"] == "train"]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  source, trained = pretrained.load(str(init)), pretrained.load(str(run))
+  assert trained.model == source.model.replace(dropout_rate=trained.model.dropout_rate)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), source.params, trained.params)
+  assert all(jax.tree.leaves(moved))  # every weight trained
+  assert trained.generation["eos_token_id"] == [2, 7]
+
+  export_hf(trained, str(out), "phi3" if name == "phi3" else None)
+  model, info = load_causal_lm(str(out), loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  tokens = np.random.default_rng(0).integers(5, 300, size=(1, 150))
+  with torch.no_grad():
+    want = model(input_ids=torch.tensor(tokens)).logits.numpy()
+  got = jax.jit(build_model(trained.model).apply)({"params": trained.params},
+                                                  jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
