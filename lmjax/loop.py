@@ -23,7 +23,7 @@ from absl import logging
 from lmjax import paths
 from lmjax.errors import UserError
 from lmjax.experiment import Experiment, architecture
-from lmjax.metrics import Throughput, flops_per_token, peak_flops
+from lmjax.metrics import Throughput, describe_parameters, flops_per_token, peak_flops
 from lmjax.preemption import PreemptionWatch
 from lmjax.sharding import batch_shardings, logical_to_shardings, replicated, unbox
 from lmjax.steps import count_params, init_state, jit_steps
@@ -287,8 +287,8 @@ def train_loop(run: Any, hooks: list[Hook]) -> dict[str, float]:
   t = run.exp.train
   state, train_fn, ctx = _start(run)
   step = int(jax.device_get(state.step))
-  logging.info("%s: %.1fM parameters; steps %d..%d on %d device(s), mesh %s",
-               run.exp.model.family, count_params(state.params) / 1e6, step, t.steps,
+  logging.info("%s: %s; steps %d..%d on %d device(s), mesh %s", run.exp.model.family,
+               describe_parameters(run.exp.model, count_params(state.params)), step, t.steps,
                jax.device_count(), dict(run.mesh.shape))
   host_batch = lambda s: run.train_data.batch(s, t.batch_size, jax.process_index(),
                                               jax.process_count())
