@@ -20,7 +20,7 @@ ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 LAYER_TYPES = ("global", "local")
 ROUTERS = ("softmax_topk", "topk_softmax")
 DISPATCHES = ("dropless", "capacity")
-GROUPED_MATMULS = ("auto", "ragged_dot", "megablox")
+GROUPED_MATMULS = ("auto", "ragged_dot", "tiled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +48,9 @@ class MoEConfig:
   # and row, the rest pass through the residual (counted), by one-hot dispatch matmuls.
   dispatch: str = "dropless"
   capacity_factor: float = 1.25
-  # The grouped matmul of dropless dispatch: ragged_dot (jax.lax.ragged_dot), megablox (the
-  # Pallas TPU kernel; interpreted elsewhere, for tests), auto: megablox on TPU, else ragged_dot.
+  # Dropless dispatch's grouped matmul: ragged_dot (jax.lax.ragged_dot: a tiled kernel on
+  # TPU; on CPU, XLA computes every expert on every row), tiled (rows padded to whole tiles
+  # per expert, one batched matmul over the tiles), auto: tiled on CPU, else ragged_dot.
   grouped_matmul: str = "auto"
   balance_loss: float = 0.01  # weight of the switch load-balancing loss in the objective
   z_loss: float = 0.001  # weight of the router z-loss (ST-MoE): mean logsumexp(logits)^2

@@ -1,8 +1,9 @@
 """How tokens reach their experts, and come back weighted.
 
 `dropless`: each device sorts its tokens' (token, expert) assignments by expert and runs
-the experts as grouped matmuls over the sorted rows (`jax.lax.ragged_dot`, or megablox's
-Pallas kernel on TPU), under `shard_map`. With experts sharded over the `expert` mesh axis
+the experts as grouped matmuls over the sorted rows (`jax.lax.ragged_dot`, which XLA:TPU
+compiles to a tiled grouped-matmul kernel like megablox's; on CPU, where XLA computes every
+group on every row, a batched matmul over per-expert tiles of rows), under `shard_map`. With experts sharded over the `expert` mesh axis
 and tokens split over it too (the default rules: the batch is sharded over data, fsdp and
 expert), rows travel to the device that holds their expert and back by two all-to-alls of
 fixed-size buffers; with tokens replicated over it, each device runs its own experts and
@@ -17,9 +18,8 @@ axis on the `expert` mesh axis, which XLA turns into all-to-all. docs/moe.md com
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,39 +33,49 @@ Array = jax.Array
 Kernels = dict[str, Array]  # gate, up or wi: (E, D, F); wo: (E, F, D)
 
 
-def _on_tpu() -> bool:
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
-    return mesh.abstract_device.platform == "tpu"
-  return jax.default_backend() == "tpu"
+def _platform() -> str:
+  mesh = jax.sharding.get_abstract_mesh()  # compiling for a TPU topology: TPU's choice
+  return mesh.abstract_device.platform if not mesh.empty else jax.default_backend()
 
 
-def grouped_matmul(cfg: TransformerConfig) -> Callable[[Array, Array, Array], Array]:
-  """(M, K) rows sorted by group, (G, K, N) weights, (G,) sizes -> (M, N) float32; rows past
-  the groups' total are zeros."""
-  impl = cfg.moe.grouped_matmul
+def grouped_matmul(a: Array, w: Array, sizes: Array, impl: str) -> Array:
+  """(M, K) rows sorted by group, (G, K, N) weights, (G,) rows per group -> (M, N) float32;
+  rows past the groups' total give zeros. `impl`: `model.moe.grouped_matmul`."""
   if impl == "auto":
-    impl = "megablox" if _on_tpu() else "ragged_dot"
+    impl = "tiled" if _platform() == "cpu" else "ragged_dot"
   if impl == "ragged_dot":
-    return lambda a, w, sizes: jax.lax.ragged_dot(a, w, sizes,
-                                                  preferred_element_type=jnp.float32)
-  return functools.partial(_megablox, interpret=not _on_tpu())
+    return jax.lax.ragged_dot(a, w, sizes, preferred_element_type=jnp.float32)
+  return _tiled(a, w, sizes)
 
 
-def _megablox(a: Array, w: Array, sizes: Array, interpret: bool) -> Array:
-  from jax.experimental.pallas.ops.tpu.megablox import gmm
-  m = a.shape[0]
-  tile = min(128, -(-m // 8) * 8)  # rows padded to whole tiles of at most 128
-  a = jnp.pad(a, ((0, -m % tile), (0, 0)))
-  tiling = (tile, min(128, a.shape[1]), min(128, w.shape[2]))
-  return gmm(a, w, sizes.astype(jnp.int32), jnp.float32, tiling, interpret=interpret)[:m]
+def _tiled(a: Array, w: Array, sizes: Array) -> Array:
+  """The grouped matmul as one batched matmul over tiles of rows: each group's rows start
+  a new tile (at most G tiles of padding), each tile multiplies its group's weights. On CPU
+  this does ~1.1x the useful work, where ragged_dot does G times it."""
+  m, g = a.shape[0], w.shape[0]
+  tile = max(8, min(128, 2 ** int(math.log2(max(m // (4 * g), 1)))))
+  tiles = -(-m // tile) + g
+  padded = (sizes + tile - 1) // tile * tile
+  first = jnp.cumsum(padded) - padded  # each group's first padded row
+  ends = jnp.cumsum(sizes)
+  r = jnp.arange(m)
+  group = jnp.searchsorted(ends, r, side="right")  # (M,); G past the last group
+  row = jnp.where(group < g, first[jnp.minimum(group, g - 1)] + r - (ends - sizes)[
+      jnp.minimum(group, g - 1)], tiles * tile)  # each row's padded place
+  source = jnp.full((tiles * tile,), m, jnp.int32).at[row].set(r.astype(jnp.int32),
+                                                                mode="drop")
+  xs = jnp.concatenate([a, jnp.zeros((1, a.shape[1]), a.dtype)])[source]  # (P, K)
+  owner = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(tiles) * tile, side="right")
+  ys = jnp.einsum("tmk,tkn->tmn", xs.reshape(tiles, tile, -1), w[jnp.minimum(owner, g - 1)],
+                  preferred_element_type=jnp.float32).reshape(tiles * tile, -1)
+  return jnp.where((group < g)[:, None], ys[jnp.minimum(row, tiles * tile - 1)], 0)
 
 
 def expert_mlp(rows: Array, kernels: Kernels, sizes: Array, cfg: TransformerConfig) -> Array:
   """The experts' MLPs on rows sorted by expert ((M, D); `sizes[e]` rows each): (M, D).
   Operands in the matmul dtype, sums in float32, as the dense layers compute."""
-  gmm, md, cd = grouped_matmul(cfg), cfg.matmul_dtype, cfg.compute_dtype
-  mm = lambda h, w: gmm(h.astype(md), w.astype(md), sizes).astype(cd)
+  md, cd, impl = cfg.matmul_dtype, cfg.compute_dtype, cfg.moe.grouped_matmul
+  mm = lambda h, w: grouped_matmul(h.astype(md), w.astype(md), sizes, impl).astype(cd)
   act = ACTIVATIONS[cfg.activation]
   if cfg.mlp == "swiglu":
     h = act(mm(rows, kernels["gate"])) * mm(rows, kernels["up"])  # (M, F)
