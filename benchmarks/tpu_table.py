@@ -5,7 +5,8 @@
 Each row is `launch.compile`'s report (lmjax.aot) for one variant: gpt2_small,
 bert_base and llama_1b at seq 2048 with 16K tokens per chip, data-parallel vs
 FSDP, two remat policies, on v5e-16 (v5e:4x4) and v5p-8 (v5p:2x2x1, 4 chips);
-and llama_1b's attention, splash vs XLA, at seq 2048 and 8192. Rows print as
+llama_1b's attention, splash vs XLA, at seq 2048 and 8192; and Qwen3-0.6B- and Gemma
+2 2B-shaped models (`qwen3_tiny:0.6b`, `gemma_tiny:2b`) with FSDP on v5e-16. Rows print as
 they finish (each compile takes minutes here), llama_1b first. Needs libtpu
 (pip install -e ".[tpu]"). --quick compiles llama_1b on v5e-16 only.
 """
@@ -26,12 +27,16 @@ TOPOLOGIES = {"v5e-16": "v5e:4x4", "v5p-8": "v5p:2x2x1"}
 MESHES = {"data": (-1, 1), "fsdp": (1, -1)}
 REMAT = ("dots_no_batch", "full")
 TOKENS_PER_CHIP = 8 * 2048  # per step: 8 sequences of 2048, 2 of 8192
+FAMILY_SHAPES = ("qwen3_tiny:0.6b", "gemma_tiny:2b")  # Qwen3-0.6B, Gemma 2 2B
 
 
 def experiment(name: str, seq: int, chips: int, mesh: str, remat: str,
                attention: str = "auto") -> Experiment:
-  module = __import__(f"experiments.{name}", fromlist=["get_config"])
-  exp = experiment_from_dict(module.get_config().to_dict())
+  """`name`: an experiment file, `FILE:VARIANT` for a variant."""
+  file, _, variant = name.partition(":")
+  module = __import__(f"experiments.{file}", fromlist=["get_config"])
+  config = module.get_config(variant) if variant else module.get_config()
+  exp = experiment_from_dict(config.to_dict())
   data, fsdp = MESHES[mesh]
   model = exp.model.replace(max_len=max(exp.model.max_len, seq), remat_policy=remat,
                             attention_impl=attention)
@@ -70,6 +75,8 @@ def plan(quick: bool, only: list[str]) -> list[tuple]:
   rows = [("llama_1b", "v5e-16", 2048, mesh, remat) for mesh in MESHES for remat in REMAT]
   rows += [("llama_1b", "v5e-16", 2048, "fsdp", "dots_no_batch", "xla")]
   rows += [("llama_1b", "v5e-16", 8192, "fsdp", "dots_no_batch", a) for a in ("splash", "xla")]
+  # Today's families at their shipped shapes (qk-norm, sliding windows, soft-capping).
+  rows += [(name, "v5e-16", 2048, "fsdp", remat) for name in FAMILY_SHAPES for remat in REMAT]
   if not quick:
     rows += [("llama_1b", "v5p-8", 2048, mesh, remat) for mesh in MESHES for remat in REMAT]
     rows += [(name, topology, 2048, mesh, remat) for topology in TOPOLOGIES

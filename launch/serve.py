@@ -6,8 +6,8 @@
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET
 /health (see lmjax/inference/server.py and docs/serve.md). Requests share the
 running batch of `--max_batch` rows (continuous batching); the programs that serve
-them (one prefill chunk, a decode step per batch size 1, 2, 4, ... max_batch) compile
-at start-up. It listens on 127.0.0.1 unless --host says
+them (one prefill chunk, a decode program of up to 8 steps per batch size 1, 2, 4, ...
+max_batch) compile at start-up. It listens on 127.0.0.1 unless --host says
 otherwise; with --api_key (or the LMJAX_API_KEY environment variable) every
 request must carry `Authorization: Bearer KEY`. SIGTERM or Ctrl-C stops taking
 requests, lets the running ones finish (up to --drain_seconds, then cancels them)

@@ -117,7 +117,8 @@ def _compile_and_report(exp: Experiment, source: Any, topology: str, devices: li
 
 def _with_layers(exp: Experiment, source: Any, n: int) -> tuple[Experiment, Any]:
   """The experiment (and its fine-tuning source's architecture) with `n` unrolled layers."""
-  model = exp.model.replace(num_layers=n, scan_layers=False)
+  model = exp.model.replace(num_layers=n, scan_layers=False,
+                            layer_types=exp.model.layer_types[:n])
   if source is not None:
     source = dataclasses.replace(source, model=model)
   return dataclasses.replace(exp, model=model), source
@@ -126,13 +127,17 @@ def _with_layers(exp: Experiment, source: Any, n: int) -> tuple[Experiment, Any]
 def kernel_attention_flops(exp: Experiment) -> float:
   """FLOPs per step of a Pallas attention kernel, which XLA's cost analysis does not see:
   forward QK^T and PV (4 per query, key and head dim), backward with the scores
-  recomputed (10), over the key blocks a causal kernel visits ((n + 1) / 2n of n)."""
+  recomputed (10), over the key blocks the kernel visits: (n + 1) / 2n of n causal, the
+  blocks a window reaches for a sliding-window layer."""
   model, seq, batch = exp.model, exp.data.seq_len, exp.train.batch_size
   from lmjax.model.splash import _block
-  blocks = -(-seq // _block(-(-seq // 128) * 128))
-  visited = (blocks + 1) / (2 * blocks) if model.causal else 1.0
-  per_token = 14 * model.num_layers * model.num_heads * model.dim_per_head * seq * visited
-  return per_token * seq * batch
+  block = _block(-(-seq // 128) * 128)
+  blocks = -(-seq // block)
+  causal = (blocks + 1) / (2 * blocks) * seq if model.causal else seq  # keys per query
+  window = min(seq, (-(-model.sliding_window // block) + 1) * block) if model.sliding_window \
+      else seq
+  keys = sum(min(window, causal) if local else causal for local in model.local_layers)
+  return 14 * model.num_heads * model.dim_per_head * keys * seq * batch
 
 
 # For the programs whose costs are counted: on large meshes XLA's TPU partitioner turns

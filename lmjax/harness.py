@@ -24,6 +24,7 @@ from lmjax.data.chat import load_template
 from lmjax.errors import UserError
 from lmjax.inference.generate import Generator, SamplingConfig
 from lmjax.model import build_model
+from lmjax.objectives.losses import target_logprobs
 from lmjax.pretrained import Pretrained
 
 MIN_BUCKET = 16
@@ -78,10 +79,9 @@ class LmjaxLM(LM):
     """Summed log-probability of the scored targets (weight 1; 0: context, -1: padding),
     and whether each of them is the argmax."""
     logits = self.model.apply({"params": params}, tokens, (weights >= 0).astype(jnp.int32))
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (B, T, V)
-    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    target_logp = target_logprobs(logits, targets)  # (B, T)
     scored = weights > 0
-    greedy = jnp.all(~scored | (jnp.argmax(logp, -1) == targets), axis=1)
+    greedy = jnp.all(~scored | (jnp.argmax(logits, -1) == targets), axis=1)
     return jnp.sum(jnp.where(scored, target_logp, 0.0), axis=1), greedy
 
   def score_rows(self, rows: Sequence[tuple[list[int], int]]) -> list[tuple[float, bool]]:

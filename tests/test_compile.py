@@ -89,6 +89,25 @@ def test_the_docs_table_plans_every_variant_the_issue_names():
           {(m, p) for m in ("data", "fsdp") for p in ("dots_no_batch", "full")}
   assert {(r[2], r[5]) for r in rows if len(r) == 6} == {(2048, "xla"), (8192, "splash"),
                                                          (8192, "xla")}
+  for name in ("qwen3_tiny:0.6b", "gemma_tiny:2b"):  # issue #34's shapes
+    assert {r[4] for r in rows if r[0] == name and r[1] == "v5e-16"} == set(tpu_table.REMAT)
+  gemma = tpu_table.experiment("gemma_tiny:2b", 2048, 16, "fsdp", "full")
+  assert (gemma.model.d_model, gemma.model.sliding_window, gemma.train.batch_size) == \
+      (2304, 4096, 128)
+
+
+@pytest.mark.parametrize("name,arg", [("qwen3_tiny", None), ("gemma_tiny", None),
+                                      ("gemma_tiny", "gemma3")])
+def test_todays_families_compile_for_a_tpu_topology(tmp_path, name, arg):
+  """qk-norm, interleaved sliding-window and global layers and soft-capping compile into
+  splash kernels on a TPU topology (its local mask and soft-cap), scanned."""
+  layers = 6 if arg == "gemma3" else 2  # five local layers to a global one
+  config = tiny_config(name, tmp_path, arg, model__num_layers=layers, model__scan_layers=True,
+                       model__num_kv_heads=1, model__head_dim=128, model__attn_scale_dim=0.0,
+                       model__sliding_window=64, data__seq_len=256)
+  report = aot.compile_for_topology(experiment_from_dict(config.to_dict()), "v5e:2x2")
+  assert report["fits"] and report["attention_impl"] == "splash"
+  assert report["pallas_kernels"] > 0
 
 
 @pytest.mark.parametrize("name", ["chat_tiny", "dpo_tiny", "finetune_pairs"])

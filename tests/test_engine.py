@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.inference.engine import Engine, Request, generate_all, sample_rows
+from lmjax.inference.decoder import sample
+from lmjax.inference.engine import Engine, Request, generate_all
 from lmjax.inference.generate import Generator, SamplingConfig
 
 
@@ -143,16 +144,17 @@ def test_requests_that_do_not_fit_are_refused(model, engine):
   fits.cancel()
 
 
-def test_sample_rows_follows_each_rows_parameters():
+def test_sample_follows_each_rows_parameters():
   logits = jax.random.normal(jax.random.PRNGKey(0), (6, 50)) * 3
   keys = jax.random.split(jax.random.PRNGKey(1), 6)
   temperature = jnp.array([0.0, 1.0, 1.0, 1.0, 0.0, 5.0])
   top_p = jnp.array([1.0, 1e-6, 1.0, 1.0, 0.5, 1.0])
   top_k = jnp.array([0, 0, 1, 0, 3, 2])
-  out = np.asarray(sample_rows(logits, keys, temperature, top_p, top_k))
+  out = np.asarray(sample(logits, keys, temperature, top_p, top_k))
   best = np.asarray(jnp.argmax(logits, -1))
   assert out[0] == best[0] and out[1] == best[1] and out[2] == best[2] and out[4] == best[4]
   top2 = np.argsort(-np.asarray(logits[5]))[:2]
-  draws = sample_rows(jnp.repeat(logits[5:], 200, 0), jax.random.split(keys[0], 200),
+  draws = sample(jnp.repeat(logits[5:], 200, 0), jax.random.split(keys[0], 200),
                       jnp.full(200, 5.0), jnp.ones(200), jnp.full(200, 2))
   assert set(np.asarray(draws).tolist()) == set(top2.tolist())  # hot, but only the top 2
+

@@ -22,7 +22,8 @@ EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(RO
 FINETUNING = {"finetune_genre": [None, "random"], "finetune_pairs": [None],
               "chat_tiny": [None], "dpo_tiny": [None], "qa_tiny": [None],
               "finetune_regression": [None]}  # configs for launch.finetune
-VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp", "v5e16"]}
+VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp", "v5e16"],
+            "qwen3_tiny": [None, "0.6b"], "gemma_tiny": [None, "gemma3", "2b"]}
 CASES = [(name, arg) for name in EXPERIMENTS if name not in FINETUNING
          for arg in VARIANTS.get(name, [None])]
 

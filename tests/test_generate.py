@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.inference.generate import Generator, SamplingConfig, sample
+from lmjax.inference.decoder import sample
+from lmjax.inference.generate import Generator, SamplingConfig
 from lmjax.model import TransformerConfig, build_model
 
 VARIANTS = {
@@ -46,7 +47,7 @@ def test_generation_stops_at_eos():
 
 def test_sampling_is_seeded_and_respects_top_k_and_top_p():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
-  draw = lambda cfg, seed=0: np.asarray(sample(logits, jax.random.PRNGKey(seed), cfg))
+  draw = lambda cfg, seed=0: np.asarray(sample(logits, *_rows(cfg, seed)))
   cfg = SamplingConfig(temperature=1.0)
   assert (draw(cfg) == draw(cfg)).all() and not (draw(cfg) == draw(cfg, 1)).all()
   freq = np.bincount(draw(cfg), minlength=4) / 2000
@@ -57,6 +58,12 @@ def test_sampling_is_seeded_and_respects_top_k_and_top_p():
   assert (draw(SamplingConfig()) == 0).all()  # temperature 0 is greedy
   low = np.bincount(draw(SamplingConfig(temperature=0.25)), minlength=4) / 2000
   assert low[0] > 0.85
+
+
+def _rows(cfg: SamplingConfig, seed: int):
+  """The sampler's arguments for 2000 rows of `cfg` (keys seed, seed + 1, ...)."""
+  temperature, top_p, top_k, keys = cfg.rows(seed, 2000)
+  return keys, temperature, top_p, top_k
 
 
 def test_sampled_generation_depends_on_the_seed_only():

@@ -29,7 +29,7 @@ INCLUDE = os.path.join(ROOT, "tests", "lm_eval_tasks")
 @pytest.fixture(scope="module")
 def served(tiny_runs, tmp_path_factory):
   """(base URL, run directory) of one server with a key, shared by the module's tests."""
-  from lmjax.inference.server import spawn
+  from lmjax.inference.serve_process import spawn
   log = open(tmp_path_factory.mktemp("serve") / "stderr.txt", "w")
   workdir = str(tiny_runs / "clm_tiny")
   proc, url = spawn(workdir, f"--api_key={KEY}", "--max_batch=4", "--prefill_chunk=16",
@@ -61,16 +61,18 @@ def test_openai_client_chat_completions_streaming_and_n(client):
   assert 1 <= done.usage.completion_tokens <= 12
   assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
   streamed = list(client.completions.create(model="clm_tiny", prompt="ROMEO.", max_tokens=12,
-                                            temperature=0, stream=True))
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
   assert "".join(c.choices[0].text for c in streamed if c.choices) == done.choices[0].text
   assert streamed[-1].usage.completion_tokens == done.usage.completion_tokens
+  assert not streamed[-1].choices and all(c.usage is None for c in streamed[:-1])
   chat = client.chat.completions.create(
       model="clm_tiny", messages=[{"role": "user", "content": "Who is there?"}], max_tokens=10,
       temperature=0)
   assert chat.choices[0].message.role == "assistant" and chat.usage.prompt_tokens > 5
   chunks = list(client.chat.completions.create(
       model="clm_tiny", messages=[{"role": "user", "content": "Who is there?"}], max_tokens=10,
-      temperature=0, stream=True))
+      temperature=0, stream=True, stream_options={"include_usage": True}))
   text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
   assert text == chat.choices[0].message.content
   assert chunks[-1].usage.total_tokens == chat.usage.total_tokens
@@ -85,6 +87,21 @@ def test_openai_client_chat_completions_streaming_and_n(client):
   assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)]  # seeded
   assert len(set(texts[:3])) > 1  # the n choices of a prompt differ
   assert many.usage.completion_tokens == 6 * 8
+
+
+def test_openai_clients_documented_streaming_loop(client):
+  """The loop in the `openai` client's README reads `chunk.choices[0]` of every chunk: no
+  chunk may come without a choice unless the request asked for the usage chunk."""
+  text = ""
+  for chunk in client.chat.completions.create(
+      model="clm_tiny", messages=[{"role": "user", "content": "Who is there?"}], max_tokens=10,
+      temperature=0, stream=True):
+    text += chunk.choices[0].delta.content or ""
+    assert chunk.usage is None
+  pieces = [chunk.choices[0].text for chunk in client.completions.create(
+      model="clm_tiny", prompt="ROMEO.", max_tokens=10, temperature=0, stream=True)]
+  assert text and "".join(pieces) == client.completions.create(
+      model="clm_tiny", prompt="ROMEO.", max_tokens=10, temperature=0).choices[0].text
 
 
 def test_stop_strings_and_logprobs(client):
@@ -150,6 +167,13 @@ def test_greedy_replies_equal_launch_generate(served, client):
     served_text = client.completions.create(model="clm_tiny", prompt=prompt, max_tokens=20,
                                             temperature=0).choices[0].text
     assert out == prompt + served_text + "\n"
+  # sampled, with top-k and top-p both set: one sampler (top-p on what top-k kept), one seed
+  sampling = dict(temperature=1.0, top_p=0.6, seed=3)
+  out = _launch("launch.generate", f"--workdir={workdir}", "--prompt=ROMEO.", "--top_k=5",
+                *(f"--{k}={v}" for k, v in sampling.items()), "--max_new_tokens=24")
+  served_text = client.completions.create(model="clm_tiny", prompt="ROMEO.", max_tokens=24,
+                                          extra_body={"top_k": 5}, **sampling).choices[0].text
+  assert out == "ROMEO." + served_text + "\n"
   out = _launch("launch.generate", f"--workdir={workdir}", "--chat", "--prompt=Who is there?",
                 "--temperature=0", "--max_new_tokens=20")
   reply = client.chat.completions.create(
@@ -213,29 +237,33 @@ def _busy_rows(url: str) -> int:
 
 def test_a_client_that_disconnects_mid_stream_is_cleaned_up(served):
   url, _ = served
-  body = {"prompt": "ROMEO.", "max_tokens": 250, "temperature": 0, "stream": True}
+  # 16 choices of 250 tokens on 4 rows: seconds of work, far more than the client takes to
+  # read its first chunk and hang up (one long choice alone can end first on a fast engine).
+  body = {"prompt": "ROMEO.", "max_tokens": 250, "temperature": 0.9, "seed": 1, "n": 16,
+          "stream": True}
   with httpx.Client(timeout=60) as http:
     with http.stream("POST", url + "/v1/completions", json=body,
                      headers={"Authorization": f"Bearer {KEY}"}) as r:
       lines = r.iter_lines()
       assert next(lines).startswith("data: ")
-      assert _busy_rows(url) == 1
+      assert _busy_rows(url) == 4
   deadline = time.monotonic() + 30
   while _busy_rows(url) and time.monotonic() < deadline:
     time.sleep(0.05)
-  assert _busy_rows(url) == 0  # the row was freed long before its 250 tokens
+  assert _busy_rows(url) == 0  # the rows were freed long before 16 x 250 tokens
   again = httpx.post(url + "/v1/completions", json={"prompt": "ROMEO.", "max_tokens": 2},
                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
   assert again.status_code == 200
 
 
 def test_sigterm_finishes_running_requests_and_exits_0(tiny_runs, tmp_path):
-  from lmjax.inference.server import spawn
+  from lmjax.inference.serve_process import spawn
   proc, url = spawn(str(tiny_runs / "clm_tiny"), "--max_batch=2", log=open(tmp_path / "e", "w"))
   chunks: list[dict] = []
 
   def stream():
-    body = {"prompt": "ROMEO.", "max_tokens": 200, "temperature": 0, "stream": True}
+    body = {"prompt": "ROMEO.", "max_tokens": 200, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
       for line in r.iter_lines():
         if line.startswith("data: {"):

@@ -3,12 +3,15 @@
 The engine holds one KV cache of `slots` rows, each `cache_len` long, and runs a fixed
 set of programs, all compiled at start-up, whatever the requests:
 
-  decode step   (rows, 1): every row samples its next token from the logits its
-                last step left, then feeds it. Rows sit at different lengths: each
-                row's cache index advances by its own real tokens. `rows` is the
-                first of `buckets` (1, 2, 4, ... slots) that holds every busy row:
-                requests take the lowest free row, so a light load runs a small
-                batch (vLLM captures its CUDA graphs per batch size the same way).
+  decode        (rows, 1), up to `steps_per_dispatch` times in one program (a loop on
+                the device): every row samples its next token from the logits its last
+                step left, then feeds it. Rows sit at different lengths: each row's
+                cache index advances by its own real tokens. A row ends on the device
+                when it draws one of its stop ids or its last token, and feeds nothing
+                more. `rows` is the first of `buckets` (1, 2, 4, ... slots) that holds
+                every busy row: requests take the lowest free row, so a light load runs
+                a small batch (vLLM captures its CUDA graphs per batch size the same
+                way). The number of steps is an argument, not a shape.
   prefill chunk (1, chunk): up to `chunk` prompt tokens of one row, written into
                 that row's cache; also the log-probability of each prompt token
                 (for `echo` + `logprobs`) and the row's next-token logits.
@@ -16,9 +19,16 @@ set of programs, all compiled at start-up, whatever the requests:
 A request waits in a queue, takes a free row, is prefilled a chunk per loop
 iteration, then decodes with whatever else is running, and leaves its row when it
 ends (end-of-sequence, its token budget, or cancelled). Each loop iteration runs
-at most one prefill chunk and then one decode step, so a long prompt delays the
-running requests by at most one chunk per token. Sampling parameters, seeds and
-token budgets are per row (arrays), so they never cause a compilation.
+at most one prefill chunk and then one decode dispatch. The host's work per dispatch
+(copying the rows' inputs in, the results out, handing tokens to requests) does not
+depend on how many steps it runs, so a dispatch runs up to `steps_per_dispatch` steps,
+as many as fit `dispatch_ms` of device time (a request arriving mid-dispatch waits for
+it), except while a request is being prefilled or waits for a free row: then it runs one
+(or, when no row is free, until the first row's budget ends), so a new request's first
+token comes from the dispatch that follows its last prefill chunk and a long prompt still
+delays the running requests by at most one chunk per token. Sampling parameters, seeds,
+stop ids and token budgets are per row (arrays, `batch_state.py`), so they never cause a
+compilation.
 
 A row's last generated token is never fed back, so a request fits when
 prompt <= max_len and prompt + max_tokens <= max_len + 1.
@@ -38,17 +48,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax.errors import UserError
-from lmjax.model import TransformerConfig, build_model, unstack_layers
+from lmjax.inference import batch_state as bs
+from lmjax.inference.decoder import (TOP_LOGPROBS, Decoder, sample, step_keys,
+                                     token_logprobs)
+from lmjax.inference.phases import Phases
+from lmjax.model import TransformerConfig
 
 Array = jax.Array
-TOP_LOGPROBS = 5  # alternatives computed per token (OpenAI's limit for `logprobs`)
+# Where the engine thread's time goes (`phases`, in /health): taking requests in, prefill
+# chunks, building a step's inputs, dispatching it, waiting for the device, copying its
+# results to the host, handing tokens to requests, and waiting for work.
+PHASES = ("admit", "prefill", "prepare", "dispatch", "device", "transfer", "emit", "idle")
 
 
 @dataclasses.dataclass
 class Request:
   """One sequence to continue. `emit` receives its events, in order, from the engine thread:
   ("prompt", logprobs, top) once when `echo_logprobs`, ("token", id, logprob, top) per new
-  token, and ("done", reason) last, reason one of "stop", "length", "cancelled"."""
+  token (logprob and top None unless `token_logprobs`), and ("done", reason) last, reason
+  one of "stop", "length", "cancelled". A dispatch's events of one request come one after
+  another, in one burst."""
   prompt: list[int]
   max_tokens: int
   emit: Callable[[tuple], None]
@@ -57,6 +76,7 @@ class Request:
   top_k: int = 0
   seed: int | None = None
   echo_logprobs: bool = False
+  token_logprobs: bool = True  # each token's log-probability and top alternatives
   stop_ids: tuple[int, ...] = ()
   cancelled: bool = False
   # set by the engine
@@ -70,103 +90,84 @@ class Request:
     self.cancelled = True
 
 
-def sample_rows(logits: Array, keys: Array, temperature: Array, top_p: Array, top_k: Array
-                ) -> Array:
-  """(S, V) logits, each row with its own key and sampling parameters -> (S,) token ids.
-  Temperature 0 is greedy; top_k 0 keeps every token; top_p 1 keeps every token."""
-  def one(logits, key, temperature, top_p, top_k):
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    ordered = jnp.sort(scaled)[::-1]  # (V,) descending
-    kth = jnp.where(top_k > 0, ordered[jnp.clip(top_k - 1, 0, ordered.shape[0] - 1)], -jnp.inf)
-    probs = jax.nn.softmax(ordered)
-    before = jnp.cumsum(probs) - probs  # mass of the more likely tokens
-    cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf))
-    kept = jnp.where(scaled < jnp.maximum(kth, cutoff), -jnp.inf, scaled)
-    # An unfiltered row samples from `scaled` itself, as it would in `plain`: whether
-    # another row filters must not change its draw.
-    kept = jnp.where((top_p >= 1) & (top_k <= 0), scaled, kept)
-    return pick(logits, key, temperature, kept)
-
-  def pick(logits, key, temperature, kept):
-    sampled = jax.random.categorical(key, kept)
-    return jnp.where(temperature == 0, jnp.argmax(logits), sampled).astype(jnp.int32)
-
-  def plain(logits, keys, temperature, top_p, top_k):  # no sort when no row filters
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    return jax.vmap(pick)(logits, keys, temperature, scaled)
-  filtered = lambda *args: jax.vmap(one)(*args)
-  return jax.lax.cond(jnp.any((top_p < 1) | (top_k > 0)), filtered, plain, logits, keys,
-                      temperature, top_p, top_k)
-
-
-def _logprobs(logits: Array, chosen: Array) -> tuple[Array, Array, Array]:
-  """(N, V) logits, (N,) chosen ids -> their log-probabilities (N,) and the top alternatives:
-  ids (N, TOP_LOGPROBS) and log-probabilities (N, TOP_LOGPROBS)."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-  return jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0], top_ids, top_lp
-
-
 class Engine:
   """Serves requests from a background thread; `submit` and `Request.cancel` from any thread."""
 
   def __init__(self, cfg: TransformerConfig, params: Any, pad: int, slots: int = 8,
-               chunk: int = 64, max_len: int | None = None):
-    if cfg.family != "decoder":
-      raise UserError("serving needs a decoder (CLM) model")
+               chunk: int = 64, max_len: int | None = None, steps_per_dispatch: int = 8,
+               dispatch_ms: float = 10.0):
+    self.decoder = Decoder(cfg, params, "serving needs a decoder (CLM) model")
+    cfg, params = self.decoder.cfg, self.decoder.params
     max_len = min(max_len or cfg.max_len, cfg.max_len)
-    if slots < 1 or chunk < 1 or max_len < 2:
-      raise UserError(f"--max_batch ({slots}) and the chunk ({chunk}) must be >= 1, "
-                      f"--max_len ({max_len}) >= 2")
-    cfg = cfg.replace(dropout_rate=0.0, remat_policy="none")
-    if cfg.scan_layers:  # per-layer cache arrays: see Generator
-      params, cfg = unstack_layers(params, cfg.num_layers), cfg.replace(scan_layers=False)
+    if slots < 1 or chunk < 1 or max_len < 2 or steps_per_dispatch < 1:
+      raise UserError(f"--max_batch ({slots}), the chunk ({chunk}) and the steps per dispatch "
+                      f"({steps_per_dispatch}) must be >= 1, --max_len ({max_len}) >= 2")
+    self.steps_per_dispatch = steps_per_dispatch
+    # A dispatch's steps are also capped at about `dispatch_ms` of device time (from each
+    # batch size's recent seconds per step): a request arriving mid-dispatch waits for it.
+    self.dispatch_seconds = dispatch_ms / 1e3
+    self._step_seconds: dict[int, float] = {}
     self.cfg, self.params, self.pad = cfg, params, pad
     self.slots, self.chunk, self.max_len = slots, min(chunk, max_len), max_len
     # A multiple of the chunk: a chunk written at any multiple of it stays inside the row.
     self.cache_len = -(-max_len // self.chunk) * self.chunk
-    self.model = build_model(cfg, decode=True)
     self.buckets = sorted({min(2 ** k, slots) for k in range(slots.bit_length() + 1)})
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnames="rows")
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
     self._waiting: queue.Queue[Request] = queue.Queue()
     self._rows: list[Request | None] = [None] * slots
+    self._table = bs.RowTable(slots)
     self._wake = threading.Event()
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self.steps = self.chunks = 0
+    self.phases = Phases(PHASES, ("dispatches", "steps", "row_steps", "tokens", "chunks"))
     self.error: BaseException | None = None
 
   # ----------------------------------------------------------------------------- device
 
   def _init_state(self) -> tuple[Any, Array]:
-    dummy = jnp.zeros((self.slots, self.cache_len), jnp.int32)
-    shapes = jax.eval_shape(lambda: self.model.apply({"params": self.params}, dummy,
-                                                     mutable=["cache"])[1]["cache"])
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    cache = self.decoder.init_cache(self.slots, self.cache_len)
     return cache, jnp.zeros((self.slots, self.cfg.vocab_size), jnp.float32)
 
   def _apply(self, params, cache, tokens, segments, positions):
     positions = jnp.minimum(positions, self.max_len - 1)  # a finished row's last token
-    logits, out = self.model.apply({"params": params, "cache": cache}, tokens, segments,
-                                   positions, mutable=["cache"])
-    return logits.astype(jnp.float32), out["cache"]
+    return self.decoder.forward(params, cache, tokens, segments, positions)
 
-  def _decode_fn(self, params, cache, next_logits, active, positions, temperature, top_p,
-                 top_k, keys, counters, *, rows: int):
-    """One token for each of the first `rows` rows: (rows,) ids, their log-probabilities and
-    top alternatives. The other rows' cache and logits are left as they are."""
+  def _decode_fn(self, params, cache, next_logits, ints, floats, steps, *, rows: int):
+    """Up to `steps` tokens for each active row of the first `rows` rows (`batch_state`'s
+    tables): (rows, steps_per_dispatch, RECORD) records. Idle rows' cache and logits are
+    left as they are."""
     first = lambda a: a[:rows]  # materialised, as in _prefill_fn (1.5x faster here)
     mine, logits = jax.lax.optimization_barrier((jax.tree.map(first, cache), next_logits[:rows]))
-    keys = jax.vmap(jax.random.fold_in)(keys, counters)
-    tokens = sample_rows(logits, keys, temperature, top_p, top_k)
-    tokens = jnp.where(active, tokens, self.pad)
-    logprob, top_ids, top_lp = _logprobs(logits, tokens)
-    logits, mine = self._apply(params, mine, tokens[:, None], active[:, None].astype(jnp.int32),
-                               positions[:, None])
+    row = bs.unpack_inputs(ints, floats)
+
+    def step(carry):
+      s, mine, logits, active, generated, records = carry
+      tokens = sample(logits, step_keys(row["keys"], generated), row["temperature"],
+                      row["top_p"], row["top_k"])
+      tokens = jnp.where(active, tokens, self.pad)
+      logprob, top_ids, top_lp = jax.lax.cond(  # only when some row asks for them
+          jnp.any(active & row["logprobs"]), token_logprobs, _no_logprobs, logits, tokens)
+      stopped = active & jnp.any(tokens[:, None] == row["stops"], axis=1)
+      generated = generated + active
+      last = active & ~stopped & (generated >= row["budget"])
+      status = jnp.select([stopped, last, active], [bs.STOPPED, bs.LAST, bs.TOKEN], bs.IDLE)
+      records = jax.lax.dynamic_update_index_in_dim(
+          records, bs.pack_record(status, tokens, top_ids, logprob, top_lp), s, axis=1)
+      going = active & ~stopped & ~last  # only a row that goes on feeds its token
+      positions = row["length"] + generated - 1
+      logits, mine = self._apply(params, mine, tokens[:, None],
+                                 going[:, None].astype(jnp.int32), positions[:, None])
+      return s + 1, mine, logits[:, 0], going, generated, records
+
+    records = jnp.zeros((rows, self.steps_per_dispatch, bs.RECORD), jnp.int32)
+    carry = (jnp.int32(0), mine, logits, row["active"], row["generated"], records)
+    carry = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(c[3]), step, carry)
     put = lambda a, m: jax.lax.dynamic_update_slice_in_dim(a, m, 0, axis=0)
-    cache = jax.tree.map(put, cache, mine)
-    return cache, put(next_logits, logits[:, 0]), tokens, logprob, top_ids, top_lp
+    # An idle row keeps its logits: it may have just been prefilled.
+    logits = jnp.where(row["active"][:, None], carry[2], logits)
+    return jax.tree.map(put, cache, carry[1]), put(next_logits, logits), carry[5]
 
   def _prefill_fn(self, params, cache, next_logits, row, fresh, tokens, targets, n):
     """Writes `n` real tokens of (1, C) `tokens` into cache row `row` (emptied first when
@@ -188,7 +189,7 @@ class Engine:
                          cache, mine)
     next_logits = jax.lax.dynamic_update_slice_in_dim(
         next_logits, jax.lax.dynamic_index_in_dim(logits[0], n - 1, keepdims=True), row, axis=0)
-    logprob, top_ids, top_lp = _logprobs(logits[0], targets[0])
+    logprob, top_ids, top_lp = token_logprobs(logits[0], targets[0])
     return cache, next_logits, logprob, top_ids, top_lp
 
   # ----------------------------------------------------------------------------- host
@@ -196,11 +197,10 @@ class Engine:
   def start(self) -> "Engine":
     """Compiles both programs (with a request that fills no row), then serves."""
     self._cache, self._next = self._init_state()
-    self._keys = np.zeros((self.slots, 2), np.uint32)
     idle = Request([self.pad], 1, lambda event: None)
     self._run_chunk(0, idle)
-    for rows in self.buckets:
-      self._run_decode(np.zeros(self.slots, bool), rows)
+    for rows in self.buckets:  # no row is active: nothing changes
+      self._run_decode(rows, 1)
     self._thread = threading.Thread(target=self._loop, name="lmjax-engine", daemon=True)
     self._thread.start()
     return self
@@ -214,6 +214,7 @@ class Engine:
     request.max_tokens = min(request.max_tokens, room)
     if request.max_tokens < 1:
       raise UserError("max_tokens must be >= 1")
+    bs.check_stop_ids(request.stop_ids)
     if request.seed is None:
       request.seed = int.from_bytes(os.urandom(4), "little")
     if self.error is not None or self._stop.is_set():
@@ -236,20 +237,25 @@ class Engine:
     return sum(a.nbytes for a in jax.tree.leaves(self._cache))
 
   def _loop(self) -> None:
+    ph = self.phases
     try:
       while not self._stop.is_set():
+        t = time.perf_counter()
         self._admit()
         prefilling = [i for i, r in enumerate(self._rows)
                       if r is not None and r.prefilled < len(r.prompt)]
-        decoding = np.array([r is not None and r.prefilled == len(r.prompt)
-                             for r in self._rows])
-        if prefilling:  # oldest first: one chunk, then a decode step for the others
+        t = ph.since("admit", t)
+        if prefilling:  # oldest first: one chunk, then a decode dispatch for the others
           self._prefill_row(min(prefilling, key=lambda i: self._rows[i].arrived))
-        if decoding.any():
-          self._decode_rows(decoding)
-        if not prefilling and not decoding.any():
+          t = ph.since("prefill", t)
+        active = self._table.active()
+        if active.any():
+          self._decode_rows(active, bool(prefilling))
+        elif not prefilling:
           self._wake.wait(0.5)
           self._wake.clear()
+          ph.since("idle", t)
+        ph.mark_cpu()
     except BaseException as e:  # noqa: BLE001  (reported to every request; the server says so)
       self.error = e
       raise
@@ -274,6 +280,7 @@ class Engine:
 
   def _finish(self, i: int, reason: str) -> None:
     r, self._rows[i] = self._rows[i], None
+    self._table.end(i)
     r.emit(("done", reason))
 
   def _run_chunk(self, i: int, r: Request) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -287,6 +294,7 @@ class Engine:
         self.params, self._cache, self._next, np.int32(i), np.bool_(begin == 0), tokens,
         targets, np.int32(len(piece)))
     self.chunks += 1
+    self.phases.count("chunks")
     return logprob, top_ids, top_lp, len(piece)
 
   def _prefill_row(self, i: int) -> None:
@@ -299,40 +307,88 @@ class Engine:
           r.prompt_logprobs.append((float(logprob[j]), _top(top_ids[j], top_lp[j])))
     r.prefilled += n
     if r.prefilled == len(r.prompt):
-      # jax.random.PRNGKey(seed), without a device round trip
-      self._keys[i] = ((r.seed >> 32) & 0xFFFFFFFF, r.seed & 0xFFFFFFFF)
+      self._table.start(i, len(r.prompt), r.max_tokens, r.temperature, r.top_p, r.top_k, r.seed,
+                        r.stop_ids, r.token_logprobs)
       if r.echo_logprobs:
         r.emit(("prompt", [None] + [lp for lp, _ in r.prompt_logprobs],
                 [None] + [top for _, top in r.prompt_logprobs]))
 
-  def _run_decode(self, active: np.ndarray, rows: int) -> tuple:
-    active = active[:rows]
-    requests = [r if a else None for r, a in zip(self._rows, active)]
-    value = lambda f, default: np.array([f(r) if r else default for r in requests])
-    args = (active, value(lambda r: len(r.prompt) + r.generated, 0).astype(np.int32),
-            value(lambda r: r.temperature, 0.0).astype(np.float32),
-            value(lambda r: r.top_p, 1.0).astype(np.float32),
-            value(lambda r: r.top_k, 0).astype(np.int32), self._keys[:rows],
-            value(lambda r: r.generated, 0).astype(np.int32))
-    (self._cache, self._next, *out) = self._decode(self.params, self._cache, self._next, *args,
-                                                   rows=rows)
-    self.steps += 1
-    return tuple(jax.device_get(out))
+  def _steps(self, prefilling: bool, rows: int) -> int:
+    """Decode steps for this dispatch: one while a request is being prefilled (its first
+    token comes from the dispatch that follows its last chunk, in the same iteration) or
+    waits for a free row; else as many as fit `dispatch_ms` at this batch size's recent
+    speed, at most `steps_per_dispatch`, and when requests wait for a row to end, no more
+    than the first budget to run out."""
+    waiting = not self._waiting.empty()
+    if prefilling or (waiting and None in self._rows):
+      return 1
+    per_step = self._step_seconds.get(rows)
+    fit = self.steps_per_dispatch if per_step is None else int(self.dispatch_seconds / per_step)
+    steps = int(np.clip(fit, 1, self.steps_per_dispatch))
+    if waiting:
+      steps = min(steps, max(int(self._table.remaining().min()), 1))
+    return steps
 
-  def _decode_rows(self, active: np.ndarray) -> None:
+  def _run_decode(self, rows: int, steps: int) -> tuple[np.ndarray, float]:
+    """One dispatch of the first `rows` rows: its records (rows, steps_per_dispatch, RECORD)
+    and the seconds from its dispatch to its results."""
+    ph, t = self.phases, time.perf_counter()
+    ints, floats = self._table.ints[:rows].copy(), self._table.floats[:rows].copy()
+    t = began = ph.since("prepare", t)
+    self._cache, self._next, records = self._decode(self.params, self._cache, self._next, ints,
+                                                    floats, np.int32(steps), rows=rows)
+    t = ph.since("dispatch", t)
+    records.block_until_ready()
+    t = ph.since("device", t)
+    records = np.asarray(records)  # the one copy to the host
+    ph.since("transfer", t)
+    ph.count("dispatches")
+    return records, t - began
+
+  def _decode_rows(self, active: np.ndarray, prefilling: bool) -> None:
     busy = int(np.flatnonzero(active)[-1]) + 1
-    tokens, logprob, top_ids, top_lp = self._run_decode(
-        active, next(b for b in self.buckets if b >= busy))
-    for i in np.flatnonzero(active):
-      r = self._rows[i]
-      token = int(tokens[i])
-      r.generated += 1
-      if token in r.stop_ids:
+    rows = next(b for b in self.buckets if b >= busy)
+    records, seconds = self._run_decode(rows, self._steps(prefilling, rows))
+    t = time.perf_counter()
+    drawn = np.count_nonzero(records[..., 0], axis=1)  # (rows,) tokens each row drew
+    ran = int(drawn.max())
+    if ran:  # a running average, so that a slow moment on a shared machine passes
+      last = self._step_seconds.get(rows, seconds / ran)
+      self._step_seconds[rows] = 0.8 * last + 0.2 * seconds / ran
+    self.steps += ran
+    self.phases.count("steps", ran)
+    self.phases.count("row_steps", int(drawn.sum()))
+    self._table.ints[:rows, bs.GENERATED] += drawn.astype(np.int32)
+    out = bs.unpack_records(records[np.flatnonzero(drawn), :ran])
+    for k, i in enumerate(np.flatnonzero(drawn).tolist()):
+      self._hand_over(i, int(drawn[i]), *(out[key][k] for key in (
+          "status", "token", "logprob", "top_ids", "top_logprobs")))
+    self.phases.since("emit", t)
+
+  def _hand_over(self, i: int, drawn: int, status: list, tokens: list, logprob: list,
+                 top_ids: list, top_lp: list) -> None:
+    """Row i's tokens of one dispatch, as events to its request, and its end if it ended."""
+    r = self._rows[i]
+    r.generated += drawn
+    for s in range(drawn):
+      if status[s] == bs.STOPPED:
         self._finish(i, "stop")
-        continue
-      r.emit(("token", token, float(logprob[i]), _top(top_ids[i], top_lp[i])))
-      if r.generated >= r.max_tokens:
+        return
+      if r.token_logprobs:
+        r.emit(("token", tokens[s], logprob[s], list(zip(top_ids[s], top_lp[s]))))
+      else:
+        r.emit(("token", tokens[s], None, None))
+      self.phases.count("tokens")
+      if status[s] == bs.LAST:
         self._finish(i, "length")
+        return
+
+
+def _no_logprobs(logits: Array, tokens: Array) -> tuple[Array, Array, Array]:
+  """`token_logprobs`'s shapes, zeros: what rows that did not ask for them get."""
+  n = tokens.shape[0]
+  return (jnp.zeros((n,), jnp.float32), jnp.zeros((n, TOP_LOGPROBS), jnp.int32),
+          jnp.zeros((n, TOP_LOGPROBS), jnp.float32))
 
 
 def _mask_index(cache: dict) -> Array:
@@ -360,7 +416,8 @@ def generate_all(engine: Engine, prompts: Sequence[list[int]], max_tokens: int,
         done[k].set()
     return emit
   for k, p in enumerate(prompts):
-    engine.submit(Request(list(p), max_tokens, emitter(k), stop_ids=stop_ids))
+    engine.submit(Request(list(p), max_tokens, emitter(k), stop_ids=stop_ids,
+                          token_logprobs=False))
   for d in done:
     if not d.wait(timeout):
       raise TimeoutError("the engine did not finish in time")

@@ -3,9 +3,12 @@
 Prompts of different lengths are right-padded to one length P (padding has
 segment id 0, so nothing attends to it, and each row's cache index advances by
 its real tokens only, so its first new token overwrites its padding); the cache
-holds P + max_new_tokens slots. `generate` prefills the prompts in one forward pass, then produces one
-token per step inside `lax.while_loop`, all in one compiled function. `stream`
-yields tokens one by one from the host for interactive use.
+holds P + max_new_tokens slots. `generate` prefills the prompts in one forward pass,
+then produces one token per step inside `lax.while_loop`, all in one compiled
+function. `stream` yields tokens one by one from the host for interactive use. The
+cache, the forward pass and the sampler are `decoder.py`'s, shared with the serving
+engine: row i of a batch sampled with `seed` draws as a served request with seed
+`seed + i` does.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax.errors import UserError
-from lmjax.model import TransformerConfig, build_model, unstack_layers
+from lmjax.inference.decoder import Decoder, sample, seed_keys, step_keys
+from lmjax.model import TransformerConfig, build_model
 
 Array = jax.Array
 PROMPT_BUCKET = 16  # prompt lengths are rounded up to this, so few shapes get compiled
@@ -30,7 +34,7 @@ class SamplingConfig:
   max_new_tokens: int = 64
   temperature: float = 0.0  # 0 = greedy
   top_k: int = 0  # keep the k most likely tokens (0 = all)
-  top_p: float = 1.0  # keep the smallest set of tokens with this much probability
+  top_p: float = 1.0  # then the smallest set of those with this much probability
 
   def __post_init__(self):
     if self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0:
@@ -38,22 +42,11 @@ class SamplingConfig:
     if not 0 < self.top_p <= 1:
       raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
-
-def sample(logits: Array, rng: Array, cfg: SamplingConfig) -> Array:
-  """(B, V) float32 logits -> (B,) int32 token ids."""
-  if cfg.temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / cfg.temperature
-  if cfg.top_k:
-    kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]  # (B, 1)
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if cfg.top_p < 1:
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # (B, V) descending
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
-    cutoff = jnp.min(jnp.where(before < cfg.top_p, ordered, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits).astype(jnp.int32)
+  def rows(self, seed: int, rows: int) -> tuple[np.ndarray, ...]:
+    """The sampler's per-row arrays for `rows` rows: temperature, top_p, top_k (each (rows,))
+    and keys (rows, 2), row i seeded with seed + i."""
+    return (np.full(rows, self.temperature, np.float32), np.full(rows, self.top_p, np.float32),
+            np.full(rows, self.top_k, np.int32), seed_keys([seed + i for i in range(rows)]))
 
 
 def right_pad(prompts: Sequence[Sequence[int]], length: int, pad: int
@@ -73,31 +66,17 @@ class Generator:
   """Decoding with one decoder model's parameters; compiled functions are cached per shape."""
 
   def __init__(self, cfg: TransformerConfig, params: Any, eos: int, pad: int):
-    if cfg.family != "decoder":
-      raise UserError("generation needs a decoder (CLM) model; use fill_mask for encoders")
-    cfg = cfg.replace(dropout_rate=0.0, remat_policy="none")
-    if cfg.scan_layers:
-      # Unrolled: a scanned decode step slices every layer's weights and cache out of the
-      # stacked arrays and writes the cache back, several times the bytes a step must read.
-      params = unstack_layers(params, cfg.num_layers)
-      cfg = cfg.replace(scan_layers=False)
-    self.cfg, self.params, self.eos, self.pad = cfg, params, eos, pad
-    self.model = build_model(cfg, decode=True)
-    self.full_model = build_model(cfg)
-
-  def _init_cache(self, batch: int, length: int) -> Any:
-    dummy = jnp.zeros((batch, length), jnp.int32)
-    shapes = jax.eval_shape(lambda: self.model.apply({"params": self.params}, dummy,
-                                                     mutable=["cache"])[1]["cache"])
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    self.decoder = Decoder(cfg, params, "generation needs a decoder (CLM) model; use fill_mask "
+                           "for encoders")
+    self.cfg, self.params, self.eos, self.pad = self.decoder.cfg, self.decoder.params, eos, pad
+    self.full_model = build_model(self.cfg)
 
   def _forward(self, params, cache, tokens, segments, positions):
     """Appends (B, T) right-padded tokens to the cache; returns the logits at each row's last
     real token (B, V) and the cache."""
-    logits, out = self.model.apply({"params": params, "cache": cache}, tokens, segments,
-                                   positions, mutable=["cache"])
+    logits, cache = self.decoder.forward(params, cache, tokens, segments, positions)
     last = jnp.maximum(jnp.sum(segments != 0, axis=1) - 1, 0)  # (B,)
-    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], out["cache"]
+    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], cache
 
   def _fit(self, prompts: Sequence[Sequence[int]], max_new: int) -> tuple[list, int]:
     """Keeps each prompt's newest tokens so that prompt + new tokens fit max_len."""
@@ -112,16 +91,17 @@ class Generator:
     return prompts, min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, room)
 
   @functools.partial(jax.jit, static_argnums=(0, 5))
-  def _generate(self, params, tokens, segments, positions, sampling: SamplingConfig, rng):
+  def _generate(self, params, tokens, segments, positions, n: int, knobs):
+    """(B, n) new tokens, pad after a row's EOS; `knobs`: SamplingConfig.rows' arrays."""
+    temperature, top_p, top_k, keys = knobs
     b, p = tokens.shape
-    n = sampling.max_new_tokens
-    cache = self._init_cache(b, p + n)
+    cache = self.decoder.init_cache(b, p + n)
     logits, cache = self._forward(params, cache, tokens, segments, positions)
     lengths = jnp.sum(segments, axis=1)  # (B,) real prompt tokens
 
     def body(carry):
       t, cache, logits, out, done = carry
-      tok = sample(logits, jax.random.fold_in(rng, t), sampling)
+      tok = sample(logits, step_keys(keys, jnp.full((b,), t)), temperature, top_p, top_k)
       tok = jnp.where(done, self.pad, tok)
       out = out.at[:, t].set(tok)
       logits, cache = self._forward(params, cache, tok[:, None], (~done)[:, None].astype(jnp.int32),
@@ -135,19 +115,21 @@ class Generator:
 
   def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                seed: int = 0) -> list[list[int]]:
-    """New tokens for each prompt, up to and excluding EOS."""
+    """New tokens for each prompt, up to and excluding EOS; row i samples with seed + i."""
     prompts, length = self._fit(prompts, sampling.max_new_tokens)
     arrays = right_pad(prompts, length, self.pad)
-    out = np.asarray(self._generate(self.params, *arrays, sampling, jax.random.PRNGKey(seed)))
+    out = np.asarray(self._generate(self.params, *arrays, sampling.max_new_tokens,
+                                    sampling.rows(seed, len(prompts))))
     return [_until(row, self.eos) for row in out.tolist()]
 
   @functools.partial(jax.jit, static_argnums=(0,))
   def _prefill(self, params, tokens, segments, positions, cache):
     return self._forward(params, cache, tokens, segments, positions)
 
-  @functools.partial(jax.jit, static_argnums=(0, 5))
-  def _step(self, params, cache, logits, t, sampling, rng, position):
-    tok = sample(logits, jax.random.fold_in(rng, t), sampling)
+  @functools.partial(jax.jit, static_argnums=(0,))
+  def _step(self, params, cache, logits, t, knobs, position):
+    temperature, top_p, top_k, keys = knobs
+    tok = sample(logits, step_keys(keys, t[None]), temperature, top_p, top_k)
     logits, cache = self._forward(params, cache, tok[:, None], jnp.ones((1, 1), jnp.int32),
                                   position[None, None])
     return tok[0], logits, cache
@@ -157,12 +139,12 @@ class Generator:
     """Yields new tokens of one prompt as they are produced, stopping at EOS."""
     (prompt,), length = self._fit([prompt], sampling.max_new_tokens)
     arrays = right_pad([prompt], length, self.pad)
-    cache = self._init_cache(1, length + sampling.max_new_tokens)
+    cache = self.decoder.init_cache(1, length + sampling.max_new_tokens)
     logits, cache = self._prefill(self.params, *arrays, cache)
-    rng = jax.random.PRNGKey(seed)
+    knobs = sampling.rows(seed, 1)
     for t in range(sampling.max_new_tokens):
-      tok, logits, cache = self._step(self.params, cache, logits, t, sampling, rng,
-                                      jnp.int32(len(prompt) + t))
+      tok, logits, cache = self._step(self.params, cache, logits, np.int32(t), knobs,
+                                      np.int32(len(prompt) + t))
       tok = int(tok)
       if tok == self.eos:
         return

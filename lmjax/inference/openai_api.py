@@ -14,7 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmjax.inference.engine import TOP_LOGPROBS
+from lmjax.inference.decoder import TOP_LOGPROBS
+
+
+class StreamOptions(BaseModel):
+  model_config = ConfigDict(extra="ignore")
+  include_usage: bool = False  # a last chunk with the usage counts and no choices
 
 
 class _Body(BaseModel):
@@ -28,7 +33,7 @@ class _Body(BaseModel):
   stop: str | list[str] | None = None
   seed: int | None = Field(None, ge=0, lt=2 ** 64)
   stream: bool = False
-  stream_options: dict[str, Any] | None = None
+  stream_options: StreamOptions | None = None
   presence_penalty: float = 0.0
   frequency_penalty: float = 0.0
   logit_bias: dict[str, float] | None = None

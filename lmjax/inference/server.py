@@ -7,8 +7,10 @@
 
 Every choice of every request is one engine request (one cache row); `n` choices of a
 prompt are `n` rows with seeds seed, seed+1, ... Responses stream as server-sent
-events in OpenAI's chunk format, the last chunk carrying the usage counts. A client
-that disconnects has its rows freed at the engine's next step.
+events in OpenAI's chunk format; with `stream_options: {"include_usage": true}` a last
+chunk with empty `choices` carries the usage counts (as OpenAI and vLLM send it: only when
+asked, since clients read `chunk.choices[0]` of every other chunk). A client that
+disconnects has its rows freed at the engine's next step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -26,7 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmjax.errors import UserError
 from lmjax.inference import openai_api as api
+from lmjax.inference.choice_state import ChoiceState, Inbox
 from lmjax.inference.engine import Engine, Request
+from lmjax.inference.phases import Phases
 
 MAX_BODY_BYTES = 8 << 20
 
@@ -46,6 +51,10 @@ class Served:
   template: Any  # lmjax.data.chat.ChatTemplate
   name: str
   created: int = 0
+  # the event loop's time: engine events waiting for it, turning tokens into text (and stop
+  # strings), and writing chunks
+  phases: Phases = dataclasses.field(default_factory=lambda: Phases(
+      ("queue_wait", "detokenize", "encode"), ("events", "chunks")))
 
   @property
   def special(self):
@@ -53,33 +62,6 @@ class Served:
 
   def end_of_turn(self) -> tuple[int, ...]:
     return tuple({self.template.end_of_turn(self.tokenizer), self.special.eos} - {-1})
-
-
-class Choice:
-  """One choice's tokens, text (cut at stop strings), log-probabilities and end."""
-
-  def __init__(self, index: int, served: Served, prompt: list[int], stops: list[str]):
-    self.index, self.served, self.prompt = index, served, prompt
-    self.ids: list[int] = []
-    self.logprobs: list[tuple[float, list]] = []
-    self.prompt_logprobs: tuple[list, list] | None = None
-    self.text = api.StopText(stops)
-    self.finish: str | None = None
-
-  def handle(self, event: tuple) -> str:
-    """An engine event -> the text it releases."""
-    if event[0] == "prompt":
-      self.prompt_logprobs = (event[1], event[2])
-      return ""
-    if event[0] == "token":
-      self.ids.append(event[1])
-      self.logprobs.append((event[2], event[3]))
-      out = self.text.add(self.served.tokenizer.decode(self.ids))
-      if self.text.stopped:
-        self.finish = "stop"
-      return out
-    self.finish = self.finish or event[1]
-    return self.text.finish()
 
 
 def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -92,49 +74,55 @@ def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
   return out
 
 
-async def _drive(choice: Choice, request: Request, events: asyncio.Queue, out: asyncio.Queue
-                 ) -> None:
-  """Feeds one engine request's events to its choice; puts (choice, released text, finish
-  reason or None) on `out`, the finish reason on its last item."""
+async def _drive(choice: ChoiceState, request: Request, inbox: Inbox, out: asyncio.Queue,
+                 ph: Phases) -> None:
+  """Feeds one engine request's events to its choice, a batch at a time; puts (choice,
+  released text, finish reason or None) on `out`, the finish reason on its last item."""
   try:
     while choice.finish is None:
-      text = choice.handle(await events.get())
+      batch = await inbox.take()
+      t = time.perf_counter()
+      ph.seconds["queue_wait"] += sum(t - emitted for emitted, _ in batch)
+      text = choice.handle([event for _, event in batch])
+      ph.since("detokenize", t)
+      ph.count("events", len(batch))
       if text or choice.finish:
         await out.put((choice, text, choice.finish))
   finally:
     request.cancel()  # a stop string, a disconnect or a shutdown: free the row
 
 
-class Run:
+class Completion:
   """The choices of one API request, running concurrently in the engine."""
 
   def __init__(self, served: Served, body: api._Body, prompts: list[list[int]], max_tokens: int,
-               stop_ids: tuple[int, ...], echo_logprobs: bool = False):
+               stop_ids: tuple[int, ...], echo_logprobs: bool = False,
+               token_logprobs: bool = False):
     self.served, self.n, self.out = served, body.n, asyncio.Queue()
-    self.choices: list[Choice] = []
+    self.choices: list[ChoiceState] = []
     self.tasks: list[asyncio.Future] = []
     loop = asyncio.get_running_loop()
     submitted: list[Request] = []
     try:
       for p, prompt in enumerate(prompts):
         for j in range(body.n):
-          choice = Choice(p * body.n + j, served, prompt, body.stops())
-          events: asyncio.Queue = asyncio.Queue()
+          choice = ChoiceState(p * body.n + j, served.tokenizer, prompt, body.stops())
+          inbox = Inbox(loop)
           request = Request(
-              prompt, max_tokens, lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e),
-              temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-              seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
-              echo_logprobs=echo_logprobs, stop_ids=stop_ids)
+              prompt, max_tokens, inbox.put, temperature=body.temperature, top_p=body.top_p,
+              top_k=body.top_k, seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
+              echo_logprobs=echo_logprobs, token_logprobs=token_logprobs, stop_ids=stop_ids)
           served.engine.submit(request)
           submitted.append(request)
           self.choices.append(choice)
-          self.tasks.append(asyncio.ensure_future(_drive(choice, request, events, self.out)))
+          self.tasks.append(asyncio.ensure_future(
+              _drive(choice, request, inbox, self.out, served.phases)))
     except BaseException:
       for r in submitted:
         r.cancel()
       raise
 
-  async def updates(self) -> AsyncIterator[tuple[Choice, str, str | None]]:
+  async def updates(self) -> AsyncIterator[tuple[ChoiceState, str, str | None]]:
     """(choice, released text, finish reason on its last item) until every choice has
     finished; what still runs is cancelled if the consumer goes away."""
     try:
@@ -193,7 +181,7 @@ def _completion_prompts(served: Served, prompt: Any) -> tuple[list[list[int]], l
   return [list(r) for r in rows], [served.tokenizer.decode(r) for r in rows]
 
 
-def _completion_logprobs(served: Served, c: Choice, k: int, echo: bool, offset: int
+def _completion_logprobs(served: Served, c: ChoiceState, k: int, echo: bool, offset: int
                          ) -> dict[str, Any]:
   """OpenAI's legacy logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
   tok = served.tokenizer
@@ -216,7 +204,7 @@ def _completion_logprobs(served: Served, c: Choice, k: int, echo: bool, offset: 
           "text_offset": offsets}
 
 
-def _chat_logprobs(served: Served, c: Choice, k: int) -> dict[str, Any]:
+def _chat_logprobs(served: Served, c: ChoiceState, k: int) -> dict[str, Any]:
   tok = served.tokenizer
   entry = lambda i, lp: {"token": tok.decode([i]), "logprob": lp,
                          "bytes": list(tok.decode([i]).encode())}
@@ -224,10 +212,10 @@ def _chat_logprobs(served: Served, c: Choice, k: int) -> dict[str, Any]:
                       for i, (lp, top) in zip(c.ids, c.logprobs)]}
 
 
-async def _collect(run: Run, http: HttpRequest) -> None:
+async def _collect(completion: Completion, http: HttpRequest) -> None:
   """Runs every choice to its end; a client that goes away cancels them."""
   async def drain():
-    async for _ in run.updates():
+    async for _ in completion.updates():
       pass
   task = asyncio.ensure_future(drain())
   try:
@@ -253,7 +241,10 @@ def create_app(served: Served, api_key: str | None = None) -> FastAPI:
     return {"status": "ok", "model": served.name, "rows": engine.slots,
             "busy_rows": engine.busy_rows(), "max_len": engine.max_len,
             "prefill_chunk": engine.chunk, "kv_cache_bytes": engine.cache_bytes(),
-            "decode_steps": engine.steps, "prefill_chunks": engine.chunks}
+            "decode_steps": engine.steps, "prefill_chunks": engine.chunks,
+            "profile": {"engine": engine.phases.snapshot(),
+                        "server": dict(served.phases.snapshot(),
+                                       thread_cpu_s=time.thread_time())}}
 
   @app.get("/v1/models")
   async def models():
@@ -319,32 +310,55 @@ async def _completions(served: Served, body: api.CompletionRequest, http: HttpRe
   prompts, texts = _completion_prompts(served, body.prompt)
   budget = _budget(served, prompts, body.max_tokens)
   scored = body.echo and body.logprobs is not None
-  run = Run(served, body, prompts, budget, (served.special.eos,), echo_logprobs=scored)
+  completion = Completion(served, body, prompts, budget, (served.special.eos,),
+                          echo_logprobs=scored, token_logprobs=body.logprobs is not None)
   rid = api.new_id("cmpl")
   if body.stream:
-    return StreamingResponse(_stream_completions(served, run, rid, body, texts),
+    return StreamingResponse(_stream_completions(served, completion, rid, body, texts),
                              media_type="text/event-stream")
-  await _collect(run, http)
+  await _collect(completion, http)
   choices = []
-  for c in run.choices:
+  for c in completion.choices:
     prefix = texts[c.index // body.n] if body.echo else ""
     lp = None if body.logprobs is None else _completion_logprobs(
         served, c, body.logprobs, body.echo, 0)
     choices.append({"index": c.index, "text": prefix + c.text.text, "logprobs": lp,
                     "finish_reason": c.finish})
-  return api.envelope("text_completion", rid, served.name, choices, usage=run.usage())
+  return api.envelope("text_completion", rid, served.name, choices, usage=completion.usage())
 
 
-async def _stream_completions(served: Served, run: Run, rid: str, body, texts: list[str]):
+async def _stream_completions(served: Served, completion: Completion, rid: str, body,
+                              texts: list[str]):
   echoed: set[int] = set()
-  async for choice, text, finish in run.updates():
+  usage = _UsageChunks(body)
+  async for choice, text, finish in completion.updates():
     if body.echo and choice.index not in echoed:
       echoed.add(choice.index)
       text = texts[choice.index // body.n] + text
-    yield _sse(api.envelope("text_completion", rid, served.name, [
-        {"index": choice.index, "text": text, "logprobs": None, "finish_reason": finish}]))
-  yield _sse(api.envelope("text_completion", rid, served.name, [], usage=run.usage()))
+    t = time.perf_counter()
+    chunk = _sse(api.envelope("text_completion", rid, served.name, [
+        {"index": choice.index, "text": text, "logprobs": None, "finish_reason": finish}],
+        **usage.every()))
+    served.phases.since("encode", t)
+    served.phases.count("chunks")
+    yield chunk
+  if usage.on:
+    yield usage.last("text_completion", rid, served.name, completion)
   yield "data: [DONE]\n\n"
+
+
+class _UsageChunks:
+  """`stream_options.include_usage`: every chunk has `usage: null`, and a last chunk with
+  empty `choices` has the counts (OpenAI's format); without it, neither."""
+
+  def __init__(self, body: api._Body):
+    self.on = body.stream_options is not None and body.stream_options.include_usage
+
+  def every(self) -> dict[str, Any]:
+    return {"usage": None} if self.on else {}
+
+  def last(self, kind: str, rid: str, model: str, completion: Completion) -> str:
+    return _sse(api.envelope(kind, rid, model, [], usage=completion.usage()))
 
 
 def _chat_prompt(served: Served, body: api.ChatRequest) -> list[int]:
@@ -365,58 +379,36 @@ async def _chat(served: Served, body: api.ChatRequest, http: HttpRequest):
   prompt = _chat_prompt(served, body)
   limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
   budget = _budget(served, [prompt], limit)
-  run = Run(served, body, [prompt], budget, served.end_of_turn())
+  completion = Completion(served, body, [prompt], budget, served.end_of_turn(),
+                          token_logprobs=body.logprobs)
   rid = api.new_id("chatcmpl")
   if body.stream:
-    return StreamingResponse(_stream_chat(served, run, rid), media_type="text/event-stream")
-  await _collect(run, http)
+    return StreamingResponse(_stream_chat(served, completion, rid, body),
+                             media_type="text/event-stream")
+  await _collect(completion, http)
   choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text.text},
               "logprobs": _chat_logprobs(served, c, body.top_logprobs) if body.logprobs
-              else None, "finish_reason": c.finish} for c in run.choices]
-  return api.envelope("chat.completion", rid, served.name, choices, usage=run.usage())
+              else None, "finish_reason": c.finish} for c in completion.choices]
+  return api.envelope("chat.completion", rid, served.name, choices, usage=completion.usage())
 
 
-async def _stream_chat(served: Served, run: Run, rid: str):
+async def _stream_chat(served: Served, completion: Completion, rid: str,
+                       body: api.ChatRequest):
   kind = "chat.completion.chunk"
-  for c in run.choices:  # the role first, as OpenAI sends it
+  usage = _UsageChunks(body)
+  for c in completion.choices:  # the role first, as OpenAI sends it
     yield _sse(api.envelope(kind, rid, served.name, [
         {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-         "finish_reason": None}]))
-  async for choice, text, finish in run.updates():
+         "finish_reason": None}], **usage.every()))
+  async for choice, text, finish in completion.updates():
+    t = time.perf_counter()
     delta = {"content": text} if text else {}
-    yield _sse(api.envelope(kind, rid, served.name, [
-        {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish}]))
-  yield _sse(api.envelope(kind, rid, served.name, [], usage=run.usage()))
+    chunk = _sse(api.envelope(kind, rid, served.name, [
+        {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        **usage.every()))
+    served.phases.since("encode", t)
+    served.phases.count("chunks")
+    yield chunk
+  if usage.on:
+    yield usage.last(kind, rid, served.name, completion)
   yield "data: [DONE]\n\n"
-
-
-def spawn(workdir: str, *args: str, timeout: float = 300.0, env: dict | None = None,
-          log: Any = None) -> tuple[Any, str]:
-  """Starts `python -m launch.serve --workdir WORKDIR --port 0 ARGS` in a session of its own;
-  returns (the process, its base URL http://HOST:PORT) once it listens. For tests and
-  benchmarks; stderr goes to `log` (a file), stdout is read for the address."""
-  import os
-  import queue
-  import subprocess
-  import sys
-  import threading
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"--workdir={workdir}",
-                           "--port=0", *args], cwd=root, env=env, stdout=subprocess.PIPE,
-                          stderr=log or subprocess.DEVNULL, text=True, start_new_session=True)
-  lines: queue.Queue = queue.Queue()
-
-  def read():
-    for x in proc.stdout:
-      lines.put(x)
-    lines.put(None)  # it exited
-  threading.Thread(target=read, daemon=True).start()
-  try:
-    line = lines.get(timeout=timeout)
-  except queue.Empty:
-    proc.kill()
-    raise TimeoutError(f"launch.serve did not start within {timeout}s") from None
-  if line is None or not line.startswith("serving "):
-    proc.kill()
-    raise RuntimeError(f"launch.serve exited ({proc.wait(30)}) before it listened")
-  return proc, line.split(" on ")[-1].strip().removesuffix("/v1")

@@ -81,10 +81,7 @@ class LanguageModel(nn.Module):
       h = jnp.take_along_axis(h, predict_at[..., None], axis=1)  # (B, K, D)
     head = self.head(backbone, h)
     if not project:
-      if head.softcap:  # a fused loss would compute the logits without the cap
-        raise ValueError("model.final_softcap needs the logits themselves: set "
-                         "objective.fused_head=off")
-      return head
+      return head  # a fused loss applies its soft-cap (`Projection.softcap`) itself
     return nn.with_logical_constraint(head.logits(), ("batch", "length", "vocab"))
 
   def head(self, backbone: Transformer, h: Array) -> Projection:

@@ -124,13 +124,15 @@ class _FusedSpec:
   label_smoothing: float
   chunk: int  # positions per chunk, divides L
   operands: str  # dtype of the projection's operands (sums in float32)
+  softcap: float = 0.0  # logits -> c tanh(logits / c) (Gemma's final soft-capping)
 
 
 def fused_cross_entropy_sums(features: Array, weight: Array, bias: Array | None,
                              targets: Array, weights: Array, vocab_first: bool,
                              z_loss: float = 0.0, label_smoothing: float = 0.0,
                              chunk_elements: int = 1 << 20,
-                             matmul_dtype: jnp.dtype | None = None) -> dict[str, Array]:
+                             matmul_dtype: jnp.dtype | None = None,
+                             softcap: float = 0.0) -> dict[str, Array]:
   """`cross_entropy_sums(features @ W + bias, ...)` without the (B, L, V) logits.
 
   features (B, L, D) in the compute dtype; weight (V, D) if `vocab_first` else (D, V);
@@ -140,14 +142,16 @@ def fused_cross_entropy_sums(features: Array, weight: Array, bias: Array | None,
   objective, which the backward pass only scales, so neither the logits nor their
   gradient ever exist whole. Only `objective` carries a gradient. `matmul_dtype`: the
   operands of the projection and of d/dfeatures (default: the features' dtype); d/dW is
-  summed from float32 values, as in `precision.mixed_matmul`.
+  summed from float32 values, as in `precision.mixed_matmul`. `softcap` caps the logits
+  at c tanh(logits / c) before the loss (Gemma 2's final soft-capping).
   """
   b, length = targets.shape
   vocab = weight.shape[0 if vocab_first else 1]
   chunk = max([c for c in range(1, length + 1)
                if length % c == 0 and b * c * vocab <= chunk_elements] or [1])
   operands = jnp.dtype(matmul_dtype or features.dtype).name
-  spec = _FusedSpec(vocab_first, float(z_loss), float(label_smoothing), chunk, operands)
+  spec = _FusedSpec(vocab_first, float(z_loss), float(label_smoothing), chunk, operands,
+                    float(softcap))
   objective, (loss, correct) = _fused_sums(features, weight, bias, targets, weights, spec)
   return {"loss": jax.lax.stop_gradient(loss), "objective": objective,
           "correct": jax.lax.stop_gradient(correct), "weight": jnp.sum(weights)}
@@ -162,6 +166,8 @@ def _chunk_sums(spec: _FusedSpec, h: Array, w: Array, bias: Array | None, target
                                preferred_element_type=jnp.float32)  # (B, c, V)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
+  if spec.softcap:
+    logits = spec.softcap * jnp.tanh(logits / spec.softcap)
   top = jnp.max(logits, axis=-1)
   e = jnp.exp(logits - top[..., None])
   z = jnp.sum(e, axis=-1)
@@ -180,6 +186,8 @@ def _chunk_sums(spec: _FusedSpec, h: Array, w: Array, bias: Array | None, target
   scale = (1 + 2 * spec.z_loss * log_z) / z
   onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == targets[..., None]
   d = e * scale[..., None] - jnp.where(onehot, 1 - ls, 0.0) - ls / logits.shape[-1]
+  if spec.softcap:  # through the cap: d tanh(u) / du = 1 - tanh(u)^2
+    d = d * (1 - jnp.square(logits / spec.softcap))
   return sums, d * weights[..., None]
 
 

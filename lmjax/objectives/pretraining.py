@@ -79,7 +79,8 @@ class LanguageModelling(Objective):
     if fused:  # out: the head's Projection; no (B, T, V) logits are built
       sums = fused_cross_entropy_sums(
           out.features, out.weight, out.bias, batch["targets"], batch["weights"],
-          out.vocab_first, cfg.z_loss, cfg.label_smoothing, matmul_dtype=out.matmul_dtype)
+          out.vocab_first, cfg.z_loss, cfg.label_smoothing, matmul_dtype=out.matmul_dtype,
+          softcap=out.softcap)
     else:
       sums = cross_entropy_sums(out, batch["targets"], batch["weights"],  # (B, T or K, V)
                                 cfg.z_loss, cfg.label_smoothing)

@@ -22,7 +22,8 @@ WIDE = dict(model__d_model=64, model__num_heads=8, model__d_ff=128, train__batch
 
 
 def _experiment(tmp_path, name, mesh, **overrides):
-  config = tiny_config(name, tmp_path, **{**WIDE, **overrides})
+  family = {"model__sliding_window": 8} if name == "gemma_tiny" else {}  # within the rows
+  config = tiny_config(name, tmp_path, **{**WIDE, **family, **overrides})
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
   return experiment_from_dict(config.to_dict())
 
@@ -42,7 +43,7 @@ def _losses(exp, workdir, monkeypatch, one_device=False):
 def baselines(tmp_path_factory):
   mp = pytest.MonkeyPatch()
   out = {}
-  for name in ("clm_tiny", "mlm_tiny"):
+  for name in ("clm_tiny", "mlm_tiny", "qwen3_tiny", "gemma_tiny"):
     tmp = tmp_path_factory.mktemp(name)
     out[name] = _losses(_experiment(tmp, name, (1, 1, 1)), tmp / "run", mp, one_device=True)
   return out
@@ -50,7 +51,7 @@ def baselines(tmp_path_factory):
 
 @pytest.mark.parametrize("name,mesh", [
     ("clm_tiny", (8, 1, 1)), ("clm_tiny", (2, 4, 1)), ("clm_tiny", (1, 1, 8)),
-    ("mlm_tiny", (2, 2, 2))])
+    ("mlm_tiny", (2, 2, 2)), ("qwen3_tiny", (2, 2, 2)), ("gemma_tiny", (2, 2, 2))])
 def test_sharded_training_matches_one_device(tmp_path, monkeypatch, baselines, name, mesh):
   train, evals = _losses(_experiment(tmp_path, name, mesh), tmp_path / "run", monkeypatch)
   assert len(train) == 5
