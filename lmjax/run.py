@@ -142,8 +142,8 @@ def assemble(exp: Experiment, workdir: str | None, devices: Sequence[Any] | None
   else:
     tokenizer = Tokenizer(exp.data.tokenizer)
   mesh = make_mesh(exp.mesh, devices)
-  check_experiment(exp, tokenizer.vocab_size, data_parallel_size(mesh, exp.mesh.rules))
   check_expert_axis(exp.model.moe.num_experts, mesh, exp.mesh.rules)
+  check_experiment(exp, tokenizer.vocab_size, data_parallel_size(mesh, exp.mesh.rules))
   t = exp.train
   objective = objectives.build(exp.objective, tokenizer.special, exp.model.vocab_size, exp.task)
   data = (None, None) if compile_only else objective.datasets(exp.data, tokenizer, exp.model,

@@ -1,0 +1,144 @@
+"""Mixture of experts against dense models: held-out loss, step time and load balance.
+
+  python -m benchmarks.moe --workdir runs/moe_bench [--seeds 0,1] [--steps 300]
+      [--sections loss,time] [--repeats 5] [--json results/moe.json]
+
+loss: trains `clm_tiny`, `moe_tiny` (the same data, tokens and active parameters) and
+`moe_tiny` without the load-balancing loss (`model.moe.balance_loss=0`) through
+`launch.train`, once per seed, and prints each run's held-out loss at the end and the
+experts' load over training (from the `router_load/...` shares every eval writes: the
+busiest expert's share x num_experts, 1.0 when balanced, and the share of experts with
+under a quarter of a fair load, both averaged over layers).
+time: one train step at clm_tiny's shape (batch 32 x 128, float32) of clm_tiny, of
+moe_tiny dropless (the tiled grouped matmul CPU uses, and `jax.lax.ragged_dot`, which
+XLA:CPU computes densely), of moe_tiny with one-hot capacity dispatch (factor 1.25), and
+of a dense model of moe_tiny's total parameters (d_ff 2048); interleaved, min and median
+of --repeats calls of 5 steps. docs/moe.md has the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_string("workdir", None, "where the training runs go", required=True)
+flags.DEFINE_string("seeds", "0,1", "comma-separated seeds of the loss section")
+flags.DEFINE_integer("steps", 300, "training steps of each run (clm_tiny's budget: 300)")
+flags.DEFINE_string("sections", "loss,time", "which sections to run")
+flags.DEFINE_integer("repeats", 5, "timed calls per candidate in the time section")
+flags.DEFINE_string("json", None, "write every figure here")
+FLAGS = flags.FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = {"clm_tiny": ("experiments/clm_tiny.py", []),
+        "moe_tiny": ("experiments/moe_tiny.py", []),
+        "moe_tiny_no_balance": ("experiments/moe_tiny.py", ["--config.model.moe.balance_loss=0"])}
+
+
+def train(name: str, seed: int, steps: int, workdir: str) -> list[dict]:
+  """Trains one run through launch.train; its metrics.jsonl records."""
+  config, extra = RUNS[name]
+  out = os.path.join(workdir, f"{name}_seed{seed}")
+  cmd = [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={out}",
+         f"--config.train.seed={seed}", f"--config.train.steps={steps}", *extra]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+  if proc.returncode:
+    raise RuntimeError(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
+  with open(os.path.join(out, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def load_balance(record: dict) -> tuple[float, float]:
+  """(busiest expert's share x E, share of experts under a quarter of a fair load),
+  averaged over the layers of one eval record."""
+  layers: dict[str, list[float]] = {}
+  for key, value in record.items():
+    if key.startswith("router_load/"):
+      layers.setdefault(key.split("/")[1], []).append(value)
+  if not layers:
+    return float("nan"), float("nan")
+  peak = [max(v) * len(v) for v in layers.values()]
+  starved = [np.mean(np.asarray(v) < 0.25 / len(v)) for v in layers.values()]
+  return float(np.mean(peak)), float(np.mean(starved))
+
+
+def loss_section(seeds: list[int], steps: int, workdir: str) -> dict:
+  results = {}
+  for seed in seeds:
+    for name in RUNS:
+      records = train(name, seed, steps, workdir)
+      evals = [r for r in records if r.get("split") == "eval"]
+      last_train = [r for r in records if r.get("split") == "train"][-1]
+      results[f"{name}/seed{seed}"] = {
+          "eval_loss": evals[-1]["loss"], "train_tokens_per_s": last_train["tokens_per_s"],
+          "balance_loss": last_train.get("router_balance"),
+          "load": {r["step"]: load_balance(r) for r in evals}}
+      print(f"{name} seed {seed}: held-out loss {evals[-1]['loss']:.4f}", flush=True)
+  print("\n| run | seed | held-out loss | balance loss (last train line) | "
+        "load over training: step: peak share x E / experts starved |")
+  print("| --- | --- | --- | --- | --- |")
+  for key, r in results.items():
+    name, seed = key.split("/")
+    load = ", ".join(f"{s}: {p:.2f} / {q:.0%}" for s, (p, q) in r["load"].items())
+    bal = "-" if r["balance_loss"] is None else f"{r['balance_loss']:.3f}"
+    print(f"| {name} | {seed[4:]} | {r['eval_loss']:.4f} | {bal} | {load or '-'} |")
+  for name in RUNS:
+    losses = [results[f"{name}/seed{s}"]["eval_loss"] for s in seeds]
+    print(f"{name}: mean held-out loss {np.mean(losses):.4f} over seeds {seeds}")
+  return results
+
+
+def time_section(repeats: int) -> dict:
+  from benchmarks.train_step import Shape, lmjax_step, time_interleaved
+  from experiments import clm_tiny, moe_tiny
+  from lmjax.experiment import experiment_from_dict
+  model = lambda c: experiment_from_dict(c.to_dict()).model.replace(dtype="float32")
+  dense, moe = model(clm_tiny.get_config()), model(moe_tiny.get_config())
+  shape = Shape("clm", d_model=128, layers=4, seq_len=128, batch=32, vocab=2048, heads=4)
+  m = moe.moe
+  candidates = {
+      "clm_tiny (dense, d_ff 512)": dense,
+      "moe_tiny dropless, tiled grouped matmul": moe.replace(moe=m.replace(
+          grouped_matmul="tiled")),
+      "moe_tiny dropless, jax.lax.ragged_dot": moe.replace(moe=m.replace(
+          grouped_matmul="ragged_dot")),
+      "moe_tiny one-hot capacity 1.25": moe.replace(moe=m.replace(dispatch="capacity")),
+      "dense of moe_tiny's total (d_ff 2048)": dense.replace(d_ff=m.num_experts * m.d_ff)}
+  steps = 5
+  times = time_interleaved({k: lmjax_step(shape, steps, cfg) for k, cfg in
+                            candidates.items()}, repeats)
+  base = times["clm_tiny (dense, d_ff 512)"][0]
+  print(f"\n| step at clm_tiny's shape (float32) | min ms | median ms | vs clm_tiny |")
+  print("| --- | --- | --- | --- |")
+  for name, (lo, med) in times.items():
+    print(f"| {name} | {lo / steps * 1e3:.0f} | {med / steps * 1e3:.0f} | {lo / base:.2f}x |")
+  return {k: {"min_ms": lo / steps * 1e3, "median_ms": med / steps * 1e3}
+          for k, (lo, med) in times.items()}
+
+
+def main(argv):
+  del argv
+  sections = FLAGS.sections.split(",")
+  unknown = set(sections) - {"loss", "time"}
+  if unknown:
+    raise app.UsageError(f"unknown sections {sorted(unknown)}; known: loss, time")
+  out = {}
+  if "loss" in sections:
+    out["loss"] = loss_section([int(s) for s in FLAGS.seeds.split(",")], FLAGS.steps,
+                               FLAGS.workdir)
+  if "time" in sections:
+    out["time"] = time_section(FLAGS.repeats)
+  if FLAGS.json:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+    with open(FLAGS.json, "w") as f:
+      json.dump(out, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+  app.run(main)
