@@ -99,9 +99,11 @@ def test_chat_sft_from_an_imported_mixtral(tmp_path):
        "--config.train.log_every=1", "--config.data.seq_len=128"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  train = [json.loads(line) for line in open(out / "metrics.jsonl")]
+  records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+  train = [r for r in records if r["split"] == "train"]
   assert len(train) == 4 and all(r["router_balance"] > 0 for r in train)
   assert all(np.isfinite(r["loss"]) for r in train)
+  assert "router_load/layer2/expert3" in records[-1]  # the final eval: Mixtral's 4 experts
   exported = subprocess.run([sys.executable, "-m", "launch.convert", f"--input={out}",
                              f"--output={tmp_path / 'back'}"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)

@@ -43,6 +43,7 @@ def grouped_matmul(a: Array, w: Array, sizes: Array, impl: str) -> Array:
   rows past the groups' total give zeros. `impl`: `model.moe.grouped_matmul`."""
   if impl == "auto":
     impl = "tiled" if _platform() == "cpu" else "ragged_dot"
+  a, w = jnp.asarray(a), jnp.asarray(w)  # imported weights may be numpy: indexed by tracers
   if impl == "ragged_dot":
     return jax.lax.ragged_dot(a, w, sizes, preferred_element_type=jnp.float32)
   return _tiled(a, w, sizes)
