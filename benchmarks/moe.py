@@ -1,11 +1,12 @@
 """Mixture of experts against dense models: held-out loss, step time and load balance.
 
   python -m benchmarks.moe --workdir runs/moe_bench [--seeds 0,1] [--steps 300]
-      [--sections loss,time] [--repeats 5] [--json results/moe.json]
+      [--sections loss,time] [--parallel 3] [--repeats 5] [--json results/moe.json]
 
 loss: trains `clm_tiny`, `moe_tiny` (the same data, tokens and active parameters) and
 `moe_tiny` without the load-balancing loss (`model.moe.balance_loss=0`) through
-`launch.train`, once per seed, and prints each run's held-out loss at the end and the
+`launch.train`, once per seed (--parallel at a time; a finished run in --workdir is read,
+an unfinished one resumed), and prints each run's held-out loss at the end and the
 experts' load over training (from the `router_load/...` shares every eval writes: the
 busiest expert's share x num_experts, 1.0 when balanced, and the share of experts with
 under a quarter of a fair load, both averaged over layers).
@@ -31,6 +32,9 @@ flags.DEFINE_string("seeds", "0,1", "comma-separated seeds of the loss section")
 flags.DEFINE_integer("steps", 300, "training steps of each run (clm_tiny's budget: 300)")
 flags.DEFINE_string("sections", "loss,time", "which sections to run")
 flags.DEFINE_integer("repeats", 5, "timed calls per candidate in the time section")
+flags.DEFINE_integer("parallel", 1, "loss section: training runs at a time")
+flags.DEFINE_bool("train", True, "loss section: train the runs (false: report the runs in "
+                  "--workdir as far as they got, at the evaluations they all reached)")
 flags.DEFINE_string("json", None, "write every figure here")
 FLAGS = flags.FLAGS
 
@@ -40,18 +44,29 @@ RUNS = {"clm_tiny": ("experiments/clm_tiny.py", []),
         "moe_tiny_no_balance": ("experiments/moe_tiny.py", ["--config.model.moe.balance_loss=0"])}
 
 
-def train(name: str, seed: int, steps: int, workdir: str) -> list[dict]:
-  """Trains one run through launch.train; its metrics.jsonl records."""
+def train(name: str, seed: int, steps: int, workdir: str, launch: bool = True) -> list[dict]:
+  """Trains one run through launch.train (unless `launch` is false); its metrics.jsonl
+  records ([] if it has none), the last record of each (step, split)."""
   config, extra = RUNS[name]
   out = os.path.join(workdir, f"{name}_seed{seed}")
+  if launch and not os.path.exists(os.path.join(out, "results.json")):  # else read it
+    _launch(config, extra, out, seed, steps)
+  path = os.path.join(out, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:  # a resumed run repeats the steps after its checkpoint
+    records = {(r["step"], r["split"]): r for r in map(json.loads, f)}
+  return sorted(records.values(), key=lambda r: r["step"])
+
+
+def _launch(config: str, extra: list[str], out: str, seed: int, steps: int) -> None:
   cmd = [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={out}",
          f"--config.train.seed={seed}", f"--config.train.steps={steps}", *extra]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
   if proc.returncode:
-    raise RuntimeError(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
-  with open(os.path.join(out, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+    raise RuntimeError(f"{out} failed:\n{proc.stderr[-3000:]}")
+  print(f"trained {out}", flush=True)
 
 
 def load_balance(record: dict) -> tuple[float, float]:
@@ -68,30 +83,41 @@ def load_balance(record: dict) -> tuple[float, float]:
   return float(np.mean(peak)), float(np.mean(starved))
 
 
-def loss_section(seeds: list[int], steps: int, workdir: str) -> dict:
-  results = {}
-  for seed in seeds:
-    for name in RUNS:
-      records = train(name, seed, steps, workdir)
-      evals = [r for r in records if r.get("split") == "eval"]
-      last_train = [r for r in records if r.get("split") == "train"][-1]
-      results[f"{name}/seed{seed}"] = {
-          "eval_loss": evals[-1]["loss"], "train_tokens_per_s": last_train["tokens_per_s"],
-          "balance_loss": last_train.get("router_balance"),
-          "load": {r["step"]: load_balance(r) for r in evals}}
-      print(f"{name} seed {seed}: held-out loss {evals[-1]['loss']:.4f}", flush=True)
-  print("\n| run | seed | held-out loss | balance loss (last train line) | "
-        "load over training: step: peak share x E / experts starved |")
+def loss_section(seeds: list[int], steps: int, workdir: str, parallel: int,
+                 launch: bool) -> dict:
+  from concurrent.futures import ThreadPoolExecutor
+  jobs = [(name, seed) for seed in seeds for name in RUNS]
+  with ThreadPoolExecutor(parallel) as pool:
+    done = list(pool.map(lambda job: train(*job, steps, workdir, launch), jobs))
+  results = {f"{name}/seed{seed}": {
+      "eval_loss": {r["step"]: r["loss"] for r in records if r["split"] == "eval"},
+      "balance_loss": {r["step"]: r.get("router_balance") for r in records
+                       if r["split"] == "train"},
+      "load": {r["step"]: load_balance(r) for r in records if r["split"] == "eval"}}
+      for (name, seed), records in zip(jobs, done) if records}
+  _print_loss_table(results, seeds)
+  return results
+
+
+def _print_loss_table(results: dict, seeds: list[int]) -> None:
+  common = sorted(set.intersection(*(set(r["eval_loss"]) for r in results.values())))
+  print(f"\n| run | seed | held-out loss at step {', '.join(map(str, common))} | balance loss "
+        "(train line, same steps) | load at those steps: busiest expert's share x E / "
+        "experts under 1/4 of a fair share |")
   print("| --- | --- | --- | --- | --- |")
   for key, r in results.items():
     name, seed = key.split("/")
-    load = ", ".join(f"{s}: {p:.2f} / {q:.0%}" for s, (p, q) in r["load"].items())
-    bal = "-" if r["balance_loss"] is None else f"{r['balance_loss']:.3f}"
-    print(f"| {name} | {seed[4:]} | {r['eval_loss']:.4f} | {bal} | {load or '-'} |")
+    losses = " / ".join(f"{r['eval_loss'][s]:.4f}" for s in common)
+    bal = " / ".join("-" if r["balance_loss"].get(s) is None else f"{r['balance_loss'][s]:.3f}"
+                     for s in common)
+    load = " , ".join(f"{r['load'][s][0]:.2f} / {r['load'][s][1]:.0%}" for s in common
+                      if not np.isnan(r["load"][s][0])) or "-"
+    print(f"| {name} | {seed[4:]} | {losses} | {bal} | {load} |")
   for name in RUNS:
-    losses = [results[f"{name}/seed{s}"]["eval_loss"] for s in seeds]
-    print(f"{name}: mean held-out loss {np.mean(losses):.4f} over seeds {seeds}")
-  return results
+    got = [results[k]["eval_loss"] for k in results if k.split("/")[0] == name]
+    if got and common:
+      print(f"{name}: mean held-out loss at step {common[-1]} "
+            f"{np.mean([g[common[-1]] for g in got]):.4f} over {len(got)} seed(s)")
 
 
 def time_section(repeats: int) -> dict:
@@ -131,7 +157,7 @@ def main(argv):
   out = {}
   if "loss" in sections:
     out["loss"] = loss_section([int(s) for s in FLAGS.seeds.split(",")], FLAGS.steps,
-                               FLAGS.workdir)
+                               FLAGS.workdir, FLAGS.parallel, FLAGS.train)
   if "time" in sections:
     out["time"] = time_section(FLAGS.repeats)
   if FLAGS.json:

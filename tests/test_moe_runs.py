@@ -150,3 +150,26 @@ def test_greedy_generation_equals_transformers_through_generate_and_serve(tmp_pa
       os.killpg(proc.pid, signal.SIGTERM)
       assert proc.wait(60) == 0
   assert served == want
+
+
+def test_a_routed_mlm_trains_and_fine_tunes_a_task_head(tmp_path):
+  """mlm_tiny with routed MLPs pretrains (MLM) and fine-tunes a classification head
+  (finetune_genre) from its run: the router's losses join both objectives."""
+  from experiments import finetune_genre
+  from lmjax import train as train_lib
+  from lmjax.experiment import experiment_from_dict
+  from tiny import finetune, tiny_config
+  config = tiny_config("mlm_tiny", tmp_path, train__steps=4, train__eval_every=4,
+                       model__moe__num_experts=4, model__moe__experts_per_token=2)
+  train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(tmp_path / "mlm"))
+  records = [json.loads(line) for line in open(tmp_path / "mlm" / "metrics.jsonl")]
+  assert all(r["router_balance"] > 0 for r in records)
+  assert "router_load/layer1/expert3" in records[-1]
+  genre = finetune_genre.get_config()
+  genre.train.update(steps=2, batch_size=8, eval_every=0, log_every=1)
+  genre.data.seq_len = 32
+  result = finetune(genre.to_dict(), tmp_path / "mlm", tmp_path / "genre")
+  assert result["steps"] == 2
+  train = [json.loads(line) for line in open(tmp_path / "genre" / "metrics.jsonl")
+           if '"train"' in line]
+  assert train and all(r["router_balance"] > 0 for r in train)

@@ -168,6 +168,7 @@ def dropless(x: Array, experts: Array, weights: Array, valid: Array, kernels: Ke
   expert_axis = _dividing(mesh, nn.logical_to_mesh_axes(("expert",))[0], cfg.moe.num_experts)
   mlp_axis = _dividing(mesh, nn.logical_to_mesh_axes(("mlp",))[0], cfg.expert_d_ff)
   ep = math.prod(mesh.shape[a] for a in _names(expert_axis))
+  expert_axis = expert_axis if ep > 1 else None  # an axis of 1: outputs vary over no axis
   exchange = ep > 1 and set(_names(expert_axis)) <= set(_names(batch) + _names(length))
 
   def local(x, experts, weights, valid, kernels):
