@@ -95,29 +95,34 @@ def loss_section(seeds: list[int], steps: int, workdir: str, parallel: int,
                        if r["split"] == "train"},
       "load": {r["step"]: load_balance(r) for r in records if r["split"] == "eval"}}
       for (name, seed), records in zip(jobs, done) if records}
-  _print_loss_table(results, seeds)
+  if results:
+    _print_loss_table(results, seeds)
   return results
 
 
 def _print_loss_table(results: dict, seeds: list[int]) -> None:
-  common = sorted(set.intersection(*(set(r["eval_loss"]) for r in results.values())))
-  print(f"\n| run | seed | held-out loss at step {', '.join(map(str, common))} | balance loss "
-        "(train line, same steps) | load at those steps: busiest expert's share x E / "
+  """Each run's held-out loss, balance loss and load at every evaluation step any run
+  reached ("-" where it did not get there), and per configuration the mean over seeds."""
+  steps = sorted(set().union(*(r["eval_loss"] for r in results.values())))
+  at = lambda d, s, fmt: "-" if d.get(s) is None else fmt.format(d[s])
+  print(f"\n| run | seed | held-out loss at step {' / '.join(map(str, steps))} | balance loss "
+        "(train line, same steps) | load at those steps: busiest expert's share x E, "
         "experts under 1/4 of a fair share |")
   print("| --- | --- | --- | --- | --- |")
   for key, r in results.items():
     name, seed = key.split("/")
-    losses = " / ".join(f"{r['eval_loss'][s]:.4f}" for s in common)
-    bal = " / ".join("-" if r["balance_loss"].get(s) is None else f"{r['balance_loss'][s]:.3f}"
-                     for s in common)
-    load = " , ".join(f"{r['load'][s][0]:.2f} / {r['load'][s][1]:.0%}" for s in common
-                      if not np.isnan(r["load"][s][0])) or "-"
+    losses = " / ".join(at(r["eval_loss"], s, "{:.4f}") for s in steps)
+    bal = " / ".join(at(r["balance_loss"], s, "{:.3f}") for s in steps)
+    load = " ; ".join(f"{r['load'][s][0]:.2f}, {r['load'][s][1]:.0%}" for s in steps
+                      if s in r["load"] and not np.isnan(r["load"][s][0])) or "-"
     print(f"| {name} | {seed[4:]} | {losses} | {bal} | {load} |")
   for name in RUNS:
-    got = [results[k]["eval_loss"] for k in results if k.split("/")[0] == name]
-    if got and common:
-      print(f"{name}: mean held-out loss at step {common[-1]} "
-            f"{np.mean([g[common[-1]] for g in got]):.4f} over {len(got)} seed(s)")
+    for s in steps:
+      got = [r["eval_loss"][s] for k, r in results.items()
+             if k.split("/")[0] == name and s in r["eval_loss"]]
+      if got:
+        print(f"{name}: held-out loss at step {s}: mean {np.mean(got):.4f} over "
+              f"{len(got)} seed(s) ({', '.join(f'{g:.4f}' for g in got)})")
 
 
 def time_section(repeats: int) -> dict:
