@@ -97,6 +97,13 @@ NON_ARCHITECTURE_FIELDS = COMPUTE_FIELDS  # the name lmjax 0.1 used
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
+  if dataclasses.is_dataclass(default):  # a nested section (model.moe): its own keys, typed
+    if isinstance(value, type(default)):
+      return value
+    if not isinstance(value, Mapping):
+      raise UserError(f"config key {key} must be a section of {type(default).__name__} "
+                      f"fields, got {value!r}")
+    return section_from_dict(key, type(default), value)
   if isinstance(default, bool):
     ok = isinstance(value, bool)
   elif isinstance(default, int):
@@ -184,6 +191,9 @@ def architecture(model_dict: Mapping[str, Any]) -> dict[str, Any]:
   before a field existed reads as that field's default)."""
   defaults = json.loads(json.dumps(dataclasses.asdict(TransformerConfig())))  # as saved: lists
   full = {**defaults, **model_dict}
+  for key, value in defaults.items():  # nested sections (model.moe) are filled field by field
+    if isinstance(value, dict) and isinstance(full[key], Mapping):
+      full[key] = {**value, **full[key]}
   return {k: v for k, v in full.items() if k not in COMPUTE_FIELDS}
 
 

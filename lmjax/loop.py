@@ -23,7 +23,7 @@ from absl import logging
 from lmjax import cooldown, paths
 from lmjax.errors import UserError
 from lmjax.experiment import Experiment, architecture
-from lmjax.metrics import Throughput, flops_per_token, peak_flops
+from lmjax.metrics import Throughput, describe_parameters, flops_per_token, peak_flops
 from lmjax.optim import state_bytes
 from lmjax.preemption import PreemptionWatch
 from lmjax.sharding import batch_shardings, logical_to_shardings, replicated, unbox
@@ -298,8 +298,8 @@ def train_loop(run: Any, hooks: list[Hook]) -> dict[str, float]:
   t = run.exp.train
   state, train_fn, ctx = _start(run)
   step = int(jax.device_get(state.step))
-  logging.info("%s: %.1fM parameters; steps %d..%d on %d device(s), mesh %s",
-               run.exp.model.family, count_params(state.params) / 1e6, step, t.steps,
+  logging.info("%s: %s; steps %d..%d on %d device(s), mesh %s", run.exp.model.family,
+               describe_parameters(run.exp.model, count_params(state.params)), step, t.steps,
                jax.device_count(), dict(run.mesh.shape))
   total, per_device = state_bytes(state.opt_state)
   logging.info("optimizer %s: state %.1f MiB (%.2f bytes per parameter), %.1f MiB on device 0",

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.extend.core import jaxprs_in_params
 
 from lmjax import paths
 from lmjax.model.config import TransformerConfig
@@ -19,11 +20,31 @@ from lmjax.model.config import TransformerConfig
 
 def matmul_params(cfg: TransformerConfig) -> int:
   """Parameters that take part in a matmul per token (embedding lookups excluded,
-  the output projection included, tied or not)."""
+  the output projection included, tied or not): a sparse layer's active ones, its
+  router, top-k experts and shared experts, not the experts a token skips."""
   d, dh = cfg.d_model, cfg.dim_per_head
   attn = d * dh * (2 * cfg.num_heads + 2 * cfg.kv_heads)  # q, out; k, v
-  mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
-  return cfg.num_layers * (attn + mlp) + head_params(cfg)
+  mlp = lambda width: (3 if cfg.mlp == "swiglu" else 2) * d * width
+  sparse = (cfg.moe.experts_per_token * mlp(cfg.expert_d_ff) + mlp(cfg.shared_d_ff)
+            + d * cfg.moe.num_experts)  # routed experts, shared ones, router
+  return sum(attn + (sparse if s else mlp(cfg.d_ff)) for s in cfg.sparse_layers) \
+      + head_params(cfg)
+
+
+def parameter_counts(cfg: TransformerConfig, total: int) -> tuple[int, int]:
+  """(all parameters, those a token uses): `total` less the routed experts it skips."""
+  m = cfg.moe
+  expert = (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.expert_d_ff
+  skipped = sum(cfg.sparse_layers) * (m.num_experts - m.experts_per_token) * expert
+  return total, total - skipped if m.num_experts else total
+
+
+def describe_parameters(cfg: TransformerConfig, total: int) -> str:
+  """"12.3M parameters", or for a mixture of experts "48.1M parameters, 12.3M active"."""
+  total, active = parameter_counts(cfg, total)
+  if active == total:
+    return f"{total / 1e6:.1f}M parameters"
+  return f"{total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active per token"
 
 
 def head_params(cfg: TransformerConfig) -> int:
@@ -57,6 +78,31 @@ def lowered_dot_flops(stablehlo: str) -> float:
     lhs = [int(x) for x in m.group(2).split("x")]
     out = [int(x) for x in m.group(3).split("x")]
     total += 2.0 * math.prod(out) * math.prod(lhs[c] for c in contracted)
+  return total
+
+
+def traced_dot_flops(jaxpr: Any) -> float:
+  """FLOPs of every matmul in a traced program (a ClosedJaxpr): dot_general as
+  `lowered_dot_flops` counts it, and a grouped matmul (ragged_dot) at the rows it
+  multiplies, 2 m k n (XLA:CPU computes it densely, every group on every row: the
+  compiled program would count num_experts times the work a TPU or GPU does). Loop bodies
+  (scan) count once per iteration."""
+  total = 0.0
+  for eqn in jaxpr.jaxpr.eqns if hasattr(jaxpr, "jaxpr") else jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in ("dot_general", "ragged_dot_general"):
+      dims = (eqn.params["dimension_numbers"] if name == "dot_general"
+              else eqn.params["ragged_dot_dimension_numbers"].dot_dimension_numbers)
+      (contract, _), _ = dims
+      lhs = eqn.invars[0].aval.shape
+      out = math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[c] for c in contract)
+      groups = eqn.invars[2].aval.shape[0] if name == "ragged_dot_general" else 1
+      # The weight gradient of a grouped matmul has the group axis in its output.
+      grouped_out = name == "ragged_dot_general" and eqn.outvars[0].aval.ndim == 3
+      total += 2.0 * out / (groups if grouped_out else 1)
+    times = eqn.params.get("length", 1) if name == "scan" else 1
+    for sub in jaxprs_in_params(eqn.params):
+      total += times * traced_dot_flops(sub)
   return total
 
 
@@ -167,7 +213,8 @@ class MetricsWriter:
     if "loss" not in m:  # task metrics (lm-eval): name = value
       return line + " " + " | ".join(f"{k} {float(v):.4f}" for k, v in sorted(m.items()))
     line += f" loss {float(m['loss']):.4f}"
-    for key, fmt in (("accuracy", "acc {:.3f}"), ("learning_rate", "lr {:.2e}"),
+    for key, fmt in (("accuracy", "acc {:.3f}"), ("router_balance", "balance {:.3f}"),
+                     ("router_z", "router z {:.3f}"), ("learning_rate", "lr {:.2e}"),
                      ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
                      ("mfu", "MFU {:.1%}"), ("f1", "F1 {:.3f}"), ("mcc", "MCC {:.3f}"),
                      ("pearson", "pearson {:.3f}"), ("spearman", "spearman {:.3f}"),

@@ -35,7 +35,7 @@ from lmjax.errors import UserError
 from lmjax.experiment import COMPUTE_FIELDS, Experiment
 from lmjax.metrics import MetricsWriter
 from lmjax.loop import default_hooks, train_loop
-from lmjax.sharding import make_mesh, unbox
+from lmjax.sharding import check_expert_axis, data_parallel_size, make_mesh, unbox
 from lmjax.steps import StepFns, init_state, step_fns, train_step
 
 AUTO_DTYPE_KEY = "cpu_auto_dtype"  # checkpoint metadata: what `auto` resolved to on CPU
@@ -78,7 +78,8 @@ def check_experiment(exp: Experiment, tokenizer_vocab: int, data_parallel: int) 
                     f"train.grad_accum_steps={t.grad_accum_steps}")
   if (t.batch_size // t.grad_accum_steps) % data_parallel:
     raise UserError(f"microbatch {t.batch_size // t.grad_accum_steps} is not divisible by the "
-                    f"data-parallel size {data_parallel} (mesh data x fsdp)")
+                    f"data-parallel size {data_parallel} (the mesh axes of the batch: "
+                    "data x fsdp x expert)")
   if t.lm_eval_tasks and (m.family != "decoder" or jax.process_count() > 1):
     raise UserError("train.lm_eval_tasks scores decoders in one-process runs; evaluate "
                     "checkpoints of this run with `python -m launch.lm_eval`")
@@ -141,7 +142,8 @@ def assemble(exp: Experiment, workdir: str | None, devices: Sequence[Any] | None
   else:
     tokenizer = Tokenizer(exp.data.tokenizer)
   mesh = make_mesh(exp.mesh, devices)
-  check_experiment(exp, tokenizer.vocab_size, mesh.shape["data"] * mesh.shape["fsdp"])
+  check_expert_axis(exp.model.moe.num_experts, mesh, exp.mesh.rules)
+  check_experiment(exp, tokenizer.vocab_size, data_parallel_size(mesh, exp.mesh.rules))
   t = exp.train
   objective = objectives.build(exp.objective, tokenizer.special, exp.model.vocab_size, exp.task)
   data = (None, None) if compile_only else objective.datasets(exp.data, tokenizer, exp.model,

@@ -1,8 +1,8 @@
 """Meshes and the one table that maps logical axis names to mesh axes.
 
 Model code names axes logically (batch, length, embed, heads, kv, mlp, vocab,
-layers); only this module and the config know the mesh axes (data, fsdp,
-tensor). A logical name missing from the rules raises instead of silently
+layers, expert); only this module and the config know the mesh axes (data, fsdp,
+expert, tensor). A logical name missing from the rules raises instead of silently
 replicating.
 """
 
@@ -18,13 +18,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lmjax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 
-# Batch over data and fsdp; parameters' embed dim over fsdp (ZeRO-3 style);
-# heads and MLP width over tensor (Megatron style).
+# Batch over data, fsdp and expert; parameters' embed dim over fsdp (ZeRO-3 style);
+# heads and MLP width over tensor (Megatron style); a mixture of experts' experts over
+# expert, which is one more data-parallel axis for everything else (docs/moe.md).
 DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
+    ("expert", "expert"),
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -41,11 +43,12 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
   rules: Rules = DEFAULT_RULES
+  expert: int = 1  # experts of a mixture of experts split over this many devices
 
-  def shape(self, num_devices: int) -> tuple[int, int, int]:
-    sizes = [self.data, self.fsdp, self.tensor]
+  def shape(self, num_devices: int) -> tuple[int, ...]:
+    sizes = [self.data, self.fsdp, self.expert, self.tensor]
     if sizes.count(-1) > 1:
-      raise UserError("mesh: at most one of data, fsdp, tensor may be -1")
+      raise UserError("mesh: at most one of data, fsdp, expert, tensor may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if known <= 0 or num_devices % known:
       raise UserError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
@@ -57,11 +60,28 @@ class MeshConfig:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axis types, set explicitly (jax>=0.10
+  """A (data, fsdp, expert, tensor) mesh with Auto axis types, set explicitly (jax>=0.10
   defaults to Explicit, under which sharded contractions fail)."""
   devices = list(devices if devices is not None else jax.devices())
   shape = cfg.shape(len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+  """Devices the batch is split over (the mesh axes the rules map `batch` to)."""
+  axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  return int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+
+
+def check_expert_axis(num_experts: int, mesh: Mesh, rules: Rules) -> None:
+  """A mixture of experts' experts must split evenly over the mesh axes `expert` maps to."""
+  axes = nn.logical_to_mesh_axes(("expert",), rules)[0] if num_experts else None
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  size = int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+  if num_experts % size:
+    raise UserError(f"mesh.expert={size} does not divide model.moe.num_experts={num_experts}")
 
 
 def check_rules(rules: Rules) -> Rules:

@@ -140,6 +140,16 @@ FAMILIES = {  # name: (config class, model class, options)
                          "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=WINDOW, pad_token_id=0)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(pad_token_id=0)),
+    # Mixtures of experts: 4 experts, top-2; Qwen3-MoE with experts of their own width and a
+    # dense layer between sparse ones.
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+        norm_topk_prob=True, mlp_only_layers=[1], use_sliding_window=True,
+        sliding_window=WINDOW)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, pad_token_id=0)),
 }
 
 

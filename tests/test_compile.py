@@ -131,3 +131,15 @@ def test_fine_tuning_experiments_compile_through_the_same_run_builder(tiny_runs,
   ratio = report["flops_per_step"]["ratio"]
   # DPO runs two rows per pair (its head counted twice); a task head's vocabulary is none.
   assert (0.9 < ratio < 1.6) if kind != "classification" else ratio > 0.9, report
+
+
+@pytest.mark.parametrize("arg", [None, "capacity"])
+def test_expert_parallel_moe_compiles_for_a_tpu_topology_with_all_to_all(tmp_path, arg):
+  """moe_tiny's experts over an expert axis of 4: dropless dispatch exchanges tokens by
+  all-to-all under shard_map (its grouped matmuls as ragged_dot, TPU's choice), capacity
+  dispatch by the all-to-all XLA makes of its sharding constraint."""
+  config = tiny_config("moe_tiny", tmp_path, arg, model__num_layers=2, model__moe__d_ff=64)
+  config.mesh.data, config.mesh.fsdp, config.mesh.expert = 1, 1, 4
+  report = aot.compile_for_topology(experiment_from_dict(config.to_dict()), "v5e:2x2")
+  assert report["devices"] == 4 and report["fits"]
+  assert report["collectives"]["all-to-all"]["count"] > 0, report["collectives"]

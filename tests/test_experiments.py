@@ -23,7 +23,9 @@ FINETUNING = {"finetune_genre": [None, "random"], "finetune_pairs": [None],
               "chat_tiny": [None], "dpo_tiny": [None], "qa_tiny": [None],
               "finetune_regression": [None]}  # configs for launch.finetune
 VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp", "v5e16"],
-            "qwen3_tiny": [None, "0.6b"], "gemma_tiny": [None, "gemma3", "2b"]}
+            "qwen3_tiny": [None, "0.6b"], "gemma_tiny": [None, "gemma3", "2b"],
+            # moe_1b's :ep8 and :capacity need 8 devices: test_compile.py compiles them.
+            "moe_tiny": [None, "llama", "capacity"], "moe_1b": [None]}
 CASES = [(name, arg) for name in EXPERIMENTS if name not in FINETUNING
          for arg in VARIANTS.get(name, [None])]
 

@@ -1,5 +1,6 @@
 """Today's families, in and out of Hugging Face: Llama 3 (and a linear-scaled Llama in the
-pre-5 config spelling), Mistral, Qwen2, Qwen3 (YaRN), Gemma 2, Gemma 3, Phi-3 and OLMo 2.
+pre-5 config spelling), Mistral, Qwen2, Qwen3 (YaRN), Gemma 2, Gemma 3, Phi-3 and OLMo 2,
+and the mixtures of experts Mixtral, Qwen3-MoE and OLMoE.
 
 Each is a tiny random model built with transformers inside the test (tests/hf_models.py:
 norms and biases off their initial values, windows and original contexts shorter than the
@@ -68,15 +69,21 @@ def test_logits_match_transformers(family):
 
 
 # Each option changes the logits by far more than the tolerance: the test above sees it.
+# A mixture of experts' routing options sit in model.moe (a function of the model's own).
 OPTIONS = {"mistral": dict(sliding_window=0), "llama3": dict(rope_scaling="none"),
            "gemma2": dict(attn_softcap=0.0), "gemma3_text": dict(rope_local_theta=0.0),
            "qwen3": dict(rope_attention_factor=1.0), "qwen2": dict(layer_types=("local",)),
            "olmo2": dict(norm_eps=1e-2), "phi3": dict(sliding_window=WINDOW + 1),
-           "llama_linear_legacy": dict(rope_factor=1.0)}
+           "llama_linear_legacy": dict(rope_factor=1.0),
+           "mixtral": lambda m: dict(moe=m.moe.replace(experts_per_token=1)),
+           "qwen3_moe": lambda m: dict(moe=m.moe.replace(normalize_topk=False)),
+           "olmoe": lambda m: dict(moe=m.moe.replace(normalize_topk=True))}
 
 
 def test_each_option_read_matters(family):
-  changed = family.source.model.replace(**OPTIONS[family.name])
+  option = OPTIONS[family.name]
+  model = family.source.model
+  changed = model.replace(**(option(model) if callable(option) else option))
   got = _lmjax_logits(changed, family.source.params)
   valid = _rows()[1].astype(bool)
   assert np.abs(got[valid] - family.want[valid]).max() > 1e-3
@@ -168,7 +175,8 @@ BASE = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_h
      "qwen3: rope_type 'yarn' needs factor"),
     (dict(model_type="mistral", rope_parameters={"rope_type": "linear", "factor": "2"}),
      "mistral: RoPE parameter factor='2' is not a number"),
-    (dict(model_type="mixtral"), "model_type 'mixtral' is not supported"),
+    (dict(model_type="qwen2_moe"), "model_type 'qwen2_moe' is not supported"),
+    (dict(model_type="olmoe", clip_qkv=8.0), "olmoe: clip_qkv: 8.0"),
 ])
 def test_options_lmjax_lacks_are_one_line(config, message):
   with pytest.raises(UserError, match=message) as e:
@@ -225,7 +233,8 @@ def test_launch_convert_keeps_a_hugging_face_inputs_family(tmp_path):
     assert proc.returncode == 0 and "identical" in proc.stdout, proc.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["model_type"] == model_type
   for family, message in (("gemma2", "cannot be exported as gemma2: model.norm_position"),
-                          ("mixtral", "cannot export as 'mixtral'")):
+                          ("mixtral", "model.moe.num_experts=0 (needs experts)"),
+                          ("qwen2_moe", "cannot export as 'qwen2_moe'")):
     proc = run(f"--output={tmp_path / family}", f"--family={family}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -4,11 +4,22 @@ import sys
 
 from tiny import ROOT
 
+MOE = os.path.join(ROOT, "tests", "multidevice", "test_moe_sharding.py")
+
+
+def _suite(*args: str) -> None:
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+  assert " passed" in proc.stdout and "failed" not in proc.stdout
+
 
 def test_multidevice_suite_with_8_simulated_devices():
   """tests/multidevice needs 8 CPU devices, fixed at backend start: its own process."""
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                         os.path.join(ROOT, "tests", "multidevice")], cwd=ROOT,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-  assert " passed" in proc.stdout and "failed" not in proc.stdout
+  _suite(os.path.join(ROOT, "tests", "multidevice"), f"--ignore={MOE}")
+
+
+def test_expert_parallel_suite_with_8_simulated_devices():
+  """The mixture of experts' sharded runs (test_moe_sharding.py), in a process of their own
+  with a time limit of their own."""
+  _suite(MOE)

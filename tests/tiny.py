@@ -23,8 +23,11 @@ def tiny_config(name: str, tmp_path, arg: str | None = None, **overrides):
   changes = dict(TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()})
   changes["data.cache_dir"] = str(tmp_path / "cache")
   for key, value in changes.items():
-    section, field = key.split(".")
-    config[section][field] = value
+    *sections, field = key.split(".")  # model.moe.num_experts: a nested section
+    node = config
+    for section in sections:
+      node = node[section]
+    node[field] = value
   return config
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from absl import logging
 
+from lmjax.convert import moe_families
 from lmjax.convert.rope import rope_from_hf, rope_to_hf
 from lmjax.convert.tables import (Entry, fused_rows, heads_in, heads_out, linear, norm,
                                   same)
@@ -25,7 +26,8 @@ from lmjax.model.config import TransformerConfig
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+    **moe_families.ARCHITECTURES}  # mixtral, qwen3_moe, olmoe: routed MLPs
 GEMMA = ("gemma2", "gemma3_text")
 # Each block's norms by where they sit: (Hugging Face name, lmjax module).
 NORMS = {
@@ -46,12 +48,16 @@ FIXED = {
     "gemma2": dict(norm_position="sandwich", norm_plus_one=True, embed_scale=True),
     "gemma3_text": dict(norm_position="sandwich", norm_plus_one=True, embed_scale=True,
                         qk_norm="head"),
-    "olmo2": dict(norm_position="branch_post", qk_norm="projection")}
+    "olmo2": dict(norm_position="branch_post", qk_norm="projection"),
+    "mixtral": dict(norm_position="pre"),
+    "qwen3_moe": dict(norm_position="pre", qk_norm="head"),
+    "olmoe": dict(norm_position="pre", qk_norm="projection")}
 # Fields a family cannot express unless they are at these values (beyond FIXED).
 PLAIN = dict(norm_position="pre", norm_plus_one=False, embed_scale=False, qkv_bias=False,
              qk_norm="none", attn_scale_dim=0.0, attn_softcap=0.0, final_softcap=0.0,
              rope_local_theta=0.0)
-HAS_HEAD_DIM = ("llama", "mistral", "qwen3", "gemma2", "gemma3_text")  # a config field
+HAS_HEAD_DIM = ("llama", "mistral", "qwen3", "gemma2", "gemma3_text", "mixtral",
+                "qwen3_moe")  # a config field
 # transformers' defaults for keys a config.json may leave out (its class's field defaults).
 ACTIVATION = {kind: ("hidden_activation", "gelu_pytorch_tanh") if kind in GEMMA
               else ("hidden_act", "silu") for kind in ARCHITECTURES}
@@ -60,6 +66,8 @@ DEFAULTS = {"sliding_window": 4096, "query_pre_attn_scalar": 256, "rms_norm_eps"
 FAMILY_DEFAULTS = {
     "phi3": {"sliding_window": None, "rms_norm_eps": 1e-5},
     "olmo2": {"rms_norm_eps": 1e-5},
+    "mixtral": {"sliding_window": None, "rms_norm_eps": 1e-5},
+    "olmoe": {"rms_norm_eps": 1e-5},
     "gemma2": {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}}
 
 
@@ -78,13 +86,16 @@ def table(cfg: TransformerConfig, kind: str) -> list[Entry]:
   for i in range(cfg.num_layers):
     a, p = f"layers.{i}.", f"transformer/stack/layers_{i}/"
     out += _attention(cfg, kind, f"{a}self_attn.", f"{p}attention/")
-    if kind == "phi3":  # gate and up stacked in one matrix, gate first
+    if cfg.sparse_layers[i]:  # a router and its experts (Mixtral, Qwen3-MoE, OLMoE)
+      out += moe_families.experts_table(cfg, kind, a, p)
+    elif kind == "phi3":  # gate and up stacked in one matrix, gate first
       out.append(fused_rows(f"{a}mlp.gate_up_proj.weight", (f"{p}mlp/gate/kernel",
                             f"{p}mlp/up/kernel"), (cfg.d_ff, cfg.d_ff), (None, None)))
     else:
       out += [linear(f"{a}mlp.gate_proj.weight", f"{p}mlp/gate/kernel"),
               linear(f"{a}mlp.up_proj.weight", f"{p}mlp/up/kernel")]
-    out.append(linear(f"{a}mlp.down_proj.weight", f"{p}mlp/wo/kernel"))
+    if not cfg.sparse_layers[i]:
+      out.append(linear(f"{a}mlp.down_proj.weight", f"{p}mlp/wo/kernel"))
     for hf, ours in NORMS[cfg.norm_position]:
       out += norm(a + hf, p + ours, bias=False)
   return out
@@ -124,7 +135,7 @@ def _refuse(hf: dict[str, Any], kind: str) -> None:
 def _layer_types(hf: dict[str, Any], kind: str) -> tuple[str, ...]:
   """config.json's per-layer attention kinds, or the family's default pattern."""
   n = hf["num_hidden_layers"]
-  if kind in ("mistral", "phi3"):  # the window, when set, is on every layer
+  if kind in ("mistral", "phi3", "mixtral", "qwen3_moe"):  # the window, when set, is on every layer
     return ("sliding_attention",) * n
   if hf.get("layer_types"):
     return tuple(hf["layer_types"])
@@ -138,8 +149,8 @@ def _layer_types(hf: dict[str, Any], kind: str) -> tuple[str, ...]:
 def _window(hf: dict[str, Any], kind: str) -> dict[str, Any]:
   """sliding_window and the shortest repeating layer_types pattern."""
   window = _read(hf, kind, "sliding_window")
-  qwen_off = kind in ("qwen2", "qwen3") and not hf.get("use_sliding_window")
-  if kind in ("llama", "olmo2") or qwen_off:
+  qwen_off = kind in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window")
+  if kind in ("llama", "olmo2", "olmoe") or qwen_off:
     window = None
   types = _layer_types(hf, kind)
   unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
@@ -169,6 +180,9 @@ def config_from_hf(hf: dict[str, Any], kind: str, common: dict[str, Any]) -> Tra
       norm_eps=_read(hf, kind, "rms_norm_eps"), position="rope", use_bias=False,
       tie_embeddings=hf.get("tie_word_embeddings", kind in TIED_BY_DEFAULT))
   fields.update(FIXED[kind], **rope_from_hf(hf, kind), **_window(hf, kind))
+  if kind in moe_families.ARCHITECTURES:
+    fields.update(moe_families.moe_from_hf(hf, kind))
+    common = {**common, **{k: fields.pop(k) for k in ("scan_layers",) if k in fields}}
   if kind in GEMMA:
     fields["attn_scale_dim"] = float(_read(hf, kind, "query_pre_attn_scalar"))
     fields["final_softcap"] = float(_read(hf, kind, "final_logit_softcapping") or 0)
@@ -194,12 +208,12 @@ def problems(cfg: TransformerConfig, kind: str) -> list[str]:
     else:
       del need["rope_local_theta"]
   out = [f"model.{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in need.items()
-         if getattr(cfg, k) != v]
+         if getattr(cfg, k) != v] + moe_families.problems(cfg, kind)
   if kind not in HAS_HEAD_DIM and cfg.dim_per_head != cfg.d_model // cfg.num_heads:
     out.append(f"model.head_dim={cfg.head_dim} (needs d_model / num_heads)")
-  if kind in ("llama", "olmo2") and cfg.sliding_window:
+  if kind in ("llama", "olmo2", "olmoe") and cfg.sliding_window:
     out.append(f"model.sliding_window={cfg.sliding_window} (needs 0)")
-  if kind in ("mistral", "phi3") and cfg.uniform_layers is None:
+  if kind in ("mistral", "phi3", "mixtral", "qwen3_moe") and cfg.uniform_layers is None:
     out.append(f"model.layer_types={cfg.layer_types} (needs every layer local)")
   if kind in GEMMA and not float(cfg.attn_scale_dim).is_integer():
     out.append(f"model.attn_scale_dim={cfg.attn_scale_dim} (needs a whole number)")
@@ -210,7 +224,8 @@ def problems(cfg: TransformerConfig, kind: str) -> list[str]:
 
 def infer_kind(cfg: TransformerConfig) -> str:
   """The first family that expresses `cfg` (Phi-3 only when asked for: LLaMA holds it)."""
-  kinds = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2")
+  kinds = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo2", "mixtral",
+           "qwen3_moe", "olmoe")
   found = {kind: problems(cfg, kind) for kind in kinds}
   for kind in kinds:
     if not found[kind]:
@@ -230,13 +245,15 @@ def config_to_hf(cfg: TransformerConfig, kind: str, ids: dict[str, Any]) -> dict
       max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
       tie_word_embeddings=cfg.tie_embeddings, **rope_to_hf(cfg, kind), **ids)
   out["hidden_activation" if kind in GEMMA else "hidden_act"] = act
-  if kind in HAS_HEAD_DIM:
-    out["head_dim"] = cfg.dim_per_head
-  if kind in ("llama", "qwen3", "olmo2") + GEMMA:
+  if kind in HAS_HEAD_DIM:  # Mixtral's config leaves it null: d_model / num_heads
+    out["head_dim"] = cfg.head_dim or None if kind == "mixtral" else cfg.dim_per_head
+  if kind in ("llama", "qwen3", "olmo2", "qwen3_moe", "olmoe") + GEMMA:
     out["attention_bias"] = False
   if kind == "llama":
     out["mlp_bias"] = False
   out.update(_window_to_hf(cfg, kind))
+  if kind in moe_families.ARCHITECTURES:
+    out.update(moe_families.moe_to_hf(cfg, kind))
   if kind in GEMMA:
     out.update(query_pre_attn_scalar=int(cfg.attn_scale_dim or cfg.dim_per_head),
                final_logit_softcapping=cfg.final_softcap or None,
@@ -249,10 +266,13 @@ def _act(name: str) -> str:
 
 
 def _window_to_hf(cfg: TransformerConfig, kind: str) -> dict[str, Any]:
-  if kind in ("llama", "olmo2"):
+  if kind in ("llama", "olmo2", "olmoe"):
     return {}
-  if kind in ("mistral", "phi3"):
+  if kind in ("mistral", "phi3", "mixtral"):
     return dict(sliding_window=cfg.sliding_window or None)
+  if kind == "qwen3_moe":  # one window for every layer, when used
+    return dict(use_sliding_window=bool(cfg.sliding_window),
+                sliding_window=cfg.sliding_window or None)
   types = ["sliding_attention" if x else "full_attention" for x in cfg.local_layers]
   if kind in GEMMA:  # Gemma's window is always set; layer_types says where it applies
     return dict(sliding_window=cfg.sliding_window or cfg.max_len, layer_types=types)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -275,7 +276,34 @@ def read_hf(directory: str) -> HFWeights:
   unused = [k for k in tensors if k not in used and not any(s in k for s in IGNORED)]
   if unused:
     logging.warning("%s: %d weights not used, e.g. %s", directory, len(unused), unused[:3])
-  return HFWeights(kind, cfg, stack_layers(_nest(flat), cfg.num_layers))
+  params = _nest(_stack_experts(flat))
+  return HFWeights(kind, cfg, stack_layers(params, cfg.num_layers) if cfg.scan_layers else params)
+
+
+_EXPERT = re.compile(r"(.*)\[(\d+)\]$")  # `path[j]`: expert j of a stacked kernel
+
+
+def _stack_experts(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Each expert's `path[j]` array stacked into one (E, ...) array at `path`."""
+  out, experts = {}, {}
+  for path, value in flat.items():
+    m = _EXPERT.match(path)
+    if m:
+      experts.setdefault(m.group(1), {})[int(m.group(2))] = value
+    else:
+      out[path] = value
+  for path, by_index in experts.items():
+    out[path] = np.stack([by_index[j] for j in range(len(by_index))])
+  return out
+
+
+def _param(flat: dict[str, np.ndarray], path: str) -> np.ndarray | None:
+  """The array at `path`, or for `path[j]` row j of the stacked array (None if missing)."""
+  m = _EXPERT.match(path)
+  if m:
+    stacked = flat.get(m.group(1))
+    return None if stacked is None else stacked[int(m.group(2))]
+  return flat.get(path)
 
 
 def export_hf(source: Any, directory: str, family: str | None = None,
@@ -293,12 +321,12 @@ def export_hf(source: Any, directory: str, family: str | None = None,
   with_head = "output_bias" in flat
   tensors = {}
   for entry in _table(kind, cfg, with_head):
-    missing = [p for p in entry.paths if p not in flat]
+    missing = [p for p in entry.paths if _param(flat, p) is None]
     if missing and kind == "bert" and entry.paths[0].startswith("transformer/embed/token_types"):
       flat[entry.paths[0]] = np.zeros((1, cfg.d_model), np.float32)  # no token types: one zero row
     elif missing:
       raise UserError(f"cannot export: parameter {missing[0]} is missing")
-    value = entry.to_hf([np.asarray(flat[p], np.float32) for p in entry.paths])
+    value = entry.to_hf([np.asarray(_param(flat, p), np.float32) for p in entry.paths])
     tensors[_hf_name(entry.hf, kind, True)] = np.ascontiguousarray(value)
   if not with_head and kind == "bert":
     hf_config["architectures"] = ["BertModel"]

@@ -53,3 +53,9 @@ def fused_rows(hf, paths, sizes, heads):
   def to_hf(xs):
     return np.concatenate([x.reshape(x.shape[0], -1).T for x in xs], axis=0)
   return Entry(hf, tuple(paths), to_lmjax, to_hf)
+
+
+def expert_linear(hf, path, expert):
+  """One expert's torch Linear (out, in) <-> row `expert` of a stacked (E, in, out) kernel:
+  the lmjax path is `path[expert]`, which `hf.read_hf` stacks and `hf.export_hf` slices."""
+  return Entry(hf, (f"{path}[{expert}]",), lambda w: [w.T], lambda xs: xs[0].T)

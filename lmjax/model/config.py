@@ -18,6 +18,60 @@ NORM_POSITIONS = ("pre", "post", "sandwich", "branch_post")
 QK_NORMS = ("none", "head", "projection")
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 LAYER_TYPES = ("global", "local")
+ROUTERS = ("softmax_topk", "topk_softmax")
+DISPATCHES = ("dropless", "capacity")
+GROUPED_MATMULS = ("auto", "ragged_dot", "tiled")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """`model.moe`: routed (mixture-of-experts) MLPs in place of the dense one. num_experts=0
+  (the default) keeps every MLP dense; docs/moe.md describes the layer."""
+
+  num_experts: int = 0  # routed experts per sparse layer; 0: a dense model
+  experts_per_token: int = 2  # top-k: the experts each token is sent to
+  d_ff: int = 0  # each expert's hidden width; 0: model.d_ff
+  # Always-on experts beside the routed ones (DeepSeek, Qwen2-MoE style, ungated): one MLP
+  # of width shared_d_ff, or shared_experts x the expert width when shared_d_ff is 0.
+  shared_experts: int = 0
+  shared_d_ff: int = 0
+  # Which layers are sparse: `layers` (0-based indices) if given, else every `every`-th
+  # layer, counting from 1 (Qwen's decoder_sparse_step: layer i when (i + 1) % every == 0).
+  every: int = 1
+  layers: tuple[int, ...] = ()
+  # softmax_topk: softmax over all experts, then the k largest (Mixtral, Qwen3-MoE, OLMoE);
+  # topk_softmax: the k largest logits, then a softmax over those k (weights sum to 1).
+  router: str = "softmax_topk"
+  normalize_topk: bool = True  # softmax_topk: rescale the k weights to sum 1 (norm_topk_prob)
+  # dropless: every token reaches its k experts (a grouped matmul over tokens sorted by
+  # expert); capacity: at most capacity_factor * tokens * k / num_experts tokens per expert
+  # and row, the rest pass through the residual (counted), by one-hot dispatch matmuls.
+  dispatch: str = "dropless"
+  capacity_factor: float = 1.25
+  # Dropless dispatch's grouped matmul: ragged_dot (jax.lax.ragged_dot: a tiled kernel on
+  # TPU; on CPU, XLA computes every expert on every row), tiled (rows padded to whole tiles
+  # per expert, one batched matmul over the tiles), auto: tiled on CPU, else ragged_dot.
+  grouped_matmul: str = "auto"
+  balance_loss: float = 0.01  # weight of the switch load-balancing loss in the objective
+  z_loss: float = 0.001  # weight of the router z-loss (ST-MoE): mean logsumexp(logits)^2
+
+  def __post_init__(self):
+    object.__setattr__(self, "layers", tuple(self.layers))  # a JSON list reads back
+    check_ranges("model.moe", self, positive=("experts_per_token", "every", "capacity_factor"),
+                 non_negative=("num_experts", "d_ff", "shared_experts", "shared_d_ff",
+                               "balance_loss", "z_loss"))
+    if self.num_experts and self.experts_per_token > self.num_experts:
+      raise ValueError(f"model.moe.experts_per_token={self.experts_per_token} exceeds "
+                       f"model.moe.num_experts={self.num_experts}")
+    for name, allowed in (("router", ROUTERS), ("dispatch", DISPATCHES),
+                          ("grouped_matmul", GROUPED_MATMULS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.moe.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    if any(not isinstance(i, int) or i < 0 for i in self.layers):
+      raise ValueError(f"model.moe.layers must hold layer indices >= 0, got {self.layers}")
+
+  def replace(self, **changes) -> "MoEConfig":
+    return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +157,12 @@ class TransformerConfig:
   # width holds at any width. At the base width mup is sp exactly (docs/scaling.md).
   parametrization: Literal["sp", "mup"] = "sp"
   mup_base_d_model: int = 0  # 0: d_model (this is the base width)
+  moe: MoEConfig = MoEConfig()  # routed MLPs (mixture of experts); dense by default
 
   def __post_init__(self):
     object.__setattr__(self, "layer_types", tuple(self.layer_types))  # a JSON list reads back
+    if isinstance(self.moe, dict):  # a saved config's JSON
+      object.__setattr__(self, "moe", MoEConfig(**self.moe))
     if self.family not in ("decoder", "encoder"):
       raise ValueError(f"model.family must be 'decoder' or 'encoder', got {self.family!r}")
     check_ranges("model", self, positive=("vocab_size", "max_len", "d_model", "num_layers",
@@ -136,6 +193,7 @@ class TransformerConfig:
                        f"model.mup_base_d_model={self.mup_base} (µP widens the base width)")
     self._check_variants()
     self._check_rope()
+    self._check_moe()
 
   def _check_variants(self) -> None:
     """The options of today's families (Qwen, Mistral, Gemma, OLMo 2)."""
@@ -177,6 +235,34 @@ class TransformerConfig:
                        "model.rope_original_max_len (the pretraining context length)")
     if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
       raise ValueError("model.rope_high_freq_factor must exceed model.rope_low_freq_factor")
+
+  def _check_moe(self) -> None:
+    bad = [i for i in self.moe.layers if i >= self.num_layers]
+    if self.moe.num_experts and bad:
+      raise ValueError(f"model.moe.layers names layer {bad[0]}; the model has "
+                       f"model.num_layers={self.num_layers}")
+    if self.scan_layers and len(set(self.sparse_layers)) > 1:
+      raise ValueError("model.moe: a stack mixing dense and sparse layers is unrolled; set "
+                       "model.scan_layers=False (or make every layer sparse)")
+
+  @property
+  def sparse_layers(self) -> tuple[bool, ...]:
+    """Whether each layer's MLP is routed (model.moe), or dense."""
+    m = self.moe
+    if not m.num_experts:
+      return (False,) * self.num_layers
+    if m.layers:
+      return tuple(i in m.layers for i in range(self.num_layers))
+    return tuple((i + 1) % m.every == 0 for i in range(self.num_layers))
+
+  @property
+  def expert_d_ff(self) -> int:
+    return self.moe.d_ff or self.d_ff
+
+  @property
+  def shared_d_ff(self) -> int:
+    """The width of the always-on shared experts' MLP (0: none)."""
+    return self.moe.shared_d_ff or self.moe.shared_experts * self.expert_d_ff
 
   @property
   def mup_base(self) -> int:

@@ -5,7 +5,8 @@ stack keeps one set of layer parameters with a leading `layers` axis, the
 unrolled stack keeps `layers_0 .. layers_{L-1}`; `stack_layers` and
 `unstack_layers` convert between the two layouts. Layers that differ (local and
 global attention, Gemma 2, 3) differ by a flag: a Python bool in an unrolled stack,
-one element of a scanned (L,) array in a scanned one.
+one element of a scanned (L,) array in a scanned one. Sparse (mixture-of-experts) layers
+return their router statistics, which the stack sows, stacked, into the "moe" collection.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lmjax.model.attention import (DENSE_IMPLEMENTATIONS, MultiHeadAttention,
 from lmjax.model.config import TransformerConfig
 from lmjax.model.layers import Embeddings, Mlp, Norm
 from lmjax.model.masks import CacheMask, DenseMasks, MaskSpec
+from lmjax.model.moe import COLLECTION, MoeMlp, RouterStats
 
 Array = jax.Array
 _policies = jax.checkpoint_policies
@@ -36,22 +38,34 @@ class Block(nn.Module):
   """Attention + MLP with residuals; the norms where `norm_position` puts them.
 
   `local`: whether this layer attends within the sliding window; None: the layer reads
-  it from its call (a scanned stack whose layers mix both kinds).
+  it from its call (a scanned stack whose layers mix both kinds). `sparse`: its MLP is
+  routed (`MoeMlp`, which sees which tokens are real, `valid`), and the block returns the
+  router's statistics beside its output.
   """
 
   cfg: TransformerConfig
   deterministic: bool = True
   decode: bool = False
   local: bool | None = False
+  sparse: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask, positions: Array, local: Array | None = None
-               ) -> tuple[Array, None]:
+  def __call__(self, x: Array, mask, positions: Array, valid: Array,
+               local: Array | None = None) -> tuple[Array, RouterStats | None]:
     cfg, det = self.cfg, self.deterministic
     local = self.local if self.local is not None else local
     attention = MultiHeadAttention(cfg, det, self.decode, name="attention")
     attn = lambda h: attention(h, mask, positions, local)
-    mlp = Mlp(cfg, det, name="mlp")
+    stats = []  # the sparse MLP's router statistics
+    if self.sparse:
+      moe = MoeMlp(cfg, det, self.decode, name="mlp")
+
+      def mlp(h):
+        y, layer_stats = moe(h, valid)
+        stats.append(layer_stats)
+        return y
+    else:
+      mlp = Mlp(cfg, det, name="mlp")
     norm = lambda name: Norm(cfg, name=name)
     if cfg.norm_position == "pre":
       x = x + attn(norm("attention_norm")(x))  # (B, T, D)
@@ -66,7 +80,7 @@ class Block(nn.Module):
       x = x + norm("attention_post_norm")(attn(x))
       x = x + norm("mlp_post_norm")(mlp(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    return x, None  # (carry, per-layer output) as nn.scan expects
+    return x, (stats[0] if stats else None)  # (carry, per-layer output) as nn.scan expects
 
 
 class LayerStack(nn.Module):
@@ -77,25 +91,32 @@ class LayerStack(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask, positions: Array) -> Array:
+  def __call__(self, x: Array, mask, positions: Array, valid: Array) -> Array:
+    """`valid` (B, T): which tokens are real (the routed MLPs' business)."""
     cfg = self.cfg
     block = Block
     if cfg.remat_policy != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
+    sparse = cfg.sparse_layers
+    if cfg.scan_layers:  # every layer sparse, or none (config.py checks)
       uniform = cfg.uniform_layers  # None: the layers' kinds go in as data
       flags = () if uniform is not None else (jnp.asarray(cfg.local_layers),)
       scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                         split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast) + (0,) * len(flags),
+                        in_axes=(nn.broadcast,) * 3 + (0,) * len(flags),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, self.deterministic, self.decode, uniform, name="layers")(
-          x, mask, positions, *flags)
-      return x
-    for i, local in enumerate(cfg.local_layers):
-      x, _ = block(cfg, self.deterministic, self.decode, local, name=f"layers_{i}")(
-          x, mask, positions)
+      x, stats = scanned(cfg, self.deterministic, self.decode, uniform, sparse[0],
+                         name="layers")(x, mask, positions, valid, *flags)
+    else:
+      per_layer = []
+      for i, (local, is_sparse) in enumerate(zip(cfg.local_layers, sparse)):
+        x, layer_stats = block(cfg, self.deterministic, self.decode, local, is_sparse,
+                               name=f"layers_{i}")(x, mask, positions, valid)
+        per_layer += [layer_stats] if is_sparse else []
+      stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else None
+    if stats is not None:  # (sparse layers, ...) each
+      self.sow(COLLECTION, "router_stats", stats)
     return x
 
 
@@ -133,7 +154,7 @@ class Transformer(nn.Module):
     else:
       mask = self._mask(MaskSpec(segment_ids, prefix_len, self.cfg.causal))
     x = self.embed(tokens, positions, token_types)  # (B, T, D)
-    x = self.stack(x, mask, positions)
+    x = self.stack(x, mask, positions, segment_ids != 0)
     if self.cfg.norm_position != "post":
       x = self.final_norm(x)
     return x

@@ -154,8 +154,10 @@ class Objective:
 
   def eval_metrics(self, sums: dict[str, float], examples: dict[str, np.ndarray]
                    ) -> dict[str, float]:
-    """The held-out measures from the eval set's summed terms and gathered examples."""
-    return {k: float(v) for k, v in self.metrics(sums).items()}
+    """The held-out measures from the eval set's summed terms and gathered examples (and a
+    mixture of experts' load per layer and expert, when its router's terms are summed)."""
+    from lmjax.model.moe import router_load_metrics
+    return {**{k: float(v) for k, v in self.metrics(sums).items()}, **router_load_metrics(sums)}
 
   @classmethod
   def head_positions(cls, cfg: ObjectiveConfig, seq_len: int) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from lmjax.errors import UserError
+from lmjax.model.moe import apply_with_router_stats, router_metrics, router_sums
 from lmjax.objectives.base import Batch, ObjectiveConfig, register
 from lmjax.objectives.losses import clm_targets, target_logprobs
 from lmjax.objectives.pretraining import LanguageModelling, LMConfig
@@ -171,8 +172,8 @@ class DPO(ChatObjective):
                 rngs: dict[str, Array]) -> dict[str, Array]:
     both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
             for k in ("tokens", "segment_ids", "positions", "loss_mask")}  # (2B, T)
-    logps = _completion_logps(model, params, both["tokens"], both["segment_ids"],
-                              both["positions"], both["loss_mask"], rngs)
+    logps, router = _logps_and_router(model, params, both["tokens"], both["segment_ids"],
+                                      both["positions"], both["loss_mask"], rngs)
     chosen, rejected = jnp.split(logps, 2)  # (B,) each
     beta, eps = self.cfg.beta, self.cfg.label_smoothing
     reward_chosen = beta * (chosen - batch["ref_chosen"])
@@ -181,17 +182,18 @@ class DPO(ChatObjective):
     loss = -(1 - eps) * jax.nn.log_sigmoid(margin) - eps * jax.nn.log_sigmoid(-margin)
     w = batch["weights"]  # (B,) 1 for pairs, 0 for padding rows
     total = jnp.sum(loss * w)
-    return {"loss": total, "objective": total,
+    sums = {"loss": total, "objective": total,
             "correct": jnp.sum((reward_chosen > reward_rejected) * w), "weight": jnp.sum(w),
             "reward_chosen": jnp.sum(reward_chosen * w),
             "reward_rejected": jnp.sum(reward_rejected * w), "margin": jnp.sum(margin * w)}
+    return router_sums(sums, router, model.cfg)  # a mixture of experts' router losses
 
   def metrics(self, sums: dict[str, Array]) -> dict[str, Array]:
     n = jnp.maximum(sums["weight"], 1.0)
     return {"loss": sums["loss"] / n, "reward_accuracy": sums["correct"] / n,
             "reward_chosen": sums["reward_chosen"] / n,
             "reward_rejected": sums["reward_rejected"] / n, "reward_margin": sums["margin"] / n,
-            "pairs": sums["weight"]}
+            "pairs": sums["weight"], **router_metrics(sums)}
 
   @classmethod
   def head_positions(cls, cfg: ObjectiveConfig, seq_len: int) -> int:
@@ -202,7 +204,15 @@ def _completion_logps(model: nn.Module, params: Any, tokens: Array, segments: Ar
                       positions: Array, mask: Array, rngs: dict[str, Array] | None = None
                       ) -> Array:
   """Per row: the summed log-probability of its completion tokens (`mask`), (N,)."""
-  logits = model.apply({"params": params}, tokens, segments, positions, rngs=rngs or {})
+  return _logps_and_router(model, params, tokens, segments, positions, mask, rngs)[0]
+
+
+def _logps_and_router(model: nn.Module, params: Any, tokens: Array, segments: Array,
+                      positions: Array, mask: Array, rngs: dict[str, Array] | None = None
+                      ) -> tuple[Array, Any]:
+  """`_completion_logps`, and a mixture of experts' router statistics (None if dense)."""
+  logits, router = apply_with_router_stats(model, {"params": params}, tokens, segments,
+                                           positions, rngs=rngs or {})
   targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
   weights = jnp.pad(mask[:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)  # predicts a completion
-  return jnp.sum(target_logprobs(logits, targets) * weights, axis=-1)  # (N,)
+  return jnp.sum(target_logprobs(logits, targets) * weights, axis=-1), router  # (N,)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.model.moe import router_metrics
+
 
 Array = jax.Array
 
@@ -248,4 +250,4 @@ def token_metrics(sums: dict[str, Array]) -> dict[str, Array]:
   denom = jnp.maximum(sums["weight"], 1.0)
   loss = sums["loss"] / denom
   return {"loss": loss, "accuracy": sums["correct"] / denom, "perplexity": jnp.exp(loss),
-          "tokens": sums["weight"]}
+          "tokens": sums["weight"], **router_metrics(sums)}  # + a mixture of experts' losses

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 
 from lmjax.errors import check_ranges
+from lmjax.model.moe import apply_with_router_stats, router_sums
 from lmjax.objectives.base import Batch, Objective, ObjectiveConfig, register
 from lmjax.objectives.losses import (clm_targets, cross_entropy_sums, fused_cross_entropy_sums,
                                      max_predictions, mlm_mask)
@@ -71,16 +72,19 @@ class LanguageModelling(Objective):
                 rngs: dict[str, Array]) -> dict[str, Array]:
     cfg = self.cfg
     fused = cfg.use_fused_head()
-    out = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                      batch["positions"], predict_at=batch.get("predict_at"), project=not fused,
-                      rngs=rngs)
+    # A mixture-of-experts model's router statistics come too (None for a dense model).
+    out, router = apply_with_router_stats(
+        model, {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
+        predict_at=batch.get("predict_at"), project=not fused, rngs=rngs)
     if fused:  # out: the head's Projection; no (B, T, V) logits are built
-      return fused_cross_entropy_sums(
+      sums = fused_cross_entropy_sums(
           out.features, out.weight, out.bias, batch["targets"], batch["weights"],
           out.vocab_first, cfg.z_loss, cfg.label_smoothing, matmul_dtype=out.matmul_dtype,
           softcap=out.softcap)
-    return cross_entropy_sums(out, batch["targets"], batch["weights"],  # (B, T or K, V)
-                              cfg.z_loss, cfg.label_smoothing)
+    else:
+      sums = cross_entropy_sums(out, batch["targets"], batch["weights"],  # (B, T or K, V)
+                                cfg.z_loss, cfg.label_smoothing)
+    return router_sums(sums, router, model.cfg)  # the router's losses join the objective
 
 
 @register("clm")

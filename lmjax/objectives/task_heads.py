@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from lmjax.errors import UserError
+from lmjax.model.moe import apply_with_router_stats, router_sums
 from lmjax.objectives.base import Batch, Objective, ObjectiveConfig, register
 
 Array = jax.Array
@@ -69,9 +70,9 @@ class Task(Objective):
 
   def loss_sums(self, model: nn.Module, params: Any, batch: Batch,
                 rngs: dict[str, Array]) -> dict[str, Array]:
-    out = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
-                      batch["token_types"], rngs=rngs)
-    return self.sums(out, batch)
+    out, router = apply_with_router_stats(model, {"params": params}, batch["tokens"],
+                                          batch["segment_ids"], batch["token_types"], rngs=rngs)
+    return router_sums(self.sums(out, batch), router, model.cfg)  # + a router's losses
 
   def eval_sums(self, model: nn.Module, params: Any, batch: Batch) -> dict[str, Array]:
     out = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
