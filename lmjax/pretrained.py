@@ -20,7 +20,9 @@ from lmjax import paths
 from lmjax.checkpoint import Checkpointer
 from lmjax.convert.hf import read_hf
 from lmjax.data.tokenizer_io import load_tokenizer
+from lmjax import lora
 from lmjax.errors import UserError
+from lmjax.lora import runs as lora_runs
 from lmjax.model.config import TransformerConfig
 from lmjax.model.transformer import stack_layers, unstack_layers
 
@@ -98,8 +100,25 @@ def load_run(workdir: str) -> Pretrained:
     raise UserError(f"{tokenizer.path} is not the tokenizer the run was trained with")
   model = TransformerConfig(**meta["config"]["model"])
   objective = "clm" if model.family == "decoder" else "mlm"  # what the backbone models
-  return Pretrained(model, jax.tree.map(np.asarray, params), tokenizer, objective,
-                    f"{workdir} step {steps[0]}")
+  params = jax.tree.map(np.asarray, params)
+  if lora_runs.BASE_KEY in meta:  # adapters only: merged into the base they were trained on
+    params = _with_base(params, meta, model, workdir)
+  return Pretrained(model, params, tokenizer, objective, f"{workdir} step {steps[0]}")
+
+
+def _with_base(adapters: dict[str, Any], meta: dict[str, Any], model: TransformerConfig,
+               workdir: str) -> dict[str, Any]:
+  """A LoRA run's weights: its base (`train.init_from`, checked against the checksum
+  the run kept) with the adapters merged into the kernels."""
+  base_id = meta[lora_runs.BASE_KEY]
+  base = load(base_id["path"])
+  if lora_runs.base_identity(base)["sha256"] != base_id["sha256"]:
+    raise UserError(f"{workdir} holds adapters for the base {base_id['path']}, whose weights "
+                    "have changed since (sha256 differs)")
+  cfg = lora.LoraConfig(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in meta["config"]["lora"].items()})
+  full = lora.combine(to_layout(base.params, base.model, model), adapters)
+  return lora.merged(lora_runs.roundtrip(full, base_id, cfg.base_dtype), cfg.scale)
 
 
 def to_layout(params: dict[str, Any], source: TransformerConfig,

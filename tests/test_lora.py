@@ -1,0 +1,174 @@
+"""LoRA: adapters on a frozen base, only adapters train, checkpoints hold adapters and the
+base's identity, resumes are bitwise and refuse another base, a LoRA run loads merged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_models import make_hf_model
+from lmjax import lora, pretrained
+from lmjax.checkpoint import Checkpointer
+from lmjax.errors import UserError
+from lmjax.experiment import experiment_from_dict
+from tiny import ROOT, assert_same_checkpoint, finetune, tiny_config
+
+
+def lora_config(tmp, steps=4, **overrides):
+  c = tiny_config("chat_tiny", tmp, train__steps=steps, train__checkpoint_every=2,
+                  data__seq_len=64, **overrides)
+  c.lora.update(enabled=True, rank=4, alpha=8.0, targets=("attention_mlp",))
+  return c.to_dict()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("lora")
+  make_hf_model("llama", str(tmp / "llama"))
+  finetune(lora_config(tmp), tmp / "llama", tmp / "run")
+  return tmp
+
+
+def _flat(tree):
+  return {pretrained.param_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_checkpoint_holds_adapters_optimizer_state_and_base_identity(base):
+  ckpt = Checkpointer(str(base / "run"), read_only=True)
+  try:
+    state, meta = ckpt.restore_arrays(4), ckpt.read_meta(4)
+  finally:
+    ckpt.close()
+  names = sorted(_flat(state["params"]))
+  assert names and all(n.endswith(("/lora_a", "/lora_b")) for n in names)
+  layers = {n.rsplit("/", 1)[0].split("/")[-1] for n in names}
+  assert layers == {"query", "key", "value", "out", "gate", "up", "wo"}
+  moments = [v for k, v in _flat(state["opt_state"]).items() if v.ndim > 0]
+  assert len(moments) == 2 * len(names)  # Adam's two moments, adapters only
+  source = pretrained.load(str(base / "llama"))
+  assert meta["lora_base"]["sha256"] == lora.checksum(source.params)
+  assert meta["lora_base"]["path"] == str(base / "llama")
+
+
+def _parts(base):
+  return _parts_of(base, lora_config(base))
+
+
+def test_only_adapters_change_and_step_zero_is_the_base(base):
+  from lmjax.loop import _fresh
+  from lmjax.sharding import logical_to_shardings
+  from lmjax.steps import eval_step, init_state, train_step
+  parts = _parts(base)
+  fns = parts.fns
+  abstract = jax.eval_shape(lambda: init_state(fns, 0, (1, 64)))
+  with jax.set_mesh(parts.mesh):
+    state = _fresh(parts, logical_to_shardings(abstract, parts.mesh, parts.exp.mesh.rules))
+  before = jax.tree.map(np.asarray, state.params)
+  batch = jax.tree.map(jnp.asarray, parts.train_data.batch(0, 8, 0, 1))
+  rng = jax.random.PRNGKey(0)
+  with_adapters = eval_step(fns, state.params, batch, rng)
+  bare = eval_step(fns, lora.without_adapters(state.params), batch, rng)
+  jax.tree.map(np.testing.assert_array_equal, with_adapters, bare)  # B = 0: the base, exactly
+  step = jax.jit(lambda s, b: train_step(fns, s, b))
+  for i in range(3):
+    state, _ = step(state, jax.tree.map(jnp.asarray, parts.train_data.batch(i, 8, 0, 1)))
+  after = _flat(jax.tree.map(np.asarray, state.params))
+  for name, value in _flat(before).items():
+    if lora.is_adapter(name):
+      assert name.endswith("lora_a") or not np.array_equal(value, after[name]), name
+    else:
+      np.testing.assert_array_equal(value, after[name], err_msg=name)
+  adapters = [n for n in after if lora.is_adapter(n)]
+  moments = [v for v in jax.tree.leaves(state.opt_state) if v.ndim > 0]
+  assert len(moments) == 2 * len(adapters)  # no optimizer state for the base
+
+
+def test_resume_is_bitwise_and_refuses_another_base(base, tmp_path):
+  shutil.copytree(base / "run", tmp_path / "split")
+  shutil.rmtree(tmp_path / "split" / "checkpoints" / "4")  # as if stopped after step 2
+  finetune(lora_config(base, steps=4), base / "llama", tmp_path / "split")
+  assert_same_checkpoint(base / "run", tmp_path / "split", 4)
+  other = tmp_path / "other"
+  shutil.copytree(base / "llama", other)
+  from lmjax.convert.weights import read_file
+  from safetensors.numpy import save_file
+  tensors = {k: np.array(v) for k, v in read_file(str(other / "model.safetensors")).items()}
+  name = next(k for k in tensors if k.endswith("q_proj.weight"))
+  tensors[name][0, 0] += 1.0
+  save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(UserError, match="adapters trained on another base"):
+    finetune(lora_config(base, steps=6), other, tmp_path / "split")
+
+
+def test_a_lora_run_loads_merged(base):
+  """generate, serve, evaluate and convert read a LoRA run as one model: its base with
+  the adapters merged, computing what the adapted model computes."""
+  from lmjax.model import build_model
+  merged = pretrained.load(str(base / "run"))
+  parts = _parts(base)
+  ckpt = Checkpointer(str(base / "run"), read_only=True)
+  try:
+    adapters = ckpt.restore_arrays(4)["params"]
+  finally:
+    ckpt.close()
+  source = pretrained.load(str(base / "llama"))
+  full = lora.combine(pretrained.to_layout(source.params, source.model, parts.exp.model),
+                      adapters)
+  tokens = jnp.arange(1, 17)[None] % merged.model.vocab_size
+  ours = parts.fns.eval_model.apply({"params": full}, tokens, jnp.ones_like(tokens))
+  plain = build_model(merged.model, True).apply({"params": merged.params}, tokens,
+                                                jnp.ones_like(tokens))
+  np.testing.assert_allclose(np.asarray(plain), np.asarray(ours), atol=1e-5)
+  assert not np.array_equal(np.asarray(plain), np.asarray(  # the adapters did change it
+      build_model(merged.model, True).apply({"params": source.params}, tokens,
+                                            jnp.ones_like(tokens))))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"targets": ("attention/nonesuch",)}, "matches no dense layer .layers: transformer/"),
+    ({"rank": 0}, "lora.rank must be >= 1, got 0"),
+    ({"rank": 1000}, "lora.rank=1000 exceeds the width"),
+    ({"base_dtype": "int4"}, "lora.base_dtype must be one of"),
+])
+def test_bad_lora_settings_are_one_line(base, change, message):
+  config = lora_config(base)
+  config["lora"].update(change)
+  with pytest.raises(UserError, match=message):
+    _parts_of(base, config)
+
+
+def _parts_of(base, config):
+  from lmjax.run import assemble
+  config["train"]["init_from"] = str(base / "llama")
+  return assemble(experiment_from_dict(config), None)
+
+
+def test_clm_with_lora_through_launch_train(base, tmp_path):
+  """Continued pretraining of an lmjax run with adapters, from the command line."""
+  cfg = tiny_config("clm_tiny", tmp_path, train__steps=2, train__checkpoint_every=2)
+  from lmjax.run import train_and_evaluate
+  train_and_evaluate(experiment_from_dict(cfg.to_dict()), str(tmp_path / "clm"))
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.train", "--config=experiments/clm_tiny.py",
+       f"--workdir={tmp_path / 'clm_lora'}", f"--config.train.init_from={tmp_path / 'clm'}",
+       "--config.lora.enabled=True", "--config.lora.rank=2", "--config.train.steps=3",
+       "--config.train.checkpoint_every=3", f"--config.data.cache_dir={tmp_path / 'cache'}",
+       *[f"--config.{k}={v}" for k, v in _tiny_flags().items()]],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  meta = Checkpointer(str(tmp_path / "clm_lora"), read_only=True).read_meta(3)
+  assert meta["lora_base"]["path"] == str(tmp_path / "clm")
+  results = json.loads((tmp_path / "clm_lora" / "results.json").read_text())
+  assert np.isfinite(results["loss"])
+
+
+def _tiny_flags():
+  from tiny import TINY_OVERRIDES
+  return {k: v for k, v in TINY_OVERRIDES.items() if k != "train.checkpoint_every"}
