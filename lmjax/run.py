@@ -133,6 +133,7 @@ def assemble(exp: Experiment, workdir: str | None, devices: Sequence[Any] | None
   `source`: `train.init_from` already loaded."""
   workdir = resolve_workdir(workdir) if workdir else None
   exp, source = settle(exp, source)
+  exp = lora_runs.settle(exp, source)  # lora.init_from decides the adapters' shape
   config = exp.to_dict()  # as given: `auto` stays auto for whoever loads the run later
   exp = resolve_auto_dtype(exp, workdir)
   fine_tunes = objectives.objective_class(exp.objective.kind).fine_tunes
@@ -187,7 +188,7 @@ def initial_params(parts: RunParts, tokenizer_sha: str) -> Any:
   params = pretrained.merge_params(unbox(abstract), loaded, exp.train.init_from,
                                    may_be_new=objective.is_new_param)
   if parts.fns.lora is not None:
-    params = lora_runs.initial(parts.fns.lora, params, exp.train.seed, source)
+    params = lora_runs.initial(parts.fns.lora, params, exp.train.seed, source, exp.model)
   if not objective.fine_tunes:  # a pretraining run's own architecture must be the source's
     ignore = COMPUTE_FIELDS + ("scan_layers",)
     mine, theirs = dataclasses.asdict(exp.model), dataclasses.asdict(source.model)

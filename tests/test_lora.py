@@ -23,7 +23,8 @@ from tiny import ROOT, assert_same_checkpoint, finetune, tiny_config
 
 def lora_config(tmp, steps=4, **overrides):
   c = tiny_config("chat_tiny", tmp, train__steps=steps, train__checkpoint_every=2,
-                  data__seq_len=64, **overrides)
+                  data__seq_len=64, optimizer__learning_rate=0.02, optimizer__warmup_steps=0,
+                  **overrides)
   c.lora.update(enabled=True, rank=4, alpha=8.0, targets=("attention_mlp",))
   return c.to_dict()
 
@@ -172,3 +173,97 @@ def test_clm_with_lora_through_launch_train(base, tmp_path):
 def _tiny_flags():
   from tiny import TINY_OVERRIDES
   return {k: v for k, v in TINY_OVERRIDES.items() if k != "train.checkpoint_every"}
+
+
+def _adapter(base):
+  out = base / "adapter"
+  if not out.exists():
+    proc = subprocess.run([sys.executable, "-m", "launch.convert", f"--input={base / 'run'}",
+                           f"--output={out}", "--adapter_only"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return out
+
+
+def test_peft_loads_the_adapter_export_with_lmjax_logits(base):
+  import peft
+  import torch
+  from hf_models import load_causal_lm
+  out = _adapter(base)
+  config = json.loads((out / "adapter_config.json").read_text())
+  assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)
+  model = peft.PeftModel.from_pretrained(load_causal_lm(str(base / "llama")), str(out))
+  model.eval()
+  tokens = np.arange(3, 35)[None] % 200
+  with torch.no_grad():
+    theirs = model(torch.tensor(tokens)).logits.numpy()
+  parts = _parts(base)
+  ckpt = Checkpointer(str(base / "run"), read_only=True)
+  try:
+    adapters = ckpt.restore_arrays(4)["params"]
+  finally:
+    ckpt.close()
+  source = pretrained.load(str(base / "llama"))
+  full = lora.combine(source.params, adapters)
+  ours = parts.fns.eval_model.apply({"params": full}, jnp.asarray(tokens),
+                                    jnp.ones_like(jnp.asarray(tokens)))
+  bare = parts.fns.eval_model.apply({"params": source.params}, jnp.asarray(tokens),
+                                    jnp.ones_like(jnp.asarray(tokens)))
+  assert np.abs(np.asarray(ours) - np.asarray(bare)).max() > 1e-3  # the adapters matter
+  np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)
+
+
+def test_a_peft_adapter_starts_a_run_and_loads_with_a_base(base):
+  out = _adapter(base)
+  config = lora_config(base)
+  config["lora"] = {"init_from": str(out)}  # rank, alpha and layers come from the adapter
+  parts = _parts_of(base, config)
+  assert (parts.exp.lora.rank, parts.exp.lora.alpha) == (4, 8.0)
+  ckpt = Checkpointer(str(base / "run"), read_only=True)
+  try:
+    trained = _flat(ckpt.restore_arrays(4)["params"])
+  finally:
+    ckpt.close()
+  loaded = {k: v for k, v in _flat(parts.init_params).items() if lora.is_adapter(k)}
+  assert sorted(loaded) == sorted(trained)
+  for name, value in trained.items():
+    np.testing.assert_array_equal(np.asarray(loaded[name]), value, err_msg=name)
+  with_adapter = pretrained.load(str(base / "llama"), adapter=str(out))
+  merged = pretrained.load(str(base / "run"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               with_adapter.params, merged.params)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"peft_type": "IA3"}, "holds a IA3 adapter; lmjax reads LoRA adapters only"),
+    ({"use_dora": True}, "use_dora=True is not supported"),
+])
+def test_a_peft_config_lmjax_cannot_honour_is_one_line(base, tmp_path, change, message):
+  out = tmp_path / "adapter"
+  shutil.copytree(_adapter(base), out)
+  config = json.loads((out / "adapter_config.json").read_text())
+  (out / "adapter_config.json").write_text(json.dumps({**config, **change}))
+  with pytest.raises(UserError, match=message):
+    pretrained.load(str(base / "llama"), adapter=str(out))
+
+
+def test_merged_export_loads_in_transformers_without_adapter_code(base, tmp_path):
+  import torch
+  from hf_models import load_causal_lm
+  proc = subprocess.run([sys.executable, "-m", "launch.convert", f"--input={base / 'run'}",
+                         f"--output={tmp_path / 'merged'}"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  tokens = np.arange(3, 35)[None] % 200
+  with torch.no_grad():
+    theirs = load_causal_lm(str(tmp_path / "merged"))(torch.tensor(tokens)).logits.numpy()
+  parts = _parts(base)
+  ckpt = Checkpointer(str(base / "run"), read_only=True)
+  try:
+    adapters = ckpt.restore_arrays(4)["params"]
+  finally:
+    ckpt.close()
+  full = lora.combine(pretrained.load(str(base / "llama")).params, adapters)
+  ours = parts.fns.eval_model.apply({"params": full}, jnp.asarray(tokens),
+                                    jnp.ones_like(jnp.asarray(tokens)))
+  np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)

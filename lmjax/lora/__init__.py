@@ -12,12 +12,12 @@ from typing import Any, Callable
 import jax
 
 from lmjax.lora import quant
-from lmjax.lora.adapters import (DenseInfo, LoraModel, add_adapters, checksum, combine,
+from lmjax.lora.adapters import (DenseInfo, LoraModel, add_adapters, checksum, combine, fit,
                                  dense_layers, is_adapter, merged, select, targeted,
                                  without_adapters)
 from lmjax.lora.config import LoraConfig
 
-__all__ = ["LoraConfig", "LoraSpec", "LoraModel", "checksum", "combine", "merged", "select",
+__all__ = ["LoraConfig", "LoraSpec", "LoraModel", "checksum", "combine", "fit", "merged", "select",
            "without_adapters", "is_adapter", "dense_layers"]
 
 

@@ -218,6 +218,21 @@ def _merge_into(out: dict[str, Any], src: dict[str, Any], scale: np.float32) -> 
   out["kernel"] = (kernel.astype(np.float32) + delta).astype(kernel.dtype)
 
 
+def fit(kernel_shape: tuple[int, ...], a: Any, b: Any) -> tuple[Any, Any]:
+  """Flat adapters, a (*lead, in, r) and b (*lead, r, out), shaped for a kernel of
+  `kernel_shape` (*lead, *in_axes, *out_axes): a (*lead, *in_axes, r), b (*lead, r, *out)."""
+  lead, rank = a.ndim - 2, a.shape[-1]
+  size, k = 1, lead
+  while k < len(kernel_shape) and size < a.shape[-2]:
+    size, k = size * kernel_shape[k], k + 1
+  if size != a.shape[-2] or math.prod(kernel_shape[k:]) != b.shape[-1] or \
+      tuple(kernel_shape[:lead]) != tuple(a.shape[:lead]):
+    raise UserError(f"an adapter of shapes {tuple(a.shape)}, {tuple(b.shape)} does not fit a "
+                    f"kernel of shape {tuple(kernel_shape)} (made for another base?)")
+  return (a.reshape(*kernel_shape[:k], rank),
+          b.reshape(*kernel_shape[:lead], rank, *kernel_shape[k:]))
+
+
 def checksum(params: dict[str, Any]) -> str:
   """sha256 of a parameter tree's names, shapes and bytes (host arrays): the base's
   identity, kept in a LoRA run's checkpoints."""

@@ -9,7 +9,7 @@ import jax
 
 from lmjax import paths
 from lmjax.errors import UserError
-from lmjax.lora.adapters import checksum, without_adapters
+from lmjax.lora.adapters import checksum, combine, fit, without_adapters
 from lmjax.lora.config import LoraConfig
 
 BASE_KEY = "lora_base"  # checkpoint metadata: {"path", "sha256"} of the frozen base
@@ -59,15 +59,54 @@ def _norm(value: Any) -> Any:
   return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def initial(spec: Any, params: dict[str, Any], seed: int, source: Any) -> dict[str, Any]:
+def initial(spec: Any, params: dict[str, Any], seed: int, source: Any, model: Any
+            ) -> dict[str, Any]:
   """The base's parameters with the run's fresh adapters (drawn as `init_state` draws
   them) or those of `lora.init_from` (a PEFT directory), the base quantized as asked."""
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), ADAPTER_SEED)
   params = spec.prepare(params, rng)
-  if spec.cfg.init_from:
-    from lmjax.lora import peft
-    params = peft.load_into(spec, params, spec.cfg.init_from, source)
+  if not spec.cfg.init_from:
+    return params
+  from lmjax.lora import peft
+  _, tree = peft.read(spec.cfg.init_from, model, peft.family(source))
+  theirs, out = _flat(tree), {}
+  for name in spec.targets:
+    a, b = _flat(params)[name + "/lora_a"], _flat(params)[name + "/lora_b"]
+    if name + "/lora_a" not in theirs or name + "/lora_b" not in theirs:
+      raise UserError(f"lora.init_from={spec.cfg.init_from} has no adapter for {name}")
+    kernel = (*a.shape[:-1], *b.shape[b.ndim - len(spec.targets[name].features):])
+    out[name] = fit(kernel, theirs[name + "/lora_a"], theirs[name + "/lora_b"])
+  for name, (a, b) in out.items():
+    params = combine(params, _nest(name, {"lora_a": a, "lora_b": b}))
   return params
+
+
+def _nest(name: str, leaves: dict[str, Any]) -> dict[str, Any]:
+  for key in reversed(name.split("/")):
+    leaves = {key: leaves}
+  return leaves
+
+
+def _flat(tree: dict[str, Any]) -> dict[str, Any]:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): v
+          for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def settle(exp: Any, source: Any) -> Any:
+  """The experiment with `lora.init_from`'s own rank, alpha, scaling and adapted layers
+  (a PEFT adapter directory decides them, as `train.init_from` decides the architecture)."""
+  cfg = exp.lora
+  if not cfg.init_from or source is None:
+    return exp
+  import dataclasses
+  import re
+  from lmjax.lora import peft
+  config, tree = peft.read(cfg.init_from, exp.model, peft.family(source))
+  layers = sorted({k.rsplit("/", 1)[0] for k in _flat(tree)})
+  lora = dataclasses.replace(cfg, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                             rslora=bool(config.get("use_rslora", False)),
+                             targets=tuple(f"^{re.escape(k)}$" for k in layers))
+  return dataclasses.replace(exp, lora=lora)
 
 
 def quantized_layers(spec: Any) -> dict[str, list[list[int]]]:
