@@ -267,3 +267,29 @@ def test_merged_export_loads_in_transformers_without_adapter_code(base, tmp_path
   ours = parts.fns.eval_model.apply({"params": full}, jnp.asarray(tokens),
                                     jnp.ones_like(jnp.asarray(tokens)))
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)
+
+
+def test_dpo_with_lora_takes_the_base_with_adapters_off_as_reference(base, tmp_path):
+  from lmjax.run import build_run, train_and_evaluate
+  from hf_models import make_family_model
+  make_family_model("llama3", str(tmp_path / "llama"))  # 512 positions: DPO's pairs fit
+  configs, refs = {}, {}
+  for name, enabled in (("plain", False), ("lora", True)):
+    config = tiny_config("dpo_tiny", tmp_path, train__steps=2, data__seq_len=160,
+                         train__checkpoint_every=2).to_dict()
+    config["train"]["init_from"] = str(tmp_path / "llama")
+    config["lora"].update(enabled=enabled, rank=4, targets=["attention_mlp"])
+    run = build_run(experiment_from_dict(config), str(tmp_path / name))
+    run.ckpt.close()
+    run.writer.close()
+    configs[name] = config
+    refs[name] = {k: run.train_data.arrays[k] for k in ("ref_chosen", "ref_rejected")}
+  assert refs["lora"]["ref_chosen"].size > 0
+  jax.tree.map(np.testing.assert_array_equal, refs["plain"], refs["lora"])
+  metrics = train_and_evaluate(experiment_from_dict(configs["lora"]), str(tmp_path / "lora"))
+  assert np.isfinite(metrics["loss"])
+  ckpt = Checkpointer(str(tmp_path / "lora"), read_only=True)
+  try:
+    assert all(lora.is_adapter(n) for n in _flat(ckpt.restore_arrays(2)["params"]))
+  finally:
+    ckpt.close()
