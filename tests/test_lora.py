@@ -293,3 +293,34 @@ def test_dpo_with_lora_takes_the_base_with_adapters_off_as_reference(base, tmp_p
     assert all(lora.is_adapter(n) for n in _flat(ckpt.restore_arrays(2)["params"]))
   finally:
     ckpt.close()
+
+
+def test_an_adapter_for_another_base_or_family_is_one_line(base, tmp_path):
+  from hf_models import make_family_model
+  out = _adapter(base)
+  make_family_model("qwen3", str(tmp_path / "qwen3"))  # 3 layers, q_proj 64 wide
+  with pytest.raises(UserError, match="adapts a projection in some layers only"):
+    pretrained.load(str(tmp_path / "qwen3"), adapter=str(out))
+  make_hf_model("gpt2", str(tmp_path / "gpt2"))
+  with pytest.raises(UserError, match="LLaMA-built families .* not gpt2"):
+    pretrained.load(str(tmp_path / "gpt2"), adapter=str(out))
+
+
+def test_launch_finetune_refuses_bad_lora_input_in_one_line(base, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.finetune", "--config=experiments/chat_tiny.py",
+       f"--init_from={base / 'llama'}", f"--workdir={tmp_path / 'run'}",
+       "--config.lora.enabled=True", "--config.lora.targets=('attention', 'mlp/nonesuch')",
+       "--config.data.seq_len=64"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: lora.targets: 'mlp/nonesuch' matches no dense layer"), last
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_adapter_that_does_not_fit_a_kernel_is_refused():
+  a, b = np.zeros((2, 32, 4)), np.zeros((2, 4, 64))
+  assert [x.shape for x in lora.fit((2, 32, 4, 16), a, b)] == [(2, 32, 4), (2, 4, 4, 16)]
+  assert [x.shape for x in lora.fit((2, 4, 8, 64), a, b)] == [(2, 4, 8, 4), (2, 4, 64)]
+  with pytest.raises(UserError, match="does not fit a kernel of shape"):
+    lora.fit((2, 32, 2, 16), a, b)
