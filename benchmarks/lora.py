@@ -46,6 +46,7 @@ flags.DEFINE_integer("seq_len", 512, "tokens per row")
 flags.DEFINE_integer("repeats", 3, "timed rounds (minimum kept)")
 flags.DEFINE_bool("chat", False, "also SFT chat_tiny: held-out loss of each variant")
 flags.DEFINE_integer("chat_steps", 150, "SFT steps of each variant on chat_tiny")
+flags.DEFINE_integer("base_steps", 300, "clm_tiny pretraining steps of the chat base")
 flags.DEFINE_string("json", "", "write the figures here")
 FLAGS = flags.FLAGS
 
@@ -126,13 +127,15 @@ def step_times(shape: str, rows: int, seq_len: int, repeats: int) -> dict[str, f
   return best
 
 
-def chat_losses(steps: int, folder: str) -> dict[str, dict]:
+def chat_losses(steps: int, base_steps: int, folder: str) -> dict[str, dict]:
   """chat_tiny's held-out loss after `steps` SFT steps of each variant, from one base."""
   from experiments import chat_tiny, clm_tiny
   from lmjax.experiment import experiment_from_dict
   from lmjax.run import train_and_evaluate
   base = os.path.join(folder, "clm_tiny")
-  train_and_evaluate(experiment_from_dict(clm_tiny.get_config().to_dict()), base)
+  pretrain = clm_tiny.get_config()
+  pretrain.train.update(steps=base_steps, eval_every=0)
+  train_and_evaluate(experiment_from_dict(pretrain.to_dict()), base)
   out = {}
   for variant, base_dtype in VARIANTS.items():
     c = chat_tiny.get_config()
@@ -172,7 +175,7 @@ def main(argv: list[str]) -> None:
     report[shape] = rows
   if FLAGS.chat:
     with tempfile.TemporaryDirectory() as folder:
-      report["chat_tiny"] = chat_losses(FLAGS.chat_steps, folder)
+      report["chat_tiny"] = chat_losses(FLAGS.chat_steps, FLAGS.base_steps, folder)
     for v, r in report["chat_tiny"].items():
       print(f"chat_tiny {v:11s} held-out loss {r['eval_loss']:.4f}  checkpoint on disk "
             f"{r['checkpoint_disk_mib']:.2f} MiB  {r['seconds']:.0f}s", flush=True)

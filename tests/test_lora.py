@@ -324,3 +324,70 @@ def test_an_adapter_that_does_not_fit_a_kernel_is_refused():
   assert [x.shape for x in lora.fit((2, 4, 8, 64), a, b)] == [(2, 4, 8, 4), (2, 4, 64)]
   with pytest.raises(UserError, match="does not fit a kernel of shape"):
     lora.fit((2, 32, 2, 16), a, b)
+
+
+def test_classification_with_lora_trains_its_new_head_in_full(tmp_path):
+  make_hf_model("bert", str(tmp_path / "bert"))
+  c = tiny_config("finetune_pairs", tmp_path, train__steps=2, train__checkpoint_every=2,
+                  data__seq_len=32)
+  c.lora.update(enabled=True, rank=2, targets=("attention",))
+  finetune(c.to_dict(), tmp_path / "bert", tmp_path / "run")
+  ckpt = Checkpointer(str(tmp_path / "run"), read_only=True)
+  try:
+    names = _flat(ckpt.restore_arrays(2)["params"])
+  finally:
+    ckpt.close()
+  heads = [n for n in names if not lora.is_adapter(n)]
+  assert heads and all(n.startswith("classifier") or "head" in n for n in heads), heads
+  assert any(n.endswith("attention/query/lora_a") for n in names)
+
+
+def test_adapter_scale_init_and_dropout():
+  """rsLoRA's scale; A drawn as PEFT's kaiming-uniform, B zero; dropout only in training
+  and only on the adapters' input."""
+  from lmjax.model import TransformerConfig, build_model
+  assert lora.LoraConfig(rank=16, alpha=32.0).scale == 2.0
+  assert lora.LoraConfig(rank=16, alpha=32.0, rslora=True).scale == 8.0
+  cfg = TransformerConfig(family="decoder", vocab_size=64, max_len=16, d_model=32,
+                          num_layers=2, num_heads=2, d_ff=64, position="rope", norm="rmsnorm",
+                          mlp="swiglu", activation="silu", use_bias=False)
+  module = build_model(cfg, True)
+  spec = lora.make_spec(lora.LoraConfig(enabled=True, rank=4, dropout=0.5,
+                                        targets=("attention",)), module, 16, lambda n: False)
+  assert sorted(k.rsplit("/", 1)[-1] for k in spec.targets) == ["key", "out", "query", "value"]
+  tokens = jnp.arange(16)[None] % 64
+  params = module.init(jax.random.PRNGKey(0), tokens, jnp.ones_like(tokens))["params"]
+  params = spec.prepare(lora.adapters.select(params, lambda n: True), jax.random.PRNGKey(1))
+  from lmjax.sharding import unbox
+  params = unbox(params)
+  query = params["transformer"]["stack"]["layers"]["attention"]["query"]
+  bound = 1 / np.sqrt(32)
+  assert query["lora_a"].shape == (2, 32, 4) and query["lora_b"].shape == (2, 4, 2, 16)
+  assert np.abs(query["lora_a"]).max() <= bound and np.abs(query["lora_a"]).max() > 0.8 * bound
+  assert not np.any(query["lora_b"])
+  params = jax.tree.map(lambda x: x, params)
+  for name in ("query", "key", "value", "out"):  # nonzero B: the adapters now act
+    node = params["transformer"]["stack"]["layers"]["attention"][name]
+    node["lora_b"] = jnp.ones_like(node["lora_b"]) * 0.1
+  run = lambda model, seed: np.asarray(model.apply({"params": params}, tokens,
+                                                   jnp.ones_like(tokens),
+                                                   rngs={"dropout": jax.random.PRNGKey(seed)}))
+  train, evaluate = spec.wrap(module, True), spec.wrap(module, False)
+  assert not np.array_equal(run(train, 0), run(train, 1))  # dropout draws differ
+  np.testing.assert_array_equal(run(evaluate, 0), run(evaluate, 1))
+  bare = np.asarray(module.apply({"params": lora.without_adapters(params)}, tokens,
+                                 jnp.ones_like(tokens)))
+  assert not np.allclose(run(evaluate, 0), bare, atol=1e-3)
+
+
+def test_lora_benchmark_runs_tiny(tmp_path):
+  out = tmp_path / "lora.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.lora", "--shapes=tiny",
+                         "--time_shapes=tiny", "--seq_len=32", "--batch=2", "--repeats=1",
+                         f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())["tiny"]
+  assert set(rows) == {"full", "lora_r16", "qlora_int8", "qlora_nf4"}
+  for variant in ("lora_r16", "qlora_int8", "qlora_nf4"):
+    assert rows[variant]["peak_vs_full"] < 1 and rows[variant]["checkpoint_vs_full"] < 0.5
+    assert rows[variant]["step_s"] > 0
