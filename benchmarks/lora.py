@@ -47,6 +47,7 @@ flags.DEFINE_integer("repeats", 3, "timed rounds (minimum kept)")
 flags.DEFINE_bool("chat", False, "also SFT chat_tiny: held-out loss of each variant")
 flags.DEFINE_integer("chat_steps", 150, "SFT steps of each variant on chat_tiny")
 flags.DEFINE_integer("base_steps", 300, "clm_tiny pretraining steps of the chat base")
+flags.DEFINE_integer("chat_batch", 16, "SFT rows per step (chat_tiny's: 16)")
 flags.DEFINE_string("json", "", "write the figures here")
 FLAGS = flags.FLAGS
 
@@ -127,7 +128,7 @@ def step_times(shape: str, rows: int, seq_len: int, repeats: int) -> dict[str, f
   return best
 
 
-def chat_losses(steps: int, base_steps: int, folder: str) -> dict[str, dict]:
+def chat_losses(steps: int, base_steps: int, batch: int, folder: str) -> dict[str, dict]:
   """chat_tiny's held-out loss after `steps` SFT steps of each variant, from one base."""
   from experiments import chat_tiny, clm_tiny
   from lmjax.experiment import experiment_from_dict
@@ -139,7 +140,8 @@ def chat_losses(steps: int, base_steps: int, folder: str) -> dict[str, dict]:
   out = {}
   for variant, base_dtype in VARIANTS.items():
     c = chat_tiny.get_config()
-    c.train.update(steps=steps, eval_every=0, checkpoint_every=steps, init_from=base)
+    c.train.update(steps=steps, eval_every=0, checkpoint_every=steps, init_from=base,
+                   batch_size=batch)
     if base_dtype is not None:
       c.lora.update(enabled=True, rank=16, alpha=32.0, targets=("attention_mlp",),
                     base_dtype=base_dtype)
@@ -175,7 +177,8 @@ def main(argv: list[str]) -> None:
     report[shape] = rows
   if FLAGS.chat:
     with tempfile.TemporaryDirectory() as folder:
-      report["chat_tiny"] = chat_losses(FLAGS.chat_steps, FLAGS.base_steps, folder)
+      report["chat_tiny"] = chat_losses(FLAGS.chat_steps, FLAGS.base_steps, FLAGS.chat_batch,
+                                        folder)
     for v, r in report["chat_tiny"].items():
       print(f"chat_tiny {v:11s} held-out loss {r['eval_loss']:.4f}  checkpoint on disk "
             f"{r['checkpoint_disk_mib']:.2f} MiB  {r['seconds']:.0f}s", flush=True)
