@@ -41,6 +41,7 @@ setup(
                  "ray>=2.9", "lm-eval[api]>=0.4.5", "accelerate>=0.26", "jax[tpu]>=0.10",
                  "s3fs>=2024.2", "gcsfs>=2024.2", "moto[server]>=5.0",  # bucket tests
                  "trl>=1.0",  # SFT and DPO parity
+                 "peft>=0.13",  # LoRA adapters: the reference that loads lmjax's exports
                  "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.30", "httpx>=0.27",  # serving
                  # searches: a PostgreSQL server from pip for the shared-study test
                  "optuna>=4.0", "optuna-dashboard>=0.15", "psycopg[binary]>=3.1",

@@ -116,6 +116,12 @@ def define_dtype_flag() -> None:
                     "checkpoint's dtype, float32 when absent; an lmjax run's model.dtype)")
 
 
+def define_adapter_flag() -> None:
+  """`--adapter` for the launchers that load a model: a PEFT LoRA adapter merged at load."""
+  flags.DEFINE_string("adapter", "", "a PEFT LoRA adapter directory (adapter_config.json, "
+                      "adapter_model.safetensors) merged into --workdir's weights at load")
+
+
 def output_path(workdir: str, name: str) -> str:
   """Where `--output=name` writes: a bare file name inside `workdir` for an lmjax run, and
   in the current directory for a Hugging Face model directory (never into the model's own

@@ -28,6 +28,9 @@ flags.DEFINE_string("output", None, "new directory for the Hugging Face files")
 flags.DEFINE_string("family", "", "the Hugging Face model_type to write (default: the "
                     "input's own if it is a Hugging Face directory, else inferred)")
 flags.DEFINE_integer("max_shard_mb", 5 * 1024, "weights past this size are written in shards")
+flags.DEFINE_bool("adapter_only", False, "a LoRA run: write its adapters as a PEFT adapter "
+                  "directory (adapter_config.json, adapter_model.safetensors) for its base, "
+                  "instead of the merged weights")
 flags.mark_flags_as_required(["input", "output"])
 FLAGS = flags.FLAGS
 
@@ -38,6 +41,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if os.path.exists(FLAGS.output) and os.listdir(FLAGS.output):
     raise UserError(f"--output {FLAGS.output} exists and is not empty; choose a new directory")
+  if FLAGS.adapter_only:
+    export_adapter(FLAGS.input, FLAGS.output, FLAGS.family)
+    return
   from lmjax import pretrained
   from lmjax.convert import export_hf
   from lmjax.model import stack_layers
@@ -57,6 +63,38 @@ def main(argv: list[str]) -> None:
   declared = back.model.dtype  # config.json's dtype: what transformers will compute in
   print(f"wrote {FLAGS.output} ({kind}, float32 weights, declared dtype {declared}, from "
         f"{source.source}); read back: identical")
+
+
+def export_adapter(run: str, output: str, family: str) -> None:
+  """A LoRA run's adapters as a PEFT adapter directory that `peft.PeftModel.from_pretrained`
+  loads onto the run's base (its Hugging Face form: the base itself, or its export)."""
+  from lmjax import lora, pretrained
+  from lmjax.lora import peft, runs
+  from lmjax.model.config import TransformerConfig
+  if pretrained.is_hf_dir(run):
+    raise UserError(f"--adapter_only exports an lmjax LoRA run's adapters; {run} is a "
+                    "Hugging Face directory")
+  adapters, meta, step = pretrained.read_run(run)
+  if runs.BASE_KEY not in meta:
+    raise UserError(f"--adapter_only: {run} was trained without lora (its checkpoints hold "
+                    "every weight); export it merged, without --adapter_only")
+  extra = [k for k in _names(adapters) if not lora.is_adapter(k)]
+  if extra:
+    raise UserError(f"--adapter_only: {run} also trained {extra[0]} in full (a new head), "
+                    "which a PEFT adapter of a causal LM does not hold; export it merged")
+  base = pretrained.lora_base(meta, run)
+  cfg = pretrained.lora_config(meta)
+  model = TransformerConfig(**meta["config"]["model"])
+  modules = peft.export(adapters, model, family or peft.family(base), cfg, output,
+                        meta[runs.BASE_KEY]["path"])
+  print(f"wrote {output} (PEFT LoRA adapter of {len(modules)} modules, r={cfg.rank}, "
+        f"alpha={cfg.alpha:g}, from {run} step {step}, for the base "
+        f"{meta[runs.BASE_KEY]['path']})")
+
+
+def _names(tree) -> list[str]:
+  from lmjax.pretrained import param_name
+  return [param_name(k) for k, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def _own_family(path: str) -> str | None:

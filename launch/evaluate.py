@@ -16,7 +16,8 @@ import json
 
 from absl import app, flags, logging
 
-from launch.cli import cli_main, define_dtype_flag, output_path, parse_flags, write_json
+from launch.cli import (cli_main, define_adapter_flag, define_dtype_flag, output_path,
+                        parse_flags, write_json)
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
 flags.DEFINE_multi_string("data", None, ".txt or .jsonl files to evaluate on (repeatable)")
@@ -30,6 +31,7 @@ flags.DEFINE_string("output", "evaluation.json", "JSON file to write: any path, 
                     "current directory for a Hugging Face model directory)")
 flags.mark_flags_as_required(["workdir", "data"])
 define_dtype_flag()
+define_adapter_flag()
 FLAGS = flags.FLAGS
 
 
@@ -40,7 +42,8 @@ def main(argv: list[str]) -> None:
   out = output_path(FLAGS.workdir, FLAGS.output)  # a bad place fails before the evaluation
   from lmjax import pretrained
   from lmjax.evaluation import evaluate_files
-  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True)
+  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True,
+                           adapter=FLAGS.adapter)
   metrics = evaluate_files(source, FLAGS.data, FLAGS.seq_len, FLAGS.batch_size,
                            FLAGS.max_batches, FLAGS.seed)
   result = {"model": source.source, "dtype": source.model.resolved_dtype, "data": FLAGS.data,

@@ -24,7 +24,7 @@ import time
 
 from absl import app, flags, logging
 
-from launch.cli import cli_main, define_dtype_flag, parse_flags
+from launch.cli import cli_main, define_adapter_flag, define_dtype_flag, parse_flags
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
@@ -43,6 +43,7 @@ flags.DEFINE_string("system", "", "chat: a system message opening the conversati
 flags.DEFINE_string("chat_template", "", "chat: a .jinja template instead of the model's")
 flags.mark_flags_as_required(["workdir"])
 define_dtype_flag()
+define_adapter_flag()
 FLAGS = flags.FLAGS
 
 
@@ -56,7 +57,8 @@ def main(argv: list[str]) -> None:
     raise UserError("--num_samples must be >= 1")
   from lmjax import pretrained
   from lmjax.inference.generate import Generator
-  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True)
+  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True,
+                           adapter=FLAGS.adapter)
   sampling, eos_ids = sampling_config(source)
   if FLAGS.chat:
     chat_loop(source, sampling)

@@ -20,7 +20,8 @@ import os
 
 from absl import app, flags
 
-from launch.cli import cli_main, define_dtype_flag, output_path, parse_flags, write_json
+from launch.cli import (cli_main, define_adapter_flag, define_dtype_flag, output_path,
+                        parse_flags, write_json)
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
@@ -38,6 +39,7 @@ flags.DEFINE_bool("apply_chat_template", False, "render each request with the mo
 flags.DEFINE_bool("log_samples", False, "keep each request and response in the output JSON")
 flags.mark_flags_as_required(["workdir", "tasks"])
 define_dtype_flag()
+define_adapter_flag()
 FLAGS = flags.FLAGS
 
 
@@ -54,7 +56,8 @@ def main(argv: list[str]) -> None:
   except ImportError:
     raise UserError('launch.lm_eval needs lm-eval: pip install -e ".[eval]"') from None
   from lmjax import pretrained
-  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True)
+  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True,
+                           adapter=FLAGS.adapter)
   results = harness.run(source, FLAGS.tasks, FLAGS.num_fewshot, FLAGS.batch_size, FLAGS.limit,
                         FLAGS.include_path, FLAGS.log_samples, FLAGS.apply_chat_template)
   print(make_table(results))

@@ -24,7 +24,7 @@ import time
 
 from absl import app, flags, logging
 
-from launch.cli import cli_main, define_dtype_flag, parse_flags
+from launch.cli import cli_main, define_adapter_flag, define_dtype_flag, parse_flags
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax decoder run or a Hugging Face model directory")
@@ -45,6 +45,7 @@ flags.DEFINE_float("drain_seconds", 30.0, "on SIGTERM, how long running requests
                    lower_bound=0)
 flags.mark_flags_as_required(["workdir"])
 define_dtype_flag()
+define_adapter_flag()
 FLAGS = flags.FLAGS
 
 
@@ -65,7 +66,8 @@ def main(argv: list[str]) -> None:
   if api_key == "":
     raise UserError("--api_key is empty; give a key or leave the flag out")
   _check_port(FLAGS.host, FLAGS.port)
-  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True)
+  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True,
+                           adapter=FLAGS.adapter)
   tokenizer = source.tokenizer
   engine = Engine(source.model, source.params, pad=max(tokenizer.special.pad, 0),
                   slots=FLAGS.max_batch, chunk=FLAGS.prefill_chunk, max_len=FLAGS.max_len)

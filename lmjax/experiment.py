@@ -20,6 +20,7 @@ from lmjax.data.examples import TaskConfig
 from lmjax.data.pipeline import DataConfig
 from lmjax.distributed import RuntimeConfig
 from lmjax.errors import UserError, check_ranges
+from lmjax.lora.config import LoraConfig
 from lmjax.model.config import TransformerConfig
 from lmjax.objectives import ObjectiveConfig, objective_class, registered
 from lmjax.optim import OptimizerConfig, optimizer_options
@@ -81,6 +82,7 @@ class Experiment:
   mesh: MeshConfig
   runtime: RuntimeConfig = RuntimeConfig()
   task: TaskConfig = TaskConfig()  # the labelled files of a fine-tuning objective
+  lora: LoraConfig = LoraConfig()  # low-rank adapters on a frozen base (docs/post_training.md)
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-compatible nested dict (tuples become lists)."""
@@ -89,7 +91,7 @@ class Experiment:
 
 _CLASSES = {"model": TransformerConfig, "data": DataConfig, "objective": ObjectiveConfig,
             "optimizer": OptimizerConfig, "train": TrainConfig, "mesh": MeshConfig,
-            "runtime": RuntimeConfig, "task": TaskConfig}
+            "runtime": RuntimeConfig, "task": TaskConfig, "lora": LoraConfig}
 # How a model computes, not what it is: these may differ between a checkpoint and the run
 # that resumes it, and a fine-tuning run takes them from its experiment, not its source.
 COMPUTE_FIELDS = ("attention_impl", "dtype", "remat_policy", "dropout_rate")

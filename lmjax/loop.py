@@ -23,6 +23,7 @@ from absl import logging
 from lmjax import cooldown, paths
 from lmjax.errors import UserError
 from lmjax.experiment import Experiment, architecture
+from lmjax.lora import runs as lora_runs
 from lmjax.metrics import Throughput, describe_parameters, flops_per_token, peak_flops
 from lmjax.optim import state_bytes
 from lmjax.preemption import PreemptionWatch
@@ -199,15 +200,18 @@ def restore_or_init(run: Any, boxed: Any, shardings: Any) -> Any:
   """The newest intact checkpoint (same architecture only), else a fresh state.
 
   A step that cannot be read or fails its checksums is moved aside with a
-  warning naming it and the reason, and the next older one is tried.
+  warning naming it and the reason, and the next older one is tried. A LoRA run's
+  checkpoints hold the trainable parameters only; the frozen base comes from
+  `train.init_from` again.
   """
-  ckpt = run.ckpt
+  ckpt, fns = run.ckpt, run.fns
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        unbox(boxed), shardings)
+                        saved_state(run, unbox(boxed)), saved_state(run, shardings))
   for step in sorted(ckpt.all_steps(), reverse=True):
     try:
       meta = ckpt.read_meta(step)
       check_resumable(meta, run.exp, run.meta["tokenizer_sha256"], ckpt.directory, step)
+      lora_runs.check_resume(meta, run.exp.lora, run.base_id, ckpt.directory, step)
       state, _ = ckpt.restore(step, target)
     except UserError:
       raise
@@ -215,9 +219,22 @@ def restore_or_init(run: Any, boxed: Any, shardings: Any) -> Any:
       ckpt.set_aside(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
       continue
     logging.info("resumed from %s step %d", ckpt.directory, step)
+    if fns.lora is not None:
+      state = state.replace(params=fns.with_trainable(_fresh(run, shardings).params,
+                                                      state.params))
     return state
   if run.exp.train.branch_from:  # a new branch: the source run's state at its step
     return cooldown.restore_branch(run.exp, target, run.meta["tokenizer_sha256"])
+  return _fresh(run, shardings)
+
+
+def saved_state(run: Any, state: Any) -> Any:
+  """What a checkpoint holds: without LoRA the state, with it all but the frozen base."""
+  return state.replace(params=run.fns.trainable(state.params))
+
+
+def _fresh(run: Any, shardings: Any) -> Any:
+  """A fresh state, with `train.init_from`'s weights where the run has them."""
   make = functools.partial(init_state, run.fns, run.exp.train.seed, (1, run.exp.data.seq_len))
   state = jax.jit(lambda: unbox(make()), out_shardings=shardings)()
   if run.init_params is not None:  # a new task head is abstract there: it stays fresh
@@ -325,7 +342,7 @@ def train_loop(run: Any, hooks: list[Hook]) -> dict[str, float]:
         log.add(step, metrics)
         reasons = [r for r in (h.after_step(ctx, step, state, metrics) for h in hooks) if r]
         if is_due(step, t.checkpoint_every, t.steps) or reasons:
-          run.ckpt.save(step, state, {**run.meta, "step": step})
+          run.ckpt.save(step, saved_state(run, state), {**run.meta, "step": step})
         if reasons:
           run.ckpt.wait()
           logging.warning("%s: checkpoint of step %d is saved; exiting", reasons[0], step)

@@ -19,9 +19,11 @@ from absl import logging
 from lmjax import paths
 from lmjax.checkpoint import Checkpointer
 from lmjax.convert.hf import read_hf
+from lmjax import lora
 from lmjax.data.tokenizer_io import HF_TOKENIZER_DIR, load_tokenizer
 from lmjax.errors import UserError
 from lmjax.inference import generation_config
+from lmjax.lora import runs as lora_runs
 from lmjax.model.config import TransformerConfig
 from lmjax.model.transformer import stack_layers, unstack_layers
 
@@ -43,12 +45,16 @@ def is_hf_dir(path: str) -> bool:
   return not paths.is_remote(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load(path: str, dtype: str | None = None, announce: bool = False) -> Pretrained:
+def load(path: str, dtype: str | None = None, announce: bool = False, adapter: str = ""
+         ) -> Pretrained:
   """An lmjax run (its newest intact checkpoint; local or in a bucket) or a Hugging Face
   directory (local). It computes in `dtype` if given, else in what it declares: a Hugging
   Face checkpoint's `dtype`/`torch_dtype` (float32 when absent), a run's `model.dtype`.
-  `announce` logs which dtype that is and why (the launchers' first line about a model)."""
+  `announce` logs which dtype that is and why (the launchers' first line about a model).
+  `adapter`: a PEFT LoRA adapter directory, merged into the weights."""
   source = _load(path)
+  if adapter:
+    source = with_adapter(source, adapter)
   if dtype:
     source.model = source.model.replace(dtype=dtype)
   if announce:
@@ -84,6 +90,22 @@ def load_hf(directory: str) -> Pretrained:
 
 
 def load_run(workdir: str) -> Pretrained:
+  params, meta, step = read_run(workdir)
+  tokenizer = load_tokenizer(workdir)
+  if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
+    raise UserError(f"{tokenizer.path} is not the tokenizer the run was trained with")
+  model = TransformerConfig(**meta["config"]["model"])
+  objective = "clm" if model.family == "decoder" else "mlm"  # what the backbone models
+  if lora_runs.BASE_KEY in meta:  # adapters only: merged into the base they were trained on
+    params = _with_base(params, meta, model, workdir)
+  saved = paths.join(workdir, HF_TOKENIZER_DIR)
+  generation = {} if paths.is_remote(workdir) else generation_config.read_file(saved)
+  return Pretrained(model, params, tokenizer, objective, f"{workdir} step {step}", generation)
+
+
+def read_run(workdir: str) -> tuple[dict[str, Any], dict[str, Any], int]:
+  """(params as host arrays, meta, step) of a run's newest checkpoint: a LoRA run's
+  params are its adapters (and a new head)."""
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     steps = sorted(ckpt.all_steps(), reverse=True)
@@ -98,15 +120,32 @@ def load_run(workdir: str) -> Pretrained:
                     "to set damaged steps aside") from None
   finally:
     ckpt.close()
-  tokenizer = load_tokenizer(workdir)
-  if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
-    raise UserError(f"{tokenizer.path} is not the tokenizer the run was trained with")
-  model = TransformerConfig(**meta["config"]["model"])
-  objective = "clm" if model.family == "decoder" else "mlm"  # what the backbone models
-  saved = paths.join(workdir, HF_TOKENIZER_DIR)
-  generation = {} if paths.is_remote(workdir) else generation_config.read_file(saved)
-  return Pretrained(model, jax.tree.map(np.asarray, params), tokenizer, objective,
-                    f"{workdir} step {steps[0]}", generation)
+  return jax.tree.map(np.asarray, params), meta, steps[0]
+
+
+def lora_base(meta: dict[str, Any], workdir: str) -> Pretrained:
+  """The base a LoRA run's adapters were trained on, refused if its weights changed."""
+  base_id = meta[lora_runs.BASE_KEY]
+  base = load(base_id["path"])
+  if lora_runs.base_identity(base)["sha256"] != base_id["sha256"]:
+    raise UserError(f"{workdir} holds adapters for the base {base_id['path']}, whose weights "
+                    "have changed since (sha256 differs)")
+  return base
+
+
+def lora_config(meta: dict[str, Any]) -> lora.LoraConfig:
+  return lora.LoraConfig(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in meta["config"]["lora"].items()})
+
+
+def _with_base(adapters: dict[str, Any], meta: dict[str, Any], model: TransformerConfig,
+               workdir: str) -> dict[str, Any]:
+  """A LoRA run's weights: its base (`train.init_from`, checked against the checksum
+  the run kept) with the adapters merged into the kernels."""
+  base, cfg = lora_base(meta, workdir), lora_config(meta)
+  full = lora.combine(to_layout(base.params, base.model, model), adapters)
+  return lora.merged(lora_runs.roundtrip(full, meta[lora_runs.BASE_KEY], cfg.base_dtype),
+                     cfg.scale)
 
 
 def to_layout(params: dict[str, Any], source: TransformerConfig,
@@ -162,3 +201,26 @@ def require_weights(source: Pretrained, model: Any, sample: Any, what: str) -> N
 def param_name(path: tuple) -> str:
   """'transformer/embed/tokens/embedding' for a tree path of dict keys."""
   return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def with_adapter(source: Pretrained, directory: str) -> Pretrained:
+  """`source` with a PEFT LoRA adapter directory merged into its weights (what
+  `--adapter` of the generation, serving and evaluation launchers loads)."""
+  from lmjax.lora import peft
+  config, tree = peft.read(directory, source.model, peft.family(source))
+  rank, alpha = int(config["r"]), float(config["lora_alpha"])
+  scale = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+  flat = {param_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(source.params)}
+  leaves = {param_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  for name in sorted({k.rsplit("/", 1)[0] for k in leaves}):
+    if name + "/kernel" not in flat:
+      raise UserError(f"--adapter {directory}: {name} is not a layer of {source.source}")
+    a, b = lora.fit(flat[name + "/kernel"].shape, leaves[name + "/lora_a"],
+                    leaves[name + "/lora_b"])
+    node = tree
+    for key in name.split("/"):
+      node = node[key]
+    node["lora_a"], node["lora_b"] = a, b
+  merged = lora.merged(lora.combine(source.params, tree), scale)
+  return dataclasses.replace(source, params=merged,
+                             source=f"{source.source} + adapter {directory}")

@@ -35,6 +35,7 @@ from lmjax.errors import UserError
 from lmjax.experiment import COMPUTE_FIELDS, Experiment
 from lmjax.metrics import MetricsWriter
 from lmjax.loop import default_hooks, train_loop
+from lmjax.lora import runs as lora_runs
 from lmjax.sharding import check_expert_axis, data_parallel_size, make_mesh, unbox
 from lmjax.steps import StepFns, init_state, step_fns, train_step
 
@@ -56,6 +57,7 @@ class RunParts:
   eval_data: objectives.Dataset
   source: pretrained.Pretrained | None = None  # train.init_from, loaded
   init_params: Any = None  # host arrays for a fresh state (new heads left abstract)
+  base_id: dict[str, str] | None = None  # LoRA: the frozen base's path and sha256
 
 
 @dataclasses.dataclass
@@ -132,6 +134,7 @@ def assemble(exp: Experiment, workdir: str | None, devices: Sequence[Any] | None
   `source`: `train.init_from` already loaded."""
   workdir = resolve_workdir(workdir) if workdir else None
   exp, source = settle(exp, source)
+  exp = lora_runs.settle(exp, source)  # lora.init_from decides the adapters' shape
   config = exp.to_dict()  # as given: `auto` stays auto for whoever loads the run later
   exp = resolve_auto_dtype(exp, workdir)
   fine_tunes = objectives.objective_class(exp.objective.kind).fine_tunes
@@ -148,13 +151,30 @@ def assemble(exp: Experiment, workdir: str | None, devices: Sequence[Any] | None
   objective = objectives.build(exp.objective, tokenizer.special, exp.model.vocab_size, exp.task)
   data = (None, None) if compile_only else objective.datasets(exp.data, tokenizer, exp.model,
                                                               t.seed)
-  fns = step_fns(exp.model, objective, exp.optimizer, t.steps, t.grad_accum_steps)
+  check_lora(exp)
+  fns = step_fns(exp.model, objective, exp.optimizer, t.steps, t.grad_accum_steps, exp.lora,
+                 exp.data.seq_len)
   parts = RunParts(exp, config, workdir, tokenizer, mesh, fns, *data, source)
   if t.branch_from and not compile_only and not has_checkpoints(workdir):
     cooldown.source_meta(exp)  # the branch's checks, before anything is written
-  if source is not None and not compile_only and (fine_tunes or not has_checkpoints(workdir)):
+  if exp.lora.active:
+    parts.base_id = {**lora_runs.base_identity(source),
+                     "quantized": lora_runs.quantized_layers(fns.lora)}
+  if source is not None and not compile_only and (fine_tunes or exp.lora.active
+                                                  or not has_checkpoints(workdir)):
     parts.init_params = initial_params(parts, tokenizer.sha256)
   return parts
+
+
+def check_lora(exp: Experiment) -> None:
+  if not exp.lora.active:
+    return
+  if not exp.train.init_from:
+    raise UserError("lora trains adapters on a frozen base: give train.init_from (an lmjax "
+                    "run or a Hugging Face directory)")
+  if exp.train.init != "pretrained":
+    raise UserError("lora needs the base's weights: train.init=random leaves nothing frozen "
+                    "worth adapting")
 
 
 def initial_params(parts: RunParts, tokenizer_sha: str) -> Any:
@@ -163,10 +183,16 @@ def initial_params(parts: RunParts, tokenizer_sha: str) -> Any:
   exp, source = parts.exp, parts.source
   objective = parts.fns.objective
   abstract = jax.eval_shape(functools.partial(init_state, parts.fns, exp.train.seed,
-                                              (1, exp.data.seq_len)))
+                                              (1, exp.data.seq_len))).params
+  if parts.fns.lora is not None:  # the float base without adapters; they are added below
+    dummy = jax.ShapeDtypeStruct((1, exp.data.seq_len), jax.numpy.int32)
+    abstract = jax.eval_shape(parts.fns.eval_model.init, jax.random.PRNGKey(0), dummy,
+                              dummy)["params"]
   loaded = pretrained.to_layout(source.params, source.model, exp.model)
-  params = pretrained.merge_params(unbox(abstract.params), loaded, exp.train.init_from,
+  params = pretrained.merge_params(unbox(abstract), loaded, exp.train.init_from,
                                    may_be_new=objective.is_new_param)
+  if parts.fns.lora is not None:
+    params = lora_runs.initial(parts.fns.lora, params, exp.train.seed, source, exp.model)
   if not objective.fine_tunes:  # a pretraining run's own architecture must be the source's
     ignore = COMPUTE_FIELDS + ("scan_layers",)
     mine, theirs = dataclasses.asdict(exp.model), dataclasses.asdict(source.model)
@@ -187,8 +213,10 @@ def build_run(exp: Experiment, workdir: str) -> TrainingRun:
   parts = assemble(exp, workdir)
   exp, objective = parts.exp, parts.fns.objective
   if parts.source is not None and objective.fine_tunes:  # DPO's reference log-probabilities
-    objective.precompute((parts.train_data, parts.eval_data), parts.fns.eval_model,
-                         parts.init_params)
+    reference = parts.init_params  # LoRA: the base, adapters off (no second copy)
+    if parts.fns.lora is not None:
+      reference = lora_runs.without_adapters(reference)
+    objective.precompute((parts.train_data, parts.eval_data), parts.fns.eval_model, reference)
   if exp.train.init != "pretrained":  # the same architecture, fresh weights (a baseline)
     parts.init_params = None
   paths.check_access(parts.workdir, write=True)
@@ -203,6 +231,8 @@ def build_run(exp: Experiment, workdir: str) -> TrainingRun:
   meta = {"config": parts.config, "tokenizer_sha256": parts.tokenizer.sha256,
           "lmjax_version": __version__, "labels": list(objective.label_names()),
           **auto_dtype_meta(parts.config, exp)}
+  if parts.base_id is not None:
+    meta[lora_runs.BASE_KEY] = parts.base_id
   t = exp.train
   return TrainingRun(**vars(parts),
                      ckpt=Checkpointer(parts.workdir, t.keep_checkpoints, t.async_checkpoints),

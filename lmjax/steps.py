@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lmjax import lora as lora_lib
 from lmjax.model.config import TransformerConfig
 from lmjax.objectives import Objective
 from lmjax.optim import OptimizerConfig, build_optimizer
@@ -48,21 +49,35 @@ class StepFns:
   # (params, opt_state) -> where the gradient is taken (schedule-free: not the parameters,
   # which are its averaged point); None: at the parameters
   gradient_point: Callable[[Any, Any], Any] | None = None
+  lora: Any = None  # lmjax.lora.LoraSpec: only adapters (and a new head) train
+
+  def trainable(self, params: Any) -> Any:
+    """The parameters the optimizer updates (all of them without LoRA)."""
+    return params if self.lora is None else lora_lib.select(params, self.lora.trainable)
+
+  def with_trainable(self, params: Any, trainable: Any) -> Any:
+    return trainable if self.lora is None else lora_lib.combine(params, trainable)
 
 
 def step_fns(model: TransformerConfig, objective: Objective,
              optimizer: OptimizerConfig | None = None, steps: int = 1,
-             grad_accum_steps: int = 1) -> StepFns:
+             grad_accum_steps: int = 1, lora: lora_lib.LoraConfig | None = None,
+             seq_len: int = 8) -> StepFns:
   """The models the objective needs (with dropout for training, without for evaluation)
-  and, given an optimizer, its update and schedule over `steps`."""
-  eval_model = objective.build_model(model, True)
+  and, given an optimizer, its update and schedule over `steps`; with `lora` active, the
+  models apply the adapters their parameters hold (dense layers traced on `seq_len`)."""
+  train = objective.build_model(model, deterministic=model.dropout_rate == 0)
+  evaluate = objective.build_model(model, True)
   tx, schedule, point = None, optax.constant_schedule(0.0), None
   if optimizer is not None:
     built = build_optimizer(optimizer, steps, model.width_mult,
-                            functools.partial(param_axes, eval_model))
+                            functools.partial(param_axes, evaluate))
     tx, schedule, point = built.tx, built.schedule, built.gradient_point
-  return StepFns(objective.build_model(model, deterministic=model.dropout_rate == 0),
-                 eval_model, tx, schedule, objective, grad_accum_steps, point)
+  spec = None
+  if lora is not None and lora.active:
+    spec = lora_lib.make_spec(lora, evaluate, seq_len, objective.is_new_param)
+    train, evaluate = spec.wrap(train, True), spec.wrap(evaluate, False)
+  return StepFns(train, evaluate, tx, schedule, objective, grad_accum_steps, point, spec)
 
 
 def param_axes(model: nn.Module) -> Any:
@@ -84,15 +99,17 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
   b = objective.prepare(batch, mask_rng)
   total = jnp.maximum(jnp.sum(b["weights"]), 1.0)  # targets in the whole batch
 
-  def loss_fn(params, micro, rng):
+  def loss_fn(trainable, micro, rng):
+    params = fns.with_trainable(state.params, trainable)
     sums = objective.loss_sums(fns.model, params, micro, {"dropout": rng})
     return sums["objective"] / total, sums
 
-  at = fns.gradient_point(state.params, state.opt_state) if fns.gradient_point else state.params
+  trainable = fns.trainable(state.params)  # LoRA: no gradient for the frozen base
+  at = fns.gradient_point(trainable, state.opt_state) if fns.gradient_point else trainable
   grads, sums = _accumulated(jax.grad(loss_fn, has_aux=True), at, b, dropout_rng,
                              fns.grad_accum_steps)
-  updates, opt_state = fns.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = fns.tx.update(grads, state.opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
   grad_norm = optax.tree.norm(grads)
   # A non-finite loss or gradient skips the update: parameters and optimizer state stay.
   finite = jnp.isfinite(sums["objective"]) & jnp.isfinite(grad_norm)
@@ -100,7 +117,8 @@ def train_step(fns: StepFns, state: TrainState, batch: dict[str, Array]
   metrics = objective.metrics(sums)
   metrics.update(grad_norm=grad_norm, learning_rate=fns.schedule(state.step),
                  skipped=1.0 - finite.astype(jnp.float32))
-  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+  params = fns.with_trainable(state.params, keep(new_trainable, trainable))
+  new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=keep(opt_state, state.opt_state))
   return new_state, metrics
 
@@ -137,8 +155,10 @@ def init_state(fns: StepFns, seed: int, batch_shape: tuple[int, int]) -> TrainSt
   dummy = jnp.zeros(batch_shape, jnp.int32)
   params = fns.eval_model.init(jax.random.fold_in(rng, 1 << 30), dummy,
                                jnp.ones_like(dummy))["params"]
+  if fns.lora is not None:  # fresh adapters; the base (replaced by the source's) frozen
+    params = fns.lora.prepare(params, jax.random.fold_in(rng, 1 << 29))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=fns.tx.init(params), rng=rng)
+                    opt_state=fns.tx.init(fns.trainable(params)), rng=rng)
 
 
 def jit_steps(fns: StepFns, state_sharding: Any, batch_shardings: dict[str, Any],
