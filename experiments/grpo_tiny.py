@@ -1,0 +1,47 @@
+"""GRPO of a chat model on a task with a verifiable answer: who speaks first in a passage.
+
+  python -m launch.train --config experiments/clm_tiny.py --workdir runs/clm_tiny
+  python -m launch.finetune --config experiments/chat_tiny.py --init_from runs/clm_tiny \
+      --workdir runs/chat_tiny
+  python -m launch.finetune --config experiments/grpo_tiny.py --init_from runs/chat_tiny \
+      --workdir runs/grpo_tiny [--config.objective.loss_type=grpo ...]
+
+Each prompt (experiments/data/grpo_{train,eval}.jsonl, from make_grpo.py) shows a passage
+and asks who speaks first; the eval plays are held out. Eight replies are sampled per
+prompt with the run's current weights, and scored by three rewards: `exact_match` (the
+reply is the record's `answer`, "CLOWN speaks first."), `speaker` (registered below: the
+reply starts with the first speaker's name; partial credit) and `format` (the reply has
+the answer's form, "NAME speaks first."). results.json holds the held-out greedy
+replies' mean of each reward, `reward_exact_match` being the held-out exact match.
+"""
+
+import os
+
+import ml_collections
+
+from lmjax.experiment import default_config
+from lmjax.objectives import register_reward
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+@register_reward("speaker")
+def names_the_speaker(prompt, completion, record) -> float:
+  """Partial credit: the reply begins with the first speaker's name."""
+  return float(completion.strip().startswith(record["speaker"] + " "))
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(default_config("grpo"))
+  c.task.update(train_file=os.path.join(DATA, "grpo_train.jsonl"),
+                eval_file=os.path.join(DATA, "grpo_eval.jsonl"))
+  c.objective.update(rewards=("exact_match", "speaker", "format"),
+                     reward_weights=(1.0, 0.5, 0.1), format_regex=r"[A-Z][A-Z' -]* speaks first\.",
+                     num_generations=8, temperature=1.0, max_completion_tokens=12,
+                     loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, beta=0.0)
+  c.data.seq_len = 192
+  c.model.dropout_rate = 0.0
+  c.optimizer.update(learning_rate=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0)
+  c.train.update(steps=120, batch_size=32, log_every=5, eval_every=40, eval_batches=0,
+                 checkpoint_every=20)
+  return c
