@@ -39,7 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                      reward_weights=(1.0, 0.5, 0.1), format_regex=r"[A-Z][A-Z' -]* speaks first\.",
                      num_generations=8, temperature=1.0, max_completion_tokens=12,
                      loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, beta=0.0)
-  c.data.seq_len = 192
+  c.data.seq_len = 208  # the longest prompt (182 tokens) and its reply
   c.model.dropout_rate = 0.0
   c.optimizer.update(learning_rate=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0)
   c.train.update(steps=120, batch_size=32, log_every=5, eval_every=40, eval_batches=0,
