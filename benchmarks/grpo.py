@@ -1,6 +1,11 @@
 """GRPO's step against its parts and against SFT, in one run, on this machine.
 
   python -m benchmarks.grpo [--quick] [--json OUT] [--init_from runs/chat_tiny]
+  python -m benchmarks.grpo --held_out runs/chat_tiny,runs/grpo_tiny
+
+--held_out: each run's greedy replies to experiments/grpo_tiny.py's held-out prompts and
+their mean rewards (`reward_exact_match`: the held-out exact match), through the same
+evaluation a GRPO run makes; no timing.
 
 At clm_tiny's shape (d128, 4 layers; random weights unless --init_from), on the prompts of
 experiments/data/grpo_train.jsonl (seq 208, 4 prompts x 8 replies, up to 12 tokens each):
@@ -36,8 +41,10 @@ from lmjax.optim import OptimizerConfig
 from lmjax.sharding import unbox
 
 flags.DEFINE_bool("quick", False, "fewer repeats")
+flags.DEFINE_bool("tiny", False, "d32 L2, 2 prompts x 2 replies, one repeat: checks that it runs")
 flags.DEFINE_string("json", "", "write the figures here")
 flags.DEFINE_string("init_from", "", "an lmjax chat run to take the weights from")
+flags.DEFINE_list("held_out", [], "runs whose held-out rewards to measure (no timing)")
 FLAGS = flags.FLAGS
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
@@ -52,8 +59,9 @@ def _model_and_tokenizer():
     source = pretrained.load(FLAGS.init_from)
     return source.model.replace(dropout_rate=0.0, max_len=max(source.model.max_len, SEQ)), \
         source.tokenizer, source.params
-  model = TransformerConfig(family="decoder", vocab_size=2048, max_len=SEQ, d_model=128,
-                            num_layers=4, num_heads=4, d_ff=512, scan_layers=False,
+  width, layers = (32, 2) if FLAGS.tiny else (128, 4)
+  model = TransformerConfig(family="decoder", vocab_size=2048, max_len=SEQ, d_model=width,
+                            num_layers=layers, num_heads=4, d_ff=4 * width, scan_layers=False,
                             dtype="float32")
   return model, Tokenizer(os.path.join(BUNDLED_DIR, "tokenizer.model")), None
 
@@ -160,9 +168,38 @@ def _report(best: dict, tokens: int, model) -> dict:
           "grpo_update_vs_sft": best["update"] / best["sft"]}
 
 
+def held_out(run: str) -> dict:
+  """The held-out rewards of `run`'s greedy replies, as a grpo_tiny run evaluates them."""
+  import importlib
+  from lmjax import pretrained
+  from lmjax.experiment import experiment_from_dict
+  from lmjax.loop import evaluate
+  from lmjax.steps import eval_step
+  exp = experiment_from_dict(importlib.import_module("experiments.grpo_tiny").get_config()
+                             .to_dict())
+  source = pretrained.load(run)
+  model = source.model.replace(dropout_rate=0.0)
+  objective = objectives.build(exp.objective, source.tokenizer.special, model.vocab_size,
+                               exp.task)
+  _, data = objective.datasets(exp.data, source.tokenizer, model, exp.train.seed)
+  fns = train_lib.step_fns(model, objective)
+  objective.precompute((), fns.eval_model, source.params)
+  fake = type("Run", (), {"exp": exp, "eval_data": data, "fns": fns})()
+  out = evaluate(jax.jit(functools.partial(eval_step, fns)), source.params, fake, lambda b: b)
+  return {"run": run, **out}
+
+
 def main(argv: list[str]) -> None:
   del argv
-  out = measure(2 if FLAGS.quick else 5)
+  global GROUPS, GENERATIONS, ROWS
+  if FLAGS.tiny:
+    GROUPS, GENERATIONS = 2, 2
+    ROWS = GROUPS * GENERATIONS
+  if FLAGS.held_out:
+    for run in FLAGS.held_out:
+      print(json.dumps(held_out(run)))
+    return
+  out = measure(1 if FLAGS.tiny else 2 if FLAGS.quick else 5)
   for k, v in out.items():
     print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
   if FLAGS.json:

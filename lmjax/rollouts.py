@@ -5,9 +5,10 @@ The engine (`lmjax.inference.engine.Engine`) is built once per run, its programs
 once; before each rollout it is pointed at the train state's parameters
 (`Engine.update_params`: the device arrays the optimiser just wrote, not a copy) and
 runs the step's requests to their ends on the training thread (`Engine.complete`), so
-generation and updates alternate on the same devices. On several hosts each process
-samples its own rows' prompts with its own shards' parameters: the weights are where the
-samplers are, nothing is sent.
+generation and updates alternate on the same devices, the engine's programs taking the
+sharded parameters where they are (no copy to another process). One process only for
+now: on several hosts the engine's programs would run over every host's devices while
+each host has requests of its own, so a multi-host run is refused.
 
 Every draw is a function of (seed, step): the step's prompts come from the keyed
 permutation every dataset uses, and each reply samples with a seed of (train.seed, the
@@ -99,6 +100,9 @@ def datasets(objective: Any, seq_len: int, tokenizer: Any, model: Any, seed: int
              ) -> tuple["Rollouts", "Rollouts"]:
   """(train, eval) rollouts of `objective` (a GRPO) over its task files."""
   cfg, task = objective.cfg, objective.task
+  if jax.process_count() > 1:
+    raise UserError("objective grpo runs in one process (on all its devices); several hosts "
+                    "would each need their rows' replies from an engine of their own")
   room = seq_len - cfg.max_completion_tokens
   if room < 1:
     raise UserError(f"objective.max_completion_tokens={cfg.max_completion_tokens} leaves no "

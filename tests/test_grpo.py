@@ -171,3 +171,16 @@ def test_bad_input_exits_2_with_one_line(tiny_runs, tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
       f"error: {path}:1: expected 'prompt' (text or messages) or 'messages'")
+
+
+def test_benchmark_runs_tiny(tmp_path):
+  out = tmp_path / "grpo.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.grpo", "--tiny", f"--json={out}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(out.read_text())
+  assert 0 < got["rollout_tokens"] <= 4 * 12  # 2 prompts x 2 replies, up to 12 tokens each
+  assert 0 < got["generation_share"] < 1
+  assert got["update_share"] == pytest.approx(1 - got["generation_share"])
+  for key in ("rollout_tokens_per_s", "served_tokens_per_s", "grpo_step_vs_sft"):
+    assert got[key] > 0, key
