@@ -143,6 +143,7 @@ class Rollouts:
     if per % g:
       raise UserError(f"train.batch_size={global_batch} (replies per step, {per} per process) "
                       f"is not a multiple of objective.num_generations={g}")
+    jax.block_until_ready(self.params)  # the update before is timed as the update's
     began = time.perf_counter()
     update = began - self._last if self._last is not None else 0.0
     rollout = step // cfg.num_iterations

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from tiny import ROOT, assert_same_checkpoint, finetune
+from tiny import ROOT, assert_same_checkpoint, finetune, kill_twice
 from lmjax.errors import UserError
 from lmjax.experiment import default_config
 from lmjax.objectives import Completion, register_reward, rewards
@@ -107,7 +107,7 @@ def test_grpo_trains_logs_and_resumes_bitwise_between_steps_on_one_rollout(tiny_
   assert {"reward_exact_match", "reward_length", "completion_length"} <= set(straight)
 
 
-def test_eight_devices_equal_one_and_sigterm_saves(tiny_runs, tmp_path):
+def test_eight_devices_equal_one_kill_9_resumes_bitwise_and_sigterm_saves(tiny_runs, tmp_path):
   config = tmp_path / "grpo_config.py"
   config.write_text(f"def get_config(arg=''):\n  import ml_collections\n"
                     f"  return ml_collections.ConfigDict({_config(tmp_path)!r})\n")
@@ -122,6 +122,16 @@ def test_eight_devices_equal_one_and_sigterm_saves(tiny_runs, tmp_path):
   a, b = _train_lines(tmp_path / "one"), _train_lines(tmp_path / "eight")
   for key in ("loss", "reward", "completion_length", "grad_norm"):
     np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-4, atol=1e-6)
+  killed = tmp_path / "killed"
+  command = [sys.executable, "-m", "launch.finetune", f"--config={config}",
+             f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={killed}", "--cpu_devices=1"]
+  kill_twice(lambda: subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True),
+             killed / "metrics.jsonl")
+  final = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert_same_checkpoint(tmp_path / "one", killed, 4)
+  assert (killed / "results.json").read_text() == (tmp_path / "one" / "results.json").read_text()
   workdir = tmp_path / "term"
   proc = subprocess.Popen(
       [sys.executable, "-m", "launch.finetune", f"--config={config}",

@@ -90,8 +90,7 @@ def score(rewards: dict[str, Reward], prompts: Sequence[Any], completions: Seque
         value = fn(prompt, completion, record)
       except Exception as e:  # noqa: BLE001  (research code: any failure, named)
         raise UserError(f"{wheres[i]}: reward {name} raised {type(e).__name__}: {e}") from None
-      if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
-          or not math.isfinite(float(value)):
+      if not isinstance(value, (int, float, np.number)) or not math.isfinite(float(value)):
         raise UserError(f"{wheres[i]}: reward {name} returned {value!r} (a finite number is "
                         f"needed) for the completion {str(completion)[:80]!r}")
       out[i, j] = float(value)
