@@ -183,6 +183,8 @@ def evaluate(eval_fn: Callable, params: Any, run: Any, put: Callable, data: Any 
   n = min(n, t.eval_batches) if t.eval_batches else n
   base = jax.random.PRNGKey(t.seed + 1)
   total, examples = None, []
+  if getattr(data, "online", False):  # rollouts: sampled with these parameters
+    data.bind(params)
   for i in range(n):
     batch = put(data.eval_batch(i, t.batch_size, jax.process_index(), jax.process_count()))
     out = eval_fn(params, batch, jax.random.fold_in(base, i))
@@ -298,7 +300,7 @@ def _start(run: Any) -> tuple[Any, Callable, LoopContext]:
   shardings = logical_to_shardings(abstract, run.mesh, rules)
   state = restore_or_init(run, abstract, shardings)
   n, i = jax.process_count(), jax.process_index()
-  in_shardings = batch_shardings(run.mesh, rules, run.train_data.batch(0, n, i, n))
+  in_shardings = batch_shardings(run.mesh, rules, _sample_batch(run, n, i))
   train_fn, eval_fn = jit_steps(run.fns, shardings, in_shardings, replicated(run.mesh))
   put = lambda b: {k: jax.make_array_from_process_local_data(in_shardings[k], v)
                    for k, v in b.items()}
@@ -307,6 +309,15 @@ def _start(run: Any) -> tuple[Any, Callable, LoopContext]:
                      flops_per_token(exp.model, seq, exp.objective.predictions(seq)),
                      peak_flops(t.peak_flops_per_device) * jax.device_count(), t.steps)
   return state, train_fn, LoopContext(run, eval_fn, put, speed)
+
+
+def _sample_batch(run: Any, n: int, i: int) -> dict[str, np.ndarray]:
+  """A batch of one row per process (for its arrays' ranks); an online objective's (its
+  rollouts need parameters) from its `batch_spec`."""
+  if not getattr(run.train_data, "online", False):
+    return run.train_data.batch(0, n, i, n)
+  spec = run.fns.objective.batch_spec(run.exp.data.seq_len)
+  return {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in spec.items()}
 
 
 def train_loop(run: Any, hooks: list[Hook]) -> dict[str, float]:
@@ -325,14 +336,18 @@ def train_loop(run: Any, hooks: list[Hook]) -> dict[str, float]:
   host_batch = lambda s: run.train_data.batch(s, t.batch_size, jax.process_index(),
                                               jax.process_count())
   log = _TrainLog(ctx)
+  online = getattr(run.train_data, "online", False)  # its batches need the current params
   try:
     for hook in hooks:
       hook.start(ctx, step)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      upcoming = pool.submit(host_batch, step)  # the next host batch is built during the step
+      # The next host batch is built during the step, but rollouts only after it.
+      upcoming = None if online else pool.submit(host_batch, step)
       while step < t.steps:
-        batch = ctx.put(upcoming.result())
-        if step + 1 < t.steps:
+        if online:
+          run.train_data.bind(state.params, run.workdir)
+        batch = ctx.put(host_batch(step) if online else upcoming.result())
+        if step + 1 < t.steps and not online:
           upcoming = pool.submit(host_batch, step + 1)
         for hook in hooks:
           hook.before_step(step + 1)

@@ -7,7 +7,7 @@ abstract arrays, and `lmjax.aot` compiles the same step for a TPU topology.
 `launch.train`, `launch.finetune`, `launch.compile` and `launch.sweep`'s trials all
 come through here.
 
-A fine-tuning objective (`Objective.fine_tunes`: sft, dpo, classification,
+A fine-tuning objective (`Objective.fine_tunes`: sft, dpo, grpo, classification,
 regression, qa) starts from `train.init_from`, which decides the architecture and
 the tokenizer; the experiment's model section then sets only how the model
 computes (`COMPUTE_FIELDS`: attention, remat, dropout, and the dtype unless it is

@@ -21,7 +21,7 @@ EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(RO
                      if not p.endswith("__init__.py"))
 FINETUNING = {"finetune_genre": [None, "random"], "finetune_pairs": [None],
               "chat_tiny": [None], "dpo_tiny": [None], "qa_tiny": [None],
-              "finetune_regression": [None]}  # configs for launch.finetune
+              "finetune_regression": [None], "grpo_tiny": [None]}  # configs for launch.finetune
 VARIANTS = {"clm_tiny": [None, "llama"], "llama_1b": [None, "fsdp", "v5e16"],
             "qwen3_tiny": [None, "0.6b"], "gemma_tiny": [None, "gemma3", "2b"],
             # moe_1b's :ep8 and :capacity need 8 devices: test_compile.py compiles them.

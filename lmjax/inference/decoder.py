@@ -35,13 +35,17 @@ class Decoder:
     if cfg.family != "decoder":
       raise UserError(refusal)
     cfg = cfg.replace(dropout_rate=0.0, remat_policy="none")
-    if cfg.scan_layers:
-      # Unrolled: a scanned decode step slices every layer's weights and cache out of the
-      # stacked arrays and writes the cache back, several times the bytes a step must read.
-      params = unstack_layers(params, cfg.num_layers)
-      cfg = cfg.replace(scan_layers=False)
-    self.cfg, self.params = cfg, params
-    self.model = build_model(cfg, decode=True)
+    self._stacked = cfg.scan_layers
+    # Unrolled: a scanned decode step slices every layer's weights and cache out of the
+    # stacked arrays and writes the cache back, several times the bytes a step must read.
+    self.cfg = cfg.replace(scan_layers=False)
+    self.params = self.layout(params)
+    self.model = build_model(self.cfg, decode=True)
+
+  def layout(self, params: Any) -> Any:
+    """`params` of the model this decoder was built for, in the layout decoding reads: a
+    scanned model's layers unstacked (one copy of them), an unrolled model's as they are."""
+    return unstack_layers(params, self.cfg.num_layers) if self._stacked else params
 
   def init_cache(self, rows: int, length: int) -> Any:
     """An empty KV cache of `rows` rows, each `length` tokens long."""

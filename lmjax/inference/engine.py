@@ -81,6 +81,7 @@ class Request:
   cancelled: bool = False
   # set by the engine
   generated: int = 0
+  stop_id: int | None = None  # the stop id that ended it (not emitted), if one did
   prefilled: int = 0
   arrived: float = 0.0
   prompt_logprobs: list = dataclasses.field(default_factory=list)
@@ -229,6 +230,33 @@ class Engine:
     if self._thread is not None:
       self._thread.join(timeout)
 
+  def update_params(self, params: Any) -> None:
+    """Decodes with `params` from the next dispatch on (an RL trainer's current policy): the
+    same shapes, so nothing compiles again. Device arrays are used where they are, not
+    copied (a scanned model's layers are unstacked: one copy of them)."""
+    self.params = self.decoder.params = self.decoder.layout(params)
+
+  def complete(self, requests: Sequence[Request]) -> None:
+    """Runs `requests` to their ends on the calling thread (not while `start` serves): each
+    prompt prefilled whole when it takes a row, then decode dispatches of
+    `steps_per_dispatch` steps, freed rows taking the next requests between dispatches. No
+    timing decides anything, so the same requests and parameters give the same tokens,
+    bitwise, on every call."""
+    if self._thread is not None:
+      raise RuntimeError("complete() runs requests on the calling thread; the engine serves")
+    if not hasattr(self, "_cache"):
+      self._cache, self._next = self._init_state()
+    for r in requests:
+      self.submit(r)
+    while self.busy_rows() or not self._waiting.empty():
+      self._admit()
+      for i, r in enumerate(self._rows):
+        while r is not None and r.prefilled < len(r.prompt):
+          self._prefill_row(i)
+      active = self._table.active()
+      if active.any():
+        self._decode_rows(active, False, self.steps_per_dispatch)
+
   def busy_rows(self) -> int:
     return sum(r is not None for r in self._rows)
 
@@ -345,10 +373,10 @@ class Engine:
     ph.count("dispatches")
     return records, t - began
 
-  def _decode_rows(self, active: np.ndarray, prefilling: bool) -> None:
+  def _decode_rows(self, active: np.ndarray, prefilling: bool, steps: int = 0) -> None:
     busy = int(np.flatnonzero(active)[-1]) + 1
     rows = next(b for b in self.buckets if b >= busy)
-    records, seconds = self._run_decode(rows, self._steps(prefilling, rows))
+    records, seconds = self._run_decode(rows, steps or self._steps(prefilling, rows))
     t = time.perf_counter()
     drawn = np.count_nonzero(records[..., 0], axis=1)  # (rows,) tokens each row drew
     ran = int(drawn.max())
@@ -372,6 +400,7 @@ class Engine:
     r.generated += drawn
     for s in range(drawn):
       if status[s] == bs.STOPPED:
+        r.stop_id = tokens[s]
         self._finish(i, "stop")
         return
       if r.token_logprobs:

@@ -1,0 +1,196 @@
+"""GRPO (`objective.kind=grpo`) on the training loop: rewards as plug-ins, rollouts from the
+serving engine with the current weights, exact resume (also between two steps on one batch
+of rollouts), SIGTERM saves, 8 simulated devices equal one, bad input in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tiny import ROOT, assert_same_checkpoint, finetune, kill_twice
+from lmjax.errors import UserError
+from lmjax.experiment import default_config
+from lmjax.objectives import Completion, register_reward, rewards
+
+WORDS = ["yes", "no", "king", "queen", "love", "death", "night", "day"]
+# A reward that varies between random replies (so advantages are not all 0): the reply has an e.
+HAS_E = r"(?s).*e.*"
+
+
+def _prompts(path, n=16):
+  records = [{"prompt": f"Say {WORDS[i % 8]}.", "answer": WORDS[i % 8]} for i in range(n)]
+  if n:
+    records[1] = {"messages": [{"role": "user", "content": "Say no."}], "answer": "no"}
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(path)
+
+
+def _config(tmp_path, **objective):
+  path = _prompts(tmp_path / "prompts.jsonl")
+  c = default_config("grpo")
+  c["task"].update(train_file=path, eval_file=path)
+  c["objective"].update(num_generations=4, max_completion_tokens=6, temperature=1.0,
+                        rewards=("exact_match", "format", "length"), format_regex=HAS_E,
+                        reward_weights=(1.0, 1.0, 0.1), **objective)
+  c["data"].update(seq_len=48, cache_dir=str(tmp_path / "cache"))
+  c["model"]["dropout_rate"] = 0.0
+  c["optimizer"].update(learning_rate=3e-3, warmup_steps=1, schedule="constant")
+  c["train"].update(steps=4, batch_size=8, log_every=1, eval_every=4, eval_batches=0,
+                    checkpoint_every=1)
+  return c
+
+
+def _train_lines(workdir):
+  return [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+          if r["split"] == "train"]
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def test_lmjax_rewards_score_as_documented():
+  options = {"answer_field": "answer", "format_regex": r"\d+", "max_completion_tokens": 10,
+             "overlong_cache": 4}
+  fns = {n: rewards.reward_function(n, options) for n in ("exact_match", "format", "length",
+                                                           "overlong")}
+  replies = [Completion.of(" 42 ", [1, 2], True), Completion.of("forty-two", list(range(8)), False)]
+  got = rewards.score(fns, ["q", "q"], replies, [{"answer": "42"}] * 2, ["f:1", "f:2"])
+  np.testing.assert_allclose(got, [[1, 1, -0.2, 0], [0, 0, -0.8, -0.5]])
+
+
+def test_a_reward_that_raises_or_returns_nan_names_the_record():
+  @register_reward("test_fragile")
+  def fragile(prompt, completion, record):
+    return math.nan if record["x"] else 1 / 0
+  fns = {"test_fragile": rewards.reward_function("test_fragile", {})}
+  with pytest.raises(UserError, match=r"^p.jsonl:3: reward test_fragile raised ZeroDivisionError"):
+    rewards.score(fns, ["q"], [Completion.of("a", [1], True)], [{"x": 0}], ["p.jsonl:3"])
+  with pytest.raises(UserError, match=r"^p.jsonl:4: reward test_fragile returned nan"):
+    rewards.score(fns, ["q"], [Completion.of("a", [1], True)], [{"x": 1}], ["p.jsonl:4"])
+  with pytest.raises(UserError, match="'nope' is not a registered reward"):
+    rewards.reward_function("nope", {})
+  with pytest.raises(ValueError, match="lmjax's own"):
+    register_reward("exact_match")(fragile)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_grpo_trains_logs_and_resumes_bitwise_between_steps_on_one_rollout(tiny_runs, tmp_path):
+  c = _config(tmp_path, num_iterations=2, beta=0.04, loss_type="grpo")
+  init = tiny_runs / "clm_tiny"
+  straight = finetune(c, init, tmp_path / "straight")
+  # Stopped inside rollout 1 (steps 3-4); the schedule is constant, so the first 3 steps are
+  # the same as the straight run's.
+  stopped = {**c, "train": {**c["train"], "steps": 3}}
+  finetune(stopped, init, tmp_path / "resumed")
+  assert os.listdir(tmp_path / "resumed" / "rollouts") == ["1.0.npz"]
+  resumed = finetune(c, init, tmp_path / "resumed")
+  assert_same_checkpoint(tmp_path / "straight", tmp_path / "resumed", 4)
+  assert resumed == straight
+  lines = _train_lines(tmp_path / "straight")
+  for key in ("reward", "reward_std", "reward_exact_match", "reward_format_std", "kl", "entropy",
+              "clip_fraction", "completion_length", "zero_std_groups", "rollout_seconds",
+              "update_seconds"):
+    assert all(np.isfinite(r[key]) for r in lines), key
+  assert any(r["grad_norm"] > 0 for r in lines)  # the rewards differ within groups
+  assert lines[1]["rollout_seconds"] == 0 < lines[0]["rollout_seconds"]  # step 2 reuses 1's
+  assert lines[0]["kl"] == 0 < lines[3]["kl"]  # the policy left the reference
+  assert {"reward_exact_match", "reward_length", "completion_length"} <= set(straight)
+
+
+def test_eight_devices_equal_one_kill_9_resumes_bitwise_and_sigterm_saves(tiny_runs, tmp_path):
+  config = tmp_path / "grpo_config.py"
+  config.write_text(f"def get_config(arg=''):\n  import ml_collections\n"
+                    f"  return ml_collections.ConfigDict({_config(tmp_path)!r})\n")
+  run = lambda name, *args: subprocess.run(
+      [sys.executable, "-m", "launch.finetune", f"--config={config}",
+       f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={tmp_path / name}", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  one, eight = run("one", "--cpu_devices=1"), run("eight", "--cpu_devices=8",
+                                                  "--config.mesh.data=2", "--config.mesh.fsdp=4")
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert eight.returncode == 0, eight.stderr[-3000:]
+  a, b = _train_lines(tmp_path / "one"), _train_lines(tmp_path / "eight")
+  for key in ("loss", "reward", "completion_length", "grad_norm"):
+    np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-4, atol=1e-6)
+  killed = tmp_path / "killed"
+  command = [sys.executable, "-m", "launch.finetune", f"--config={config}",
+             f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={killed}", "--cpu_devices=1"]
+  kill_twice(lambda: subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True),
+             killed / "metrics.jsonl")
+  final = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert_same_checkpoint(tmp_path / "one", killed, 4)
+  assert (killed / "results.json").read_text() == (tmp_path / "one" / "results.json").read_text()
+  workdir = tmp_path / "term"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "launch.finetune", f"--config={config}",
+       f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={workdir}",
+       "--config.train.steps=400", "--config.train.checkpoint_every=1000"],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 300
+  while not (workdir / "metrics.jsonl").exists() or \
+      (workdir / "metrics.jsonl").read_text().count("\n") < 2:
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "preempted" in err, err[-3000:]
+  steps = [int(n) for n in os.listdir(workdir / "checkpoints")]
+  assert len(steps) == 1 and 2 <= steps[0] < 400
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"objective": {"num_generations": 1}}, "objective.num_generations must be >= 2"),
+    ({"objective": {"rewards": ("exact_match", "format", "nope")}}, "'nope' is not a registered reward"),
+    ({"objective": {"loss_type": "ppo"}}, "objective.loss_type must be one of grpo, dapo"),
+    ({"prompts": 0}, "task file is empty: .*prompts.jsonl"),
+    ({"train": {"batch_size": 6}}, "train.batch_size=6 (replies per step, 6 per process) is not "
+     "a multiple of objective.num_generations=4"),
+])
+def test_bad_input_is_one_line(tiny_runs, tmp_path, change, message):
+  c = _config(tmp_path)
+  if "prompts" in change:
+    _prompts(tmp_path / "prompts.jsonl", 0)
+  for section, values in change.items():
+    if section != "prompts":
+      c[section].update(values)
+  with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")
+                     if "(" in message else message):
+    finetune(c, tiny_runs / "clm_tiny", tmp_path / "run")
+
+
+def test_bad_input_exits_2_with_one_line(tiny_runs, tmp_path):
+  path = tmp_path / "p.jsonl"
+  path.write_text(json.dumps({"question": "Say yes."}) + "\n")
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.finetune", "--config=experiments/grpo_tiny.py",
+       f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={tmp_path / 'run'}",
+       f"--config.task.train_file={path}", f"--config.task.eval_file={path}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {path}:1: expected 'prompt' (text or messages) or 'messages'")
+
+
+def test_benchmark_runs_tiny(tmp_path):
+  out = tmp_path / "grpo.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.grpo", "--tiny", f"--json={out}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(out.read_text())
+  assert 0 < got["rollout_tokens"] <= 4 * 12  # 2 prompts x 2 replies, up to 12 tokens each
+  assert 0 < got["generation_share"] < 1
+  assert got["update_share"] == pytest.approx(1 - got["generation_share"])
+  for key in ("rollout_tokens_per_s", "served_tokens_per_s", "grpo_step_vs_sft"):
+    assert got[key] > 0, key
