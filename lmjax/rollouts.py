@@ -99,10 +99,10 @@ class Sampler:
 def datasets(objective: Any, seq_len: int, tokenizer: Any, model: Any, seed: int
              ) -> tuple["Rollouts", "Rollouts"]:
   """(train, eval) rollouts of `objective` (a GRPO) over its task files."""
-  cfg, task = objective.cfg, objective.task
   if jax.process_count() > 1:
     raise UserError("objective grpo runs in one process (on all its devices); several hosts "
                     "would each need their rows' replies from an engine of their own")
+  cfg, task = objective.cfg, objective.task
   room = seq_len - cfg.max_completion_tokens
   if room < 1:
     raise UserError(f"objective.max_completion_tokens={cfg.max_completion_tokens} leaves no "

@@ -81,6 +81,14 @@ def test_a_reward_that_raises_or_returns_nan_names_the_record():
     register_reward("exact_match")(fragile)
 
 
+def test_several_hosts_are_refused_in_one_line(monkeypatch):
+  import jax
+  from lmjax import rollouts
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(UserError, match="^objective grpo runs in one process"):
+    rollouts.datasets(None, 48, None, None, 0)
+
+
 # ----------------------------------------------------------------------------- runs
 
 
