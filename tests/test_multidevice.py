@@ -9,6 +9,6 @@ def test_multidevice_suite_with_8_simulated_devices():
   """tests/multidevice needs 8 CPU devices, fixed at backend start: its own process."""
   proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                          os.path.join(ROOT, "tests", "multidevice")], cwd=ROOT,
-                        capture_output=True, text=True, timeout=900)
+                        capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
   assert " passed" in proc.stdout and "failed" not in proc.stdout
