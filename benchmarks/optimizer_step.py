@@ -20,6 +20,7 @@ from lmjax.optim import OptimizerConfig, registered, state_bytes
 SHAPES = {"clm_tiny (d128 x 4, vocab 2048, 32 x 128)": Shape("clm", 128, 4, 128, 32, vocab=2048,
                                                                 heads=4),
           "d512 x 4, vocab 4096, 8 x 256": Shape("clm", 512, 4, 256, 8)}
+QUICK = {"d128 x 2, vocab 2048, 4 x 32": Shape("clm", 128, 2, 32, 4, vocab=2048, heads=2)}
 
 
 def candidates(shape: Shape, kind: str, steps: int):
@@ -57,8 +58,8 @@ def candidates(shape: Shape, kind: str, steps: int):
 def run(quick: bool = False) -> dict:
   kinds = [k for k in registered()]
   out = {}
-  for name, shape in SHAPES.items():
-    steps, repeats = (2, 3) if quick else (3, 7)
+  steps, repeats = (2, 3) if quick else (3, 7)
+  for name, shape in (QUICK if quick else SHAPES).items():
     built = {kind: candidates(shape, kind, steps) for kind in kinds}
     times = time_interleaved({f"{k}/{part}": fn for k, (s, u, _, _) in built.items()
                               for part, fn in (("step", s), ("update", u))}, repeats)

@@ -7,7 +7,7 @@ and each optimizer's step time and state memory.
 
 - step: the train step and the update alone (`tx.update` + apply, jitted) of every
   registered optimizer on the same model, timed interleaved (minimum of the repeats), and
-  the optimizer state's bytes: clm_tiny's shape and a wider one (d512).
+  the optimizer state's bytes: clm_tiny's shape and a wider one (d512); --quick: d128 x 2.
 - search: each of --kinds at each learning rate of --lrs, clm_tiny at --steps steps of 16
   rows of 128 tokens (600: clm_tiny's own token budget), warm-up steps/5, through
   `launch.sweep` (lmjax's own sweep; the same grid, so the same budget, for each); the

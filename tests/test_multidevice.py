@@ -9,7 +9,7 @@ MOE = os.path.join(ROOT, "tests", "multidevice", "test_moe_sharding.py")
 
 def _suite(*args: str) -> None:
   proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=900)
+                        cwd=ROOT, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
   assert " passed" in proc.stdout and "failed" not in proc.stdout
 
