@@ -2,7 +2,7 @@
 
   python -m benchmarks.sweep [--quick] [--steps 600] [--json F] [--workdir DIR]
       [--grid_lrs 8] [--trials 16] [--seeds 0,1,2] [--tpe JSON] [--warmup_step 1]
-      [--seed_spread 0] [--parallel 1]
+      [--seed_spread 0] [--parallel 1] [--grid_figures BEST,STEPS]
 
 Both search the same space, the learning rate (log 3e-4 to 3e-2) and the warm-up steps;
 the grid takes 8 learning rates x 2 warm-ups, every trial to the end, and the search 16
@@ -13,6 +13,11 @@ ranked on a learning rate it has not reached. The search runs once per sampler s
 typically. Reported: the best held-out loss of the grid and of each search, the difference
 (target: the median search within 0.01 nats of the grid's best) and the training steps
 each spent (target: every search <= 50% of the grid's).
+
+--parallel N runs N grid trials at once and N search workers on each study. The grid
+is deterministic: run again with the same --workdir, its finished trials are read rather
+than retrained; with the directory gone, --grid_figures takes its best loss and steps
+from the earlier run's report.
 
 --seed_spread N retrains the grid's two best points with train.seed 1..N (the parameters
 and the data order): how far one run's loss moves by chance, against the 0.01-nat target.
@@ -39,7 +44,7 @@ from absl import app, flags
 
 from launch.cli import cli_main
 from lmjax.errors import UserError
-from lmjax.search import IntUniform, Search
+from lmjax.sweep import IntUniform, Search
 
 flags.DEFINE_bool("quick", False, "a d64 x 2-layer clm_tiny and 60 steps (unless --steps)")
 flags.DEFINE_integer("steps", 600, "training steps of a trial run to its end")
@@ -50,6 +55,8 @@ flags.DEFINE_integer("warmup_step", 1, "the search's warm-up lattice (must divid
 flags.DEFINE_integer("seed_spread", 0, "retrain the grid's two best points, train.seed 1..N")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "sampler seeds: one search each")
 flags.DEFINE_integer("parallel", 1, "trials at once (grid: --parallel, search: --workers)")
+flags.DEFINE_list("grid_figures", [], "BEST,STEPS: the grid's best held-out loss and training "
+                  "steps from an earlier run with the same flags, instead of training the grid")
 flags.DEFINE_string("workdir", "", "keep the sweeps here (default: a temporary directory)")
 flags.DEFINE_string("json", "", "write the figures here")
 FLAGS = flags.FLAGS
@@ -75,7 +82,7 @@ def search_file(folder: str, steps: int, seed: int) -> str:
   rung = max(steps * 4 // 15, 1)  # after the longest warm-up (steps // 5): ranks trained runs
   search = os.path.join(folder, f"search_{seed}.py")
   with open(search, "w") as f:
-    f.write("from lmjax.search import IntUniform, Search\nfrom lmjax.sweep import LogUniform\n\n\n"
+    f.write("from lmjax.sweep import IntUniform, LogUniform, Search\n\n\n"
             "def get_sweep():\n  return Search(\n"
             "      space={'optimizer.learning_rate': LogUniform(3e-4, 3e-2),\n"
             f"             'optimizer.warmup_steps': IntUniform(0, {steps // 5}, "
@@ -148,7 +155,7 @@ def report(grid: tuple[int, float], searches: dict[int, tuple[int, float]]) -> d
   shares = {s: searches[s][0] / grid_steps for s in seeds}
   median_gap = statistics.median(gaps.values())
   print(f"  grid ({2 * FLAGS.grid_lrs} points): best held-out loss {grid_best:.4f}, "
-        f"{grid_steps} training steps")
+        f"{grid_steps} training steps{' (an earlier run)' if FLAGS.grid_figures else ''}")
   for s in seeds:
     print(f"  TPE + ASHA ({FLAGS.trials} trials, seed {s}): best {searches[s][1]:.4f} "
           f"({gaps[s]:+.4f} nats), {searches[s][0]} steps ({shares[s]:.0%} of the grid's)")
@@ -164,8 +171,24 @@ def report(grid: tuple[int, float], searches: dict[int, tuple[int, float]]) -> d
           "targets": targets}
 
 
+def grid_figures() -> tuple[int, float] | None:
+  """--grid_figures as (steps, best), or None."""
+  if not FLAGS.grid_figures:
+    return None
+  best, steps = FLAGS.grid_figures
+  return int(steps), float(best)
+
+
 def check_flags(steps: int) -> None:
   """Bad flags fail in one line before the grid's hour, not after it."""
+  try:
+    figures = grid_figures()
+  except ValueError:
+    raise UserError(f"--grid_figures takes BEST,STEPS, got {','.join(FLAGS.grid_figures)}"
+                    ) from None
+  if figures and FLAGS.seed_spread:
+    raise UserError("--seed_spread retrains the grid's best points: it needs the grid, not "
+                    "--grid_figures")
   try:
     json.loads(FLAGS.tpe)
   except ValueError as e:
@@ -190,14 +213,15 @@ def main(argv: list[str]) -> None:
     folder = FLAGS.workdir or tmp
     os.makedirs(folder, exist_ok=True)
     extra = overrides(folder, steps)
-    run_sweep(grid_file(folder, steps), os.path.join(folder, "grid"), extra,
-              f"--parallel={FLAGS.parallel}")
+    if not FLAGS.grid_figures:
+      run_sweep(grid_file(folder, steps), os.path.join(folder, "grid"), extra,
+                f"--parallel={FLAGS.parallel}")
     searches = {}
     for seed in seeds:
       workdir = os.path.join(folder, f"search_{seed}")
       run_sweep(search_file(folder, steps, seed), workdir, extra, f"--workers={FLAGS.parallel}")
       searches[seed] = spent(workdir)
-    grid = spent(os.path.join(folder, "grid"))
+    grid = grid_figures() or spent(os.path.join(folder, "grid"))
     spread = seed_spread(folder, extra, FLAGS.seed_spread) if FLAGS.seed_spread else {}
   print(f"clm_tiny{' (quick: d64 x 2)' if FLAGS.quick else ''}, {steps} steps a trial")
   result = report(grid, searches)

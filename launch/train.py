@@ -75,7 +75,7 @@ def _trial_reporter():
   import jax
   if jax.process_index() != 0:
     return lambda step, metrics: False
-  from lmjax.search import TrialReporter
+  from lmjax.sweep.reporter import TrialReporter
   return TrialReporter(json.loads(FLAGS.optuna_trial), FLAGS.workdir)
 
 

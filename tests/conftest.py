@@ -52,3 +52,15 @@ def tiny_runs(tmp_path_factory):
   for kind in ("gpt2", "bert", "llama"):
     make_hf_model(kind, str(tmp / kind))
   return tmp
+
+
+@pytest.fixture(scope="session")
+def decoder_model():
+  """A random 2-layer model (vocab 97) and its parameters, for the decoding tests."""
+  import jax
+  import jax.numpy as jnp
+  from lmjax.model import TransformerConfig, build_model
+  cfg = TransformerConfig(vocab_size=97, max_len=64, d_model=32, num_layers=2, num_heads=4,
+                          d_ff=64, init_std=0.3)
+  params = build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  return cfg, params

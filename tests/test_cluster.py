@@ -7,9 +7,11 @@ import subprocess
 import tarfile
 import sys
 
+import pytest
 
 from lmjax.distributed import DistributedConfig, RuntimeConfig, apply_runtime
-from lmjax.sweep import Choice, LogUniform, Sweep, load_sweep
+from lmjax.errors import UserError
+from lmjax.sweep import Choice, IntUniform, LogUniform, Sweep, load_sweep
 from tiny import ROOT, TINY_OVERRIDES
 
 
@@ -84,6 +86,22 @@ def test_sweep_grid_and_seeded_random_search():
   assert [t.overrides for t in trials] == [t.overrides for t in sweep.trials()]  # seeded
   lr_tiny = load_sweep(os.path.join(ROOT, "experiments", "sweeps", "lr_tiny.py")).trials()
   assert len(lr_tiny) == 4
+
+
+def test_a_random_sweep_draws_int_ranges_on_their_lattice_and_refuses_bad_ones():
+  sweep = Sweep(random={"optimizer.warmup_steps": IntUniform(0, 60, step=15),
+                        "train.batch_size": IntUniform(8, 64, log=True)}, num_samples=200)
+  sweep.check()
+  draws = [t.overrides for t in sweep.trials()]
+  assert {d["optimizer.warmup_steps"] for d in draws} == {0, 15, 30, 45, 60}
+  sizes = [d["train.batch_size"] for d in draws]
+  assert min(sizes) >= 8 and max(sizes) <= 64 and all(isinstance(s, int) for s in sizes)
+  assert sum(s < 23 for s in sizes) > sum(s > 49 for s in sizes)  # log: as many per octave
+  for bad, message in ((Sweep(random={"a": IntUniform(0, 50, step=15)}), "step 15 does not"),
+                       (Sweep(grid={"a": []}), "a grid axis needs a non-empty list"),
+                       (Sweep(random={"a": LogUniform(0.0, 1.0)}), "a log range needs")):
+    with pytest.raises(UserError, match=message):
+      bad.check()
 
 
 def test_sweep_runs_trials_summarizes_and_skips_finished(tmp_path):

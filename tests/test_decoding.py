@@ -13,7 +13,6 @@ import pytest
 from lmjax.inference.decoder import _top_k_top_p, sample, seed_keys, token_logprobs
 from lmjax.inference.engine import Engine, Request
 from lmjax.inference.generate import Generator, SamplingConfig
-from lmjax.model import TransformerConfig, build_model
 
 
 def _warped(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -76,11 +75,8 @@ def test_token_logprobs_are_log_softmax():
 
 
 @pytest.fixture(scope="module")
-def model():
-  cfg = TransformerConfig(vocab_size=97, max_len=64, d_model=32, num_layers=2, num_heads=4,
-                          d_ff=64, init_std=0.3)
-  params = build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  return cfg, params
+def model(decoder_model):
+  return decoder_model
 
 
 @pytest.fixture(scope="module")

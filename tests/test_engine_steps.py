@@ -5,22 +5,16 @@ a dispatch's burst of events into the text token-by-token handling gives."""
 
 import threading
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from lmjax.inference.choice_state import ChoiceState
 from lmjax.inference.engine import Engine, Request
 from lmjax.inference.generate import Generator, SamplingConfig
-from lmjax.model import TransformerConfig, build_model
 
 
 @pytest.fixture(scope="module")
-def model():
-  cfg = TransformerConfig(vocab_size=97, max_len=64, d_model=32, num_layers=2, num_heads=4,
-                          d_ff=64, init_std=0.3)
-  params = build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  return cfg, params
+def model(decoder_model):
+  return decoder_model
 
 
 @pytest.fixture(scope="module")

@@ -267,7 +267,8 @@ def test_bucket_urls_reach_their_filesystems_and_tensorstore_drivers(s3):
 
 
 def test_sweep_summary_in_a_bucket(s3):
-  from lmjax.sweep import Trial, read_trial, summarize
+  from lmjax.sweep import Trial
+  from lmjax.sweep.report import read_trial_metrics, write_summary
   url = _bucket(s3, "sweep")
   trials = [Trial("000_lr=0.1", {"optimizer.learning_rate": 0.1}),
             Trial("001_lr=0.01", {"optimizer.learning_rate": 0.01})]
@@ -276,9 +277,21 @@ def test_sweep_summary_in_a_bucket(s3):
              {"step": 10, "split": "eval", "loss": loss}]
     s3.pipe_file(f"lmjax-test/sweep/{trial.name}/metrics.jsonl",
                  "".join(json.dumps(r) + "\n" for r in lines).encode())
-  rows = summarize(url, trials)
+  rows = write_summary(url, trials)
   assert [r["trial"] for r in rows] == ["001_lr=0.01", "000_lr=0.1"]
-  assert read_trial(paths.join(url, trials[1].name))["best_eval_loss"] == 2.0
+  assert read_trial_metrics(paths.join(url, trials[1].name))["best"] == 2.0
   for name in ("summary.csv", "summary.md", "loss_curves.png"):
     assert s3.size(f"lmjax-test/sweep/{name}") > 0
   assert "| 1 | 001_lr=0.01 |" in s3.cat_file("lmjax-test/sweep/summary.md").decode()
+
+
+def test_run_lock_in_a_bucket(s3):
+  """A sweep in a bucket locks its trial directories there too (advisory: no atomic
+  create on an object store, so written and read back)."""
+  from lmjax.run_lock import RunDirBusy, RunLock, holder
+  url = _bucket(s3, "locked")
+  with RunLock(url, heartbeat_s=0.2, grace_s=5):
+    assert holder(url, 5)["pid"] == os.getpid()
+    with pytest.raises(RunDirBusy, match="held by another run"):
+      RunLock(url, heartbeat_s=0.2, grace_s=5).acquire()
+  assert holder(url, 5) is None and not s3.exists("lmjax-test/locked/run.lock")

@@ -16,8 +16,8 @@ import optuna
 import pytest
 
 from lmjax.errors import UserError
-from lmjax.search import IntUniform, Search, suggest
-from lmjax.sweep import Choice, LogUniform, Uniform
+from lmjax.sweep import Choice, IntUniform, LogUniform, Search, Uniform
+from lmjax.sweep.search import suggest
 from tiny import ROOT, TINY_OVERRIDES
 
 
@@ -29,10 +29,9 @@ def _overrides(tmp_path, steps: int, eval_every: int) -> list[str]:
   return [f"--config.{k}={v}" for k, v in changes.items()]
 
 
-def _sweep_file(tmp_path, body: str) -> str:
-  path = tmp_path / "search.py"
-  path.write_text("from lmjax.search import IntUniform, Search\n"
-                  "from lmjax.sweep import Choice, LogUniform, Uniform\n\n"
+def _sweep_file(tmp_path, body: str, name: str = "search.py") -> str:
+  path = tmp_path / name
+  path.write_text("from lmjax.sweep import Choice, IntUniform, LogUniform, Search, Uniform\n\n"
                   f"def get_sweep():\n  return {body}\n")
   return str(path)
 
@@ -162,6 +161,111 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
     dash.wait(30)
 
 
+def _trainers(pid: int) -> list[int]:
+  """The launch.train processes `pid` started."""
+  out = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        parent = int(f.read().rpartition(")")[2].split()[1])
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        command = f.read()
+    except (OSError, ValueError, IndexError):
+      continue
+    if parent == pid and b"launch.train" in command:
+      out.append(int(entry))
+  return out
+
+
+def _distinct_points(study) -> list:
+  """Complete and pruned trials, each with parameters no other one has."""
+  done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+  points = [tuple(sorted(t.params.items())) for t in done]
+  assert len(set(points)) == len(points), sorted(points)
+  return done
+
+
+def test_workers_a_killed_search_and_other_machines_never_train_one_point_twice(tmp_path,
+                                                                                 postgres):
+  """Two local workers, then kill -9 of the search (its trainers die with it) and a rerun,
+  then two processes sharing the PostgreSQL study: every complete trial its own point."""
+  from lmjax import process
+  space = ('space={"optimizer.learning_rate": LogUniform(1e-3, 1e-2), '
+           '"optimizer.warmup_steps": IntUniform(0, 4)}, sampler="tpe", pruner="none", '
+           'sampler_options={"n_startup_trials": 3}')
+  four = _sweep_file(tmp_path, f"Search({space}, num_trials=4)", "four.py")
+  eight = _sweep_file(tmp_path, f"Search({space}, num_trials=8)", "eight.py")
+  workdir = tmp_path / "many"
+  flags = [f"--storage={postgres}", "--study_name=many", "--heartbeat_seconds=0.5",
+           "--grace_seconds=3", "--", *_overrides(tmp_path, 30, 10)]
+  search = subprocess.Popen(_sweep_args(four, workdir, "--workers=2", *flags), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+  try:
+    deadline, trainers = time.monotonic() + 300, []
+    while len(trainers) < 2 and time.monotonic() < deadline:
+      assert search.poll() is None
+      trainers = _trainers(search.pid)
+      time.sleep(0.2)
+    assert len(trainers) == 2
+    os.kill(search.pid, signal.SIGKILL)  # the search alone: its trainers must follow
+    search.wait(60)
+    # At once: they were just starting (imports and compilation alone take longer), so a
+    # trainer that outlived its worker would still be alive here.
+    deadline = time.monotonic() + 10
+    while any(map(process.alive, trainers)) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not any(map(process.alive, trainers))
+  finally:
+    os.killpg(search.pid, signal.SIGKILL)
+  again = _run(_sweep_args(four, workdir, "--workers=2", *flags))
+  assert again.returncode == 0, again.stderr[-3000:]
+  machines = [subprocess.Popen(_sweep_args(eight, workdir, *flags), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+  outs = [m.communicate(timeout=600) for m in machines]
+  assert all(m.returncode == 0 for m in machines), [o[1][-2000:] for o in outs]
+  study = _study(postgres, "many")
+  done = _distinct_points(study)
+  assert len(done) >= 8
+  by_number = {t.number: t for t in study.trials}
+  retries = [t for t in study.trials if "lmjax_retry_of" in t.user_attrs]
+  assert len(retries) == 2  # the two killed trials, each run again in its own directory
+  for t in retries:
+    first = by_number[t.user_attrs["lmjax_retry_of"]]
+    assert first.state.name == "FAIL" and t.params == first.params
+    assert t.user_attrs["lmjax_dir"] == first.user_attrs["lmjax_dir"]
+  assert all((workdir / t.user_attrs["lmjax_dir"] / "checkpoints" / "30").is_dir() for t in done)
+
+
+def test_a_trial_directory_held_by_a_live_process_is_not_trained_until_it_is_free(tmp_path):
+  """A worker that finds its trial's directory held (another worker on another machine
+  still trains it) waits; once the holder is dead it trains there."""
+  import threading
+
+  from lmjax.sweep.trials import run_trial
+  trial_dir = tmp_path / "trial_0000"
+  hold = ("import sys, time; from lmjax.run_lock import RunLock\n"
+          "RunLock(sys.argv[1], 0.2, 2).acquire(); print('held', flush=True); time.sleep(600)")
+  holder = subprocess.Popen([sys.executable, "-c", hold, str(trial_dir)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+  codes = []
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    worker = threading.Thread(target=lambda: codes.append(run_trial(
+        ["--config=/nonexistent/experiment.py", f"--workdir={trial_dir}"], str(trial_dir),
+        heartbeat_s=0.2, grace_s=2)))
+    worker.start()
+    time.sleep(4)  # twice the grace: a live holder's lock does not go stale
+    assert worker.is_alive() and not (trial_dir / "train.log").exists()
+  finally:
+    holder.kill()
+    holder.wait(30)
+  worker.join(120)
+  assert codes == [2]  # it ran launch.train, which refused the missing file in one line
+  assert "error:" in (trial_dir / "train.log").read_text()
+
+
 @pytest.mark.parametrize("search, message", [
     (dict(space={"optimizer.learning_rate": Uniform(1.0, 0.1)}), "empty or inverted range"),
     (dict(space={"optimizer.learning_rate": LogUniform(0.0, 0.1)}), "a log range needs"),
@@ -217,7 +321,6 @@ def test_an_unreachable_storage_is_a_one_line_error(tmp_path):
 
 def test_the_shipped_search_is_valid_for_clm_tiny():
   from experiments import clm_tiny
-  from lmjax.search import Search
   from lmjax.sweep import load_sweep
   search = load_sweep(os.path.join(ROOT, "experiments", "sweeps", "lr_optuna.py"))
   assert isinstance(search, Search) and (search.sampler, search.pruner) == ("tpe", "asha")

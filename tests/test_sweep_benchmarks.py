@@ -1,6 +1,7 @@
 """benchmarks.sweep and benchmarks.mup: their accounting on known inputs, and each end to
 end at toy size (the figures their closing notes quote come out of these code paths)."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -70,6 +71,8 @@ def test_search_benchmark_runs_small(tmp_path):
     ("--warmup_step=5", "--warmup_step 5 does not divide the longest warm-up, 2"),
     ("--tpe={x", "--tpe is not JSON"),
     ('--tpe={"n_startup": 5}', "--tpe: sampler_options: "),
+    ("--grid_figures=4.0", "--grid_figures takes BEST,STEPS, got 4.0"),
+    ("--grid_figures=4.0,x", "--grid_figures takes BEST,STEPS"),
 ])
 def test_search_benchmark_refuses_bad_flags_before_the_grid(tmp_path, flag, message):
   proc = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--quick", "--steps=10", flag,
@@ -78,6 +81,28 @@ def test_search_benchmark_refuses_bad_flags_before_the_grid(tmp_path, flag, mess
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert message in proc.stderr.strip().splitlines()[-1]
   assert not (tmp_path / "grid").exists()
+
+
+def test_search_benchmark_takes_an_earlier_grid_s_figures_and_two_workers(tmp_path):
+  """--grid_figures: no grid trained, its figures compared; --parallel 2: two workers."""
+  out = tmp_path / "sweep.json"
+  stdout = _run("benchmarks.sweep", "--quick", "--steps=5", "--trials=2", "--seeds=0",
+                "--grid_figures=5.5,160", "--parallel=2", f"--workdir={tmp_path / 'w'}",
+                f"--json={out}")
+  result = json.loads(out.read_text())
+  assert result["grid"] == {"best": 5.5, "steps": 160} and not (tmp_path / "w" / "grid").exists()
+  assert result["search"]["0"]["steps"] == 10 and "(an earlier run)" in stdout
+  with open(tmp_path / "w" / "search_0" / "summary.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 2 and len({r["overrides"] for r in rows}) == 2  # two points
+
+
+def test_search_benchmark_refuses_a_seed_spread_without_its_grid(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--quick",
+                         "--grid_figures=4.0,100", "--seed_spread=1", f"--workdir={tmp_path}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "--seed_spread retrains the grid's best points" in \
+      proc.stderr.strip().splitlines()[-1]
 
 
 _SEEDS = """

@@ -13,8 +13,7 @@ seeds): the median search within 0.008 nats of a 16-point grid's best, on 35-42%
 grid's training steps (docs/scaling.md).
 """
 
-from lmjax.search import IntUniform, Search
-from lmjax.sweep import LogUniform
+from lmjax.sweep import IntUniform, LogUniform, Search
 
 
 def get_sweep() -> Search:

@@ -33,6 +33,8 @@ from lmjax import paths
 from lmjax.data import readers, store
 from lmjax.data.special import file_sha256
 from lmjax.errors import UserError
+from lmjax.process import alive as _alive
+from lmjax.process import die_with_parent as _die_with_parent
 
 _CHUNK_BYTES = 4 << 20  # text per tokenizer call: bounds a worker's memory
 _CHUNK_DOCS = 4096
@@ -212,21 +214,6 @@ def _remove_stale(folder: str) -> None:
       pass
 
 
-def _alive(pid: int) -> bool:
-  try:  # a zombie (killed, not yet reaped by an init that may never reap it) is dead
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-  except (OSError, IndexError):
-    pass
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 def _framed(ids: list[list[int]], begin: int, end: int, dtype: np.dtype
             ) -> tuple[np.ndarray, np.ndarray]:
   """[begin] ids [end] of each document back to back, and each framed length."""
@@ -246,16 +233,6 @@ def _peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- engines
-
-
-def _die_with_parent() -> None:
-  """Pool workers end when the preparing process is killed (even by kill -9)."""
-  try:
-    import ctypes
-    import signal
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
 
 
 _QUEUE = None
