@@ -139,7 +139,7 @@ def measure(repeats: int) -> dict:
 def _serve_same(train, params, step: int) -> float:
   """The rollout's requests (same prompts, seeds, sampling) served by a started engine."""
   from lmjax.inference.engine import Engine, Request
-  sampler, cfg = train.sampler, train.objective.cfg
+  sampler = train.sampler
   if not hasattr(sampler, "served"):
     sampler.served = Engine(sampler.model, params, sampler.pad, slots=ROWS, max_len=SEQ,
                             steps_per_dispatch=REPLY).start()
