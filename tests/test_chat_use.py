@@ -120,7 +120,7 @@ def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, chat_run, tmp_path,
   _run(config, init, tmp_path / "one", tmp_path, "--cpu_devices=1", "--config.train.steps=3")
   eight = _run(config, init, tmp_path / "eight", tmp_path, "--cpu_devices=8",
                "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.train.steps=3")
-  assert "8 device(s), mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in eight.stderr
+  assert "8 device(s), mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}" in eight.stderr
   np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(tmp_path / "one"), rtol=1e-4)
   a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "eight"))
   for key in a:

@@ -41,7 +41,7 @@ def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, tmp_path):
   eight = _finetune(tiny_runs / "mlm_tiny", tmp_path / "eight", "--cpu_devices=8",
                     "--config.mesh.data=2", "--config.mesh.fsdp=4", *args)
   assert eight.returncode == 0, eight.stderr[-3000:]
-  assert "8 device(s), mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in eight.stderr
+  assert "8 device(s), mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}" in eight.stderr
   np.testing.assert_allclose(_train_losses(tmp_path / "eight"), _train_losses(tmp_path / "one"),
                              rtol=1e-4)
   a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "eight"))
