@@ -91,10 +91,20 @@ def test_search_benchmark_takes_an_earlier_grid_s_figures_and_two_workers(tmp_pa
                 f"--json={out}")
   result = json.loads(out.read_text())
   assert result["grid"] == {"best": 5.5, "steps": 160} and not (tmp_path / "w" / "grid").exists()
-  assert result["search"]["0"]["steps"] == 10 and "(an earlier run)" in stdout
+  assert "(an earlier run)" in stdout
   with open(tmp_path / "w" / "search_0" / "summary.csv") as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 2 and len({r["overrides"] for r in rows}) == 2  # two points
+  # Two workers race to ASHA's first rung (step 1), so either may be stopped there: the steps
+  # spent are 5 for each complete trial plus where each stopped one ended.
+  ended = [5 if r["status"] == "complete" else _last_step(tmp_path / "w" / "search_0" / r["trial"])
+           for r in rows]
+  assert result["search"]["0"]["steps"] == sum(ended) and ended.count(5) >= 1
+
+
+def _last_step(trial_dir):
+  records = [json.loads(x) for x in open(trial_dir / "metrics.jsonl") if x.strip()]
+  return max(r["step"] for r in records)
 
 
 def test_search_benchmark_refuses_a_seed_spread_without_its_grid(tmp_path):
