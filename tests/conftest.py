@@ -35,6 +35,27 @@ collect_ignore = ["multidevice"]  # run by test_multidevice.py with 8 simulated 
 
 import pytest  # noqa: E402  (after the XLA settings above)
 
+# The files that take longest (measured with --durations on 2 cores), handed to the two
+# workers first. xdist's default for --dist loadfile is to hand out files with the most
+# tests first, which left the 8-device suites (two tests, three minutes) for the end, one
+# worker busy with them and the other idle.
+SLOW_FIRST = ("test_multidevice.py", "test_multidevice_moe.py", "test_search.py",
+              "test_optimizer_benchmarks.py", "test_grpo.py", "test_chat_use.py",
+              "test_reported_bugs.py", "test_squad.py", "test_sweep_benchmarks.py",
+              "test_benchmarks.py", "test_multiprocess_faults.py", "test_object_storage.py",
+              "test_finetune_loop.py", "test_moe_runs.py", "test_multiprocess.py", "test_kill.py",
+              "test_lm_eval.py", "test_optimizers.py", "test_wsd.py", "test_checkpoint_damage.py")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order set below
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory):

@@ -17,9 +17,3 @@ def _suite(*args: str) -> None:
 def test_multidevice_suite_with_8_simulated_devices():
   """tests/multidevice needs 8 CPU devices, fixed at backend start: its own process."""
   _suite(os.path.join(ROOT, "tests", "multidevice"), f"--ignore={MOE}")
-
-
-def test_expert_parallel_suite_with_8_simulated_devices():
-  """The mixture of experts' sharded runs (test_moe_sharding.py), in a process of their own
-  with a time limit of their own."""
-  _suite(MOE)
