@@ -18,7 +18,7 @@ from lmjax import lora, pretrained
 from lmjax.checkpoint import Checkpointer
 from lmjax.errors import UserError
 from lmjax.experiment import experiment_from_dict
-from tiny import ROOT, assert_same_checkpoint, finetune, tiny_config
+from tiny import ROOT, assert_same_checkpoint, finetune, tiny_config, tree_digest
 
 
 def lora_config(tmp, steps=4, **overrides):
@@ -62,11 +62,22 @@ def _parts(base):
   return _parts_of(base, lora_config(base))
 
 
-def test_only_adapters_change_and_step_zero_is_the_base(base):
+def _qa_config(tmp):
+  """qa_tiny (SQuAD-style spans over windows, a new QA head) with adapters."""
+  c = tiny_config("qa_tiny", tmp, train__steps=2, data__seq_len=64,
+                  optimizer__learning_rate=0.02, optimizer__warmup_steps=0)
+  c.lora.update(enabled=True, rank=4, alpha=8.0, targets=("attention_mlp",))
+  return c.to_dict()
+
+
+@pytest.mark.parametrize("objective", ["sft", "qa"])
+def test_only_adapters_change_and_step_zero_is_the_base(base, objective):
+  """Only the adapters train (and QA's new span head, in full, as classification's); the
+  base is bitwise unchanged and has no optimizer state."""
   from lmjax.loop import _fresh
   from lmjax.sharding import logical_to_shardings
   from lmjax.steps import eval_step, init_state, train_step
-  parts = _parts(base)
+  parts = _parts(base) if objective == "sft" else _parts_of(base, _qa_config(base))
   fns = parts.fns
   abstract = jax.eval_shape(lambda: init_state(fns, 0, (1, 64)))
   with jax.set_mesh(parts.mesh):
@@ -81,14 +92,16 @@ def test_only_adapters_change_and_step_zero_is_the_base(base):
   for i in range(3):
     state, _ = step(state, jax.tree.map(jnp.asarray, parts.train_data.batch(i, 8, 0, 1)))
   after = _flat(jax.tree.map(np.asarray, state.params))
+  heads = [n for n in after if fns.objective.is_new_param(n)]
+  assert bool(heads) == (objective == "qa"), heads
   for name, value in _flat(before).items():
-    if lora.is_adapter(name):
+    if lora.is_adapter(name) or name in heads:
       assert name.endswith("lora_a") or not np.array_equal(value, after[name]), name
     else:
       np.testing.assert_array_equal(value, after[name], err_msg=name)
-  adapters = [n for n in after if lora.is_adapter(n)]
+  trained = [n for n in after if lora.is_adapter(n) or n in heads]
   moments = [v for v in jax.tree.leaves(state.opt_state) if v.ndim > 0]
-  assert len(moments) == 2 * len(adapters)  # no optimizer state for the base
+  assert len(moments) == 2 * len(trained)  # no optimizer state for the base
 
 
 def test_resume_is_bitwise_and_refuses_another_base(base, tmp_path):
@@ -151,23 +164,46 @@ def _parts_of(base, config):
   return assemble(experiment_from_dict(config), None)
 
 
-def test_clm_with_lora_through_launch_train(base, tmp_path):
-  """Continued pretraining of an lmjax run with adapters, from the command line."""
-  cfg = tiny_config("clm_tiny", tmp_path, train__steps=2, train__checkpoint_every=2)
+def test_clm_with_lora_through_launch_train_survives_kill_9(base, tmp_path):
+  """Continued pretraining of an lmjax run with adapters, from the command line, killed with
+  SIGKILL mid-run and rerun: it ends bitwise equal to an uninterrupted run (adapters and
+  optimizer state) and the base run is untouched."""
+  import os
+  import signal
+  import time
   from lmjax.run import train_and_evaluate
+  cfg = tiny_config("clm_tiny", tmp_path, train__steps=2, train__checkpoint_every=2)
   train_and_evaluate(experiment_from_dict(cfg.to_dict()), str(tmp_path / "clm"))
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.train", "--config=experiments/clm_tiny.py",
-       f"--workdir={tmp_path / 'clm_lora'}", f"--config.train.init_from={tmp_path / 'clm'}",
-       "--config.lora.enabled=True", "--config.lora.rank=2", "--config.train.steps=3",
-       "--config.train.checkpoint_every=3", f"--config.data.cache_dir={tmp_path / 'cache'}",
-       *[f"--config.{k}={v}" for k, v in _tiny_flags().items()]],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  digest = tree_digest(tmp_path / "clm")
+  changes = {**_tiny_flags(), "train.init_from": str(tmp_path / "clm"), "lora.enabled": True,
+             "lora.rank": 2, "train.steps": KILL_STEPS, "train.checkpoint_every": 2}
+  straight = tiny_config("clm_tiny", tmp_path, **{k.replace(".", "__"): v
+                                                   for k, v in changes.items()})
+  train_and_evaluate(experiment_from_dict(straight.to_dict()), str(tmp_path / "straight"))
+  killed = tmp_path / "clm_lora"
+  command = [sys.executable, "-m", "launch.train", "--config=experiments/clm_tiny.py",
+             f"--workdir={killed}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+             *[f"--config.{k}={v}" for k, v in changes.items()]]
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  deadline = time.monotonic() + 300
+  while not (killed / "checkpoints" / "2").exists():  # killed with a step saved, mid-run
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.02)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert not (killed / "results.json").exists()
+  proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  meta = Checkpointer(str(tmp_path / "clm_lora"), read_only=True).read_meta(3)
+  assert_same_checkpoint(tmp_path / "straight", killed, KILL_STEPS)
+  meta = Checkpointer(str(killed), read_only=True).read_meta(KILL_STEPS)
   assert meta["lora_base"]["path"] == str(tmp_path / "clm")
-  results = json.loads((tmp_path / "clm_lora" / "results.json").read_text())
-  assert np.isfinite(results["loss"])
+  assert (json.loads((killed / "results.json").read_text()) ==
+          json.loads((tmp_path / "straight" / "results.json").read_text()))
+  assert tree_digest(tmp_path / "clm") == digest
+
+
+KILL_STEPS = 16
 
 
 def _tiny_flags():
