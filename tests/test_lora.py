@@ -270,6 +270,58 @@ def test_a_peft_adapter_starts_a_run_and_loads_with_a_base(base):
                with_adapter.params, merged.params)
 
 
+def test_generate_serve_evaluate_and_lm_eval_take_a_base_and_an_adapter(base, tmp_path):
+  """The four launchers with `--workdir BASE --adapter DIR` (run at once) compute what the
+  LoRA run they were exported from computes, loaded merged in process."""
+  import os
+  import signal
+  import openai
+  from lmjax import harness
+  from lmjax.data import BUNDLED_DIR
+  from lmjax.evaluation import evaluate_files
+  from lmjax.inference import generation_config
+  from lmjax.inference.generate import Generator, SamplingConfig
+  from lmjax.inference.serve_process import spawn
+  llama, adapter, prompt = str(base / "llama"), f"--adapter={_adapter(base)}", "First Citizen:"
+  valid = os.path.join(BUNDLED_DIR, "valid.txt")
+  tasks = os.path.join(ROOT, "tests", "lm_eval_tasks")
+  start = lambda module, *args: subprocess.Popen(
+      [sys.executable, "-m", module, f"--workdir={llama}", adapter, *args], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  procs = [start("launch.generate", f"--prompt={prompt}", "--temperature=0",
+                 "--max_new_tokens=12"),
+           start("launch.evaluate", f"--data={valid}", "--seq_len=32", "--max_batches=1",
+                 f"--output={tmp_path / 'evaluation.json'}"),
+           start("launch.lm_eval", "--tasks=lmjax_ppl", f"--include_path={tasks}", "--limit=4",
+                 f"--output={tmp_path / 'lm_eval.json'}")]
+  with open(tmp_path / "serve.log", "w") as log:
+    server, url = spawn(llama, adapter, "--max_batch=2", log=log)
+    try:
+      client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+      served = client.completions.create(model="llama", prompt=prompt, max_tokens=12,
+                                         temperature=0).choices[0].text
+    finally:
+      os.killpg(server.pid, signal.SIGTERM)
+      assert server.wait(60) == 0
+  generated, evaluated, lm_evaluated = (p.communicate(timeout=600) for p in procs)
+  for p, (_, err) in zip(procs, (generated, evaluated, lm_evaluated)):
+    assert p.returncode == 0, err[-3000:]
+  merged = pretrained.load(str(base / "run"))  # the run's base with its adapters merged
+  tok = merged.tokenizer
+  eos = generation_config.for_model(merged).eos_ids
+  ids = Generator(merged.model, merged.params, eos=eos, pad=max(tok.special.pad, 0)).generate(
+      [[tok.special.bos] * (tok.special.bos >= 0) + tok.encode([prompt])[0]],
+      SamplingConfig(12, temperature=0.0))[0]
+  assert generated[0] == prompt + tok.decode(ids) + "\n" and served == tok.decode(ids)
+  want = evaluate_files(merged, [valid], 32, 8, 1)
+  bare = evaluate_files(pretrained.load(llama), [valid], 32, 8, 1)
+  assert abs(want["loss"] - bare["loss"]) > 1e-4  # the adapter matters
+  assert json.loads(evaluated[0])["loss"] == pytest.approx(want["loss"], rel=1e-5)
+  theirs = json.loads((tmp_path / "lm_eval.json").read_text())["results"]["lmjax_ppl"]
+  ours = harness.run(merged, ["lmjax_ppl"], limit=4, include_path=tasks)["results"]["lmjax_ppl"]
+  assert theirs["word_perplexity,none"] == pytest.approx(ours["word_perplexity,none"], rel=1e-5)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"peft_type": "IA3"}, "holds a IA3 adapter; lmjax reads LoRA adapters only"),
     ({"use_dora": True}, "use_dora=True is not supported"),
