@@ -1,6 +1,7 @@
 """LoRA and QLoRA against full fine-tuning, in one run, on this machine.
 
-  python -m benchmarks.lora [--shapes 135m,1b] [--time_shapes 135m] [--chat] [--json OUT]
+  python -m benchmarks.lora [--shapes 135m,1b] [--time_shapes 135m] [--time_layers 1,2]
+      [--chat] [--json OUT]
 
 For LLaMA-shaped models with random weights (135M: SmolLM-135M's shape; 1B: Llama 3.2
 1B's; both tie the embeddings as those models do), float32 weights, full rematerialisation, a causal-LM step of `--batch` rows of
@@ -181,19 +182,27 @@ def chat_losses(steps: int, base_steps: int, batch: int, folder: str) -> dict[st
   return out
 
 
+def memory_rows(shape: str, rows: int, seq_len: int) -> dict[str, dict]:
+  """memory_and_size of each variant, with ratios to full fine-tuning, printed."""
+  out = {v: memory_and_size(shape, v, rows, seq_len) for v in VARIANTS}
+  full = out["full"]
+  for v, r in out.items():
+    r["peak_vs_full"] = r["peak_gib"] / full["peak_gib"]
+    r["checkpoint_vs_full"] = r["checkpoint_mib"] / full["checkpoint_mib"]
+    print(f"{shape} {v:11s} peak {r['peak_gib']:7.2f} GiB ({r['peak_vs_full']:.2f}x)  "
+          f"checkpoint {r['checkpoint_mib']:9.1f} MiB ({r['checkpoint_vs_full']:.4f}x)  "
+          f"trainable {r['trainable_params'] / 1e6:.2f}M", flush=True)
+  return out
+
+
 def main(argv: list[str]) -> None:
   del argv
   report: dict = {"batch": FLAGS.batch, "seq_len": FLAGS.seq_len,
                   "device": jax.devices()[0].device_kind}
-  for shape in FLAGS.shapes:
-    rows = {v: memory_and_size(shape, v, FLAGS.batch, FLAGS.seq_len) for v in VARIANTS}
-    full = rows["full"]
-    for v, r in rows.items():
-      r["peak_vs_full"] = r["peak_gib"] / full["peak_gib"]
-      r["checkpoint_vs_full"] = r["checkpoint_mib"] / full["checkpoint_mib"]
-      print(f"{shape} {v:11s} peak {r['peak_gib']:7.2f} GiB ({r['peak_vs_full']:.2f}x)  "
-            f"checkpoint {r['checkpoint_mib']:9.1f} MiB ({r['checkpoint_vs_full']:.4f}x)  "
-            f"trainable {r['trainable_params'] / 1e6:.2f}M", flush=True)
+  for shape in dict.fromkeys([*FLAGS.shapes, *FLAGS.time_shapes]):
+    rows = {v: {} for v in VARIANTS}
+    if shape in FLAGS.shapes:
+      rows = memory_rows(shape, FLAGS.batch, FLAGS.seq_len)
     if shape in FLAGS.time_shapes:
       times, measured = timed_steps(shape, FLAGS.batch, FLAGS.seq_len, FLAGS.repeats,
                                     [int(n) for n in FLAGS.time_layers])

@@ -471,11 +471,13 @@ def test_adapter_scale_init_and_dropout():
 def test_lora_benchmark_runs_tiny(tmp_path):
   out = tmp_path / "lora.json"
   proc = subprocess.run([sys.executable, "-m", "benchmarks.lora", "--shapes=tiny",
-                         "--time_shapes=tiny", "--seq_len=32", "--batch=2", "--repeats=1",
+                         "--time_shapes=tiny", "--time_layers=1,3", "--seq_len=32",
+                         "--batch=2", "--repeats=1",
                          f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())["tiny"]
   assert set(rows) == {"full", "lora_r16", "qlora_int8", "qlora_nf4"}
   for variant in ("lora_r16", "qlora_int8", "qlora_nf4"):
     assert rows[variant]["peak_vs_full"] < 1 and rows[variant]["checkpoint_vs_full"] < 0.5
-    assert rows[variant]["step_s"] > 0
+    assert rows[variant]["step_s"] > 0  # tiny has 2 layers: timed at 1 and 3, interpolated
+    assert set(rows[variant]["step_s_by_depth"]) == {"1", "3"}
