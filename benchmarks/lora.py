@@ -1,6 +1,7 @@
 """LoRA and QLoRA against full fine-tuning, in one run, on this machine.
 
-  python -m benchmarks.lora [--shapes 135m,1b] [--time_shapes 135m] [--chat] [--json OUT]
+  python -m benchmarks.lora [--shapes 135m,1b] [--time_shapes 135m] [--time_layers 1,2]
+      [--chat] [--json OUT]
 
 For LLaMA-shaped models with random weights (135M: SmolLM-135M's shape; 1B: Llama 3.2
 1B's; both tie the embeddings as those models do), float32 weights, full rematerialisation, a causal-LM step of `--batch` rows of
@@ -13,7 +14,10 @@ For LLaMA-shaped models with random weights (135M: SmolLM-135M's shape; 1B: Llam
 - checkpoint size: the bytes a checkpoint holds (full: weights and both Adam moments;
   LoRA: adapters and their moments);
 - step time (`--time_shapes`, weights allocated): full vs LoRA r=16 vs QLoRA int8/nf4,
-  interleaved, the minimum of `--repeats`, as ratios to full fine-tuning;
+  interleaved, the minimum of `--repeats`, as ratios to full fine-tuning; with
+  `--time_layers 2,4` timed at those depths of the shape (same widths and vocabulary) and
+  extrapolated along a line to its own depth, for a shape whose full fine-tuning does not fit
+  in memory here (1B: 20 GiB of state);
 - with `--chat`: chat_tiny's held-out assistant loss after the same number of SFT steps of
   full fine-tuning, LoRA and QLoRA int8/nf4, each from one clm_tiny base trained here first.
 """
@@ -40,6 +44,8 @@ from lmjax.steps import init_state, step_fns, train_step
 
 flags.DEFINE_list("shapes", ["135m", "1b"], "model shapes for memory and checkpoint size")
 flags.DEFINE_list("time_shapes", ["135m"], "model shapes whose steps are also timed")
+flags.DEFINE_list("time_layers", [], "time at these depths, not the shape's own; two or more "
+                  "extrapolate to its depth (a scanned stack costs the same per layer)")
 flags.DEFINE_integer("batch", 4, "rows per step")
 flags.DEFINE_integer("seq_len", 512, "tokens per row")
 flags.DEFINE_integer("repeats", 3, "timed rounds (minimum kept)")
@@ -57,8 +63,9 @@ SHAPES = {  # LLaMA shapes: (vocab, d_model, layers, heads, kv heads, d_ff)
 VARIANTS = {"full": None, "lora_r16": "float", "qlora_int8": "int8", "qlora_nf4": "nf4"}
 
 
-def model_config(shape: str, seq_len: int) -> TransformerConfig:
+def model_config(shape: str, seq_len: int, depth: int = 0) -> TransformerConfig:
   vocab, d, layers, heads, kv, ff = SHAPES[shape]
+  layers = depth or layers
   return TransformerConfig(family="decoder", vocab_size=vocab, max_len=seq_len, d_model=d,
                            num_layers=layers, num_heads=heads, num_kv_heads=kv, d_ff=ff,
                            position="rope", norm="rmsnorm", mlp="swiglu", activation="silu",
@@ -66,8 +73,8 @@ def model_config(shape: str, seq_len: int) -> TransformerConfig:
                            scan_layers=True, remat_policy="full")
 
 
-def fns_for(shape: str, variant: str, seq_len: int):
-  cfg = model_config(shape, seq_len)
+def fns_for(shape: str, variant: str, seq_len: int, depth: int = 0):
+  cfg = model_config(shape, seq_len, depth)
   base = VARIANTS[variant]
   lora = None if base is None else LoraConfig(enabled=True, rank=16, alpha=32.0,
                                               targets=("attention_mlp",), base_dtype=base)
@@ -105,11 +112,12 @@ def memory_and_size(shape: str, variant: str, rows: int, seq_len: int) -> dict:
           "trainable_params": sum(x.size for x in jax.tree.leaves(fns.trainable(state.params)))}
 
 
-def step_times(shape: str, rows: int, seq_len: int, repeats: int) -> dict[str, float]:
+def step_times(shape: str, rows: int, seq_len: int, repeats: int,
+               depth: int = 0) -> dict[str, float]:
   """Seconds per step of each variant (weights allocated), interleaved, minimum kept."""
   runs = {}
   for variant in VARIANTS:
-    fns = fns_for(shape, variant, seq_len)
+    fns = fns_for(shape, variant, seq_len, depth)
     state = jax.jit(lambda fns=fns: unbox(init_state(fns, 0, (1, 8))))()
     step = jax.jit(functools.partial(train_step, fns), donate_argnums=(0,))
     vocab = model_config(shape, seq_len).vocab_size
@@ -125,6 +133,25 @@ def step_times(shape: str, rows: int, seq_len: int, repeats: int) -> dict[str, f
       jax.block_until_ready(metrics)
       best[variant] = min(best[variant], time.perf_counter() - began)
   return best
+
+
+def timed_steps(shape: str, rows: int, seq_len: int, repeats: int,
+                depths: list[int]) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+  """Step times at the shape's depth: measured there, or (with `depths`, for a shape whose
+  full fine-tuning does not fit this machine) least-squares line through the depths timed,
+  evaluated at the shape's depth. Also returns what each depth measured."""
+  depth = SHAPES[shape][2]
+  measured = {n: step_times(shape, rows, seq_len, repeats, n) for n in depths or [depth]}
+  if depth in measured:
+    return measured[depth], measured
+  if len(measured) < 2:
+    raise ValueError(f"--time_layers needs two depths to extrapolate to {depth} layers")
+  xs = np.array(sorted(measured), dtype=float)
+  at_depth = {}
+  for v in VARIANTS:
+    slope, offset = np.polyfit(xs, [measured[int(n)][v] for n in xs], 1)
+    at_depth[v] = float(offset + slope * depth)
+  return at_depth, measured
 
 
 def chat_losses(steps: int, base_steps: int, batch: int, folder: str) -> dict[str, dict]:
@@ -155,21 +182,35 @@ def chat_losses(steps: int, base_steps: int, batch: int, folder: str) -> dict[st
   return out
 
 
+def memory_rows(shape: str, rows: int, seq_len: int) -> dict[str, dict]:
+  """memory_and_size of each variant, with ratios to full fine-tuning, printed."""
+  out = {v: memory_and_size(shape, v, rows, seq_len) for v in VARIANTS}
+  full = out["full"]
+  for v, r in out.items():
+    r["peak_vs_full"] = r["peak_gib"] / full["peak_gib"]
+    r["checkpoint_vs_full"] = r["checkpoint_mib"] / full["checkpoint_mib"]
+    print(f"{shape} {v:11s} peak {r['peak_gib']:7.2f} GiB ({r['peak_vs_full']:.2f}x)  "
+          f"checkpoint {r['checkpoint_mib']:9.1f} MiB ({r['checkpoint_vs_full']:.4f}x)  "
+          f"trainable {r['trainable_params'] / 1e6:.2f}M", flush=True)
+  return out
+
+
 def main(argv: list[str]) -> None:
   del argv
   report: dict = {"batch": FLAGS.batch, "seq_len": FLAGS.seq_len,
                   "device": jax.devices()[0].device_kind}
-  for shape in FLAGS.shapes:
-    rows = {v: memory_and_size(shape, v, FLAGS.batch, FLAGS.seq_len) for v in VARIANTS}
-    full = rows["full"]
-    for v, r in rows.items():
-      r["peak_vs_full"] = r["peak_gib"] / full["peak_gib"]
-      r["checkpoint_vs_full"] = r["checkpoint_mib"] / full["checkpoint_mib"]
-      print(f"{shape} {v:11s} peak {r['peak_gib']:7.2f} GiB ({r['peak_vs_full']:.2f}x)  "
-            f"checkpoint {r['checkpoint_mib']:9.1f} MiB ({r['checkpoint_vs_full']:.4f}x)  "
-            f"trainable {r['trainable_params'] / 1e6:.2f}M", flush=True)
+  for shape in dict.fromkeys([*FLAGS.shapes, *FLAGS.time_shapes]):
+    rows = {v: {} for v in VARIANTS}
+    if shape in FLAGS.shapes:
+      rows = memory_rows(shape, FLAGS.batch, FLAGS.seq_len)
     if shape in FLAGS.time_shapes:
-      times = step_times(shape, FLAGS.batch, FLAGS.seq_len, FLAGS.repeats)
+      times, measured = timed_steps(shape, FLAGS.batch, FLAGS.seq_len, FLAGS.repeats,
+                                    [int(n) for n in FLAGS.time_layers])
+      for n, at in measured.items():
+        print(f"{shape} at {n} layers: " + ", ".join(
+            f"{v} {t:.3f}s ({t / at['full']:.2f}x)" for v, t in at.items()), flush=True)
+        for v, t in at.items():
+          rows[v].setdefault("step_s_by_depth", {})[n] = t
       for v, t in times.items():
         rows[v]["step_s"], rows[v]["step_vs_full"] = t, t / times["full"]
         print(f"{shape} {v:11s} step {t:.3f}s ({t / times['full']:.2f}x full)", flush=True)

@@ -18,7 +18,7 @@ from lmjax import lora, pretrained
 from lmjax.checkpoint import Checkpointer
 from lmjax.errors import UserError
 from lmjax.experiment import experiment_from_dict
-from tiny import ROOT, assert_same_checkpoint, finetune, tiny_config
+from tiny import ROOT, assert_same_checkpoint, finetune, tiny_config, tree_digest
 
 
 def lora_config(tmp, steps=4, **overrides):
@@ -62,11 +62,22 @@ def _parts(base):
   return _parts_of(base, lora_config(base))
 
 
-def test_only_adapters_change_and_step_zero_is_the_base(base):
+def _qa_config(tmp):
+  """qa_tiny (SQuAD-style spans over windows, a new QA head) with adapters."""
+  c = tiny_config("qa_tiny", tmp, train__steps=2, data__seq_len=64,
+                  optimizer__learning_rate=0.02, optimizer__warmup_steps=0)
+  c.lora.update(enabled=True, rank=4, alpha=8.0, targets=("attention_mlp",))
+  return c.to_dict()
+
+
+@pytest.mark.parametrize("objective", ["sft", "qa"])
+def test_only_adapters_change_and_step_zero_is_the_base(base, objective):
+  """Only the adapters train (and QA's new span head, in full, as classification's); the
+  base is bitwise unchanged and has no optimizer state."""
   from lmjax.loop import _fresh
   from lmjax.sharding import logical_to_shardings
   from lmjax.steps import eval_step, init_state, train_step
-  parts = _parts(base)
+  parts = _parts(base) if objective == "sft" else _parts_of(base, _qa_config(base))
   fns = parts.fns
   abstract = jax.eval_shape(lambda: init_state(fns, 0, (1, 64)))
   with jax.set_mesh(parts.mesh):
@@ -81,14 +92,16 @@ def test_only_adapters_change_and_step_zero_is_the_base(base):
   for i in range(3):
     state, _ = step(state, jax.tree.map(jnp.asarray, parts.train_data.batch(i, 8, 0, 1)))
   after = _flat(jax.tree.map(np.asarray, state.params))
+  heads = [n for n in after if fns.objective.is_new_param(n)]
+  assert bool(heads) == (objective == "qa"), heads
   for name, value in _flat(before).items():
-    if lora.is_adapter(name):
+    if lora.is_adapter(name) or name in heads:
       assert name.endswith("lora_a") or not np.array_equal(value, after[name]), name
     else:
       np.testing.assert_array_equal(value, after[name], err_msg=name)
-  adapters = [n for n in after if lora.is_adapter(n)]
+  trained = [n for n in after if lora.is_adapter(n) or n in heads]
   moments = [v for v in jax.tree.leaves(state.opt_state) if v.ndim > 0]
-  assert len(moments) == 2 * len(adapters)  # no optimizer state for the base
+  assert len(moments) == 2 * len(trained)  # no optimizer state for the base
 
 
 def test_resume_is_bitwise_and_refuses_another_base(base, tmp_path):
@@ -151,23 +164,46 @@ def _parts_of(base, config):
   return assemble(experiment_from_dict(config), None)
 
 
-def test_clm_with_lora_through_launch_train(base, tmp_path):
-  """Continued pretraining of an lmjax run with adapters, from the command line."""
-  cfg = tiny_config("clm_tiny", tmp_path, train__steps=2, train__checkpoint_every=2)
+def test_clm_with_lora_through_launch_train_survives_kill_9(base, tmp_path):
+  """Continued pretraining of an lmjax run with adapters, from the command line, killed with
+  SIGKILL mid-run and rerun: it ends bitwise equal to an uninterrupted run (adapters and
+  optimizer state) and the base run is untouched."""
+  import os
+  import signal
+  import time
   from lmjax.run import train_and_evaluate
+  cfg = tiny_config("clm_tiny", tmp_path, train__steps=2, train__checkpoint_every=2)
   train_and_evaluate(experiment_from_dict(cfg.to_dict()), str(tmp_path / "clm"))
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.train", "--config=experiments/clm_tiny.py",
-       f"--workdir={tmp_path / 'clm_lora'}", f"--config.train.init_from={tmp_path / 'clm'}",
-       "--config.lora.enabled=True", "--config.lora.rank=2", "--config.train.steps=3",
-       "--config.train.checkpoint_every=3", f"--config.data.cache_dir={tmp_path / 'cache'}",
-       *[f"--config.{k}={v}" for k, v in _tiny_flags().items()]],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  digest = tree_digest(tmp_path / "clm")
+  changes = {**_tiny_flags(), "train.init_from": str(tmp_path / "clm"), "lora.enabled": True,
+             "lora.rank": 2, "train.steps": KILL_STEPS, "train.checkpoint_every": 2}
+  straight = tiny_config("clm_tiny", tmp_path, **{k.replace(".", "__"): v
+                                                   for k, v in changes.items()})
+  train_and_evaluate(experiment_from_dict(straight.to_dict()), str(tmp_path / "straight"))
+  killed = tmp_path / "clm_lora"
+  command = [sys.executable, "-m", "launch.train", "--config=experiments/clm_tiny.py",
+             f"--workdir={killed}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+             *[f"--config.{k}={v}" for k, v in changes.items()]]
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  deadline = time.monotonic() + 300
+  while not (killed / "checkpoints" / "2").exists():  # killed with a step saved, mid-run
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.02)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert not (killed / "results.json").exists()
+  proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  meta = Checkpointer(str(tmp_path / "clm_lora"), read_only=True).read_meta(3)
+  assert_same_checkpoint(tmp_path / "straight", killed, KILL_STEPS)
+  meta = Checkpointer(str(killed), read_only=True).read_meta(KILL_STEPS)
   assert meta["lora_base"]["path"] == str(tmp_path / "clm")
-  results = json.loads((tmp_path / "clm_lora" / "results.json").read_text())
-  assert np.isfinite(results["loss"])
+  assert (json.loads((killed / "results.json").read_text()) ==
+          json.loads((tmp_path / "straight" / "results.json").read_text()))
+  assert tree_digest(tmp_path / "clm") == digest
+
+
+KILL_STEPS = 16
 
 
 def _tiny_flags():
@@ -232,6 +268,58 @@ def test_a_peft_adapter_starts_a_run_and_loads_with_a_base(base):
   merged = pretrained.load(str(base / "run"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                with_adapter.params, merged.params)
+
+
+def test_generate_serve_evaluate_and_lm_eval_take_a_base_and_an_adapter(base, tmp_path):
+  """The four launchers with `--workdir BASE --adapter DIR` (run at once) compute what the
+  LoRA run they were exported from computes, loaded merged in process."""
+  import os
+  import signal
+  import openai
+  from lmjax import harness
+  from lmjax.data import BUNDLED_DIR
+  from lmjax.evaluation import evaluate_files
+  from lmjax.inference import generation_config
+  from lmjax.inference.generate import Generator, SamplingConfig
+  from lmjax.inference.serve_process import spawn
+  llama, adapter, prompt = str(base / "llama"), f"--adapter={_adapter(base)}", "First Citizen:"
+  valid = os.path.join(BUNDLED_DIR, "valid.txt")
+  tasks = os.path.join(ROOT, "tests", "lm_eval_tasks")
+  start = lambda module, *args: subprocess.Popen(
+      [sys.executable, "-m", module, f"--workdir={llama}", adapter, *args], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  procs = [start("launch.generate", f"--prompt={prompt}", "--temperature=0",
+                 "--max_new_tokens=12"),
+           start("launch.evaluate", f"--data={valid}", "--seq_len=32", "--max_batches=1",
+                 f"--output={tmp_path / 'evaluation.json'}"),
+           start("launch.lm_eval", "--tasks=lmjax_ppl", f"--include_path={tasks}", "--limit=4",
+                 f"--output={tmp_path / 'lm_eval.json'}")]
+  with open(tmp_path / "serve.log", "w") as log:
+    server, url = spawn(llama, adapter, "--max_batch=2", log=log)
+    try:
+      client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+      served = client.completions.create(model="llama", prompt=prompt, max_tokens=12,
+                                         temperature=0).choices[0].text
+    finally:
+      os.killpg(server.pid, signal.SIGTERM)
+      assert server.wait(60) == 0
+  generated, evaluated, lm_evaluated = (p.communicate(timeout=600) for p in procs)
+  for p, (_, err) in zip(procs, (generated, evaluated, lm_evaluated)):
+    assert p.returncode == 0, err[-3000:]
+  merged = pretrained.load(str(base / "run"))  # the run's base with its adapters merged
+  tok = merged.tokenizer
+  eos = generation_config.for_model(merged).eos_ids
+  ids = Generator(merged.model, merged.params, eos=eos, pad=max(tok.special.pad, 0)).generate(
+      [[tok.special.bos] * (tok.special.bos >= 0) + tok.encode([prompt])[0]],
+      SamplingConfig(12, temperature=0.0))[0]
+  assert generated[0] == prompt + tok.decode(ids) + "\n" and served == tok.decode(ids)
+  want = evaluate_files(merged, [valid], 32, 8, 1)
+  bare = evaluate_files(pretrained.load(llama), [valid], 32, 8, 1)
+  assert abs(want["loss"] - bare["loss"]) > 1e-4  # the adapter matters
+  assert json.loads(evaluated[0])["loss"] == pytest.approx(want["loss"], rel=1e-5)
+  theirs = json.loads((tmp_path / "lm_eval.json").read_text())["results"]["lmjax_ppl"]
+  ours = harness.run(merged, ["lmjax_ppl"], limit=4, include_path=tasks)["results"]["lmjax_ppl"]
+  assert theirs["word_perplexity,none"] == pytest.approx(ours["word_perplexity,none"], rel=1e-5)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -383,11 +471,13 @@ def test_adapter_scale_init_and_dropout():
 def test_lora_benchmark_runs_tiny(tmp_path):
   out = tmp_path / "lora.json"
   proc = subprocess.run([sys.executable, "-m", "benchmarks.lora", "--shapes=tiny",
-                         "--time_shapes=tiny", "--seq_len=32", "--batch=2", "--repeats=1",
+                         "--time_shapes=tiny", "--time_layers=1,3", "--seq_len=32",
+                         "--batch=2", "--repeats=1",
                          f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads(out.read_text())["tiny"]
   assert set(rows) == {"full", "lora_r16", "qlora_int8", "qlora_nf4"}
   for variant in ("lora_r16", "qlora_int8", "qlora_nf4"):
     assert rows[variant]["peak_vs_full"] < 1 and rows[variant]["checkpoint_vs_full"] < 0.5
-    assert rows[variant]["step_s"] > 0
+    assert rows[variant]["step_s"] > 0  # tiny has 2 layers: timed at 1 and 3, interpolated
+    assert set(rows[variant]["step_s_by_depth"]) == {"1", "3"}

@@ -8,11 +8,14 @@ int8 in blocks of 256 around their mean. Written here in plain jax.numpy (a few 
 lines) rather than through a library: bitsandbytes is CUDA-only and torch-bound, and no
 maintained JAX package offers NF4 for Flax Linen parameter trees. A quantized layer is
 dequantized inside its own matmul (`LoraModel`), so only one layer's float kernel
-exists at a time. Leaves replace `kernel` in the dense layer's scope.
+exists at a time. Leaves replace `kernel` in the dense layer's scope and shard as it does:
+int8 codes exactly as the kernel; NF4 codes (and absmaxes) along its first axis, and the
+codes along its second, where every row of the first axis holds whole blocks.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -40,10 +43,16 @@ def quantize(kernel: Any, n_lead: int, n_in: int, kind: str) -> dict[str, Any]:
     return leaves
   names = kernel.names
   if kind == "int8":
-    axes = {"kernel_q": names, "kernel_scale": (*names[:n_lead + 0], *(None,) * n_in,
+    axes = {"kernel_q": names, "kernel_scale": (*names[:n_lead], *(None,) * n_in,
                                                 *names[n_lead + n_in:])}
   else:
-    axes = {k: (*names[:n_lead], None) for k in leaves}
+    axes = {k: (*names[:n_lead], *(None,) * (v.ndim - n_lead)) for k, v in leaves.items()}
+    if leaves["kernel_nf4"].ndim == n_lead + 2:  # rows: the kernel's first axis
+      first, second = names[n_lead], names[n_lead + 1]
+      # A row's packed codes are its other axes flattened, outermost first: a shard of
+      # them along `second` is a shard of the kernel's axis there, as the float base's.
+      axes["kernel_nf4"] = (*names[:n_lead], first, second)
+      axes["kernel_absmax_q"] = (*names[:n_lead], first, None)
   return {k: nn.Partitioned(v, axes[k]) for k, v in leaves.items()}
 
 
@@ -77,7 +86,13 @@ def _nf4(w: Any, n_lead: int) -> dict[str, Any]:
   scale2 = jnp.max(jnp.abs(groups), axis=-1, keepdims=True) / 127.0
   scale2 = jnp.where(scale2 == 0, 1.0, scale2)
   q2 = jnp.clip(jnp.round(groups / scale2), -127, 127).astype(jnp.int8)
-  return {"kernel_nf4": packed, "kernel_absmax_q": q2.reshape(*lead, -1)[..., :n],
+  absmax_q = q2.reshape(*lead, -1)[..., :n]
+  rows, row = w.shape[n_lead], math.prod(w.shape[n_lead + 1:])
+  if row % BLOCK == 0 and size % (2 * BLOCK) == 0:
+    # whole blocks per row of the kernel's first axis: the codes keep that axis (and shard
+    # as the float kernel does); the flat order, and so dequantize, is the same
+    packed, absmax_q = packed.reshape(*lead, rows, -1), absmax_q.reshape(*lead, rows, -1)
+  return {"kernel_nf4": packed, "kernel_absmax_q": absmax_q,
           "kernel_absmax_scale": scale2[..., 0], "kernel_absmax_mean": mean}
 
 
@@ -87,7 +102,7 @@ def dequantize(node: Any, dtype: Any) -> Any:
     return (node["kernel_q"].astype(jnp.float32) * node["kernel_scale"]).astype(dtype)
   packed = node["kernel_nf4"]
   idx = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(-1).astype(jnp.int32)
-  q2 = node["kernel_absmax_q"].astype(jnp.float32)
+  q2 = node["kernel_absmax_q"].astype(jnp.float32).reshape(-1)
   n = q2.shape[-1]
   scale2 = jnp.repeat(node["kernel_absmax_scale"], ABSMAX_BLOCK)[:n]
   absmax = q2 * scale2 + node["kernel_absmax_mean"]
