@@ -3,8 +3,9 @@ run goes back out.
 
 For the families' tiny random models (tests/hf_models.py), experiments/chat_tiny.py (SFT,
 lmjax's default chat template) trains two steps from the directory, one family through the
-`launch.finetune` command and the others through the same experiment in this process (a
-launcher subprocess costs seconds of imports per family); the run keeps the model's
+`launch.finetune` command and the others through the same experiment in this process
+(sharing its imports; each family's cost is mostly XLA compiling its train and eval steps);
+the run keeps the model's
 generation_config.json (its eos ids); exported, the trained run loads in transformers with
 no missing or unexpected weights and gives lmjax's logits within 1e-4 in float32, past every
 sliding window.
