@@ -3,7 +3,8 @@ embeddings scaled by sqrt(d), GeGLU, local (sliding-window) and global layers, s
 
   python -m launch.train --config experiments/gemma_tiny.py --workdir runs/gemma_tiny
   python -m launch.train --config experiments/gemma_tiny.py:gemma3 --workdir runs/gemma3_tiny
-  python -m launch.compile --config experiments/gemma_tiny.py:2b --topology v5e:4x4
+  python -m launch.compile --config experiments/gemma_tiny.py:2b --topology v5e:4x4 \
+      --config.objective.fused_head=on --config.model.remat_policy=full  # 10.2 GiB per chip
 
 Variants (after the colon): `tiny` (default: Gemma 2's features at clm_tiny's size and
 budget: local and global layers alternate, window 32 of the 128-token rows, attention

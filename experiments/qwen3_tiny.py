@@ -2,7 +2,8 @@
 RoPE with Qwen's base, tied embeddings.
 
   python -m launch.train --config experiments/qwen3_tiny.py --workdir runs/qwen3_tiny
-  python -m launch.compile --config experiments/qwen3_tiny.py:0.6b --topology v5e:2x2
+  python -m launch.compile --config experiments/qwen3_tiny.py:0.6b --topology v5e:4x4 \
+      --config.objective.fused_head=on      # fits: 8.2 GiB per chip (docs/scaling.md)
 
 Variants (after the colon): `tiny` (default: clm_tiny's data and budget, d128, 4 layers) and
 `0.6b` (Qwen3-0.6B's shape: d1024, 28 layers, 16 query and 8 KV heads of 128, d_ff 3072,

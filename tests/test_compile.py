@@ -143,3 +143,30 @@ def test_expert_parallel_moe_compiles_for_a_tpu_topology_with_all_to_all(tmp_pat
   report = aot.compile_for_topology(experiment_from_dict(config.to_dict()), "v5e:2x2")
   assert report["devices"] == 4 and report["fits"]
   assert report["collectives"]["all-to-all"]["count"] > 0, report["collectives"]
+
+
+def test_the_family_shapes_docs_compile_commands_are_valid_experiments():
+  """docs/scaling.md's `launch.compile` commands for the 0.5B Qwen- and 2B Gemma-shaped
+  variants name real variants and options, on the topology the table states (compiling
+  them takes many minutes: the table's figures come from running them, not from here)."""
+  import os
+  import re
+
+  from experiments import gemma_tiny, qwen3_tiny
+  text = open(os.path.join(ROOT, "docs", "scaling.md")).read()
+  pattern = (r"python -m launch\.compile --config experiments/(qwen3_tiny|gemma_tiny)\.py:"
+             r"([\w.]+) --topology ([\w:]+)((?: --config\.[\w.]+=[^\s`]+)*)")
+  commands = re.findall(pattern, text)
+  assert {(name, arg) for name, arg, _, _ in commands} == {("qwen3_tiny", "0.6b"),
+                                                           ("gemma_tiny", "2b")}, commands
+  for name, arg, topology, options in commands:
+    config = {"qwen3_tiny": qwen3_tiny, "gemma_tiny": gemma_tiny}[name].get_config(arg)
+    for option in options.split():
+      key, value = option.removeprefix("--config.").split("=")
+      section, field = key.split(".")
+      config[section][field] = type(config[section][field])(value)
+    exp = experiment_from_dict(config.to_dict())
+    chips = len(aot.topology_devices(topology))
+    assert exp.objective.fused_head == "on"  # the vocabulary's (rows, V) logits never exist
+    assert exp.mesh.fsdp == -1 and exp.train.batch_size % chips == 0
+    assert exp.model.vocab_size > 150_000 and exp.model.scan_layers
