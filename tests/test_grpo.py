@@ -240,6 +240,16 @@ def test_bad_input_exits_2_with_one_line(tiny_runs, tmp_path):
       f"error: {path}:1: expected 'prompt' (text or messages) or 'messages'")
 
 
+@pytest.mark.parametrize("arg,kind", [("speakers", "grpo"), ("speakers_warmup", "sft")])
+def test_grpo_tiny_variants_parse(arg, kind):
+  import importlib
+  from lmjax.experiment import experiment_from_dict
+  exp = experiment_from_dict(importlib.import_module("experiments.grpo_tiny").get_config(arg)
+                             .to_dict())
+  assert exp.objective.kind == kind
+  assert os.path.isfile(exp.task.train_file) and os.path.isfile(exp.task.eval_file)
+
+
 def test_benchmark_runs_tiny(tmp_path):
   out = tmp_path / "grpo.json"
   proc = subprocess.run([sys.executable, "-m", "benchmarks.grpo", "--tiny", f"--json={out}"],
