@@ -8,7 +8,7 @@ first."), `speaker` the name in it. The eval file's plays are held out (as dpo_e
 
 grpo_speakers_{train,eval}.jsonl: three speeches, each a name of NAMES (one token each
 for chat_tiny's tokenizer) and a line of the genre corpora (the eval file's from their
-held-out plays), and "Who speaks first?"; the answer is the first name. Eight names, so
+held-out plays), and "Who speaks first? Give the name."; the answer is the first name. Eight names, so
 a model that picks one at random is right 1 time in 8. grpo_speakers_warmup.jsonl: 3,200
 other prompts of the train plays, each with a name drawn at random as the reply (SFT on
 it teaches the answer's form and the eight names, at chance). Deterministic.
@@ -56,7 +56,8 @@ def speakers(split: str, n: int, seed: int) -> list[dict]:
   for _ in range(n):
     names = rng.sample(NAMES, 3)
     text = "".join(f"{name}.\n{rng.choice(lines)}\n" for name in names)
-    out.append({"prompt": [{"role": "user", "content": text + "\nWho speaks first? Give the name."}],
+    question = text + "\nWho speaks first? Give the name."
+    out.append({"prompt": [{"role": "user", "content": question}],
                 "answer": names[0], "speaker": names[0]})
   return out
 
