@@ -8,8 +8,8 @@ first."), `speaker` the name in it. The eval file's plays are held out (as dpo_e
 
 grpo_speakers_{train,eval}.jsonl: three speeches, each a name of NAMES (one token each
 for chat_tiny's tokenizer) and a line of the genre corpora (the eval file's from their
-held-out plays), and "Who speaks first? Give the name."; the answer is the first name. Eight names, so
-a model that picks one at random is right 1 time in 8. grpo_speakers_warmup.jsonl: 3,200
+held-out plays), and "Who speaks first? Give the name."; the answer is the first name
+alone. Eight names, so a model that picks one at random is right 1 time in 8. grpo_speakers_warmup.jsonl: 3,200
 other prompts of the train plays, each with a name drawn at random as the reply (SFT on
 it teaches the answer's form and the eight names, at chance). Deterministic.
 """
