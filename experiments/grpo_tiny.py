@@ -72,7 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                        max_completion_tokens=8)
     c.data.seq_len = 144  # the longest prompt (121 tokens) and its reply
     c.optimizer.learning_rate = 1.5e-4  # 3e-4 collapses the replies (docs/post_training.md)
-    c.train.eval_every = 20
+    c.train.update(steps=360, eval_every=20)
   return c
 
 
