@@ -15,6 +15,18 @@ reply has the answer's form) is logged with weight 0: rewarded, the form alone i
 in a few steps and every group's replies then score the same (docs/post_training.md).
 results.json holds the held-out greedy replies' mean of each reward,
 `reward_exact_match` being the held-out exact match.
+
+`:speakers` is an easier task tried for the exact-match target (docs/post_training.md has
+both curves): three speeches whose speakers are drawn from eight names, "Who speaks first?
+Give the name." (experiments/data/grpo_speakers_*.jsonl, from make_grpo.py), the reply
+the bare name, scored by `exact_match` alone. chat_tiny misspells the names, so a short
+SFT warm-up (`:speakers_warmup`, 3,200 other prompts answered with a name drawn at random)
+first teaches the answer's form and the eight names, at chance (1 in 8):
+
+  python -m launch.finetune --config experiments/grpo_tiny.py:speakers_warmup \
+      --init_from runs/chat_tiny --workdir runs/speakers_warmup
+  python -m launch.finetune --config experiments/grpo_tiny.py:speakers \
+      --init_from runs/speakers_warmup --workdir runs/grpo_speakers
 """
 
 import difflib
@@ -37,9 +49,14 @@ def speaker_similarity(prompt, completion, record) -> float:
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  if arg == "speakers_warmup":
+    return warmup_config()
+  if arg not in ("", "speakers"):
+    raise ValueError(f"grpo_tiny: unknown variant {arg!r} (speakers, speakers_warmup)")
   c = ml_collections.ConfigDict(default_config("grpo"))
-  c.task.update(train_file=os.path.join(DATA, "grpo_train.jsonl"),
-                eval_file=os.path.join(DATA, "grpo_eval.jsonl"))
+  name = "grpo_speakers" if arg else "grpo"
+  c.task.update(train_file=os.path.join(DATA, f"{name}_train.jsonl"),
+                eval_file=os.path.join(DATA, f"{name}_eval.jsonl"))
   c.objective.update(rewards=("exact_match", "speaker_similarity", "format"),
                      reward_weights=(1.0, 0.5, 0.0),
                      format_regex=r"[A-Z][A-Z' -]* speaks first\.",
@@ -50,4 +67,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.optimizer.update(learning_rate=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0)
   c.train.update(steps=120, batch_size=32, log_every=5, eval_every=40, eval_batches=0,
                  checkpoint_every=20)
+  if arg == "speakers":  # exact match alone; the name's similarity and form are logged
+    c.objective.update(reward_weights=(1.0, 0.0, 0.0), format_regex=r"[A-Z]+",
+                       max_completion_tokens=8)
+    c.data.seq_len = 144  # the longest prompt (121 tokens) and its reply
+    c.optimizer.learning_rate = 1.5e-4  # 3e-4 collapses the replies (docs/post_training.md)
+    c.train.update(steps=360, eval_every=20)
+  return c
+
+
+def warmup_config() -> ml_collections.ConfigDict:
+  """SFT on grpo_speakers_warmup.jsonl (chat_tiny's settings, 200 steps of 16)."""
+  c = ml_collections.ConfigDict(default_config("sft"))
+  path = os.path.join(DATA, "grpo_speakers_warmup.jsonl")
+  c.task.update(train_file=path, eval_file=path)
+  c.objective.truncation = "newest"
+  c.data.seq_len = 144
+  c.model.dropout_rate = 0.0
+  c.optimizer.update(learning_rate=1e-3, warmup_steps=10, schedule="cosine", weight_decay=0.0)
+  c.train.update(steps=200, batch_size=16, log_every=10, eval_every=0, eval_batches=2,
+                 checkpoint_every=200)
   return c

@@ -86,6 +86,9 @@ class Sampler:
       self.engine = Engine(self.model, self.objective.reference, self.pad, slots=len(prompts),
                            max_len=self.seq_len,
                            steps_per_dispatch=min(cfg.max_completion_tokens, 64))
+      if self.objective.adapters is not None:  # LoRA: the policy is the base + its adapters
+        from lmjax.lora import LoraModel
+        self.engine.decoder.model = LoraModel(self.engine.decoder.model, self.objective.adapters)
     self.engine.update_params(params)
     outs: list[list[int]] = [[] for _ in prompts]
     collect = lambda k: (lambda e: outs[k].append(e[1]) if e[0] == "token" else None)
@@ -213,11 +216,10 @@ class Rollouts:
       return {"old_logps": zeros, "ref_logps": zeros}
     if not hasattr(self.sampler, "logps"):
       self.sampler.logps = jax.jit(objective.next_token_logps)
-      self.sampler.reference = jax.device_put(objective.reference) if cfg.beta else None
     run = lambda p: np.asarray(self.sampler.logps(p, out["tokens"], out["segment_ids"],
                                                   out["positions"]), np.float32)
     return {"old_logps": run(self.params) if cfg.num_iterations > 1 else zeros,
-            "ref_logps": run(self.sampler.reference) if cfg.beta else zeros}
+            "ref_logps": run(objective.kl_reference(self.params)) if cfg.beta else zeros}
 
   def _file(self, rollout: int) -> str | None:
     if self.objective.cfg.num_iterations == 1 or not self.workdir or not self.train:

@@ -115,6 +115,55 @@ def test_grpo_trains_logs_and_resumes_bitwise_between_steps_on_one_rollout(tiny_
   assert {"reward_exact_match", "reward_length", "completion_length"} <= set(straight)
 
 
+def test_grpo_with_lora_takes_the_base_with_adapters_off_as_reference(tiny_runs, tmp_path):
+  import flax.linen as nn
+  import jax
+  from lmjax import lora
+  from lmjax.checkpoint import Checkpointer
+  from lmjax.experiment import experiment_from_dict
+  from lmjax.run import build_run, default_hooks, train_loop
+  name_of = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
+  runs = {}
+  for name, enabled in (("plain", False), ("lora", True)):
+    c = _config(tmp_path, beta=0.04)
+    c["optimizer"]["warmup_steps"] = 0  # step 1 moves the adapters: step 2 has a KL
+    c["train"].update(steps=2, checkpoint_every=2, eval_every=0,
+                      init_from=str(tiny_runs / "clm_tiny"))
+    c["lora"].update(enabled=enabled, rank=4, targets=["attention_mlp"])
+    runs[name] = build_run(experiment_from_dict(c), str(tmp_path / name))
+  plain, adapted = runs["plain"], runs["lora"]
+  plain.ckpt.close()
+  plain.writer.close()
+  # A policy away from its base: the engine samples with the adapters, the KL's reference
+  # leaves them out (the same rollouts as a run without LoRA on the merged weights).
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), 64))
+  policy = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.2 * jax.random.normal(next(keys), x.shape, x.dtype)
+      if lora.is_adapter(name_of(p)) else x, adapted.init_params)
+  adapted.train_data.bind(policy)
+  plain.train_data.bind(lora.merged(jax.device_get(policy), adapted.exp.lora.scale))
+  got, want = adapted.train_data.batch(5, 8), plain.train_data.batch(5, 8)  # not a step run below
+  np.testing.assert_array_equal(got["tokens"], want["tokens"])
+  assert np.any(got["completion_mask"]) and np.any(got["ref_logps"] != 0)
+  np.testing.assert_allclose(got["ref_logps"], want["ref_logps"], rtol=0, atol=1e-6)
+  assert not np.allclose(got["ref_logps"], adapted.fns.objective.next_token_logps(
+      policy, got["tokens"], got["segment_ids"], got["positions"]), atol=1e-3)
+  try:  # two steps: only the adapters train, and the policy leaves its base
+    with jax.set_mesh(adapted.mesh), nn.logical_axis_rules(adapted.exp.mesh.rules):
+      train_loop(adapted, default_hooks(adapted))
+  finally:
+    adapted.ckpt.close()
+    adapted.writer.close()
+  lines = _train_lines(tmp_path / "lora")
+  assert lines[0]["kl"] == 0 < lines[1]["kl"]  # fresh adapters (B = 0): the policy is the base
+  ckpt = Checkpointer(str(tmp_path / "lora"), read_only=True)
+  try:
+    saved = jax.tree_util.tree_leaves_with_path(ckpt.restore_arrays(2)["params"])
+    assert saved and all(lora.is_adapter(name_of(p)) for p, _ in saved)
+  finally:
+    ckpt.close()
+
+
 def test_eight_devices_equal_one_kill_9_resumes_bitwise_and_sigterm_saves(tiny_runs, tmp_path):
   config = tmp_path / "grpo_config.py"
   config.write_text(f"def get_config(arg=''):\n  import ml_collections\n"
@@ -189,6 +238,16 @@ def test_bad_input_exits_2_with_one_line(tiny_runs, tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
       f"error: {path}:1: expected 'prompt' (text or messages) or 'messages'")
+
+
+@pytest.mark.parametrize("arg,kind", [("speakers", "grpo"), ("speakers_warmup", "sft")])
+def test_grpo_tiny_variants_parse(arg, kind):
+  import importlib
+  from lmjax.experiment import experiment_from_dict
+  exp = experiment_from_dict(importlib.import_module("experiments.grpo_tiny").get_config(arg)
+                             .to_dict())
+  assert exp.objective.kind == kind
+  assert os.path.isfile(exp.task.train_file) and os.path.isfile(exp.task.eval_file)
 
 
 def test_benchmark_runs_tiny(tmp_path):

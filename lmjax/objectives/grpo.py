@@ -150,6 +150,8 @@ class GRPO(Objective):
   template: Any = None
   reference: Any = None  # the initial parameters (the KL's reference), set by `precompute`
   eval_model: Any = None
+  adapters: float | None = None  # LoRA: the adapters' scale (the engine applies them)
+  _reference_on_device: Any = None
 
   def datasets(self, data: Any, tokenizer: Any, model: Any, seed: int):
     from lmjax import rollouts
@@ -167,8 +169,23 @@ class GRPO(Objective):
     return {"chat_template.jinja": self.template.text} if self.template else {}
 
   def precompute(self, datasets: tuple, model: nn.Module, params: Any) -> None:
-    """Keeps the initial parameters: the engine starts from them, the KL compares with them."""
+    """Keeps the initial parameters (with LoRA: the base, adapters off) and the evaluation
+    model (with LoRA: a `LoraModel`): the engine starts from them, the KL compares with them."""
+    from lmjax.lora import LoraModel
     self.reference, self.eval_model = params, model
+    self.adapters = model.scale if isinstance(model, LoraModel) else None
+    self._reference_on_device = None
+
+  def kl_reference(self, params: Any) -> Any:
+    """The KL's reference parameters, given the policy's. With LoRA, the policy's own frozen
+    base with its adapters left out (the train state's arrays: no second copy of the
+    weights); else the initial parameters, put on the devices once."""
+    from lmjax.lora import without_adapters
+    if self.adapters is not None:
+      return without_adapters(params)
+    if self._reference_on_device is None:
+      self._reference_on_device = jax.device_put(self.reference)
+    return self._reference_on_device
 
   def group_advantages(self, scores: np.ndarray, weights: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
