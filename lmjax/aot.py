@@ -74,7 +74,9 @@ def compile_for_topology(exp: Experiment, topology: str, num_slices: int = 1
 
   XLA's cost analysis counts a loop body once, so for a scanned stack the FLOPs,
   bytes and collectives per step come from two small unrolled compiles (1 and 2
-  layers) extrapolated to the real depth; memory comes from the real program.
+  layers) extrapolated to the real depth; memory comes from the real program. Where an
+  unrolled one runs out of memory (its layers' buffers are not reused as a scan's are),
+  the scanned program's own counts are reported and `counted` says so.
   """
   devices = topology_devices(topology, num_slices)
   # `auto` as it resolves on a TPU: bfloat16, splash attention, an unfused head.
@@ -104,15 +106,19 @@ def _compile_and_report(exp: Experiment, source: Any, topology: str, devices: li
     return {"topology": topology, "devices": len(devices), "fits": False,
             "attention_impl": model.attention_impl,
             "chip_hbm_bytes": CHIPS[topology.split(":")[0]][0], "compiler_says": compiled}
-  costs = _costs(compiled)
+  costs, counted = _costs(compiled), "program"
   if model.scan_layers and model.num_layers > 2:
-    small = [_costs(_compile(*_with_layers(exp, source, n), devices, COUNTING_OPTIONS))
-             for n in (1, 2)]
-    costs = {k: small[0][k] + (model.num_layers - 1) * (small[1][k] - small[0][k])
-             for k in costs}
+    small = [_compile(*_with_layers(exp, source, n), devices, COUNTING_OPTIONS) for n in (1, 2)]
+    if any(isinstance(c, str) for c in small):  # unrolled layers keep their buffers apart
+      counted = "scanned program, each layer once: the 2-layer counting compile did not fit"
+    else:
+      small = [_costs(c) for c in small]
+      costs = {k: small[0][k] + (model.num_layers - 1) * (small[1][k] - small[0][k])
+               for k in costs}
+      counted = "1- and 2-layer unrolled programs, extrapolated"
   kernel = kernel_attention_flops(exp) if "tpu_custom_call" in compiled.as_text() else 0.0
   costs["flops"] += kernel / len(devices)
-  return _report(exp, topology, len(devices), compiled, costs, kernel)
+  return {**_report(exp, topology, len(devices), compiled, costs, kernel), "counted": counted}
 
 
 def _with_layers(exp: Experiment, source: Any, n: int) -> tuple[Experiment, Any]:

@@ -170,3 +170,18 @@ def test_the_family_shapes_docs_compile_commands_are_valid_experiments():
     assert exp.objective.fused_head == "on"  # the vocabulary's (rows, V) logits never exist
     assert exp.mesh.fsdp == -1 and exp.train.batch_size % chips == 0
     assert exp.model.vocab_size > 150_000 and exp.model.scan_layers
+
+
+def test_counting_compiles_that_do_not_fit_fall_back_to_the_scanned_program(tmp_path,
+                                                                          monkeypatch):
+  """moe_1b:ep8 on v5e:4x4: the scanned step fits, the unrolled 2-layer counting compile
+  ran out of memory and the report was a traceback. Now its counts are the scanned
+  program's (each layer once), and the report says so."""
+  config = tiny_config("clm_tiny", tmp_path, None, model__num_layers=3,
+                       model__scan_layers=True)
+  real = aot._compile
+  monkeypatch.setattr(aot, "_compile", lambda exp, source, devices, options=None: (
+      "Ran out of memory" if options else real(exp, source, devices, options)))
+  report = aot.compile_for_topology(experiment_from_dict(config.to_dict()), "v5e:2x2")
+  assert report["fits"] and report["counted"].startswith("scanned program"), report
+  assert 0 < report["flops_per_step"]["ratio"] < 1, report  # 1 of 3 layers counted

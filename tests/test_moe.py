@@ -112,6 +112,24 @@ def test_every_dispatch_equals_a_dense_reference(mlp, moe):
   assert float(stats["dropped"]) == 0
 
 
+@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
+def test_dropless_gradients_equal_the_dense_reference_and_need_no_scatter(impl):
+  """The sorted dispatch moves rows by gathers whose gradients are gathers too
+  (`take_rows`): the gradients of the input and of every parameter equal the reference's,
+  and with ragged_dot (TPU's grouped matmul; `tiled` is CPU's) the gradient program has no
+  scatter (XLA:TPU sorts a scatter and emits it row window by row window: slow to compile)."""
+  cfg = _cfg(grouped_matmul=impl)
+  layer, params, x, valid = _layer(cfg)
+  w = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+  loss = lambda p, x: jnp.sum(layer.apply({"params": p}, x, valid)[0] * w)
+  ref = lambda p, x: jnp.sum(_reference(cfg, p, x, valid) * w)
+  got, want = jax.grad(loss, argnums=(0, 1))(params, x), jax.grad(ref, argnums=(0, 1))(params, x)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=1e-4)
+  program = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
+  assert "gather" in program and ("scatter" not in program or impl == "tiled")
+
+
 def test_capacity_drops_assignments_over_capacity_and_counts_them():
   """Capacity ceil(0.5 * 10 * 2 / 4) = 3 per expert and row, first choices placed before
   second ones: the dropped assignments are those past 3 in that order, and a token keeps

@@ -32,13 +32,21 @@ def route(logits: Array, k: int, router: str, normalize: bool) -> tuple[Array, A
   """(N, E) float32 router logits -> the k experts of each token and their weights,
   ((N, k) float32, (N, k) int32)."""
   if router == "softmax_topk":  # Mixtral, Qwen3-MoE, OLMoE
-    weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
+    weights, experts = _top_k(jax.nn.softmax(logits, axis=-1), k)
     if normalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   else:  # topk_softmax: the softmax over the k chosen logits
-    top, experts = jax.lax.top_k(logits, k)
+    top, experts = _top_k(logits, k)
     weights = jax.nn.softmax(top, axis=-1)
   return weights, experts
+
+
+def _top_k(scores: Array, k: int) -> tuple[Array, Array]:
+  """`jax.lax.top_k` whose values are picked by a one-hot product (exact): top_k's own
+  gradient is a scatter, which XLA:TPU compiles slowly."""
+  experts = jax.lax.top_k(jax.lax.stop_gradient(scores), k)[1]
+  pick = jax.nn.one_hot(experts, scores.shape[-1], dtype=scores.dtype)  # (N, k, E)
+  return jnp.einsum("ne,nke->nk", scores, pick, precision="highest"), experts
 
 
 def router_stats(logits: Array, experts: Array, valid: Array) -> RouterStats:

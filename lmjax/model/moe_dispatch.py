@@ -8,6 +8,8 @@ and tokens split over it too (the default rules: the batch is sharded over data,
 expert), rows travel to the device that holds their expert and back by two all-to-alls of
 fixed-size buffers; with tokens replicated over it, each device runs its own experts and
 the partial outputs are summed. Expert widths split over `tensor` are summed at the end.
+Rows move by gathers whose gradients are gathers too (`take_rows`): no scatter anywhere,
+which XLA:TPU compiles slowly.
 
 `capacity`: GShard's one-hot dispatch. Each row of the batch is a group; an expert takes at
 most ceil(capacity_factor * T * k / E) of a row's assignments, first choices before second
@@ -86,8 +88,52 @@ def expert_mlp(rows: Array, kernels: Kernels, sizes: Array, cfg: TransformerConf
 
 
 def _inverse(order: Array) -> Array:
-  """The inverse of a permutation."""
-  return jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+  """The inverse of a permutation (a sort: XLA:TPU sorts a scatter's indices anyway)."""
+  return jnp.argsort(order)
+
+
+def _counts(key: Array, length: int) -> Array:
+  """`jnp.bincount(key, length=length)` as a compare and sum: no scatter."""
+  return jnp.sum(key[:, None] == jnp.arange(length, dtype=key.dtype), axis=0, dtype=jnp.int32)
+
+
+@jax.custom_vjp
+def take_rows(x: Array, index: Array, back: Array, back_valid: Array) -> Array:
+  """`x[index]`: rows of x (N, D) at `index` (any shape), whose gradient is a gather too.
+
+  Autodiff transposes a gather into a scatter-add, which XLA:TPU sorts and emits row by
+  row: slow to compile (minutes for moe_1b's layer) and to run. Here every place a row is
+  moved to is known: `back` (N, m) lists, for each row of x, the flat positions of the
+  result that hold it (`back_valid` marks the real ones), so the gradient of row i is the
+  sum over them: a gather.
+  """
+  return x[index]
+
+
+def _take_rows_fwd(x, index, back, back_valid):
+  return x[index], (back, back_valid)
+
+
+def _take_rows_bwd(res, g):
+  back, back_valid = res
+  flat = g.reshape(-1, g.shape[-1])
+  picked = jnp.where(back_valid[..., None], flat[back], 0)  # (N, m, D)
+  return jnp.sum(picked, axis=1, dtype=g.dtype), None, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _permute(x: Array, order: Array, inverse: Array) -> Array:
+  """x[order] for a permutation `order` with inverse `inverse`; its gradient gathers back."""
+  return take_rows(x, order, inverse[:, None], jnp.ones((order.size, 1), bool))
+
+
+def _spread(x: Array, order: Array, inverse: Array, k: int) -> Array:
+  """Tokens x (n, D) at the n k assignments sorted by `order` (assignment j of token i at
+  i k + j before sorting): x[order // k], (n k, D)."""
+  n = x.shape[0]
+  return take_rows(x, order // k, inverse.reshape(n, k), jnp.ones((n, k), bool))
 
 
 def _combine(y: Array, weights: Array, keep: Array) -> Array:
@@ -105,10 +151,11 @@ def _local_experts(x: Array, experts: Array, weights: Array, valid: Array, kerne
   mine = valid[:, None] & (local >= 0) & (local < held)  # (n, k)
   key = jnp.where(mine, local, held).reshape(-1)  # others sort last, past every group
   order = jnp.argsort(key, stable=True)
-  sizes = jnp.bincount(key, length=held + 1)[:held].astype(jnp.int32)
-  out = expert_mlp(x[order // k], kernels, sizes, cfg)  # (n k, D)
+  inverse = _inverse(order)
+  sizes = _counts(key, held + 1)[:held]
+  out = expert_mlp(_spread(x, order, inverse, k), kernels, sizes, cfg)  # (n k, D)
   out = jnp.where((key[order] < held)[:, None], out, 0)
-  return _combine(out[_inverse(order)].reshape(n, k, -1), weights, mine)
+  return _combine(_permute(out, inverse, order).reshape(n, k, -1), weights, mine)
 
 
 def _exchange(x: Array, experts: Array, weights: Array, valid: Array, kernels: Kernels,
@@ -121,25 +168,50 @@ def _exchange(x: Array, experts: Array, weights: Array, valid: Array, kernels: K
   a, num, held = n * k, cfg.moe.num_experts, cfg.moe.num_experts // ep
   key = jnp.where(valid[:, None], experts, num).reshape(-1)  # padding: past every expert
   order = jnp.argsort(key, stable=True)
-  skey, rows = key[order], x[order // k]  # (a,), (a, D) sorted by expert
-  counts = jnp.bincount(key, length=num + 1)[:num].reshape(ep, held).astype(jnp.int32)
+  inverse = _inverse(order)
+  skey, rows = key[order], _spread(x, order, inverse, k)  # (a,), (a, D) sorted by expert
+  counts = _counts(key, num + 1)[:num].reshape(ep, held)
   per_peer = counts.sum(axis=1)  # (ep,) rows for each peer's experts
   start = jnp.cumsum(per_peer) - per_peer
   r = jnp.arange(a)
-  send = jnp.where((r < per_peer[:, None])[..., None],
-                   rows[jnp.minimum(start[:, None] + r, a - 1)], 0)  # (ep, a, D)
+  send = _to_blocks(rows, skey < num, jnp.minimum(skey // held, ep - 1), start, per_peer)
   recv = jax.lax.all_to_all(send, axis, 0, 0, tiled=True)  # block i: from peer i
   recv_counts = jax.lax.all_to_all(counts, axis, 0, 0, tiled=True)  # (ep, held)
   bounds = jnp.cumsum(recv_counts, axis=1)
   lkey = jax.vmap(lambda b: jnp.searchsorted(b, r, side="right"))(bounds).reshape(-1)
   order2 = jnp.argsort(lkey, stable=True)  # received rows by local expert; empty rows last
-  out = expert_mlp(recv.reshape(ep * a, -1)[order2], kernels, recv_counts.sum(axis=0), cfg)
+  inverse2 = _inverse(order2)
+  out = expert_mlp(_permute(recv.reshape(ep * a, -1), order2, inverse2), kernels,
+                   recv_counts.sum(axis=0), cfg)
   out = jnp.where((lkey[order2] < held)[:, None], out, 0)
-  back = jax.lax.all_to_all(out[_inverse(order2)].reshape(ep, a, -1), axis, 0, 0, tiled=True)
-  peer = jnp.minimum(skey // held, ep - 1)
-  got = back[peer, jnp.clip(r - start[peer], 0, a - 1)]  # (a, D) in sorted order
+  back = jax.lax.all_to_all(_permute(out, inverse2, order2).reshape(ep, a, -1), axis, 0, 0,
+                            tiled=True)
+  got = _from_blocks(back, jnp.minimum(skey // held, ep - 1), start, per_peer)
   got = jnp.where((skey < num)[:, None], got, 0)
-  return _combine(got[_inverse(order)].reshape(n, k, -1), weights, valid[:, None])
+  return _combine(_permute(got, inverse, order).reshape(n, k, -1), weights, valid[:, None])
+
+
+def _to_blocks(rows: Array, real: Array, peer: Array, start: Array, per_peer: Array
+               ) -> Array:
+  """Sorted rows (a, D), peer p's `per_peer[p]` of them from `start[p]` on, as one block of
+  a rows per peer, zero past its rows: (ep, a, D). Row i goes to block peer[i] at
+  i - start[peer[i]] (`real` rows only), which makes the gradient a gather."""
+  a = rows.shape[0]
+  r = jnp.arange(a)
+  back = jnp.where(real, peer * a + r - start[peer], 0)[:, None]
+  blocks = take_rows(rows, jnp.minimum(start[:, None] + r, a - 1), back, real[:, None])
+  return jnp.where((r < per_peer[:, None])[..., None], blocks, 0)
+
+
+def _from_blocks(blocks: Array, peer: Array, start: Array, per_peer: Array) -> Array:
+  """The inverse of `_to_blocks`: (ep, a, D) -> the a sorted rows (a, D); rows of no peer
+  (padding, `peer` clipped) get some block's row, for the caller to mask."""
+  ep, a, d = blocks.shape
+  r = jnp.arange(a)
+  index = peer * a + jnp.clip(r - start[peer], 0, a - 1)
+  back = jnp.minimum(start[:, None] + r, a - 1).reshape(-1, 1)
+  return take_rows(blocks.reshape(ep * a, d), index, back,
+                   (r < per_peer[:, None]).reshape(-1, 1))
 
 
 def _dividing(mesh: Any, axes: Any, size: int) -> Any:
