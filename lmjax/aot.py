@@ -183,16 +183,23 @@ def _costs(compiled: Any) -> dict[str, float]:
   return out
 
 
+def memory_per_device(mem: Any) -> dict[str, int]:
+  """XLA's compiled memory statistics, and the device's total: the donated train state is
+  an argument and an output in one buffer (`aliased`), so it is counted once, as MaxText's
+  `print_compiled_memory_stats` does (lmjax counted it twice until 2026-12-07)."""
+  memory = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+            "temporaries": mem.temp_size_in_bytes, "code": mem.generated_code_size_in_bytes,
+            "aliased": mem.alias_size_in_bytes}
+  total = sum(v for k, v in memory.items() if k != "aliased") - memory["aliased"]
+  return {**memory, "total": total}
+
+
 def _report(exp: Experiment, topology: str, n: int, compiled: Any, costs: dict[str, float],
             kernel_flops: float) -> dict[str, Any]:
   generation = topology.split(":")[0]
   hbm, peak = CHIPS[generation]
-  mem = compiled.memory_analysis()
-  memory = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
-            "temporaries": mem.temp_size_in_bytes, "code": mem.generated_code_size_in_bytes,
-            "aliased": mem.alias_size_in_bytes}
-  # Donated state is an argument and an output in one buffer: count it once.
-  used = sum(memory.values()) - 2 * memory["aliased"] + memory["aliased"]
+  memory = memory_per_device(compiled.memory_analysis())
+  used = memory["total"]
   seq, t = exp.data.seq_len, exp.train
   formula = flops_per_token(exp.model, seq, exp.objective.predictions(seq)) * t.batch_size * seq
   # Roofline per device: the step takes at least its FLOPs at peak and its HBM traffic at
@@ -203,7 +210,7 @@ def _report(exp: Experiment, topology: str, n: int, compiled: Any, costs: dict[s
       "attention_impl": exp.model.attention_impl, "objective": exp.objective.kind,
       "fused_head": getattr(exp.objective, "fused_head", "off"),
       "pallas_kernels": compiled.as_text().count("custom_call_target=\"tpu_custom_call\""),
-      "memory_per_device": {**memory, "total": used}, "fits": used <= hbm,
+      "memory_per_device": memory, "fits": used <= hbm,
       "flops_per_step": {"compiled": costs["flops"] * n, "formula": formula,
                          "of_which_attention_kernel": kernel_flops,
                          "ratio": costs["flops"] * n / formula if formula else 0.0},

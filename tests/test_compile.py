@@ -131,3 +131,13 @@ def test_fine_tuning_experiments_compile_through_the_same_run_builder(tiny_runs,
   ratio = report["flops_per_step"]["ratio"]
   # DPO runs two rows per pair (its head counted twice); a task head's vocabulary is none.
   assert (0.9 < ratio < 1.6) if kind != "classification" else ratio > 0.9, report
+
+
+def test_donated_state_is_counted_once_in_the_memory_total():
+  """The train state is donated: XLA reports it in the arguments and in the outputs, and
+  once more as `aliased`. Peak use holds it once (lmjax's total counted it twice)."""
+  from types import SimpleNamespace
+  mem = SimpleNamespace(argument_size_in_bytes=100, output_size_in_bytes=90,
+                        temp_size_in_bytes=40, generated_code_size_in_bytes=5,
+                        alias_size_in_bytes=90)
+  assert aot.memory_per_device(mem)["total"] == 100 + 40 + 5
