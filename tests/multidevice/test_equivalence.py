@@ -59,13 +59,13 @@ def test_sharded_training_matches_one_device(tmp_path, monkeypatch, baselines, n
   np.testing.assert_allclose(evals, baselines[name][1], rtol=2e-4)
 
 
-@pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny"])
-def test_accumulation_and_remat_on_a_mesh_match_one_device(tmp_path, monkeypatch, baselines,
-                                                           name):
-  exp = _experiment(tmp_path, name, (2, 2, 2), train__grad_accum_steps=2,
+def test_accumulation_and_remat_on_a_mesh_match_one_device(tmp_path, monkeypatch, baselines):
+  # the objective only supplies the loss of each micro-batch (MLM's accumulation on one device:
+  # tests/test_train.py)
+  exp = _experiment(tmp_path, "clm_tiny", (2, 2, 2), train__grad_accum_steps=2,
                     model__remat_policy="full")
   train, _ = _losses(exp, tmp_path / "run", monkeypatch)
-  np.testing.assert_allclose(train, baselines[name][0], rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(train, baselines["clm_tiny"][0], rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("impl", ["splash", "xla"])

@@ -9,12 +9,19 @@ from test_equivalence import _experiment, _losses
 
 # data x fsdp x tensor over an NF4 base (its codes sharded, `test_a_quantized_base...`),
 # tensor alone over a float one
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  """A two-step clm_tiny run both cases start their adapters from."""
+  tmp = tmp_path_factory.mktemp("base")
+  _losses(_experiment(tmp, "clm_tiny", (1, 1, 1), train__steps=2), tmp / "base",
+          pytest.MonkeyPatch(), one_device=True)
+  return tmp / "base"
+
+
 @pytest.mark.parametrize("mesh,base_dtype", [((2, 2, 2), "nf4"), ((1, 1, 8), "float")])
-def test_lora_training_on_a_mesh_matches_one_device(tmp_path, monkeypatch, mesh, base_dtype):
+def test_lora_training_on_a_mesh_matches_one_device(tmp_path, monkeypatch, base, mesh,
+                                                    base_dtype):
   import dataclasses
-  base = tmp_path / "base"
-  _losses(_experiment(tmp_path, "clm_tiny", (1, 1, 1), train__steps=2), base, monkeypatch,
-          one_device=True)
   runs = {}
   for name, shape in (("one", (1, 1, 1)), ("mesh", mesh)):
     exp = _experiment(tmp_path, "clm_tiny", shape, train__init_from=str(base))

@@ -1,7 +1,7 @@
-"""A mixture of experts on 8 simulated devices equals one device: the expert mesh axis at 1, 2,
-4 and 8 with data and fsdp, for dropless dispatch (tokens exchanged by all-to-all under
-shard_map) and capacity dispatch (a sharding constraint XLA turns into all-to-all); the
-experts' kernels are split over the expert axis."""
+"""A mixture of experts on 8 simulated devices equals one device: the expert mesh axis at 1, 2
+and 8 with data and fsdp for dropless dispatch (tokens exchanged by all-to-all under
+shard_map), at 4 for capacity dispatch (a sharding constraint XLA turns into all-to-all); the
+experts' kernels are split over the expert axis (4 of them, `test_experts_are_split...`)."""
 
 import json
 
@@ -57,8 +57,7 @@ def baselines(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arg,mesh", [
-    (None, (2, 4, 1)), (None, (2, 2, 2)), (None, (1, 2, 4)), (None, (1, 1, 8)),
-    ("capacity", (2, 1, 4))])
+    (None, (2, 4, 1)), (None, (2, 2, 2)), (None, (1, 1, 8)), ("capacity", (2, 1, 4))])
 def test_expert_parallel_training_matches_one_device(tmp_path, baselines, arg, mesh):
   train, evals, params = _run(_experiment(tmp_path, mesh, arg), tmp_path / "run")
   want_train, want_evals, want_params = baselines[arg]
