@@ -27,6 +27,10 @@ os.environ.setdefault("LMJAX_CPU_DTYPE", "float32")
 # the stderr of every launcher the tests run, burying the one-line errors they check.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# No machine running the suite is on Google Cloud: for any gs:// URL gcsfs asks google-auth
+# for credentials, whose probe of the metadata server otherwise waits out 15 s of timeouts.
+os.environ.setdefault("NO_GCE_CHECK", "true")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `experiments` and `launch` import from the checkout
 
