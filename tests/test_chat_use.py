@@ -44,17 +44,20 @@ def test_generate_chat_answers_and_its_export_answers_the_same_in_transformers(c
                                                                                tmp_path):
   import torch
   import transformers
+  from lmjax.convert import export_hf
   from lmjax.inference.chat import ChatSession
   from lmjax.inference.generate import SamplingConfig
   question = "ROMEO.\nWho is there?\nJULIET.\n\nWho speaks first?"
   out = launch("launch.generate", f"--workdir={chat_run}", "--chat", f"--prompt={question}",
                "--temperature=0", "--max_new_tokens=12").stdout
-  session = ChatSession(pretrained.load(str(chat_run)))
+  source = pretrained.load(str(chat_run))
+  session = ChatSession(source)
   messages = [{"role": "user", "content": question}]
   ours = list(session.reply(messages, SamplingConfig(max_new_tokens=12, temperature=0.0)))
   assert out.strip() == session.tokenizer.decode(ours).strip()
 
-  launch("launch.convert", f"--input={chat_run}", f"--output={tmp_path / 'hf'}")
+  # launch.convert's export, in this process (the command itself: tests/test_use_models.py)
+  export_hf(source, str(tmp_path / "hf"), None)
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
   prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
