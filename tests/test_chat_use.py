@@ -44,17 +44,20 @@ def test_generate_chat_answers_and_its_export_answers_the_same_in_transformers(c
                                                                                tmp_path):
   import torch
   import transformers
+  from lmjax.convert import export_hf
   from lmjax.inference.chat import ChatSession
   from lmjax.inference.generate import SamplingConfig
   question = "ROMEO.\nWho is there?\nJULIET.\n\nWho speaks first?"
   out = launch("launch.generate", f"--workdir={chat_run}", "--chat", f"--prompt={question}",
                "--temperature=0", "--max_new_tokens=12").stdout
-  session = ChatSession(pretrained.load(str(chat_run)))
+  source = pretrained.load(str(chat_run))
+  session = ChatSession(source)
   messages = [{"role": "user", "content": question}]
   ours = list(session.reply(messages, SamplingConfig(max_new_tokens=12, temperature=0.0)))
   assert out.strip() == session.tokenizer.decode(ours).strip()
 
-  launch("launch.convert", f"--input={chat_run}", f"--output={tmp_path / 'hf'}")
+  # launch.convert's export, in this process (the command itself: tests/test_use_models.py)
+  export_hf(source, str(tmp_path / "hf"), None)
   tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
   model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
   prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -93,10 +96,12 @@ def _subset(tmp_path, name, n):
   return str(path)
 
 
-def _run(config, init, workdir, tmp_path, *args, popen=False):
+def _run(config, init, workdir, data, *args, popen=False):
+  """launch.finetune of `config` on the first records of its bundled files (written to the
+  folder `data`), one device unless `args` say otherwise."""
   kind = "chat" if "chat" in config else "dpo"
-  files = [f"--config.task.train_file={_subset(tmp_path, f'{kind}_train', 48)}",
-           f"--config.task.eval_file={_subset(tmp_path, f'{kind}_eval', 16)}"]
+  files = [f"--config.task.train_file={_subset(data, f'{kind}_train', 48)}",
+           f"--config.task.eval_file={_subset(data, f'{kind}_eval', 16)}"]
   command = [sys.executable, "-m", "launch.finetune", f"--config=experiments/{config}.py",
              f"--init_from={init}", f"--workdir={workdir}", "--config.data.seq_len=160",
              "--config.train.batch_size=8", "--config.train.log_every=1",
@@ -114,39 +119,65 @@ def _losses(workdir):
           if r["split"] == "train"]
 
 
+STEPS = ["--config.train.steps=8", "--config.train.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_runs, chat_run, tmp_path_factory):
+  """`straight(config)`: the folder of an uninterrupted one-device run of `config` (SFT from
+  clm_tiny, DPO from the SFT run), made once: the reference of both the eight-device run
+  and the run killed with -9."""
+  folders = {}
+
+  def make(config):
+    if config not in folders:
+      tmp = tmp_path_factory.mktemp(config)
+      _run(config, _init(tiny_runs, chat_run, config), tmp / "straight", tmp, "--cpu_devices=1",
+           *STEPS)
+      folders[config] = tmp / "straight"
+    return folders[config]
+  return make
+
+
+def _init(tiny_runs, chat_run, config):
+  return tiny_runs / "clm_tiny" if config == "chat_tiny" else chat_run
+
+
 @pytest.mark.parametrize("config", ["chat_tiny", "dpo_tiny"])
-def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, chat_run, tmp_path, config):
-  init = tiny_runs / "clm_tiny" if config == "chat_tiny" else chat_run
-  _run(config, init, tmp_path / "one", tmp_path, "--cpu_devices=1", "--config.train.steps=3")
-  eight = _run(config, init, tmp_path / "eight", tmp_path, "--cpu_devices=8",
-               "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.train.steps=3")
+def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, chat_run, straight, config):
+  one = straight(config)
+  eight = _run(config, _init(tiny_runs, chat_run, config), one.parent / "eight", one.parent,
+               "--cpu_devices=8", "--config.mesh.data=2", "--config.mesh.fsdp=4", *STEPS)
   assert "8 device(s), mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}" in eight.stderr
-  np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(tmp_path / "one"), rtol=1e-4)
-  a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "eight"))
+  np.testing.assert_allclose(_losses(one.parent / "eight"), _losses(one), rtol=1e-4)
+  a, b = (json.loads((d / "results.json").read_text()) for d in (one, one.parent / "eight"))
   for key in a:
     if isinstance(a[key], float):
       assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
 @pytest.mark.parametrize("config", ["chat_tiny", "dpo_tiny"])
-def test_kill_9_then_rerun_equals_an_uninterrupted_run_and_sigterm_saves(tiny_runs, chat_run,
-                                                                         tmp_path, config):
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(tiny_runs, chat_run, straight, config):
+  reference = straight(config)
+  init, killed, data = _init(tiny_runs, chat_run, config), reference.parent / "killed", \
+      reference.parent
+  kill_twice(lambda: _run(config, init, killed, data, "--cpu_devices=1", *STEPS, popen=True),
+             killed / "metrics.jsonl", seed=0)
+  _run(config, init, killed, data, "--cpu_devices=1", *STEPS)
+  assert_same_checkpoint(reference, killed, 8)
+  assert (json.loads((killed / "results.json").read_text()) ==
+          json.loads((reference / "results.json").read_text()))
+
+
+def test_sigterm_saves_the_current_step_of_a_dpo_run(chat_run, tmp_path):
+  """SIGTERM is the training loop's `Preemption` hook, the same for every objective (SFT's
+  loop included; tests/test_finetune_loop.py and tests/test_launch.py send it to a
+  classification and a pretraining run); sent here to DPO, whose run first scores its data
+  with the reference model."""
   import signal
   import time
-
-  init = tiny_runs / "clm_tiny" if config == "chat_tiny" else chat_run
-  steps = ["--config.train.steps=8", "--config.train.checkpoint_every=2"]
-  _run(config, init, tmp_path / "straight", tmp_path, *steps)
-  killed = tmp_path / "killed"
-  kill_twice(lambda: _run(config, init, killed, tmp_path, *steps, popen=True),
-             killed / "metrics.jsonl", seed=0)
-  _run(config, init, killed, tmp_path, *steps)
-  assert_same_checkpoint(tmp_path / "straight", killed, 8)
-  assert (json.loads((killed / "results.json").read_text()) ==
-          json.loads((tmp_path / "straight" / "results.json").read_text()))
-
   workdir = tmp_path / "term"
-  proc = _run(config, init, workdir, tmp_path, "--config.train.steps=400",
+  proc = _run("dpo_tiny", chat_run, workdir, tmp_path, "--config.train.steps=400",
               "--config.train.checkpoint_every=1000", popen=True)
   deadline = time.monotonic() + 300
   while not (workdir / "metrics.jsonl").exists() or \

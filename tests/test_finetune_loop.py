@@ -47,6 +47,7 @@ def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, tmp_path):
   a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "eight"))
   assert a["examples"] == b["examples"] == 150 and a["accuracy"] == b["accuracy"]
   assert abs(a["loss"] - b["loss"]) < 1e-4 and set(a) >= {"f1", "mcc", "accuracy"}
+  assert all(np.isfinite(a[m]) for m in ("f1", "mcc", "accuracy"))
 
 
 def _lines(path):
@@ -75,7 +76,10 @@ def test_kill_9_then_rerun_ends_bitwise_equal(tiny_runs, tmp_path):
           json.loads((tmp_path / "straight" / "results.json").read_text()))
 
 
-def test_sigterm_saves_the_current_step_and_the_rerun_finishes(tiny_runs, tmp_path):
+def test_sigterm_saves_the_current_step(tiny_runs, tmp_path):
+  """The loop's `Preemption` hook, as a fine-tuning run meets it. That a run resumes from
+  the step a signal saved is tests/test_launch.py's signal test (the same loop and
+  checkpointer); that a fine-tuning run resumes exactly, the kill -9 test above."""
   workdir = tmp_path / "run"
   command = [sys.executable, "-m", "launch.finetune", "--config=experiments/finetune_pairs.py",
              f"--init_from={tiny_runs / 'mlm_tiny'}", f"--workdir={workdir}", *SMALL,
@@ -92,22 +96,24 @@ def test_sigterm_saves_the_current_step_and_the_rerun_finishes(tiny_runs, tmp_pa
   assert proc.returncode == 0, err[-3000:]
   steps = [int(n) for n in os.listdir(workdir / "checkpoints")]
   assert len(steps) == 1 and 3 <= steps[0] < 400 and "preempted" in err
-  rerun = subprocess.run(command[:-3] + ["--config.train.steps=" + str(steps[0] + 2),
-                                         "--config.train.eval_every=0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=400)
-  assert rerun.returncode == 0 and "resumed from" in rerun.stderr, rerun.stderr[-3000:]
 
 
-@pytest.mark.parametrize("config,measures", [
-    ("experiments/finetune_pairs.py", {"accuracy", "f1", "mcc"}),
-    ("experiments/finetune_regression.py", {"pearson", "spearman", "mse"}),
+@pytest.mark.parametrize("config,measures,inits", [
+    ("finetune_pairs", {"accuracy", "f1", "mcc"}, ("clm_tiny",)),  # from mlm_tiny: the
+    # one-device run of test_eight_devices_with_fsdp_equal_one_device
+    ("finetune_regression", {"pearson", "spearman", "mse"}, ("mlm_tiny", "clm_tiny")),
 ])
-def test_glue_style_experiments_report_their_measures(tiny_runs, tmp_path, config, measures):
-  for init in ("mlm_tiny", "clm_tiny"):  # an encoder and a decoder backbone
-    proc = _finetune(tiny_runs / init, tmp_path / init, "--config.train.steps=3",
-                     "--config.train.eval_every=0", config=config)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / init / "results.json").read_text())
+def test_glue_style_experiments_report_their_measures(tiny_runs, tmp_path, config, measures,
+                                                      inits):
+  """In process (the launcher is tested above): an encoder and a decoder backbone."""
+  import importlib
+  from tiny import finetune
+  base = importlib.import_module(f"experiments.{config}").get_config().to_dict()
+  base["data"]["seq_len"] = 32
+  base["optimizer"]["warmup_steps"] = 2
+  base["train"].update(batch_size=16, log_every=1, steps=3, eval_every=0)
+  for init in inits:
+    result = finetune(base, tiny_runs / init, tmp_path / init)
     assert measures <= set(result) and result["examples"] == 150
     assert all(np.isfinite(result[m]) for m in measures)
 

@@ -110,9 +110,9 @@ def test_train_tokenizer_launcher(tmp_path):
   assert proc.returncode == 2 and "input file not found: nope.txt" in proc.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_the_current_step_and_exits_zero(tmp_path, sig):
-  workdir = tmp_path / "run"
+def _train_until_signalled(tmp_path, workdir, sig, lines):
+  """launch.train of clm_tiny for 100000 steps, sent `sig` once metrics.jsonl holds `lines`
+  lines: it must exit 0 within 30 s, saying it was preempted. Returns its stderr."""
   flags = tiny_flags(tmp_path, **{"train.steps": 100000, "train.log_every": 2,
                                   "train.checkpoint_every": 100000})
   proc = subprocess.Popen([sys.executable, "-m", "launch.train", "--config=experiments/clm_tiny.py",
@@ -120,17 +120,30 @@ def test_signal_saves_the_current_step_and_exits_zero(tmp_path, sig):
                           text=True)
   metrics = workdir / "metrics.jsonl"
   deadline = time.monotonic() + TIMEOUT
-  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+  while not (metrics.exists() and metrics.read_text().count("\n") >= lines):
     assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
     time.sleep(0.2)
   sent = time.monotonic()
   proc.send_signal(sig)
   _, stderr = proc.communicate(timeout=60)
   assert proc.returncode == 0, stderr[-2000:]
-  assert time.monotonic() - sent < 30
-  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
-  assert len(saved) == 1 and saved[0] >= 4 and "preempted" in stderr
+  assert time.monotonic() - sent < 30 and "preempted" in stderr
+  return stderr
+
+
+def test_signal_saves_the_current_step_and_exits_zero(tmp_path):
+  """SIGTERM, then SIGINT to the run that resumes: each saves the step it stopped at."""
+  workdir = tmp_path / "run"
+  checkpoints = lambda: sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+  _train_until_signalled(tmp_path, workdir, signal.SIGTERM, 2)
+  saved = checkpoints()
+  assert len(saved) == 1 and saved[0] >= 4
+  lines = (workdir / "metrics.jsonl").read_text().count("\n")
+  stderr = _train_until_signalled(tmp_path, workdir, signal.SIGINT, lines + 2)
+  assert f"step {saved[0]}" in stderr  # it resumed from the SIGTERM's checkpoint
+  later = checkpoints()
+  assert len(later) == 2 and later[0] == saved[0] and later[1] >= saved[0] + 4
   again = launch("launch.train", "--config=experiments/clm_tiny.py", f"--workdir={workdir}",
-                 *tiny_flags(tmp_path, **{"train.steps": saved[0] + 2}))
-  assert again.returncode == 0 and f"step {saved[0]}" in again.stderr
-  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())[-1] == saved[0] + 2
+                 *tiny_flags(tmp_path, **{"train.steps": later[1] + 2}))
+  assert again.returncode == 0 and f"step {later[1]}" in again.stderr
+  assert checkpoints()[-1] == later[1] + 2

@@ -164,10 +164,14 @@ def test_every_numeric_field_of_the_train_launcher_starts_or_fails_in_one_line(t
 
 
 def test_every_numeric_field_of_the_finetune_launcher_starts_or_fails_in_one_line(
-    tiny_runs, tmp_path):
+    tiny_runs, tmp_path, monkeypatch):
+  import functools
   from experiments import finetune_pairs
+  from lmjax import pretrained
   from lmjax.experiment import experiment_from_dict
   from lmjax.run import dry_run
+  # The walk checks the config, not the reading of init_from: read it once, not per field.
+  monkeypatch.setattr(pretrained, "load", functools.lru_cache(pretrained.load))
   base = finetune_pairs.get_config().to_dict()
   base["data"]["seq_len"] = 32
   base["train"]["init_from"] = str(tiny_runs / "mlm_tiny")
