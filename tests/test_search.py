@@ -1,6 +1,7 @@
 """Optuna searches through launch.sweep: pruning, the study in SQLite and in a real
-PostgreSQL server shared by two worker processes, a killed sweep that resumes its
-interrupted trial from its checkpoint, summaries and plots, and bad input."""
+PostgreSQL server shared by worker processes (two starting together on a new study, a
+killed search and its rerun), a killed sweep that resumes its interrupted trial from its
+checkpoint, summaries and plots, and bad input."""
 
 from __future__ import annotations
 
@@ -70,8 +71,14 @@ def test_a_bad_learning_rate_is_pruned_and_the_study_is_summarized(tmp_path):
                                                       ("trial_0001", "pruned")]
   assert (workdir / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
   assert "best: trial_0000" in proc.stdout
-  again = _run(_sweep_args(sweep, workdir, "--", *_overrides(tmp_path, 12, 4)))
-  assert again.returncode == 0 and len(_study(f"sqlite:///{workdir}/study.db", "search").trials) == 2
+  # Again, in this process (launch.sweep's main is this call): the study is done, nothing runs.
+  from lmjax.sweep.files import load_sweep
+  from lmjax.sweep.run import SweepOptions, run_sweep
+  again = run_sweep(load_sweep(sweep), SweepOptions(
+      config=os.path.join(ROOT, "experiments", "clm_tiny.py"), sweep=sweep, workdir=str(workdir),
+      extra=tuple(_overrides(tmp_path, 12, 4))))
+  assert not again.failed and sorted(r["trial"] for r in again.rows) == ["trial_0000", "trial_0001"]
+  assert len(_study(f"sqlite:///{workdir}/study.db", "search").trials) == 2
 
 
 def test_a_killed_search_resumes_its_interrupted_trial_from_its_checkpoint(tmp_path):
@@ -121,44 +128,28 @@ def postgres(tmp_path_factory):
   server.cleanup()
 
 
-def test_two_workers_share_one_postgres_study(tmp_path, postgres):
-  sweep = _sweep_file(tmp_path, (
-      'Search(space={"optimizer.learning_rate": LogUniform(1e-3, 1e-2), '
-      '"optimizer.warmup_steps": IntUniform(0, 4)}, sampler="random", pruner="none", '
-      'num_trials=2)'))
-  workdir = tmp_path / "shared"
-  args = _sweep_args(sweep, workdir, f"--storage={postgres}", "--study_name=shared", "--",
-                     *_overrides(tmp_path, 6, 3))
-  workers = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-  outs = [w.communicate(timeout=600) for w in workers]
-  assert all(w.returncode == 0 for w in workers), [o[1][-2000:] for o in outs]
-  study = _study(postgres, "shared")
-  complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-  assert 2 <= len(complete) <= 3  # both may ask at once for the last one
-  assert len({t.user_attrs["lmjax_dir"] for t in complete}) == len(complete)
-  assert all((workdir / t.user_attrs["lmjax_dir"] / "checkpoints" / "6").is_dir()
-             for t in complete)
-  # optuna-dashboard serves the study
-  import httpx
+def _dashboard(storage: str) -> tuple[subprocess.Popen, int]:
+  """optuna-dashboard serving `storage`, and its port."""
   import socket
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  serve = f"import optuna_dashboard as d; d.run_server({postgres!r}, '127.0.0.1', {port})"
-  dash = subprocess.Popen([sys.executable, "-c", serve], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  try:
-    deadline, answer = time.monotonic() + 60, None
-    while answer is None and time.monotonic() < deadline:
-      try:
-        answer = httpx.get(f"http://127.0.0.1:{port}/api/studies", timeout=5).json()
-      except httpx.TransportError:
-        time.sleep(0.3)
-    assert answer and [s["study_name"] for s in answer["study_summaries"]] == ["shared"]
-  finally:
-    dash.kill()
-    dash.wait(30)
+  serve = f"import optuna_dashboard as d; d.run_server({storage!r}, '127.0.0.1', {port})"
+  return subprocess.Popen([sys.executable, "-c", serve], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL), port
+
+
+def _served_studies(port: int) -> list[str]:
+  """The studies the dashboard on `port` lists."""
+  import httpx
+  deadline, answer = time.monotonic() + 60, None
+  while answer is None and time.monotonic() < deadline:
+    try:
+      answer = httpx.get(f"http://127.0.0.1:{port}/api/studies", timeout=5).json()
+    except httpx.TransportError:
+      time.sleep(0.3)
+  assert answer
+  return [s["study_name"] for s in answer["study_summaries"]]
 
 
 def _trainers(pid: int) -> list[int]:
@@ -187,18 +178,52 @@ def _distinct_points(study) -> list:
 
 def test_workers_a_killed_search_and_other_machines_never_train_one_point_twice(tmp_path,
                                                                                  postgres):
-  """Two local workers, then kill -9 of the search (its trainers die with it) and a rerun,
-  then two processes sharing the PostgreSQL study: every complete trial its own point."""
-  from lmjax import process
+  """Two machines (processes) start together on a new PostgreSQL study and share it (the
+  dashboard serves it); then a search's two local workers draw TPE's model points from its
+  history, the search is killed with kill -9 (its trainers die with it) and rerun, the
+  killed two retried: every complete trial its own point."""
   space = ('space={"optimizer.learning_rate": LogUniform(1e-3, 1e-2), '
            '"optimizer.warmup_steps": IntUniform(0, 4)}, sampler="tpe", pruner="none", '
-           'sampler_options={"n_startup_trials": 3}')
-  four = _sweep_file(tmp_path, f"Search({space}, num_trials=4)", "four.py")
-  eight = _sweep_file(tmp_path, f"Search({space}, num_trials=8)", "eight.py")
+           'sampler_options={"n_startup_trials": 2}')
+  two = _sweep_file(tmp_path, f"Search({space}, num_trials=2)", "two.py")
   workdir = tmp_path / "many"
   flags = [f"--storage={postgres}", "--study_name=many", "--heartbeat_seconds=0.5",
-           "--grace_seconds=3", "--", *_overrides(tmp_path, 30, 10)]
-  search = subprocess.Popen(_sweep_args(four, workdir, "--workers=2", *flags), cwd=ROOT,
+           "--grace_seconds=3", "--", *_overrides(tmp_path, 20, 10)]
+  machines = [subprocess.Popen(_sweep_args(two, workdir, *flags), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+  outs = [m.communicate(timeout=600) for m in machines]
+  assert all(m.returncode == 0 for m in machines), [o[1][-2000:] for o in outs]
+  complete = [t for t in _study(postgres, "many").trials if t.state.name == "COMPLETE"]
+  assert 2 <= len(complete) <= 3  # both may ask at once for the last one
+  assert len({t.user_attrs["lmjax_dir"] for t in complete}) == len(complete)
+  dash, port = _dashboard(postgres)  # it starts while the search runs; asked at the end
+  try:
+    _kill_and_rerun(tmp_path, workdir, space, flags, len(complete))
+    assert _served_studies(port) == ["many"]
+  finally:
+    dash.kill()
+    dash.wait(30)
+  study = _study(postgres, "many")
+  states = [t.state.name for t in study.trials]
+  assert states.count("FAIL") == 2 and states.count("COMPLETE") == len(complete) + 2
+  done = _distinct_points(study)
+  by_number = {t.number: t for t in study.trials}
+  retries = [t for t in study.trials if "lmjax_retry_of" in t.user_attrs]
+  assert len(retries) == 2  # the two killed trials, each run again in its own directory
+  for t in retries:
+    first = by_number[t.user_attrs["lmjax_retry_of"]]
+    assert first.state.name == "FAIL" and t.params == first.params
+    assert t.user_attrs["lmjax_dir"] == first.user_attrs["lmjax_dir"]
+  assert all((workdir / t.user_attrs["lmjax_dir"] / "checkpoints" / "20").is_dir() for t in done)
+
+
+def _kill_and_rerun(tmp_path, workdir, space: str, flags: list[str], complete: int) -> None:
+  """Two more trials: a search's two workers, killed with kill -9 as they start (their
+  trainers die with it), then the search again, which retries both."""
+  from lmjax import process
+  more = _sweep_file(tmp_path, f"Search({space}, num_trials={complete + 2})", "more.py")
+  search = subprocess.Popen(_sweep_args(more, workdir, "--workers=2", *flags), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
   try:
@@ -216,26 +241,14 @@ def test_workers_a_killed_search_and_other_machines_never_train_one_point_twice(
     while any(map(process.alive, trainers)) and time.monotonic() < deadline:
       time.sleep(0.1)
     assert not any(map(process.alive, trainers))
+    killed = time.monotonic()
   finally:
     os.killpg(search.pid, signal.SIGKILL)
-  again = _run(_sweep_args(four, workdir, "--workers=2", *flags))
+  # Past the grace period: the rerun finds both killed trials lost (a rerun sooner would see
+  # the study's last two trials still running, and stop at once).
+  time.sleep(max(0.0, killed + 4 - time.monotonic()))
+  again = _run(_sweep_args(more, workdir, "--workers=2", *flags))
   assert again.returncode == 0, again.stderr[-3000:]
-  machines = [subprocess.Popen(_sweep_args(eight, workdir, *flags), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for _ in range(2)]
-  outs = [m.communicate(timeout=600) for m in machines]
-  assert all(m.returncode == 0 for m in machines), [o[1][-2000:] for o in outs]
-  study = _study(postgres, "many")
-  done = _distinct_points(study)
-  assert len(done) >= 8
-  by_number = {t.number: t for t in study.trials}
-  retries = [t for t in study.trials if "lmjax_retry_of" in t.user_attrs]
-  assert len(retries) == 2  # the two killed trials, each run again in its own directory
-  for t in retries:
-    first = by_number[t.user_attrs["lmjax_retry_of"]]
-    assert first.state.name == "FAIL" and t.params == first.params
-    assert t.user_attrs["lmjax_dir"] == first.user_attrs["lmjax_dir"]
-  assert all((workdir / t.user_attrs["lmjax_dir"] / "checkpoints" / "30").is_dir() for t in done)
 
 
 def test_a_trial_directory_held_by_a_live_process_is_not_trained_until_it_is_free(tmp_path):

@@ -56,10 +56,19 @@ def _exp(tmp, **overrides):
   return experiment_from_dict(config.to_dict())
 
 
-def test_a_cooldown_branched_from_a_stable_run_equals_an_uninterrupted_wsd_run(tmp_path):
-  stable = tmp_path / "stable"
-  train_lib.train_and_evaluate(_exp(tmp_path, train__steps=16, optimizer__schedule="constant"),
-                               str(stable))
+@pytest.fixture(scope="module")
+def stable(tmp_path_factory):
+  """One stable (constant-rate) run, checkpoints every 4 steps to 16, that every branch of
+  this module starts from (a constant rate does not depend on the run's length, so its step
+  8 is that of a shorter stable run)."""
+  tmp = tmp_path_factory.mktemp("wsd")
+  train_lib.train_and_evaluate(_exp(tmp, train__steps=16, optimizer__schedule="constant"),
+                               str(tmp / "stable"))
+  return tmp / "stable"
+
+
+def test_a_cooldown_branched_from_a_stable_run_equals_an_uninterrupted_wsd_run(tmp_path,
+                                                                               stable):
   wsd = dict(train__steps=14, optimizer__schedule="wsd", optimizer__decay_shape="1-sqrt",
              optimizer__end_lr_ratio=0.0)
   train_lib.train_and_evaluate(_exp(tmp_path, optimizer__decay_start=8, **wsd),
@@ -74,13 +83,11 @@ def test_a_cooldown_branched_from_a_stable_run_equals_an_uninterrupted_wsd_run(t
   assert_same_checkpoint(tmp_path / "whole", tmp_path / "branch6", 14)
 
 
-def test_bad_branches_are_one_line(tmp_path):
-  stable = tmp_path / "stable"
-  train_lib.train_and_evaluate(_exp(tmp_path, train__steps=8, optimizer__schedule="constant"),
-                               str(stable))
+def test_bad_branches_are_one_line(tmp_path, stable):
   wsd = dict(train__steps=12, optimizer__schedule="wsd", optimizer__decay_start=8)
   cases = [
-      (dict(train__branch_from=f"{stable}:6"), "has no checkpoint at step 6 \\(it has 4, 8"),
+      (dict(train__branch_from=f"{stable}:6"),
+       "has no checkpoint at step 6 \\(it has 4, 8, 12, 16;"),
       (dict(train__branch_from=str(stable)), "must be RUN:STEP"),
       (dict(train__branch_from=f"{tmp_path}/nothing:8"), "holds no checkpoints"),
       (dict(train__branch_from=f"{stable}:8", optimizer__learning_rate=1e-3),
@@ -97,13 +104,10 @@ def test_bad_branches_are_one_line(tmp_path):
     assert not (tmp_path / f"bad{i}").exists()  # refused before anything is written
 
 
-def test_a_sweep_branches_several_cooldowns_from_one_stable_run(tmp_path):
+def test_a_sweep_branches_several_cooldowns_from_one_stable_run(tmp_path, stable):
   """experiments/sweeps/cooldowns.py's form, through launch.sweep's command line: a grid over
   train.steps, every trial branched from the same stable checkpoint; each ends bit for bit
   where a wsd run of its length from step 0 ends."""
-  stable = tmp_path / "stable"
-  train_lib.train_and_evaluate(_exp(tmp_path, train__steps=8, optimizer__schedule="constant"),
-                               str(stable))
   sweep = tmp_path / "cooldowns.py"
   sweep.write_text("from lmjax.sweep import Sweep\n\n\ndef get_sweep():\n"
                    "  return Sweep(grid={'train.steps': [10, 12]}, fixed={"
