@@ -100,17 +100,17 @@ def test_bad_moe_input_is_one_line_and_exit_2(tmp_path, flags, devices, message)
 
 
 def test_chat_sft_from_an_imported_mixtral(tmp_path):
-  """launch.finetune's chat SFT from a Hugging Face Mixtral directory: its experts train
-  with the router's losses reported, and the result exports back as Mixtral."""
+  """launch.finetune's chat SFT (as tiny.finetune runs it, in process) from a Hugging Face
+  Mixtral directory: its experts train with the router's losses reported, and the result
+  exports back as Mixtral through launch.convert."""
+  from experiments import chat_tiny
+  from tiny import finetune
   make_family_model("mixtral", str(tmp_path / "hf"))
   out = tmp_path / "sft"
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.finetune", "--config=experiments/chat_tiny.py",
-       f"--init_from={tmp_path / 'hf'}", f"--workdir={out}", "--config.train.steps=4",
-       "--config.train.batch_size=4", "--config.train.eval_every=0",
-       "--config.train.log_every=1", "--config.data.seq_len=128"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = chat_tiny.get_config()
+  config.train.update(steps=4, batch_size=4, eval_every=0, log_every=1)
+  config.data.seq_len = 128
+  finetune(config.to_dict(), tmp_path / "hf", out)
   records = [json.loads(line) for line in open(out / "metrics.jsonl")]
   train = [r for r in records if r["split"] == "train"]
   assert len(train) == 4 and all(r["router_balance"] > 0 for r in train)
