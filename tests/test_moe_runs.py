@@ -86,8 +86,6 @@ def test_capacity_variant_counts_dropped_tokens(tmp_path):
 @pytest.mark.parametrize("flags,devices,message", [
     (["--config.model.moe.experts_per_token=9"], 1,
      "model.moe.experts_per_token=9 exceeds model.moe.num_experts=8"),
-    (["--config.model.moe.capacity_factor=0"], 1, "model.moe.capacity_factor"),
-    (["--config.model.moe.capacity_factor=-0.5"], 1, "model.moe.capacity_factor"),
     (["--config.mesh.expert=3"], 3, "mesh.expert=3 does not divide model.moe.num_experts=8"),
 ])
 def test_bad_moe_input_is_one_line_and_exit_2(tmp_path, flags, devices, message):
@@ -97,6 +95,18 @@ def test_bad_moe_input_is_one_line_and_exit_2(tmp_path, flags, devices, message)
   assert proc.returncode == 2, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and message in last and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("factor", [0, -0.5])
+def test_a_capacity_factor_not_above_0_is_one_line(tmp_path, factor):
+  """The UserError launch.train turns into one line and exit 2 (as the cases above show)."""
+  from lmjax.errors import UserError
+  from lmjax.experiment import experiment_from_dict
+  from tiny import tiny_config
+  config = tiny_config("moe_tiny", tmp_path, model__moe__capacity_factor=factor)
+  with pytest.raises(UserError, match="model.moe.capacity_factor") as refused:
+    experiment_from_dict(config.to_dict())
+  assert "\n" not in str(refused.value)
 
 
 def test_chat_sft_from_an_imported_mixtral(tmp_path):
