@@ -149,8 +149,9 @@ def launched(tmp_path_factory):
 
 def test_launch_generate_equals_transformers_and_takes_the_files_defaults(launched):
   """--temperature 0 (a flag given) is greedy and stops at the second eos id; without
-  sampling flags the file's defaults are used (logged, and the same tokens as the same
-  flags given), its repetition_penalty named as not applied."""
+  sampling flags the file's defaults are used (logged, and the same tokens as launch.generate's
+  Generator gives with those values set, at the same seed), its repetition_penalty named as
+  not applied."""
   directory, tok, want = launched
   run = lambda *args: subprocess.run(
       [sys.executable, "-m", "launch.generate", f"--workdir={directory}", f"--prompt={TEXT}",
@@ -159,10 +160,15 @@ def test_launch_generate_equals_transformers_and_takes_the_files_defaults(launch
   greedy = run("--temperature=0")
   assert greedy.returncode == 0, greedy.stderr[-2000:]
   assert greedy.stdout == TEXT + tok.decode(want) + "\n"
-  default, given = run(), run("--temperature=0.7", "--top_p=0.8", "--top_k=20")
+  default = run()
   assert "temperature 0.7, top_p 0.8, top_k 20" in default.stderr, default.stderr[-2000:]
   assert "not applied (lmjax has no such option): repetition_penalty=1.1" in default.stderr
-  assert default.stdout == given.stdout != greedy.stdout
+  source = pretrained.load(directory)  # what launch.generate runs, the values given
+  gen = Generator(source.model, source.params, eos=generation_config.for_model(source).eos_ids,
+                  pad=max(tok.special.pad, 0))
+  prompt = [tok.special.bos] + tok.encode([TEXT])[0]
+  given = gen.generate([prompt], SamplingConfig(NEW, temperature=0.7, top_k=20, top_p=0.8), 4)
+  assert default.stdout == TEXT + tok.decode(given[0]) + "\n" != greedy.stdout
 
 
 def test_launch_serve_equals_transformers_and_takes_the_files_defaults(launched, tmp_path):

@@ -172,9 +172,10 @@ def test_eight_devices_equal_one_kill_9_resumes_bitwise_and_sigterm_saves(tiny_r
       [sys.executable, "-m", "launch.finetune", f"--config={config}",
        f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={tmp_path / name}", *args],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
-  one, eight = run("one", "--cpu_devices=1"), run("eight", "--cpu_devices=8",
-                                                  "--config.mesh.data=2", "--config.mesh.fsdp=4")
-  assert one.returncode == 0, one.stderr[-3000:]
+  # One device: this process's, the run launch.finetune makes (tiny.finetune); eight, and the
+  # killed and the SIGTERMed runs, through launch.finetune.
+  finetune(_config(tmp_path), tiny_runs / "clm_tiny", tmp_path / "one")
+  eight = run("eight", "--cpu_devices=8", "--config.mesh.data=2", "--config.mesh.fsdp=4")
   assert eight.returncode == 0, eight.stderr[-3000:]
   a, b = _train_lines(tmp_path / "one"), _train_lines(tmp_path / "eight")
   for key in ("loss", "reward", "completion_length", "grad_norm"):

@@ -1,8 +1,10 @@
 """Mixtures of experts in use: moe_tiny trains through launch.train with its router measures
 in the train line, metrics.jsonl and TensorBoard, survives kill -9 and resumes bitwise; bad
-MoE settings are one line and exit 2; an imported Mixtral is fine-tuned (chat SFT); and
-imported Mixtral, Qwen3-MoE and OLMoE generate greedily what transformers generates, through
-launch.generate and launch.serve."""
+MoE settings are one line and exit 2; an imported Mixtral is fine-tuned (chat SFT); and an
+imported Mixtral generates greedily what transformers generates, through launch.generate and
+launch.serve. (The launchers' path is the same for every family: Qwen3-MoE's and OLMoE's
+tokens through the Engine launch.serve runs and the Generator launch.generate runs are
+checked against transformers in tests/test_family_generation.py.)"""
 
 import glob
 import json
@@ -28,13 +30,26 @@ def _command(tmp_path, workdir, *extra, config="experiments/moe_tiny.py"):
           *[f"--config.{k}={v}" for k, v in values.items()], *extra]
 
 
-def test_moe_tiny_reports_its_router_and_survives_kill_9_bitwise(tmp_path):
+def _in_process(tmp_path, workdir, arg=None, **changes):
+  """launch.train's run of moe_tiny (MOE_TINY's flags and `changes`), in this process."""
+  from lmjax.experiment import experiment_from_dict
+  from lmjax.run import train_and_evaluate
+  from tiny import tiny_config
+  values = {**MOE_TINY, **changes}
+  config = tiny_config("moe_tiny", tmp_path, arg, **{k.replace(".", "__"): v
+                                                     for k, v in values.items()})
+  return train_and_evaluate(experiment_from_dict(config.to_dict()), str(workdir))
+
+
+def test_moe_tiny_reports_its_router_and_survives_kill_9_bitwise(tmp_path, caplog):
+  """The uninterrupted run in process (its log lines as launch.train writes them); the
+  killed and rerun one through launch.train."""
+  import logging
   straight = tmp_path / "straight"
-  proc = subprocess.run(_command(tmp_path, straight), cwd=ROOT, capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "M active per token" in proc.stderr  # both parameter counts
-  assert "| balance " in proc.stderr and "| router z " in proc.stderr  # the train line
+  with caplog.at_level(logging.INFO):
+    _in_process(tmp_path, straight)
+  assert "M active per token" in caplog.text  # both parameter counts
+  assert "| balance " in caplog.text and "| router z " in caplog.text  # the train line
   records = [json.loads(line) for line in open(straight / "metrics.jsonl")]
   train = [r for r in records if r["split"] == "train"]
   evals = [r for r in records if r["split"] == "eval"]
@@ -61,11 +76,8 @@ def test_moe_tiny_reports_its_router_and_survives_kill_9_bitwise(tmp_path):
 def test_capacity_variant_counts_dropped_tokens(tmp_path):
   """moe_tiny:capacity at factor 0.5: a share of each layer's assignments is dropped."""
   workdir = tmp_path / "run"
-  proc = subprocess.run(_command(tmp_path, workdir, "--config.train.steps=6",
-                                 "--config.model.moe.capacity_factor=0.5",
-                                 config="experiments/moe_tiny.py:capacity"),
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _in_process(tmp_path, workdir, "capacity", **{"train.steps": 6,
+                                                "model.moe.capacity_factor": 0.5})
   last = [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]
   assert last["split"] == "eval"
   assert all(0 < last[f"router_dropped/layer{i}"] < 1 for i in range(2)), last
@@ -74,8 +86,6 @@ def test_capacity_variant_counts_dropped_tokens(tmp_path):
 @pytest.mark.parametrize("flags,devices,message", [
     (["--config.model.moe.experts_per_token=9"], 1,
      "model.moe.experts_per_token=9 exceeds model.moe.num_experts=8"),
-    (["--config.model.moe.capacity_factor=0"], 1, "model.moe.capacity_factor"),
-    (["--config.model.moe.capacity_factor=-0.5"], 1, "model.moe.capacity_factor"),
     (["--config.mesh.expert=3"], 3, "mesh.expert=3 does not divide model.moe.num_experts=8"),
 ])
 def test_bad_moe_input_is_one_line_and_exit_2(tmp_path, flags, devices, message):
@@ -87,18 +97,30 @@ def test_bad_moe_input_is_one_line_and_exit_2(tmp_path, flags, devices, message)
   assert last.startswith("error: ") and message in last and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("factor", [0, -0.5])
+def test_a_capacity_factor_not_above_0_is_one_line(tmp_path, factor):
+  """The UserError launch.train turns into one line and exit 2 (as the cases above show)."""
+  from lmjax.errors import UserError
+  from lmjax.experiment import experiment_from_dict
+  from tiny import tiny_config
+  config = tiny_config("moe_tiny", tmp_path, model__moe__capacity_factor=factor)
+  with pytest.raises(UserError, match="model.moe.capacity_factor") as refused:
+    experiment_from_dict(config.to_dict())
+  assert "\n" not in str(refused.value)
+
+
 def test_chat_sft_from_an_imported_mixtral(tmp_path):
-  """launch.finetune's chat SFT from a Hugging Face Mixtral directory: its experts train
-  with the router's losses reported, and the result exports back as Mixtral."""
+  """launch.finetune's chat SFT (as tiny.finetune runs it, in process) from a Hugging Face
+  Mixtral directory: its experts train with the router's losses reported, and the result
+  exports back as Mixtral through launch.convert."""
+  from experiments import chat_tiny
+  from tiny import finetune
   make_family_model("mixtral", str(tmp_path / "hf"))
   out = tmp_path / "sft"
-  proc = subprocess.run(
-      [sys.executable, "-m", "launch.finetune", "--config=experiments/chat_tiny.py",
-       f"--init_from={tmp_path / 'hf'}", f"--workdir={out}", "--config.train.steps=4",
-       "--config.train.batch_size=4", "--config.train.eval_every=0",
-       "--config.train.log_every=1", "--config.data.seq_len=128"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = chat_tiny.get_config()
+  config.train.update(steps=4, batch_size=4, eval_every=0, log_every=1)
+  config.data.seq_len = 128
+  finetune(config.to_dict(), tmp_path / "hf", out)
   records = [json.loads(line) for line in open(out / "metrics.jsonl")]
   train = [r for r in records if r["split"] == "train"]
   assert len(train) == 4 and all(r["router_balance"] > 0 for r in train)
@@ -127,10 +149,10 @@ def _transformers_greedy(directory, prompt, new_tokens):
   return tok.decode(new)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
-def test_greedy_generation_equals_transformers_through_generate_and_serve(tmp_path, family):
+def test_greedy_generation_equals_transformers_through_generate_and_serve(tmp_path):
   import openai
   from lmjax.inference.serve_process import spawn
+  family = "mixtral"
   directory = str(tmp_path / family)
   make_family_model(family, directory)
   prompt = "First Citizen:"

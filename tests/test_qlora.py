@@ -48,6 +48,16 @@ def _config(tmp, base_dtype):
   return c.to_dict()
 
 
+def _trained(base, kind) -> dict:
+  """The results of chat_tiny's 6 QLoRA steps on `kind`'s base in base/KIND, run once
+  (both tests below use the nf4 run)."""
+  import json
+  results = base / kind / "results.json"
+  if not results.exists():
+    finetune(_config(base, kind), base / "llama", base / kind)
+  return json.loads(results.read_text())
+
+
 def test_qlora_keeps_the_base_quantized_and_trains_close_to_lora(base):
   from lmjax.loop import _fresh
   from lmjax.run import assemble
@@ -56,7 +66,7 @@ def test_qlora_keeps_the_base_quantized_and_trains_close_to_lora(base):
   losses = {}
   for kind in ("float", "int8", "nf4"):
     config = _config(base, kind)
-    losses[kind] = finetune(config, base / "llama", base / kind)["loss"]
+    losses[kind] = _trained(base, kind)["loss"]
     config["train"]["init_from"] = str(base / "llama")
     parts = assemble(experiment_from_dict(config), None)
     abstract = jax.eval_shape(lambda: init_state(parts.fns, 0, (1, 64)))
@@ -82,11 +92,11 @@ def test_a_qlora_run_loads_merged_into_the_base_it_trained_on(base):
   from lmjax.checkpoint import Checkpointer
   from lmjax.model import build_model
   from lmjax.run import assemble
-  finetune(_config(base, "nf4"), base / "llama", base / "nf4_run")
+  _trained(base, "nf4")
   config = _config(base, "nf4")
   config["train"]["init_from"] = str(base / "llama")
   parts = assemble(experiment_from_dict(config), None)
-  ckpt = Checkpointer(str(base / "nf4_run"), read_only=True)
+  ckpt = Checkpointer(str(base / "nf4"), read_only=True)
   try:
     adapters = ckpt.restore_arrays(6)["params"]
   finally:
@@ -94,7 +104,7 @@ def test_a_qlora_run_loads_merged_into_the_base_it_trained_on(base):
   tokens = jnp.arange(3, 35)[None] % 200
   params = lora.combine(parts.init_params, adapters)  # the quantized base + trained adapters
   ours = parts.fns.eval_model.apply({"params": params}, tokens, jnp.ones_like(tokens))
-  merged = pretrained.load(str(base / "nf4_run"))
+  merged = pretrained.load(str(base / "nf4"))
   plain = build_model(merged.model, True).apply({"params": merged.params}, tokens,
                                                 jnp.ones_like(tokens))
   np.testing.assert_allclose(np.asarray(plain), np.asarray(ours), atol=1e-4)
