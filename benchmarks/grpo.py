@@ -1,10 +1,10 @@
 """GRPO's step against its parts and against SFT, in one run, on this machine.
 
   python -m benchmarks.grpo [--quick] [--json OUT] [--init_from runs/chat_tiny]
-  python -m benchmarks.grpo --held_out runs/chat_tiny,runs/grpo_tiny
+  python -m benchmarks.grpo --held_out runs/grpo_warmup,runs/grpo_tiny [--variant passages]
 
---held_out: each run's greedy replies to experiments/grpo_tiny.py's held-out prompts and
-their mean rewards (`reward_exact_match`: the held-out exact match), through the same
+--held_out: each run's greedy replies to experiments/grpo_tiny.py's held-out prompts (of
+its default task, or of `--variant`'s) and their mean rewards (`reward_exact_match`: the held-out exact match), through the same
 evaluation a GRPO run makes; no timing.
 
 At clm_tiny's shape (d128, 4 layers; random weights unless --init_from), on the prompts of
@@ -45,6 +45,7 @@ flags.DEFINE_bool("tiny", False, "d32 L2, 2 prompts x 2 replies, one repeat: che
 flags.DEFINE_string("json", "", "write the figures here")
 flags.DEFINE_string("init_from", "", "an lmjax chat run to take the weights from")
 flags.DEFINE_list("held_out", [], "runs whose held-out rewards to measure (no timing)")
+flags.DEFINE_string("variant", "", "--held_out: experiments/grpo_tiny.py's variant (passages)")
 FLAGS = flags.FLAGS
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
@@ -175,7 +176,7 @@ def held_out(run: str) -> dict:
   from lmjax.experiment import experiment_from_dict
   from lmjax.loop import evaluate
   from lmjax.steps import eval_step
-  exp = experiment_from_dict(importlib.import_module("experiments.grpo_tiny").get_config()
+  exp = experiment_from_dict(importlib.import_module("experiments.grpo_tiny").get_config(FLAGS.variant)
                              .to_dict())
   source = pretrained.load(run)
   model = source.model.replace(dropout_rate=0.0)

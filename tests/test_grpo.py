@@ -241,14 +241,22 @@ def test_bad_input_exits_2_with_one_line(tiny_runs, tmp_path):
       f"error: {path}:1: expected 'prompt' (text or messages) or 'messages'")
 
 
-@pytest.mark.parametrize("arg,kind", [("speakers", "grpo"), ("speakers_warmup", "sft")])
-def test_grpo_tiny_variants_parse(arg, kind):
+@pytest.mark.parametrize("arg,kind,data", [
+    ("", "grpo", "grpo_speakers"), ("passages", "grpo", "grpo"), ("warmup", "sft", None),
+    ("speakers", "grpo", "grpo_speakers"), ("speakers_warmup", "sft", None)])
+def test_grpo_tiny_variants_parse(arg, kind, data):
+  """The default is the task that meets the exact-match target (after `:warmup`);
+  `:speakers` and `:speakers_warmup`, its earlier names, still load."""
   import importlib
   from lmjax.experiment import experiment_from_dict
-  exp = experiment_from_dict(importlib.import_module("experiments.grpo_tiny").get_config(arg)
-                             .to_dict())
+  module = importlib.import_module("experiments.grpo_tiny")
+  exp = experiment_from_dict(module.get_config(arg).to_dict())
   assert exp.objective.kind == kind
   assert os.path.isfile(exp.task.train_file) and os.path.isfile(exp.task.eval_file)
+  if data:
+    assert os.path.basename(exp.task.train_file) == f"{data}_train.jsonl"
+  with pytest.raises(ValueError, match="unknown variant"):
+    module.get_config("passage")
 
 
 def test_benchmark_runs_tiny(tmp_path):
