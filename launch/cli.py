@@ -122,6 +122,14 @@ def define_adapter_flag() -> None:
                       "adapter_model.safetensors) merged into --workdir's weights at load")
 
 
+def load_flagged_model() -> Any:
+  """The model of `--workdir` (an lmjax run or a Hugging Face directory) in `--dtype`, with
+  `--adapter` merged when given: what the launchers that compute with a loaded model read."""
+  from lmjax import pretrained
+  flag = flags.FLAGS
+  return pretrained.load(flag.workdir, flag.dtype, announce=True, adapter=flag.adapter)
+
+
 def output_path(workdir: str, name: str) -> str:
   """Where `--output=name` writes: a bare file name inside `workdir` for an lmjax run, and
   in the current directory for a Hugging Face model directory (never into the model's own

@@ -16,8 +16,8 @@ import json
 
 from absl import app, flags, logging
 
-from launch.cli import (cli_main, define_adapter_flag, define_dtype_flag, output_path,
-                        parse_flags, write_json)
+from launch.cli import (cli_main, define_adapter_flag, define_dtype_flag, load_flagged_model,
+                        output_path, parse_flags, write_json)
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
 flags.DEFINE_multi_string("data", None, ".txt or .jsonl files to evaluate on (repeatable)")
@@ -40,10 +40,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   out = output_path(FLAGS.workdir, FLAGS.output)  # a bad place fails before the evaluation
-  from lmjax import pretrained
   from lmjax.evaluation import evaluate_files
-  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True,
-                           adapter=FLAGS.adapter)
+  source = load_flagged_model()
   metrics = evaluate_files(source, FLAGS.data, FLAGS.seq_len, FLAGS.batch_size,
                            FLAGS.max_batches, FLAGS.seed)
   result = {"model": source.source, "dtype": source.model.resolved_dtype, "data": FLAGS.data,

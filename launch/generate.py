@@ -24,7 +24,8 @@ import time
 
 from absl import app, flags, logging
 
-from launch.cli import cli_main, define_adapter_flag, define_dtype_flag, parse_flags
+from launch.cli import (cli_main, define_adapter_flag, define_dtype_flag, load_flagged_model,
+                        parse_flags)
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
@@ -55,10 +56,8 @@ def main(argv: list[str]) -> None:
     raise UserError("give --prompt TEXT, --interactive or --chat")
   if FLAGS.num_samples < 1:
     raise UserError("--num_samples must be >= 1")
-  from lmjax import pretrained
   from lmjax.inference.generate import Generator
-  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True,
-                           adapter=FLAGS.adapter)
+  source = load_flagged_model()
   sampling, eos_ids = sampling_config(source)
   if FLAGS.chat:
     chat_loop(source, sampling)

@@ -20,8 +20,8 @@ import os
 
 from absl import app, flags
 
-from launch.cli import (cli_main, define_adapter_flag, define_dtype_flag, output_path,
-                        parse_flags, write_json)
+from launch.cli import (cli_main, define_adapter_flag, define_dtype_flag, load_flagged_model,
+                        output_path, parse_flags, write_json)
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax run directory or a Hugging Face model directory")
@@ -55,9 +55,7 @@ def main(argv: list[str]) -> None:
     from lmjax import harness
   except ImportError:
     raise UserError('launch.lm_eval needs lm-eval: pip install -e ".[eval]"') from None
-  from lmjax import pretrained
-  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True,
-                           adapter=FLAGS.adapter)
+  source = load_flagged_model()
   results = harness.run(source, FLAGS.tasks, FLAGS.num_fewshot, FLAGS.batch_size, FLAGS.limit,
                         FLAGS.include_path, FLAGS.log_samples, FLAGS.apply_chat_template)
   print(make_table(results))

@@ -24,7 +24,8 @@ import time
 
 from absl import app, flags, logging
 
-from launch.cli import cli_main, define_adapter_flag, define_dtype_flag, parse_flags
+from launch.cli import (cli_main, define_adapter_flag, define_dtype_flag, load_flagged_model,
+                        parse_flags)
 from lmjax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "an lmjax decoder run or a Hugging Face model directory")
@@ -58,7 +59,6 @@ def main(argv: list[str]) -> None:
     from lmjax.inference import server
   except ImportError:
     raise UserError('launch.serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
-  from lmjax import pretrained
   from lmjax.data.chat import load_template
   from lmjax.inference import generation_config
   from lmjax.inference.engine import Engine
@@ -66,8 +66,7 @@ def main(argv: list[str]) -> None:
   if api_key == "":
     raise UserError("--api_key is empty; give a key or leave the flag out")
   _check_port(FLAGS.host, FLAGS.port)
-  source = pretrained.load(FLAGS.workdir, FLAGS.dtype, announce=True,
-                           adapter=FLAGS.adapter)
+  source = load_flagged_model()
   tokenizer = source.tokenizer
   engine = Engine(source.model, source.params, pad=max(tokenizer.special.pad, 0),
                   slots=FLAGS.max_batch, chunk=FLAGS.prefill_chunk, max_len=FLAGS.max_len)

@@ -83,12 +83,14 @@ class Sampler:
     from lmjax.inference.engine import Engine, Request
     cfg = self.objective.cfg
     if self.engine is None:
-      self.engine = Engine(self.model, self.objective.reference, self.pad, slots=len(prompts),
-                           max_len=self.seq_len,
-                           steps_per_dispatch=min(cfg.max_completion_tokens, 64))
+      wrap = None
       if self.objective.adapters is not None:  # LoRA: the policy is the base + its adapters
         from lmjax.lora import LoraModel
-        self.engine.decoder.model = LoraModel(self.engine.decoder.model, self.objective.adapters)
+        wrap = lambda model: LoraModel(model, self.objective.adapters)
+      self.engine = Engine(self.model, self.objective.reference, self.pad, slots=len(prompts),
+                           max_len=self.seq_len,
+                           steps_per_dispatch=min(cfg.max_completion_tokens, 64),
+                           wrap_model=wrap)
     self.engine.update_params(params)
     outs: list[list[int]] = [[] for _ in prompts]
     collect = lambda k: (lambda e: outs[k].append(e[1]) if e[0] == "token" else None)

@@ -14,7 +14,7 @@ draws its t-th new token with `fold_in(key, t)` (`step_keys`).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,9 @@ TOP_LOGPROBS = 5  # alternatives computed per token (OpenAI's limit for `logprob
 class Decoder:
   """A decoder model with `decode=True`, its parameters in the layout decoding reads."""
 
-  def __init__(self, cfg: TransformerConfig, params: Any, refusal: str):
+  def __init__(self, cfg: TransformerConfig, params: Any, refusal: str,
+               wrap_model: Callable[[Any], Any] | None = None):
+    """`wrap_model`: applied to the built model, e.g. LoRA's base + adapters."""
     if cfg.family != "decoder":
       raise UserError(refusal)
     cfg = cfg.replace(dropout_rate=0.0, remat_policy="none")
@@ -41,6 +43,8 @@ class Decoder:
     self.cfg = cfg.replace(scan_layers=False)
     self.params = self.layout(params)
     self.model = build_model(self.cfg, decode=True)
+    if wrap_model is not None:
+      self.model = wrap_model(self.model)
 
   def layout(self, params: Any) -> Any:
     """`params` of the model this decoder was built for, in the layout decoding reads: a

@@ -96,8 +96,9 @@ class Engine:
 
   def __init__(self, cfg: TransformerConfig, params: Any, pad: int, slots: int = 8,
                chunk: int = 64, max_len: int | None = None, steps_per_dispatch: int = 8,
-               dispatch_ms: float = 10.0):
-    self.decoder = Decoder(cfg, params, "serving needs a decoder (CLM) model")
+               dispatch_ms: float = 10.0, wrap_model: Callable[[Any], Any] | None = None):
+    """`wrap_model`: applied to the decoding model (GRPO's rollouts: LoRA's base + adapters)."""
+    self.decoder = Decoder(cfg, params, "serving needs a decoder (CLM) model", wrap_model)
     cfg, params = self.decoder.cfg, self.decoder.params
     max_len = min(max_len or cfg.max_len, cfg.max_len)
     if slots < 1 or chunk < 1 or max_len < 2 or steps_per_dispatch < 1:

@@ -49,9 +49,11 @@ def baselines(tmp_path_factory):
   return out
 
 
+# clm_tiny over fsdp=4 (2, 4, 1) and tensor=8 (1, 1, 8): the accumulation and the `xla`
+# attention tests below run there
 @pytest.mark.parametrize("name,mesh", [
-    ("clm_tiny", (8, 1, 1)), ("clm_tiny", (2, 4, 1)), ("clm_tiny", (1, 1, 8)),
-    ("mlm_tiny", (2, 2, 2)), ("qwen3_tiny", (2, 2, 2)), ("gemma_tiny", (2, 2, 2))])
+    ("clm_tiny", (8, 1, 1)), ("mlm_tiny", (2, 2, 2)), ("qwen3_tiny", (2, 2, 2)),
+    ("gemma_tiny", (2, 2, 2))])
 def test_sharded_training_matches_one_device(tmp_path, monkeypatch, baselines, name, mesh):
   train, evals = _losses(_experiment(tmp_path, name, mesh), tmp_path / "run", monkeypatch)
   assert len(train) == 5
@@ -62,18 +64,19 @@ def test_sharded_training_matches_one_device(tmp_path, monkeypatch, baselines, n
 def test_accumulation_and_remat_on_a_mesh_match_one_device(tmp_path, monkeypatch, baselines):
   # the objective only supplies the loss of each micro-batch (MLM's accumulation on one device:
   # tests/test_train.py)
-  exp = _experiment(tmp_path, "clm_tiny", (2, 2, 2), train__grad_accum_steps=2,
+  exp = _experiment(tmp_path, "clm_tiny", (2, 4, 1), train__grad_accum_steps=2,
                     model__remat_policy="full")
   train, _ = _losses(exp, tmp_path / "run", monkeypatch)
   np.testing.assert_allclose(train, baselines["clm_tiny"][0], rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("impl", ["splash", "xla"])
+@pytest.mark.parametrize("impl,mesh", [("splash", (2, 2, 2)), ("xla", (1, 1, 8))])
 def test_attention_implementations_on_a_mesh_match_one_device(tmp_path, monkeypatch, baselines,
-                                                              impl):
+                                                              impl, mesh):
   """The baseline runs blockwise (`auto` on CPU). Splash runs in shard_map over the batch
-  (data x fsdp) and head (tensor) axes, its kernel in Pallas interpret mode."""
-  exp = _experiment(tmp_path, "clm_tiny", (2, 2, 2), model__attention_impl=impl)
+  (data x fsdp) and head (tensor) axes, its kernel in Pallas interpret mode; `xla` one head
+  per device."""
+  exp = _experiment(tmp_path, "clm_tiny", mesh, model__attention_impl=impl)
   train, _ = _losses(exp, tmp_path / "run", monkeypatch)
   np.testing.assert_allclose(train, baselines["clm_tiny"][0], rtol=2e-4, atol=2e-4)
 
@@ -108,13 +111,24 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
   assert kernel.addressable_shards[0].data.shape == (2, 64 // 2, 128 // 2)
 
 
+@pytest.fixture(scope="module")
+def fsdp4_run(tmp_path_factory):
+  """A 3-step clm_tiny run over fsdp=4 (4 of the 8 devices), its checkpoint to restore."""
+  tmp = tmp_path_factory.mktemp("fsdp4")
+  exp = _experiment(tmp, "clm_tiny", (1, 4, 1), train__steps=3, train__eval_every=0)
+  mp = pytest.MonkeyPatch()
+  mp.setattr(run_lib, "make_mesh", lambda cfg, devices=None: make_mesh(cfg, jax.devices()[:4]))
+  try:
+    train_lib.train_and_evaluate(exp, str(tmp / "run"))
+  finally:
+    mp.undo()
+  return exp, tmp / "run"
+
+
 @pytest.mark.parametrize("target", [(1, 1, 1), (2, 1, 2)])
-def test_checkpoint_restores_onto_another_mesh(tmp_path, monkeypatch, target):
-  exp = _experiment(tmp_path, "clm_tiny", (1, 4, 1), train__steps=3, train__eval_every=0)
-  monkeypatch.setattr(run_lib, "make_mesh", lambda cfg, devices=None: make_mesh(
-      cfg, jax.devices()[:4]))
-  train_lib.train_and_evaluate(exp, str(tmp_path / "run"))
-  ckpt = Checkpointer(str(tmp_path / "run"))
+def test_checkpoint_restores_onto_another_mesh(fsdp4_run, target):
+  exp, workdir = fsdp4_run
+  ckpt = Checkpointer(str(workdir))
   saved = ckpt.restore_arrays(3)
   new_exp = dataclasses.replace(exp, mesh=MeshConfig(*target))
   devices = jax.devices()[:int(np.prod(target))]

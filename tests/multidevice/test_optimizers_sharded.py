@@ -66,6 +66,7 @@ def _reference(kind, scan):
   return host, jax.tree.map(np.subtract, jax.device_get(after.params), host.params)
 
 
+@functools.lru_cache(maxsize=None)
 def _sharded_update(kind, scan, mesh_shape):
   """The third step's update from the same state, its weights sharded over `mesh_shape`."""
   host, _ = _reference(kind, scan)
