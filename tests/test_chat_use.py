@@ -16,9 +16,10 @@ from tiny import ROOT, assert_same_checkpoint, finetune
 from lmjax import pretrained
 
 # The runs of this module: eight steps on the first records of the bundled files, a
-# checkpoint every two, one device unless said otherwise.
+# checkpoint every two, one device unless said otherwise; a constant learning rate, so a
+# longer run's first eight steps are the same.
 SETTINGS = {"data.seq_len": 160, "train.batch_size": 8, "train.log_every": 1,
-            "train.eval_every": 0, "optimizer.warmup_steps": 1}
+            "train.eval_every": 8, "optimizer.warmup_steps": 1, "optimizer.schedule": "constant"}
 STEPS = {"train.steps": 8, "train.checkpoint_every": 2}
 
 
@@ -47,16 +48,17 @@ def _files(config, data):
           "task.eval_file": _subset(data, f"{kind}_eval", 16)}
 
 
-def _run(config, init, workdir, data, *args, popen=False):
+def _run(config, init, workdir, data, *args, popen=False, stderr=None):
   """launch.finetune of `config` with SETTINGS on the first records of its bundled files
-  (written to the folder `data`), and `args`."""
+  (written to the folder `data`), and `args`; `popen`: started in a session of its own,
+  its stderr to `stderr`."""
   values = {**SETTINGS, **_files(config, data)}
   command = [sys.executable, "-m", "launch.finetune", f"--config=experiments/{config}.py",
              f"--init_from={init}", f"--workdir={workdir}",
              *[f"--config.{k}={v}" for k, v in values.items()], *args]
   if popen:
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                            text=True, start_new_session=True)
   proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
@@ -140,9 +142,27 @@ def test_lm_eval_with_the_chat_template(chat_run):
   assert "lmjax_gen" in out.stdout
 
 
-def _losses(workdir):
-  return [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl"))
-          if r["split"] == "train"]
+def _lines(workdir, split="train"):
+  path = workdir / "metrics.jsonl"
+  records = map(json.loads, open(path)) if path.exists() else []
+  return [r for r in records if r["split"] == split]
+
+
+def _wait_for_lines(proc, workdir, n):
+  """Until the run `proc` has logged `n` training steps in `workdir` (or ended)."""
+  deadline = time.monotonic() + 300
+  path = workdir / "metrics.jsonl"
+  # (a line being written is not yet one)
+  while sum(json.loads(line)["split"] == "train"
+            for line in (path.read_text().split("\n")[:-1] if path.exists() else [])) < n:
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.05)
+
+
+def _assert_close(a, b):
+  for key in a:
+    if isinstance(a[key], float):
+      assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
 @pytest.fixture(scope="module")
@@ -154,19 +174,48 @@ def dpo_run(chat_run, tmp_path_factory):
   return tmp / "straight"
 
 
-@pytest.mark.parametrize("config", ["chat_tiny", "dpo_tiny"])
-def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, chat_run, dpo_run, tmp_path,
-                                                  config):
-  one, init = (chat_run, tiny_runs / "clm_tiny") if config == "chat_tiny" else (dpo_run,
-                                                                                 chat_run)
-  eight = _run(config, init, tmp_path / "eight", tmp_path, "--cpu_devices=8",
-               "--config.mesh.data=2", "--config.mesh.fsdp=4", *STEP_FLAGS)
-  assert "8 device(s), mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}" in eight.stderr
-  np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(one), rtol=1e-4)
-  a, b = (json.loads((d / "results.json").read_text()) for d in (one, tmp_path / "eight"))
-  for key in a:
-    if isinstance(a[key], float):
-      assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+MESH = ["--cpu_devices=8", "--config.mesh.data=2", "--config.mesh.fsdp=4"]
+MESH_LINE = "8 device(s), mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}"
+
+
+def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, chat_run, tmp_path):
+  """SFT; DPO's eight devices: the SIGTERM test below."""
+  eight = _run("chat_tiny", tiny_runs / "clm_tiny", tmp_path / "eight", tmp_path, *MESH,
+               *STEP_FLAGS)
+  assert MESH_LINE in eight.stderr
+  np.testing.assert_allclose([r["loss"] for r in _lines(tmp_path / "eight")],
+                             [r["loss"] for r in _lines(chat_run)], rtol=1e-4)
+  _assert_close(*(json.loads((d / "results.json").read_text())
+                  for d in (chat_run, tmp_path / "eight")))
+
+
+def test_eight_dpo_devices_equal_one_and_sigterm_saves_the_current_step(chat_run, dpo_run,
+                                                                        tmp_path):
+  """DPO on eight devices with FSDP steps and evaluates as on one (its first 8 steps: the
+  schedule is constant, so the run's length does not change them), then SIGTERM saves the
+  step it is at and the run exits 0. SIGTERM is the training loop's `Preemption` hook, the
+  same for every objective and device count (SFT's loop included; tests/test_finetune_loop.py
+  and tests/test_launch.py send it to a classification and a pretraining run); sent here to
+  DPO, whose run first scores its data with the reference model."""
+  workdir = tmp_path / "eight"
+  with open(tmp_path / "stderr", "w+") as err:
+    proc = _run("dpo_tiny", chat_run, workdir, tmp_path, *MESH, "--config.train.steps=400",
+                "--config.train.checkpoint_every=1000", popen=True, stderr=err)
+    try:
+      _wait_for_lines(proc, workdir, 8)
+      proc.send_signal(signal.SIGTERM)
+      assert proc.wait(timeout=120) == 0
+    finally:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    err.seek(0)
+    log = err.read()
+  assert MESH_LINE in log and "preempted" in log, log[-3000:]
+  np.testing.assert_allclose([r["loss"] for r in _lines(workdir)[:8]],
+                             [r["loss"] for r in _lines(dpo_run)], rtol=1e-4)
+  _assert_close(*(next(r for r in _lines(d, "eval") if r["step"] == 8)
+                  for d in (dpo_run, workdir)))
+  assert len(os.listdir(workdir / "checkpoints")) == 1  # checkpoint_every=1000: SIGTERM's
 
 
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(chat_run, dpo_run, tmp_path):
@@ -177,12 +226,9 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(chat_run, dpo_run, tmp_pa
   objective; SFT's batches are a function of the step)."""
   import random
   killed = tmp_path / "killed"
-  proc = _run("dpo_tiny", chat_run, killed, tmp_path, "--cpu_devices=1", *STEP_FLAGS, popen=True)
-  deadline = time.monotonic() + 300
-  while not (killed / "metrics.jsonl").exists() or \
-      (killed / "metrics.jsonl").read_text().count("\n") < 1:
-    assert time.monotonic() < deadline and proc.poll() is None
-    time.sleep(0.05)
+  proc = _run("dpo_tiny", chat_run, killed, tmp_path, "--cpu_devices=1", *STEP_FLAGS, popen=True,
+              stderr=subprocess.DEVNULL)
+  _wait_for_lines(proc, killed, 1)
   time.sleep(random.Random(0).uniform(0.0, 1.0))
   if proc.poll() is None:
     os.killpg(proc.pid, signal.SIGKILL)
@@ -191,25 +237,6 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(chat_run, dpo_run, tmp_pa
   assert_same_checkpoint(dpo_run, killed, 8)
   assert (json.loads((killed / "results.json").read_text()) ==
           json.loads((dpo_run / "results.json").read_text()))
-
-
-def test_sigterm_saves_the_current_step_of_a_dpo_run(chat_run, tmp_path):
-  """SIGTERM is the training loop's `Preemption` hook, the same for every objective (SFT's
-  loop included; tests/test_finetune_loop.py and tests/test_launch.py send it to a
-  classification and a pretraining run); sent here to DPO, whose run first scores its data
-  with the reference model."""
-  workdir = tmp_path / "term"
-  proc = _run("dpo_tiny", chat_run, workdir, tmp_path, "--config.train.steps=400",
-              "--config.train.checkpoint_every=1000", popen=True)
-  deadline = time.monotonic() + 300
-  while not (workdir / "metrics.jsonl").exists() or \
-      (workdir / "metrics.jsonl").read_text().count("\n") < 2:
-    assert time.monotonic() < deadline and proc.poll() is None
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0 and "preempted" in err, err[-3000:]
-  assert len(os.listdir(workdir / "checkpoints")) == 1
 
 
 LONG = "To be, or not to be, that is the question. " * 40

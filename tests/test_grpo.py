@@ -177,8 +177,9 @@ def test_grpo_with_lora_takes_the_base_with_adapters_off_as_reference(tiny_runs,
 def test_eight_devices_equal_one_kill_9_resumes_bitwise_and_sigterm_saves(tiny_runs, straight,
                                                                           tmp_path):
   """The straight run (this process's, the run launch.finetune makes: tiny.finetune) against
-  eight devices, a run killed with -9 once then rerun, and a SIGTERMed run, all through
-  launch.finetune (kill -9 more times and during saves: tests/test_kill.py)."""
+  eight devices, then SIGTERMed (the schedule is constant: a longer run's first 4 steps are
+  the same), and a run killed with -9 then rerun, through launch.finetune (kill -9 more
+  times and during saves: tests/test_kill.py)."""
   import random
   one, c, _ = straight
   config = tmp_path / "grpo_config.py"
@@ -187,11 +188,25 @@ def test_eight_devices_equal_one_kill_9_resumes_bitwise_and_sigterm_saves(tiny_r
   command = lambda name, *args: [
       sys.executable, "-m", "launch.finetune", f"--config={config}",
       f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={tmp_path / name}", *args]
-  eight = subprocess.run(command("eight", "--cpu_devices=8", "--config.mesh.data=2",
-                                 "--config.mesh.fsdp=4"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert eight.returncode == 0, eight.stderr[-3000:]
-  a, b = _train_lines(one), _train_lines(tmp_path / "eight")
+  workdir = tmp_path / "eight"
+  with open(tmp_path / "stderr", "w+") as log:
+    proc = subprocess.Popen(command("eight", "--cpu_devices=8", "--config.mesh.data=2",
+                                    "--config.mesh.fsdp=4", "--config.train.steps=400",
+                                    "--config.train.checkpoint_every=1000"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+      _wait_for_lines(proc, workdir / "metrics.jsonl", 4)
+      proc.send_signal(signal.SIGTERM)
+      assert proc.wait(timeout=120) == 0
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    log.seek(0)
+    err = log.read()
+  assert "8 device(s)" in err and "preempted" in err, err[-3000:]
+  steps = [int(n) for n in os.listdir(workdir / "checkpoints")]
+  assert len(steps) == 1 and 4 <= steps[0] < 400
+  a, b = _train_lines(one), _train_lines(workdir)[:4]
   for key in ("loss", "reward", "completion_length", "grad_norm"):
     np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-4, atol=1e-6)
   killed = tmp_path / "killed"
@@ -208,22 +223,18 @@ def test_eight_devices_equal_one_kill_9_resumes_bitwise_and_sigterm_saves(tiny_r
   assert final.returncode == 0, final.stderr[-3000:]
   assert_same_checkpoint(one, killed, 4)
   assert (killed / "results.json").read_text() == (one / "results.json").read_text()
-  workdir = tmp_path / "term"
-  proc = subprocess.Popen(command("term", "--config.train.steps=400",
-                                  "--config.train.checkpoint_every=1000"),
-                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  _wait_for_lines(proc, workdir / "metrics.jsonl", 2)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0 and "preempted" in err, err[-3000:]
-  steps = [int(n) for n in os.listdir(workdir / "checkpoints")]
-  assert len(steps) == 1 and 2 <= steps[0] < 400
+
+
+def _steps_logged(metrics) -> int:
+  """Training steps in the file `metrics` so far (a line being written is not yet one)."""
+  lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []
+  return sum(json.loads(line)["split"] == "train" for line in lines)
 
 
 def _wait_for_lines(proc, metrics, n):
-  """Until the run `proc` has written `n` lines to `metrics` (or ended)."""
+  """Until the run `proc` has logged `n` training steps to `metrics` (or ended)."""
   deadline = time.monotonic() + 300
-  while not metrics.exists() or metrics.read_text().count("\n") < n:
+  while _steps_logged(metrics) < n:
     assert time.monotonic() < deadline and proc.poll() is None
     time.sleep(0.05)
 
