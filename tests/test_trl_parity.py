@@ -107,8 +107,8 @@ def test_dpo_losses_and_rewards_equal_trl(reference, tmp_path):
   from trl import DPOConfig as TRLConfig
   from trl import DPOTrainer
   ref_dir = str(reference / "ref")
-  # The policy: the reference's weights moved at random (as far as a few SFT steps at a
-  # learning rate of 3e-2 move them), exported as launch.convert exports it.
+  # The policy: the reference's weights moved at random (the comparison needs a policy away
+  # from its reference, not a trained one), exported as launch.convert exports it.
   ref = pretrained.load(ref_dir)
   keys = iter(jax.random.split(jax.random.PRNGKey(0), len(jax.tree.leaves(ref.params))))
   moved = jax.tree.map(lambda x: np.asarray(x + 0.03 * jax.random.normal(next(keys), x.shape,
