@@ -127,10 +127,14 @@ def test_packed_equals_unpacked():
   model = sft.build_model(cfg, True)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32))["params"]
 
+  @jax.jit  # one compilation per shape, not one per operation
+  def loss_sums(batch):
+    return sft.loss_sums(model, params, sft.prepare(batch, jax.random.PRNGKey(0)), {})
+
   def sums(arrays):
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
     batch["weights"] = jnp.ones(len(arrays["tokens"]), jnp.float32)
-    return sft.loss_sums(model, params, sft.prepare(batch, jax.random.PRNGKey(0)), {})
+    return loss_sums(batch)
 
   packed, alone = sums(chat.pack(seqs, 32, 0)), sums(chat.pack(seqs, 32, 0, per_row=1))
   assert chat.pack(seqs, 32, 0)["tokens"].shape[0] == 1

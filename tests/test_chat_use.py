@@ -1,19 +1,26 @@
 """A chat model in use: an SFT run through launch.finetune, then launch.generate --chat,
 its export answering the same in transformers, and lm-eval with --apply_chat_template."""
 
+import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from tiny import ROOT, assert_same_checkpoint, kill_twice
+from tiny import ROOT, assert_same_checkpoint, finetune
 from lmjax import pretrained
 
-TINY = ["--config.train.steps=6", "--config.train.batch_size=8", "--config.train.eval_every=0",
-        "--config.train.log_every=2", "--config.data.seq_len=160"]
+# The runs of this module: eight steps on the first records of the bundled files, a
+# checkpoint every two, one device unless said otherwise; a constant learning rate, so a
+# longer run's first eight steps are the same.
+SETTINGS = {"data.seq_len": 160, "train.batch_size": 8, "train.log_every": 1,
+            "train.eval_every": 8, "optimizer.warmup_steps": 1, "optimizer.schedule": "constant"}
+STEPS = {"train.steps": 8, "train.checkpoint_every": 2}
 
 
 def launch(module, *args, stdin=None, ok=True):
@@ -24,12 +31,60 @@ def launch(module, *args, stdin=None, ok=True):
   return proc
 
 
+def _subset(folder, name, n):
+  """The first `n` records of a bundled chat or preference file."""
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f"{name}.jsonl")
+  with open(os.path.join(ROOT, "experiments", "data", f"{name}.jsonl")) as f:
+    text = "".join(line for _, line in zip(range(n), f))
+  with open(path, "w") as f:
+    f.write(text)
+  return path
+
+
+def _files(config, data):
+  kind = "chat" if "chat" in config else "dpo"
+  return {"task.train_file": _subset(data, f"{kind}_train", 48),
+          "task.eval_file": _subset(data, f"{kind}_eval", 16)}
+
+
+def _run(config, init, workdir, data, *args, popen=False, stderr=None):
+  """launch.finetune of `config` with SETTINGS on the first records of its bundled files
+  (written to the folder `data`), and `args`; `popen`: started in a session of its own,
+  its stderr to `stderr`."""
+  values = {**SETTINGS, **_files(config, data)}
+  command = [sys.executable, "-m", "launch.finetune", f"--config=experiments/{config}.py",
+             f"--init_from={init}", f"--workdir={workdir}",
+             *[f"--config.{k}={v}" for k, v in values.items()], *args]
+  if popen:
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                            text=True, start_new_session=True)
+  proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _in_process(config, init, workdir, data):
+  """The run `_run(config, init, workdir, data, *STEPS flags)` makes, made in this process
+  (tiny.finetune: the experiment launch.finetune builds from the same flags)."""
+  c = importlib.import_module(f"experiments.{config}").get_config().to_dict()
+  for key, value in {**SETTINGS, **STEPS, **_files(config, data)}.items():
+    section, field = key.split(".")
+    c[section][field] = value
+  return finetune(c, init, workdir)
+
+
+STEP_FLAGS = [f"--config.{k}={v}" for k, v in STEPS.items()]
+
+
 @pytest.fixture(scope="module")
 def chat_run(tiny_runs):
+  """launch.finetune of chat_tiny from clm_tiny: the SFT run the tests use, the start of
+  the DPO runs and the reference of chat_tiny's eight-device run."""
   out = tiny_runs / "chat"
   if not (out / "results.json").exists():
-    launch("launch.finetune", "--config=experiments/chat_tiny.py", *TINY,
-           f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={out}")
+    _run("chat_tiny", tiny_runs / "clm_tiny", out, tiny_runs / "chat_data", "--cpu_devices=1",
+         *STEP_FLAGS)
   return out
 
 
@@ -42,19 +97,22 @@ def test_sft_run_keeps_its_template_and_reports_assistant_tokens(chat_run):
 
 def test_generate_chat_answers_and_its_export_answers_the_same_in_transformers(chat_run,
                                                                                tmp_path):
+  """launch.generate --chat, a turn per line of stdin (--chat --prompt: tests/test_serve.py),
+  replies as ChatSession does in this process, and the export in transformers alike."""
   import torch
   import transformers
   from lmjax.convert import export_hf
   from lmjax.inference.chat import ChatSession
   from lmjax.inference.generate import SamplingConfig
-  question = "ROMEO.\nWho is there?\nJULIET.\n\nWho speaks first?"
-  out = launch("launch.generate", f"--workdir={chat_run}", "--chat", f"--prompt={question}",
-               "--temperature=0", "--max_new_tokens=12").stdout
+  question = "Who is there?"
+  out = launch("launch.generate", f"--workdir={chat_run}", "--chat", "--temperature=0",
+               "--max_new_tokens=12", stdin=f"{question}\nSay more.\n").stdout
   source = pretrained.load(str(chat_run))
   session = ChatSession(source)
   messages = [{"role": "user", "content": question}]
   ours = list(session.reply(messages, SamplingConfig(max_new_tokens=12, temperature=0.0)))
-  assert out.strip() == session.tokenizer.decode(ours).strip()
+  assert ours and out.startswith(f"> {session.tokenizer.decode(ours)}\n> ")
+  assert out.count("> ") == 3  # two turns, then end of input
 
   # launch.convert's export, in this process (the command itself: tests/test_use_models.py)
   export_hf(source, str(tmp_path / "hf"), None)
@@ -73,10 +131,6 @@ def test_generate_chat_answers_and_its_export_answers_the_same_in_transformers(c
   reply = reply[:reply.index(session.end_of_turn)] if session.end_of_turn in reply else reply
   assert reply == ours
 
-  turns = launch("launch.generate", f"--workdir={chat_run}", "--chat", "--temperature=0",
-                 "--max_new_tokens=6", stdin="Who is there?\nSay more.\n").stdout
-  assert turns.count("> ") == 3  # two turns, then end of input
-
 
 def test_lm_eval_with_the_chat_template(chat_run):
   out = launch("launch.lm_eval", f"--workdir={chat_run}", "--tasks=lmjax_gen",
@@ -88,106 +142,101 @@ def test_lm_eval_with_the_chat_template(chat_run):
   assert "lmjax_gen" in out.stdout
 
 
-def _subset(tmp_path, name, n):
-  """The first `n` records of a bundled chat or preference file."""
-  path = tmp_path / f"{name}.jsonl"
-  with open(os.path.join(ROOT, "experiments", "data", f"{name}.jsonl")) as f:
-    path.write_text("".join(line for _, line in zip(range(n), f)))
-  return str(path)
+def _lines(workdir, split="train"):
+  path = workdir / "metrics.jsonl"
+  records = map(json.loads, open(path)) if path.exists() else []
+  return [r for r in records if r["split"] == split]
 
 
-def _run(config, init, workdir, data, *args, popen=False):
-  """launch.finetune of `config` on the first records of its bundled files (written to the
-  folder `data`), one device unless `args` say otherwise."""
-  kind = "chat" if "chat" in config else "dpo"
-  files = [f"--config.task.train_file={_subset(data, f'{kind}_train', 48)}",
-           f"--config.task.eval_file={_subset(data, f'{kind}_eval', 16)}"]
-  command = [sys.executable, "-m", "launch.finetune", f"--config=experiments/{config}.py",
-             f"--init_from={init}", f"--workdir={workdir}", "--config.data.seq_len=160",
-             "--config.train.batch_size=8", "--config.train.log_every=1",
-             "--config.train.eval_every=0", "--config.optimizer.warmup_steps=1", *files, *args]
-  if popen:
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-  proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
+def _wait_for_lines(proc, workdir, n):
+  """Until the run `proc` has logged `n` training steps in `workdir` (or ended)."""
+  deadline = time.monotonic() + 300
+  path = workdir / "metrics.jsonl"
+  # (a line being written is not yet one)
+  while sum(json.loads(line)["split"] == "train"
+            for line in (path.read_text().split("\n")[:-1] if path.exists() else [])) < n:
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.05)
 
 
-def _losses(workdir):
-  return [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl"))
-          if r["split"] == "train"]
-
-
-STEPS = ["--config.train.steps=8", "--config.train.checkpoint_every=2"]
-
-
-@pytest.fixture(scope="module")
-def straight(tiny_runs, chat_run, tmp_path_factory):
-  """`straight(config)`: the folder of an uninterrupted one-device run of `config` (SFT from
-  clm_tiny, DPO from the SFT run), made once: the reference of both the eight-device run
-  and the run killed with -9."""
-  folders = {}
-
-  def make(config):
-    if config not in folders:
-      tmp = tmp_path_factory.mktemp(config)
-      _run(config, _init(tiny_runs, chat_run, config), tmp / "straight", tmp, "--cpu_devices=1",
-           *STEPS)
-      folders[config] = tmp / "straight"
-    return folders[config]
-  return make
-
-
-def _init(tiny_runs, chat_run, config):
-  return tiny_runs / "clm_tiny" if config == "chat_tiny" else chat_run
-
-
-@pytest.mark.parametrize("config", ["chat_tiny", "dpo_tiny"])
-def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, chat_run, straight, config):
-  one = straight(config)
-  eight = _run(config, _init(tiny_runs, chat_run, config), one.parent / "eight", one.parent,
-               "--cpu_devices=8", "--config.mesh.data=2", "--config.mesh.fsdp=4", *STEPS)
-  assert "8 device(s), mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}" in eight.stderr
-  np.testing.assert_allclose(_losses(one.parent / "eight"), _losses(one), rtol=1e-4)
-  a, b = (json.loads((d / "results.json").read_text()) for d in (one, one.parent / "eight"))
+def _assert_close(a, b):
   for key in a:
     if isinstance(a[key], float):
       assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
-@pytest.mark.parametrize("config", ["chat_tiny", "dpo_tiny"])
-def test_kill_9_then_rerun_equals_an_uninterrupted_run(tiny_runs, chat_run, straight, config):
-  reference = straight(config)
-  init, killed, data = _init(tiny_runs, chat_run, config), reference.parent / "killed", \
-      reference.parent
-  kill_twice(lambda: _run(config, init, killed, data, "--cpu_devices=1", *STEPS, popen=True),
-             killed / "metrics.jsonl", seed=0)
-  _run(config, init, killed, data, "--cpu_devices=1", *STEPS)
-  assert_same_checkpoint(reference, killed, 8)
+@pytest.fixture(scope="module")
+def dpo_run(chat_run, tmp_path_factory):
+  """An uninterrupted one-device DPO run from chat_run, made in this process: the reference
+  of the eight-device run and of the run killed with -9."""
+  tmp = tmp_path_factory.mktemp("dpo")
+  _in_process("dpo_tiny", chat_run, tmp / "straight", tmp)
+  return tmp / "straight"
+
+
+MESH = ["--cpu_devices=8", "--config.mesh.data=2", "--config.mesh.fsdp=4"]
+MESH_LINE = "8 device(s), mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}"
+
+
+def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, chat_run, tmp_path):
+  """SFT; DPO's eight devices: the SIGTERM test below."""
+  eight = _run("chat_tiny", tiny_runs / "clm_tiny", tmp_path / "eight", tmp_path, *MESH,
+               *STEP_FLAGS)
+  assert MESH_LINE in eight.stderr
+  np.testing.assert_allclose([r["loss"] for r in _lines(tmp_path / "eight")],
+                             [r["loss"] for r in _lines(chat_run)], rtol=1e-4)
+  _assert_close(*(json.loads((d / "results.json").read_text())
+                  for d in (chat_run, tmp_path / "eight")))
+
+
+def test_eight_dpo_devices_equal_one_and_sigterm_saves_the_current_step(chat_run, dpo_run,
+                                                                        tmp_path):
+  """DPO on eight devices with FSDP steps and evaluates as on one (its first 8 steps: the
+  schedule is constant, so the run's length does not change them), then SIGTERM saves the
+  step it is at and the run exits 0. SIGTERM is the training loop's `Preemption` hook, the
+  same for every objective and device count (SFT's loop included; tests/test_finetune_loop.py
+  and tests/test_launch.py send it to a classification and a pretraining run); sent here to
+  DPO, whose run first scores its data with the reference model."""
+  workdir = tmp_path / "eight"
+  with open(tmp_path / "stderr", "w+") as err:
+    proc = _run("dpo_tiny", chat_run, workdir, tmp_path, *MESH, "--config.train.steps=400",
+                "--config.train.checkpoint_every=1000", popen=True, stderr=err)
+    try:
+      _wait_for_lines(proc, workdir, 8)
+      proc.send_signal(signal.SIGTERM)
+      assert proc.wait(timeout=120) == 0
+    finally:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    err.seek(0)
+    log = err.read()
+  assert MESH_LINE in log and "preempted" in log, log[-3000:]
+  np.testing.assert_allclose([r["loss"] for r in _lines(workdir)[:8]],
+                             [r["loss"] for r in _lines(dpo_run)], rtol=1e-4)
+  _assert_close(*(next(r for r in _lines(d, "eval") if r["step"] == 8)
+                  for d in (dpo_run, workdir)))
+  assert len(os.listdir(workdir / "checkpoints")) == 1  # checkpoint_every=1000: SIGTERM's
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(chat_run, dpo_run, tmp_path):
+  """DPO (its reference scored first) killed with SIGKILL at a random moment after a step,
+  then rerun: bitwise the uninterrupted run. kill -9 more times and during saves:
+  tests/test_kill.py; an SFT run of chat_tiny resumed bitwise: tests/test_lora.py's
+  test_resume_is_bitwise_and_refuses_another_base (the loop's resume is the same for every
+  objective; SFT's batches are a function of the step)."""
+  import random
+  killed = tmp_path / "killed"
+  proc = _run("dpo_tiny", chat_run, killed, tmp_path, "--cpu_devices=1", *STEP_FLAGS, popen=True,
+              stderr=subprocess.DEVNULL)
+  _wait_for_lines(proc, killed, 1)
+  time.sleep(random.Random(0).uniform(0.0, 1.0))
+  if proc.poll() is None:
+    os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=60)
+  _run("dpo_tiny", chat_run, killed, tmp_path, "--cpu_devices=1", *STEP_FLAGS)
+  assert_same_checkpoint(dpo_run, killed, 8)
   assert (json.loads((killed / "results.json").read_text()) ==
-          json.loads((reference / "results.json").read_text()))
-
-
-def test_sigterm_saves_the_current_step_of_a_dpo_run(chat_run, tmp_path):
-  """SIGTERM is the training loop's `Preemption` hook, the same for every objective (SFT's
-  loop included; tests/test_finetune_loop.py and tests/test_launch.py send it to a
-  classification and a pretraining run); sent here to DPO, whose run first scores its data
-  with the reference model."""
-  import signal
-  import time
-  workdir = tmp_path / "term"
-  proc = _run("dpo_tiny", chat_run, workdir, tmp_path, "--config.train.steps=400",
-              "--config.train.checkpoint_every=1000", popen=True)
-  deadline = time.monotonic() + 300
-  while not (workdir / "metrics.jsonl").exists() or \
-      (workdir / "metrics.jsonl").read_text().count("\n") < 2:
-    assert time.monotonic() < deadline and proc.poll() is None
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0 and "preempted" in err, err[-3000:]
-  assert len(os.listdir(workdir / "checkpoints")) == 1
+          json.loads((dpo_run / "results.json").read_text()))
 
 
 LONG = "To be, or not to be, that is the question. " * 40
@@ -214,7 +263,6 @@ def test_bad_input_is_one_line_naming_the_line_and_writes_nothing(tiny_runs, tmp
                                                                    record, message):
   from lmjax.errors import UserError
   from lmjax.experiment import default_config
-  from tiny import finetune
   good = ({"prompt": "Who?", "chosen": "Me.", "rejected": "You."} if kind == "dpo" else
           {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
   path = tmp_path / "data.jsonl"

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from tiny import ROOT, assert_same_checkpoint, finetune, kill_twice
+from tiny import ROOT, assert_same_checkpoint, finetune
 from lmjax.errors import UserError
 from lmjax.experiment import default_config
 from lmjax.objectives import Completion, register_reward, rewards
@@ -92,19 +92,29 @@ def test_several_hosts_are_refused_in_one_line(monkeypatch):
 # ----------------------------------------------------------------------------- runs
 
 
-def test_grpo_trains_logs_and_resumes_bitwise_between_steps_on_one_rollout(tiny_runs, tmp_path):
-  c = _config(tmp_path, num_iterations=2, beta=0.04, loss_type="grpo")
+@pytest.fixture(scope="module")
+def straight(tiny_runs, tmp_path_factory):
+  """(folder, config, results) of an uninterrupted 4-step run made in this process, two
+  steps on each batch of rollouts, with a KL term: the reference of the resumed run, of
+  the eight-device run and of the run killed with -9."""
+  tmp = tmp_path_factory.mktemp("grpo")
+  c = _config(tmp, num_iterations=2, beta=0.04)
+  return tmp / "straight", c, finetune(c, tiny_runs / "clm_tiny", tmp / "straight")
+
+
+def test_grpo_trains_logs_and_resumes_bitwise_between_steps_on_one_rollout(tiny_runs, straight,
+                                                                          tmp_path):
+  folder, c, results = straight
   init = tiny_runs / "clm_tiny"
-  straight = finetune(c, init, tmp_path / "straight")
   # Stopped inside rollout 1 (steps 3-4); the schedule is constant, so the first 3 steps are
   # the same as the straight run's.
   stopped = {**c, "train": {**c["train"], "steps": 3}}
   finetune(stopped, init, tmp_path / "resumed")
   assert os.listdir(tmp_path / "resumed" / "rollouts") == ["1.0.npz"]
   resumed = finetune(c, init, tmp_path / "resumed")
-  assert_same_checkpoint(tmp_path / "straight", tmp_path / "resumed", 4)
-  assert resumed == straight
-  lines = _train_lines(tmp_path / "straight")
+  assert_same_checkpoint(folder, tmp_path / "resumed", 4)
+  assert resumed == results
+  lines = _train_lines(folder)
   for key in ("reward", "reward_std", "reward_exact_match", "reward_format_std", "kl", "entropy",
               "clip_fraction", "completion_length", "zero_std_groups", "rollout_seconds",
               "update_seconds"):
@@ -112,7 +122,7 @@ def test_grpo_trains_logs_and_resumes_bitwise_between_steps_on_one_rollout(tiny_
   assert any(r["grad_norm"] > 0 for r in lines)  # the rewards differ within groups
   assert lines[1]["rollout_seconds"] == 0 < lines[0]["rollout_seconds"]  # step 2 reuses 1's
   assert lines[0]["kl"] == 0 < lines[3]["kl"]  # the policy left the reference
-  assert {"reward_exact_match", "reward_length", "completion_length"} <= set(straight)
+  assert {"reward_exact_match", "reward_length", "completion_length"} <= set(results)
 
 
 def test_grpo_with_lora_takes_the_base_with_adapters_off_as_reference(tiny_runs, tmp_path):
@@ -164,48 +174,69 @@ def test_grpo_with_lora_takes_the_base_with_adapters_off_as_reference(tiny_runs,
     ckpt.close()
 
 
-def test_eight_devices_equal_one_kill_9_resumes_bitwise_and_sigterm_saves(tiny_runs, tmp_path):
+def test_eight_devices_equal_one_kill_9_resumes_bitwise_and_sigterm_saves(tiny_runs, straight,
+                                                                          tmp_path):
+  """The straight run (this process's, the run launch.finetune makes: tiny.finetune) against
+  eight devices, then SIGTERMed (the schedule is constant: a longer run's first 4 steps are
+  the same), and a run killed with -9 then rerun, through launch.finetune (kill -9 more
+  times and during saves: tests/test_kill.py)."""
+  import random
+  one, c, _ = straight
   config = tmp_path / "grpo_config.py"
   config.write_text(f"def get_config(arg=''):\n  import ml_collections\n"
-                    f"  return ml_collections.ConfigDict({_config(tmp_path)!r})\n")
-  run = lambda name, *args: subprocess.run(
-      [sys.executable, "-m", "launch.finetune", f"--config={config}",
-       f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={tmp_path / name}", *args],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
-  # One device: this process's, the run launch.finetune makes (tiny.finetune); eight, and the
-  # killed and the SIGTERMed runs, through launch.finetune.
-  finetune(_config(tmp_path), tiny_runs / "clm_tiny", tmp_path / "one")
-  eight = run("eight", "--cpu_devices=8", "--config.mesh.data=2", "--config.mesh.fsdp=4")
-  assert eight.returncode == 0, eight.stderr[-3000:]
-  a, b = _train_lines(tmp_path / "one"), _train_lines(tmp_path / "eight")
+                    f"  return ml_collections.ConfigDict({c!r})\n")
+  command = lambda name, *args: [
+      sys.executable, "-m", "launch.finetune", f"--config={config}",
+      f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={tmp_path / name}", *args]
+  workdir = tmp_path / "eight"
+  with open(tmp_path / "stderr", "w+") as log:
+    proc = subprocess.Popen(command("eight", "--cpu_devices=8", "--config.mesh.data=2",
+                                    "--config.mesh.fsdp=4", "--config.train.steps=400",
+                                    "--config.train.checkpoint_every=1000"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+      _wait_for_lines(proc, workdir / "metrics.jsonl", 4)
+      proc.send_signal(signal.SIGTERM)
+      assert proc.wait(timeout=120) == 0
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    log.seek(0)
+    err = log.read()
+  assert "8 device(s)" in err and "preempted" in err, err[-3000:]
+  steps = [int(n) for n in os.listdir(workdir / "checkpoints")]
+  assert len(steps) == 1 and 4 <= steps[0] < 400
+  a, b = _train_lines(one), _train_lines(workdir)[:4]
   for key in ("loss", "reward", "completion_length", "grad_norm"):
     np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-4, atol=1e-6)
   killed = tmp_path / "killed"
-  command = [sys.executable, "-m", "launch.finetune", f"--config={config}",
-             f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={killed}", "--cpu_devices=1"]
-  kill_twice(lambda: subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True),
-             killed / "metrics.jsonl")
-  final = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  proc = subprocess.Popen(command("killed", "--cpu_devices=1"), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+  _wait_for_lines(proc, killed / "metrics.jsonl", 1)
+  time.sleep(random.Random(1).uniform(0.0, 1.0))
+  if proc.poll() is None:
+    os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=60)
+  final = subprocess.run(command("killed", "--cpu_devices=1"), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
   assert final.returncode == 0, final.stderr[-3000:]
-  assert_same_checkpoint(tmp_path / "one", killed, 4)
-  assert (killed / "results.json").read_text() == (tmp_path / "one" / "results.json").read_text()
-  workdir = tmp_path / "term"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "launch.finetune", f"--config={config}",
-       f"--init_from={tiny_runs / 'clm_tiny'}", f"--workdir={workdir}",
-       "--config.train.steps=400", "--config.train.checkpoint_every=1000"],
-      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  assert_same_checkpoint(one, killed, 4)
+  assert (killed / "results.json").read_text() == (one / "results.json").read_text()
+
+
+def _steps_logged(metrics) -> int:
+  """Training steps in the file `metrics` so far (a line being written is not yet one)."""
+  lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []
+  return sum(json.loads(line)["split"] == "train" for line in lines)
+
+
+def _wait_for_lines(proc, metrics, n):
+  """Until the run `proc` has logged `n` training steps to `metrics` (or ended)."""
   deadline = time.monotonic() + 300
-  while not (workdir / "metrics.jsonl").exists() or \
-      (workdir / "metrics.jsonl").read_text().count("\n") < 2:
+  while _steps_logged(metrics) < n:
     assert time.monotonic() < deadline and proc.poll() is None
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0 and "preempted" in err, err[-3000:]
-  steps = [int(n) for n in os.listdir(workdir / "checkpoints")]
-  assert len(steps) == 1 and 2 <= steps[0] < 400
 
 
 @pytest.mark.parametrize("change,message", [

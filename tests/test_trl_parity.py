@@ -103,22 +103,18 @@ def test_sft_loss_equals_trl(reference, tmp_path):
 def test_dpo_losses_and_rewards_equal_trl(reference, tmp_path):
   import datasets
   import transformers
-  from lmjax.experiment import default_config
-  from tiny import finetune
+  import dataclasses
   from trl import DPOConfig as TRLConfig
   from trl import DPOTrainer
   ref_dir = str(reference / "ref")
-  # The policy: a few SFT steps from the reference, exported as launch.convert exports it.
-  config = default_config("sft")
-  chats = _write(tmp_path / "chats.jsonl", [{"messages": c} for c in CONVERSATIONS])
-  config["task"].update(train_file=chats, eval_file=chats)
-  config["data"]["seq_len"] = 64
-  config["optimizer"].update(learning_rate=3e-2, warmup_steps=0)
-  config["train"].update(steps=3, batch_size=2, eval_every=0, checkpoint_every=3,
-                         async_checkpoints=False)
-  finetune(config, ref_dir, tmp_path / "sft")
-  export_hf(pretrained.load(str(tmp_path / "sft")), str(tmp_path / "policy"))
-  policy, ref = pretrained.load(str(tmp_path / "policy")), pretrained.load(ref_dir)
+  # The policy: the reference's weights moved at random (the comparison needs a policy away
+  # from its reference, not a trained one), exported as launch.convert exports it.
+  ref = pretrained.load(ref_dir)
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), len(jax.tree.leaves(ref.params))))
+  moved = jax.tree.map(lambda x: np.asarray(x + 0.03 * jax.random.normal(next(keys), x.shape,
+                                                                         x.dtype)), ref.params)
+  export_hf(dataclasses.replace(ref, params=moved), str(tmp_path / "policy"))
+  policy = pretrained.load(str(tmp_path / "policy"))
   assert not jax.tree.all(jax.tree.map(np.array_equal, policy.params, ref.params))
 
   path = _write(tmp_path / "pairs.jsonl", PAIRS)
