@@ -1,6 +1,6 @@
 """Post-training costs against pretraining, in one run, on this machine.
 
-  python -m benchmarks.post_training [--quick] [--json OUT]
+  python -m benchmarks.post_training [--quick] [--json OUT] [--layers 4]
       [--sft_run runs/chat_tiny --dpo_run runs/dpo_tiny]
 
 - SFT tokens/s against CLM pretraining tokens/s at the same shape (clm_tiny's: d128,
@@ -9,6 +9,7 @@
 - packing efficiency of experiments/data/chat_train.jsonl at seq 256: the share of
   real tokens per row and the share of loss (assistant) tokens;
 - a DPO step (B pairs: 2B rows) against an SFT step of the same 2B rows (target: <= 2.2x);
+- --tiny (the tests: seq 160, batch 2, one repeat) with --layers 1: a smoke run of one layer;
 - with --sft_run/--dpo_run: held-out preference accuracy (chosen more likely than
   rejected) of the SFT model and of the DPO model, and the DPO reward accuracy.
 """
@@ -34,6 +35,7 @@ from lmjax.sharding import unbox
 
 flags.DEFINE_bool("quick", False, "fewer repeats")
 flags.DEFINE_bool("tiny", False, "seq 160, batch 2, one repeat: checks that it runs (tests)")
+flags.DEFINE_integer("layers", 4, "model depth (clm_tiny's: 4; a smoke run: 1)", lower_bound=1)
 flags.DEFINE_string("json", "", "write the figures here")
 flags.DEFINE_string("sft_run", "", "a chat_tiny run: its preference accuracy before DPO")
 flags.DEFINE_string("dpo_run", "", "a dpo_tiny run: its preference accuracy after DPO")
@@ -79,7 +81,7 @@ def _interleaved(timers: dict, repeats: int, steps: int) -> dict[str, float]:
 def step_costs(quick: bool) -> dict:
   tok = Tokenizer(os.path.join(BUNDLED_DIR, "tokenizer.model"))
   model = TransformerConfig(family="decoder", vocab_size=2048, max_len=SEQ, d_model=128,
-                            num_layers=4, num_heads=4, d_ff=512, scan_layers=False,
+                            num_layers=FLAGS.layers, num_heads=4, d_ff=512, scan_layers=False,
                             dtype="float32")
   rng = np.random.default_rng(0)
   task = TaskConfig()
@@ -102,7 +104,7 @@ def step_costs(quick: bool) -> dict:
             "dpo": _timer(_fns("dpo", model, tok, task)[0], dpo_batch)}
   best = _interleaved(timers, 1 if FLAGS.tiny else 3 if quick else 7, 2 if quick else 4)
   tokens = BATCH * SEQ
-  return {"shape": f"d128 L4 seq {SEQ} batch {BATCH}",
+  return {"shape": f"d128 L{FLAGS.layers} seq {SEQ} batch {BATCH}",
           "clm_tokens_per_s": tokens / best["clm"], "sft_tokens_per_s": tokens / best["sft"],
           "sft_vs_clm_tokens_per_s": best["clm"] / best["sft"],
           "packing_real_share": packed.real_share, "packing_loss_share": packed.loss_share,

@@ -1,6 +1,6 @@
 """The benchmark suite: lmjax against its peers and the machine's limits, in one run.
 
-  python -m benchmarks.run [--quick] [--json OUT] [--sections limits,train,...]
+  python -m benchmarks.run [--quick] [--json OUT] [--sections limits,train,...] [--smoke]
 
 Sections (each figure measured in this run, next to its reference; candidates
 interleaved; min and median of --repeats):
@@ -20,7 +20,8 @@ interleaved; min and median of --repeats):
   data     input pipeline tokens/s against the train step's demand
   scaling  1 device vs 2 simulated devices vs 2 processes over gloo
   flops    the MFU formula against the compiled step's matmul FLOPs (deterministic)
-Targets are checked at the end; the JSON holds every number.
+Targets are checked at the end; the JSON holds every number. `--smoke` (the tests): the
+tiny section times one step once per candidate, which checks that it runs, not the speed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ flags.DEFINE_bool("quick", False, "fewer layers, repeats and steps: about 10 min
 flags.DEFINE_string("json", "", "write every figure to this JSON file")
 flags.DEFINE_list("sections", ["limits", "train", "tiny", "long", "compile", "decode", "data",
                                "scaling", "flops"], "sections to run")
+flags.DEFINE_bool("smoke", False, "tiny: one step, timed once (tests: it runs, not the speed)")
 flags.DEFINE_bool("flax_peer", True, "include the transformers 4.57 Flax peer (creates a venv)")
 FLAGS = flags.FLAGS
 RESULTS: dict = {}
@@ -127,10 +129,11 @@ def run_tiny(quick: bool) -> dict:
   model = experiment_from_dict(clm_tiny.get_config().to_dict()).model  # as shipped
   shape = Shape("clm", model.d_model, model.num_layers, 128, 32, vocab=model.vocab_size,
                 heads=model.num_heads)
-  steps = 2 if quick else 3
+  # A clm_tiny step is ~30 GFLOP at batch 32: --smoke runs two a candidate, not twelve.
+  steps = 1 if FLAGS.smoke else 2 if quick else 3
   times = time_interleaved({"lmjax": lmjax_step(shape, steps, model),
                             "torch_f32": torch_step(shape, steps, bf16=False)},
-                           5 if quick else 7)
+                           1 if FLAGS.smoke else 5 if quick else 7)
   per_step = {k: v[0] / steps for k, v in times.items()}
   ratio = per_step["lmjax"] / per_step["torch_f32"]
   dtype = model.resolved_dtype  # what `auto` measured for this process

@@ -1,10 +1,10 @@
 """Warmup-stable-decay against cosine, and cooldowns branched from one stable run.
 
   python -m benchmarks.wsd [--lr 4e-3] [--steps 600] [--branch 480] [--cooldowns 40,80,120]
-      [--seeds 0,1,2] [--parallel 2] [--workdir DIR] [--json F] [--quick]
+      [--seeds 0,1,2] [--parallel 2] [--workdir DIR] [--json F] [--quick] [--warmup 120]
 
 clm_tiny, 16 rows of 128 tokens a step, AdamW at --lr (benchmarks.optimizers' choice),
-warm-up 120 steps in every run.
+warm-up 120 steps in every run (--quick: 12; --warmup N: N, for a smoke run of a few steps).
 
 - schedules: cosine (to 0.1 of the peak, clm_tiny's) against wsd with a 20% cooldown
   (1-sqrt to 0, Hägele et al. 2024's recipe) at the same --steps, one run per seed: the
@@ -38,6 +38,7 @@ flags.DEFINE_list("cooldowns", ["40", "80", "120"], "cooldown lengths branched f
 flags.DEFINE_list("seeds", ["0", "1", "2"], "training seeds of the schedule comparison")
 flags.DEFINE_integer("parallel", 2, "runs at once")
 flags.DEFINE_bool("quick", False, "d64 x 2 layers, seq 64, short runs")
+flags.DEFINE_integer("warmup", None, "warm-up steps of every run (default: 120, --quick 12)")
 flags.DEFINE_string("workdir", "", "keep the runs here (default: a temporary directory)")
 flags.DEFINE_string("json", "", "write the figures here")
 FLAGS = flags.FLAGS
@@ -47,7 +48,8 @@ WARMUP = 120
 def common(folder: str) -> dict:
   changes = {"train.batch_size": 16, "train.eval_batches": 16, "train.eval_every": 50,
              "train.log_every": 50, "optimizer.learning_rate": FLAGS.lr,
-             "optimizer.warmup_steps": WARMUP // 10 if FLAGS.quick else WARMUP,
+             "optimizer.warmup_steps": (FLAGS.warmup if FLAGS.warmup is not None else
+                                        WARMUP // 10 if FLAGS.quick else WARMUP),
              "data.cache_dir": os.path.join(folder, "cache")}
   if FLAGS.quick:
     changes.update({"model.d_model": 64, "model.num_layers": 2, "model.d_ff": 256,

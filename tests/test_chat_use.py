@@ -294,7 +294,9 @@ def test_dpo_without_init_from_exits_2(tmp_path):
 
 def test_post_training_benchmark_runs(chat_run, tmp_path):
   out = tmp_path / "post.json"
-  proc = launch("benchmarks.post_training", "--tiny", f"--sft_run={chat_run}", f"--json={out}")
+  # one layer: the four step kinds compiled unrolled, the figures' code path, not their size
+  proc = launch("benchmarks.post_training", "--tiny", "--layers=1", f"--sft_run={chat_run}",
+                f"--json={out}")
   result = json.loads(out.read_text())
   steps = result["steps"]
   assert steps["sft_tokens_per_s"] > 0 and steps["dpo_vs_sft_step"] > 0

@@ -5,14 +5,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tiny import ROOT
-
-
-def _python(code, *args):
-  proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=1200)  # a compile per optimizer and part
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
 
 
 def _run(module, *args):
@@ -35,16 +30,20 @@ def test_tokens_to_a_loss_are_read_off_the_median_curve_between_evaluations():
   assert curves.median_curve([[(10, 1.0), (20, 0.5)], [(20, 0.7)]]) == [(20, 0.6)]
 
 
-_STEP = """
-import json
-from benchmarks import optimizer_step
-print(json.dumps(optimizer_step.run(quick=True)))
-"""
+@pytest.fixture(scope="module")
+def optimizers(tmp_path_factory):
+  """One `benchmarks.optimizers` run for both tests: the step section (each optimizer's step
+  time and state memory), then search (one rate), another seed and the PyTorch loop."""
+  tmp = tmp_path_factory.mktemp("optimizers")
+  out = tmp / "optimizers.json"
+  stdout = _run("benchmarks.optimizers", "--quick", "--steps=6", "--eval_every=3",
+                "--lrs=4e-3", "--seeds=0,1", "--sections=step,search,seeds,torch",
+                f"--workdir={tmp / 'w'}", f"--json={out}")
+  return stdout, json.loads(out.read_text())
 
 
-def test_step_time_and_state_memory_of_every_optimizer():
-  rows = json.loads(_python(_STEP).strip().splitlines()[-1])
-  (table,) = rows.values()
+def test_step_time_and_state_memory_of_every_optimizer(optimizers):
+  (table,) = optimizers[1]["step"].values()  # optimizer_step.run(quick=True)'s one shape
   assert {"adamw", "muon", "adafactor", "lion", "schedule_free_adamw"} <= set(table)
   per_param = {k: r["bytes_per_param"] for k, r in table.items()}
   assert abs(per_param["adamw"] - 8) < 0.01 and abs(per_param["lion"] - 4) < 0.01
@@ -53,14 +52,10 @@ def test_step_time_and_state_memory_of_every_optimizer():
   assert all(r["step_ms"] > 0 and r["update_ms"] > 0 for r in table.values())
 
 
-def test_optimizers_benchmark_runs_small(tmp_path):
+def test_optimizers_benchmark_runs_small(optimizers):
   """Search (one rate), another seed and the PyTorch loop; the shorter budget is `seeds` at
   fewer steps."""
-  out = tmp_path / "optimizers.json"
-  stdout = _run("benchmarks.optimizers", "--quick", "--steps=6", "--eval_every=3",
-                "--lrs=4e-3", "--seeds=0,1", "--sections=search,seeds,torch",
-                f"--workdir={tmp_path / 'w'}", f"--json={out}")
-  r = json.loads(out.read_text())
+  stdout, r = optimizers
   assert r["search"]["adamw"]["best_lr"] == r["search"]["muon"]["best_lr"] == 4e-3
   for kind in ("adamw", "muon"):
     seeds = r["seeds"][kind]
@@ -77,15 +72,17 @@ def test_optimizers_benchmark_runs_small(tmp_path):
 
 def test_wsd_benchmark_runs_small_and_its_branched_cooldowns_equal_separate_runs(tmp_path):
   out = tmp_path / "wsd.json"
-  stdout = _run("benchmarks.wsd", "--quick", "--steps=30", "--branch=24", "--cooldowns=2,6",
-                "--seeds=0", f"--workdir={tmp_path / 'w'}", f"--json={out}")
+  # 10 steps (warm-up 2): the two cooldowns of 1 and 2 steps from step 8, the separate
+  # 10-step run the schedules' wsd run (its last 20%)
+  stdout = _run("benchmarks.wsd", "--quick", "--steps=10", "--branch=8", "--cooldowns=1,2",
+                "--warmup=2", "--seeds=0", f"--workdir={tmp_path / 'w'}", f"--json={out}")
   r = json.loads(out.read_text())
   assert set(r["schedules"]) == {"cosine", "wsd"}
   assert r["schedules"]["cosine"]["median"] != r["schedules"]["wsd"]["median"]
   c = r["cooldowns"]
-  assert set(c["branched"]) == set(c["separate"]) == {"26", "30"}
+  assert set(c["branched"]) == set(c["separate"]) == {"9", "10"}
   assert c["identical"] and c["branched"] == c["separate"]
-  # the 20% wsd run of the schedules is the separate 30-step run
-  assert c["separate"]["30"] == r["schedules"]["wsd"]["final"]["0"]
-  assert c["steps"] == {"branched": 24 + 2 + 6, "separate": 26 + 30}
+  # the 20% wsd run of the schedules is the separate 10-step run
+  assert c["separate"]["10"] == r["schedules"]["wsd"]["final"]["0"]
+  assert c["steps"] == {"branched": 8 + 1 + 2, "separate": 9 + 10}
   assert "bit for bit the same" in stdout

@@ -1,20 +1,44 @@
-"""`benchmarks.serve --profile`: the engine's and the server's own accounting (GET /health's
-`profile`) adds up to what the clients received, per load."""
+"""`benchmarks.serve` end to end at toy size, and `--profile`: the engine's and the server's own
+accounting (GET /health's `profile`) adds up to what the clients received, per load."""
 
 import json
 import subprocess
 import sys
 
+import pytest
+
 from tiny import ROOT
 
 
-def test_the_profile_accounts_for_every_token(tmp_path):
-  out = tmp_path / "serve.json"
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  """One `benchmarks.serve --quick --profile` run for both tests (the profile rides along on
+  the same loads; a run each cost a second model export, server and warm-up)."""
+  out = tmp_path_factory.mktemp("serve") / "serve.json"
   proc = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--quick", "--profile",
-                         "--cold=0", f"--json={out}"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600)
+                         f"--json={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(out.read_text())
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_serve_benchmark_runs_small(served):
+  """benchmarks.serve end to end at toy size: server loads, the engine alone, the generate
+  loop and a cold launch.generate process, figures consistent with each other."""
+  stdout, result = served
+  loads = result["loads"]
+  assert [x["clients"] for x in loads] == [1, 4]
+  for x in loads:  # 2 requests a client, 8 tokens each unless a sample hit end-of-text
+    assert x["requests"] == 2 * x["clients"] and 0 < x["tokens"] <= 8 * x["requests"]
+    assert 0 < x["ttft_ms_p50"] <= x["ttft_ms_p99"] <= x["latency_ms_p99"]
+  assert result["generate_loop"]["requests"] == 8 and result["generate_loop"]["tokens"] > 0
+  assert result["cold_generate_s"] > 0 and set(result["engine_alone_tokens_per_s"]) == {"1", "4"}
+  # 2 layers x (keys + values) x 24 positions (16 + 8, one chunk of 24) x 64 wide x float32
+  assert result["kv_cache_bytes_per_row"] >= 2 * 2 * 24 * 64 * 4
+  assert result["health"]["busy_rows"] == 0 and "x 1 client" in stdout
+
+
+def test_the_profile_accounts_for_every_token(served):
+  stdout, result = served
   profile = result["profile"]
   for load, phases in zip(result["loads"], profile["served"]):
     counts = phases["engine_counts"]
@@ -29,4 +53,4 @@ def test_the_profile_accounts_for_every_token(tmp_path):
     assert phases["engine_counts"]["tokens"] == int(rows) * 8  # greedy, 8 tokens each
   assert set(profile["device"]) == {"1", "4"}
   assert all(d["forward_ms"] > 0 and d["sampler_ms"] > 0 for d in profile["device"].values())
-  assert "where the time goes" in proc.stdout and "per token (us)" in proc.stdout
+  assert "where the time goes" in stdout and "per token (us)" in stdout
