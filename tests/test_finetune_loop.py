@@ -28,16 +28,31 @@ def _finetune(init_from, workdir, *args, config="experiments/finetune_pairs.py",
                         cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def _in_process(init_from, workdir, config="finetune_pairs", **sections) -> dict:
+  """launch.finetune's run of experiments/CONFIG.py with SMALL's flags (and `sections`:
+  {section: {field: value}}), in this process: the reference a launcher run is held to."""
+  import importlib
+  from tiny import finetune
+  base = importlib.import_module(f"experiments.{config}").get_config().to_dict()
+  base["data"]["seq_len"] = 32
+  base["optimizer"]["warmup_steps"] = 2
+  base["train"].update(batch_size=16, log_every=1)
+  for section, fields in sections.items():
+    base[section].update(fields)
+  return finetune(base, init_from, workdir)
+
+
 def _train_losses(workdir):
   return [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl"))
           if r["split"] == "train"]
 
 
 def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, tmp_path):
+  """The one-device run in process (the launcher's own path is the 8-device run's)."""
   args = ["--config.train.steps=4", "--config.train.eval_every=0",
           "--config.model.dropout_rate=0.0"]
-  one = _finetune(tiny_runs / "mlm_tiny", tmp_path / "one", "--cpu_devices=1", *args)
-  assert one.returncode == 0, one.stderr[-3000:]
+  _in_process(tiny_runs / "mlm_tiny", tmp_path / "one", train=dict(steps=4, eval_every=0),
+              model=dict(dropout_rate=0.0))
   eight = _finetune(tiny_runs / "mlm_tiny", tmp_path / "eight", "--cpu_devices=8",
                     "--config.mesh.data=2", "--config.mesh.fsdp=4", *args)
   assert eight.returncode == 0, eight.stderr[-3000:]
@@ -55,10 +70,12 @@ def _lines(path):
 
 
 def test_kill_9_then_rerun_ends_bitwise_equal(tiny_runs, tmp_path):
-  steps = ["--config.train.steps=12", "--config.train.checkpoint_every=2",
-           "--config.train.eval_every=6"]
-  straight = _finetune(tiny_runs / "mlm_tiny", tmp_path / "straight", *steps)
-  assert straight.returncode == 0, straight.stderr[-3000:]
+  """The uninterrupted run in process; the killed and rerun one through launch.finetune. Eight
+  steps with a checkpoint every two leave room for two kills between checkpoints."""
+  steps = ["--config.train.steps=8", "--config.train.checkpoint_every=2",
+           "--config.train.eval_every=4"]
+  _in_process(tiny_runs / "mlm_tiny", tmp_path / "straight",
+              train=dict(steps=8, checkpoint_every=2, eval_every=4))
   killed = tmp_path / "killed"
   command = [sys.executable, "-m", "launch.finetune", "--config=experiments/finetune_pairs.py",
              f"--init_from={tiny_runs / 'mlm_tiny'}", f"--workdir={killed}", *SMALL, *steps]
@@ -68,7 +85,7 @@ def test_kill_9_then_rerun_ends_bitwise_equal(tiny_runs, tmp_path):
   final = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
   assert final.returncode == 0, final.stderr[-3000:]
   a, b = (Checkpointer(str(d), async_save=False) for d in (tmp_path / "straight", killed))
-  sa, sb = a.restore_arrays(12), b.restore_arrays(12)
+  sa, sb = a.restore_arrays(8), b.restore_arrays(8)
   a.close()
   b.close()
   jax.tree.map(np.testing.assert_array_equal, sa, sb)
@@ -106,14 +123,9 @@ def test_sigterm_saves_the_current_step(tiny_runs, tmp_path):
 def test_glue_style_experiments_report_their_measures(tiny_runs, tmp_path, config, measures,
                                                       inits):
   """In process (the launcher is tested above): an encoder and a decoder backbone."""
-  import importlib
-  from tiny import finetune
-  base = importlib.import_module(f"experiments.{config}").get_config().to_dict()
-  base["data"]["seq_len"] = 32
-  base["optimizer"]["warmup_steps"] = 2
-  base["train"].update(batch_size=16, log_every=1, steps=3, eval_every=0)
   for init in inits:
-    result = finetune(base, tiny_runs / init, tmp_path / init)
+    result = _in_process(tiny_runs / init, tmp_path / init, config,
+                         train=dict(steps=3, eval_every=0))
     assert measures <= set(result) and result["examples"] == 150
     assert all(np.isfinite(result[m]) for m in measures)
 
