@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from tiny import ROOT, kill_twice
+from tiny import ROOT
 from lmjax.checkpoint import Checkpointer
 from lmjax.objectives.task_heads import classification_measures, regression_measures
 
@@ -69,50 +69,51 @@ def _lines(path):
   return path.read_text().count("\n") if path.exists() else 0
 
 
-def test_kill_9_then_rerun_ends_bitwise_equal(tiny_runs, tmp_path):
-  """The uninterrupted run in process; the killed and rerun one through launch.finetune. Eight
-  steps with a checkpoint every two leave room for two kills between checkpoints."""
-  steps = ["--config.train.steps=8", "--config.train.checkpoint_every=2",
-           "--config.train.eval_every=4"]
+def _started(command, workdir, lines, stderr=subprocess.DEVNULL):
+  """launch.finetune started in a session of its own, once metrics.jsonl has `lines` lines."""
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                          text=True, start_new_session=True)
+  deadline = time.monotonic() + 300
+  while _lines(workdir / "metrics.jsonl") < lines:
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  return proc
+
+
+def test_sigterm_saves_then_kill_9_and_rerun_end_bitwise_equal(tiny_runs, tmp_path):
+  """One fine-tuning run through launch.finetune meets the loop's `Preemption` hook (SIGTERM
+  saves the current step and exits 0), is resumed and killed with SIGKILL, and run again to
+  the end: bitwise where the uninterrupted run (in process) ends. (Killed twice and more,
+  a pretraining run: tests/test_kill.py; that the loop resumes from a signal's step,
+  tests/test_launch.py's signal test.)"""
+  steps = ["--config.train.steps=40", "--config.train.checkpoint_every=8",
+           "--config.train.eval_every=20"]
   _in_process(tiny_runs / "mlm_tiny", tmp_path / "straight",
-              train=dict(steps=8, checkpoint_every=2, eval_every=4))
+              train=dict(steps=40, checkpoint_every=8, eval_every=20))
   killed = tmp_path / "killed"
   command = [sys.executable, "-m", "launch.finetune", "--config=experiments/finetune_pairs.py",
              f"--init_from={tiny_runs / 'mlm_tiny'}", f"--workdir={killed}", *SMALL, *steps]
-  kill_twice(lambda: subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True),
-             killed / "metrics.jsonl")
+  proc = _started(command, killed, 3, subprocess.PIPE)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  saved = [int(n) for n in os.listdir(killed / "checkpoints")]
+  assert f"preempted: checkpoint of step {max(saved)} is saved; exiting" in err
+  assert 3 <= max(saved) < 40
+  proc = _started(command, killed, _lines(killed / "metrics.jsonl") + 1)
+  time.sleep(0.2)
+  if proc.poll() is None:
+    os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=60)
   final = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
   assert final.returncode == 0, final.stderr[-3000:]
   a, b = (Checkpointer(str(d), async_save=False) for d in (tmp_path / "straight", killed))
-  sa, sb = a.restore_arrays(8), b.restore_arrays(8)
+  sa, sb = a.restore_arrays(40), b.restore_arrays(40)
   a.close()
   b.close()
   jax.tree.map(np.testing.assert_array_equal, sa, sb)
   assert (json.loads((killed / "results.json").read_text()) ==
           json.loads((tmp_path / "straight" / "results.json").read_text()))
-
-
-def test_sigterm_saves_the_current_step(tiny_runs, tmp_path):
-  """The loop's `Preemption` hook, as a fine-tuning run meets it. That a run resumes from
-  the step a signal saved is tests/test_launch.py's signal test (the same loop and
-  checkpointer); that a fine-tuning run resumes exactly, the kill -9 test above."""
-  workdir = tmp_path / "run"
-  command = [sys.executable, "-m", "launch.finetune", "--config=experiments/finetune_pairs.py",
-             f"--init_from={tiny_runs / 'mlm_tiny'}", f"--workdir={workdir}", *SMALL,
-             "--config.train.steps=400", "--config.train.checkpoint_every=1000",
-             "--config.train.eval_every=0"]
-  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
-  deadline = time.monotonic() + 300
-  while _lines(workdir / "metrics.jsonl") < 3:
-    assert time.monotonic() < deadline and proc.poll() is None
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-3000:]
-  steps = [int(n) for n in os.listdir(workdir / "checkpoints")]
-  assert len(steps) == 1 and 3 <= steps[0] < 400 and "preempted" in err
 
 
 @pytest.mark.parametrize("config,measures,inits", [

@@ -9,6 +9,7 @@ checked against transformers in tests/test_family_generation.py.)"""
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -16,9 +17,9 @@ import numpy as np
 import pytest
 
 from hf_models import make_family_model
-from tiny import ROOT, TINY_OVERRIDES, assert_same_checkpoint, kill_twice
+from tiny import ROOT, TINY_OVERRIDES, assert_same_checkpoint
 
-STEPS = 8  # room for two kills between checkpoints; two evals
+STEPS = 8  # room for a kill between checkpoints; two evals
 MOE_TINY = {**TINY_OVERRIDES, "model.moe.d_ff": 32, "train.steps": STEPS,
             "train.checkpoint_every": 2, "train.log_every": 1, "train.eval_every": 4}
 
@@ -27,6 +28,22 @@ def _command(tmp_path, workdir, *extra, config="experiments/moe_tiny.py"):
   values = {**MOE_TINY, "data.cache_dir": str(tmp_path / "cache")}
   return [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}",
           *[f"--config.{k}={v}" for k, v in values.items()], *extra]
+
+
+def kill_once(proc, metrics, timeout: float = 300) -> None:
+  """Kills `proc` (a run in a session of its own) with SIGKILL 0.1 s after its first new
+  metrics line: one kill, between checkpoints, for a kind of run whose state must resume
+  exactly (killed again after resuming, a pretraining run: tests/test_kill.py)."""
+  import time
+  lines = lambda: metrics.read_text().count("\n") if metrics.exists() else 0
+  before, deadline = lines(), time.monotonic() + timeout
+  while lines() <= before and proc.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  time.sleep(0.1)
+  if proc.poll() is None:
+    os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=60)
 
 
 def _in_process(tmp_path, workdir, arg=None, **changes):
@@ -62,10 +79,9 @@ def test_moe_tiny_reports_its_router_and_survives_kill_9_bitwise(tmp_path, caplo
   assert b"train/router_balance" in events and b"eval/router_load/layer1/expert7" in events
 
   killed = tmp_path / "killed"
-  start = lambda: subprocess.Popen(_command(tmp_path, killed), cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)
-  kill_twice(start, killed / "metrics.jsonl")
+  kill_once(subprocess.Popen(_command(tmp_path, killed), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True),
+            killed / "metrics.jsonl")
   final = subprocess.run(_command(tmp_path, killed), cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
   assert final.returncode == 0, final.stderr[-3000:]

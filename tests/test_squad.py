@@ -225,7 +225,8 @@ def test_qa_on_eight_devices_equals_one_and_kill_9_resumes_exactly(tiny_runs, tm
   import subprocess
 
   from experiments import qa_tiny
-  from tiny import ROOT, assert_same_checkpoint, finetune, kill_twice
+  from test_moe_runs import kill_once
+  from tiny import ROOT, assert_same_checkpoint, finetune
   run = lambda workdir, *args: subprocess.run(
       _qa_command(tiny_runs, tmp_path, workdir, *args), cwd=ROOT, capture_output=True,
       text=True, timeout=600)
@@ -243,11 +244,10 @@ def test_qa_on_eight_devices_equals_one_and_kill_9_resumes_exactly(tiny_runs, tm
   for key in ("loss", "exact", "f1"):
     assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
 
-  killed = tmp_path / "killed"
-  kill_twice(lambda: subprocess.Popen(_qa_command(tiny_runs, tmp_path, killed, *steps),
-                                      cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True),
-             killed / "metrics.jsonl")
+  killed = tmp_path / "killed"  # once: killed twice and more, tests/test_kill.py
+  kill_once(subprocess.Popen(_qa_command(tiny_runs, tmp_path, killed, *steps), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True), killed / "metrics.jsonl")
   assert run(killed, *steps).returncode == 0
   assert_same_checkpoint(tmp_path / "straight", killed, 6)
   assert (killed / "predictions.json").read_text() == \
