@@ -28,7 +28,7 @@ def runs(tiny_runs):
   return tiny_runs
 
 
-def test_generate_from_a_run_and_from_gpt2(runs):
+def test_generate_from_a_run_and_from_gpt2(runs, caplog):
   out = launch("launch.generate", f"--workdir={runs / 'clm_tiny'}", "--prompt=ROMEO.",
                "--max_new_tokens=12", "--num_samples=2", "--seed=3").stdout
   assert out.count("--- sample") == 2 and out.count("ROMEO.") == 2
@@ -43,10 +43,18 @@ def test_generate_from_a_run_and_from_gpt2(runs):
   again = gen.generate([prompt] * 2, SamplingConfig(12, 0.8, 0, 0.95), 3)
   assert out == "".join(f"--- sample {i + 1}\nROMEO.{tok.decode(ids)}\n"
                         for i, ids in enumerate(again))
-  hf = launch("launch.generate", f"--workdir={runs / 'gpt2'}", "--prompt=To be",
-              "--temperature=0", "--max_new_tokens=5", "--dtype=bfloat16")
-  assert hf.stdout.startswith("To be")
-  assert "computes in bfloat16 (--dtype)" in hf.stderr
+  # a Hugging Face GPT-2 as launch.generate --dtype=bfloat16 loads it, in process (the
+  # command on a Hugging Face directory: the interactive test below)
+  import logging
+  with caplog.at_level(logging.INFO):
+    hf = pretrained.load(str(runs / "gpt2"), "bfloat16", announce=True)
+  assert "computes in bfloat16 (--dtype)" in caplog.text
+  greedy = Generator(hf.model, hf.params, eos=generation_config.for_model(hf).eos_ids,
+                     pad=max(hf.tokenizer.special.pad, 0))
+  ids = [hf.tokenizer.special.bos] if hf.tokenizer.special.bos >= 0 else []
+  (new,) = greedy.generate([ids + hf.tokenizer.encode(["To be"])[0]],
+                           SamplingConfig(5, temperature=0.0))
+  assert len(new) <= 5 and isinstance(hf.tokenizer.decode(new), str)
 
 
 def test_interactive_generation_streams_and_keeps_the_conversation(runs):
