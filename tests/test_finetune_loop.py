@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from tiny import ROOT, kill_twice
+from tiny import ROOT
 from lmjax.checkpoint import Checkpointer
 from lmjax.objectives.task_heads import classification_measures, regression_measures
 
@@ -28,16 +28,31 @@ def _finetune(init_from, workdir, *args, config="experiments/finetune_pairs.py",
                         cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+def _in_process(init_from, workdir, config="finetune_pairs", **sections) -> dict:
+  """launch.finetune's run of experiments/CONFIG.py with SMALL's flags (and `sections`:
+  {section: {field: value}}), in this process: the reference a launcher run is held to."""
+  import importlib
+  from tiny import finetune
+  base = importlib.import_module(f"experiments.{config}").get_config().to_dict()
+  base["data"]["seq_len"] = 32
+  base["optimizer"]["warmup_steps"] = 2
+  base["train"].update(batch_size=16, log_every=1)
+  for section, fields in sections.items():
+    base[section].update(fields)
+  return finetune(base, init_from, workdir)
+
+
 def _train_losses(workdir):
   return [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl"))
           if r["split"] == "train"]
 
 
 def test_eight_devices_with_fsdp_equal_one_device(tiny_runs, tmp_path):
+  """The one-device run in process (the launcher's own path is the 8-device run's)."""
   args = ["--config.train.steps=4", "--config.train.eval_every=0",
           "--config.model.dropout_rate=0.0"]
-  one = _finetune(tiny_runs / "mlm_tiny", tmp_path / "one", "--cpu_devices=1", *args)
-  assert one.returncode == 0, one.stderr[-3000:]
+  _in_process(tiny_runs / "mlm_tiny", tmp_path / "one", train=dict(steps=4, eval_every=0),
+              model=dict(dropout_rate=0.0))
   eight = _finetune(tiny_runs / "mlm_tiny", tmp_path / "eight", "--cpu_devices=8",
                     "--config.mesh.data=2", "--config.mesh.fsdp=4", *args)
   assert eight.returncode == 0, eight.stderr[-3000:]
@@ -54,48 +69,51 @@ def _lines(path):
   return path.read_text().count("\n") if path.exists() else 0
 
 
-def test_kill_9_then_rerun_ends_bitwise_equal(tiny_runs, tmp_path):
-  steps = ["--config.train.steps=12", "--config.train.checkpoint_every=2",
-           "--config.train.eval_every=6"]
-  straight = _finetune(tiny_runs / "mlm_tiny", tmp_path / "straight", *steps)
-  assert straight.returncode == 0, straight.stderr[-3000:]
+def _started(command, workdir, lines, stderr=subprocess.DEVNULL):
+  """launch.finetune started in a session of its own, once metrics.jsonl has `lines` lines."""
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                          text=True, start_new_session=True)
+  deadline = time.monotonic() + 300
+  while _lines(workdir / "metrics.jsonl") < lines:
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  return proc
+
+
+def test_sigterm_saves_then_kill_9_and_rerun_end_bitwise_equal(tiny_runs, tmp_path):
+  """One fine-tuning run through launch.finetune meets the loop's `Preemption` hook (SIGTERM
+  saves the current step and exits 0), is resumed and killed with SIGKILL, and run again to
+  the end: bitwise where the uninterrupted run (in process) ends. (Killed twice and more,
+  a pretraining run: tests/test_kill.py; that the loop resumes from a signal's step,
+  tests/test_launch.py's signal test.)"""
+  steps = ["--config.train.steps=40", "--config.train.checkpoint_every=8",
+           "--config.train.eval_every=20"]
+  _in_process(tiny_runs / "mlm_tiny", tmp_path / "straight",
+              train=dict(steps=40, checkpoint_every=8, eval_every=20))
   killed = tmp_path / "killed"
   command = [sys.executable, "-m", "launch.finetune", "--config=experiments/finetune_pairs.py",
              f"--init_from={tiny_runs / 'mlm_tiny'}", f"--workdir={killed}", *SMALL, *steps]
-  kill_twice(lambda: subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True),
-             killed / "metrics.jsonl")
+  proc = _started(command, killed, 3, subprocess.PIPE)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  saved = [int(n) for n in os.listdir(killed / "checkpoints")]
+  assert f"preempted: checkpoint of step {max(saved)} is saved; exiting" in err
+  assert 3 <= max(saved) < 40
+  proc = _started(command, killed, _lines(killed / "metrics.jsonl") + 1)
+  time.sleep(0.2)
+  if proc.poll() is None:
+    os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=60)
   final = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
   assert final.returncode == 0, final.stderr[-3000:]
   a, b = (Checkpointer(str(d), async_save=False) for d in (tmp_path / "straight", killed))
-  sa, sb = a.restore_arrays(12), b.restore_arrays(12)
+  sa, sb = a.restore_arrays(40), b.restore_arrays(40)
   a.close()
   b.close()
   jax.tree.map(np.testing.assert_array_equal, sa, sb)
   assert (json.loads((killed / "results.json").read_text()) ==
           json.loads((tmp_path / "straight" / "results.json").read_text()))
-
-
-def test_sigterm_saves_the_current_step(tiny_runs, tmp_path):
-  """The loop's `Preemption` hook, as a fine-tuning run meets it. That a run resumes from
-  the step a signal saved is tests/test_launch.py's signal test (the same loop and
-  checkpointer); that a fine-tuning run resumes exactly, the kill -9 test above."""
-  workdir = tmp_path / "run"
-  command = [sys.executable, "-m", "launch.finetune", "--config=experiments/finetune_pairs.py",
-             f"--init_from={tiny_runs / 'mlm_tiny'}", f"--workdir={workdir}", *SMALL,
-             "--config.train.steps=400", "--config.train.checkpoint_every=1000",
-             "--config.train.eval_every=0"]
-  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
-  deadline = time.monotonic() + 300
-  while _lines(workdir / "metrics.jsonl") < 3:
-    assert time.monotonic() < deadline and proc.poll() is None
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-3000:]
-  steps = [int(n) for n in os.listdir(workdir / "checkpoints")]
-  assert len(steps) == 1 and 3 <= steps[0] < 400 and "preempted" in err
 
 
 @pytest.mark.parametrize("config,measures,inits", [
@@ -106,14 +124,9 @@ def test_sigterm_saves_the_current_step(tiny_runs, tmp_path):
 def test_glue_style_experiments_report_their_measures(tiny_runs, tmp_path, config, measures,
                                                       inits):
   """In process (the launcher is tested above): an encoder and a decoder backbone."""
-  import importlib
-  from tiny import finetune
-  base = importlib.import_module(f"experiments.{config}").get_config().to_dict()
-  base["data"]["seq_len"] = 32
-  base["optimizer"]["warmup_steps"] = 2
-  base["train"].update(batch_size=16, log_every=1, steps=3, eval_every=0)
   for init in inits:
-    result = finetune(base, tiny_runs / init, tmp_path / init)
+    result = _in_process(tiny_runs / init, tmp_path / init, config,
+                         train=dict(steps=3, eval_every=0))
     assert measures <= set(result) and result["examples"] == 150
     assert all(np.isfinite(result[m]) for m in measures)
 

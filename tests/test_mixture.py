@@ -131,10 +131,12 @@ def _tensorboard_tags(workdir):
   return tags
 
 
-def _mixture_run(tmp_path, **overrides):
+def _mixture_run(tmp_path, sources=None, **overrides):
+  """clm_mixture, tiny, its history rising from step 6 (and `sources`: {name: changes})."""
   config = tiny_config("clm_mixture", tmp_path, **{"train__eval_every": 5, **overrides})
   for name in config.data.mixture:
     config.data.mixture[name].stages = ((6, 0.4),) if name == "history" else ()
+    config.data.mixture[name].update((sources or {}).get(name, {}))
   return experiment_from_dict(config.to_dict())
 
 
@@ -162,10 +164,18 @@ def test_training_on_a_mixture_reports_each_source(tmp_path):
 
 def test_a_source_that_runs_out_stops_the_run_with_a_checkpoint(tmp_path):
   """`mixture_exhausted=stop`: the run saves and ends before the first batch that would
-  reread a source; started again, it says so in one line."""
+  reread a source; started again, it says so in one line. The sources are the first 40 kB
+  of each genre's plays, so one runs out within a few dozen steps."""
+  from experiments.clm_mixture import GENRES
+  sources = {}
+  for name in ("comedy", "tragedy", "history"):
+    with open(os.path.join(GENRES, f"{name}_train.txt")) as f:
+      text = f.read(40000)
+    (tmp_path / f"{name}.txt").write_text(text[:text.rindex("\n") + 1])
+    sources[name] = {"train_files": (str(tmp_path / f"{name}.txt"),)}
   exp = _mixture_run(tmp_path, train__steps=400, train__batch_size=64,
                      data__mixture_exhausted="stop", train__eval_every=0,
-                     train__checkpoint_every=1000)
+                     train__checkpoint_every=1000, sources=sources)
   train_lib.train_and_evaluate(exp, str(tmp_path / "run"))
   records = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
   last = max(r["step"] for r in records)

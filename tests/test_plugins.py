@@ -29,9 +29,12 @@ def _train(workdir, *args):
 
 
 def test_the_custom_objective_trains_through_the_launcher_and_resumes(tmp_path):
-  first = _train(tmp_path / "run", "--config.train.steps=2", "--config.objective.penalty=0.3",
-                 f"--config.data.cache_dir={tmp_path / 'cache'}")
-  assert first.returncode == 0, first.stderr[-3000:]
+  """Its first two steps in process (TINY's settings), the next two through launch.train,
+  which finds the plug-in in the experiment file and resumes the run."""
+  config = tiny_config("custom_objective", tmp_path, train__steps=2, train__log_every=2,
+                       train__eval_every=2, train__checkpoint_every=2,
+                       objective__penalty=0.3, optimizer__warmup_steps=30)
+  train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(tmp_path / "run"))
   again = _train(tmp_path / "run", "--config.train.steps=4", "--config.objective.penalty=0.3",
                  f"--config.data.cache_dir={tmp_path / 'cache'}")
   assert again.returncode == 0, again.stderr[-3000:]

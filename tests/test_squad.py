@@ -219,27 +219,35 @@ def _qa_command(tiny_runs, tmp_path, workdir, *args):
 
 
 def test_qa_on_eight_devices_equals_one_and_kill_9_resumes_exactly(tiny_runs, tmp_path):
+  """One uninterrupted one-device run, in process (launch.finetune's experiment, the
+  command's flags): the reference for the 8-device run and for the killed and rerun one,
+  both through launch.finetune."""
   import subprocess
 
-  from tiny import ROOT, assert_same_checkpoint, kill_twice
+  from experiments import qa_tiny
+  from test_moe_runs import kill_once
+  from tiny import ROOT, assert_same_checkpoint, finetune
   run = lambda workdir, *args: subprocess.run(
       _qa_command(tiny_runs, tmp_path, workdir, *args), cwd=ROOT, capture_output=True,
       text=True, timeout=600)
-  one = run(tmp_path / "one", "--cpu_devices=1", "--config.train.steps=3")
+  config = qa_tiny.get_config().to_dict()
+  config["task"].update(train_file=_qa_subset(tmp_path, "train", 40),
+                        eval_file=_qa_subset(tmp_path, "eval", 12))
+  config["train"].update(batch_size=8, log_every=1, eval_every=0, steps=6, checkpoint_every=2)
+  config["optimizer"]["warmup_steps"] = 1
+  a = finetune(config, tiny_runs / "mlm_tiny", tmp_path / "straight")
+  steps = ["--config.train.steps=6", "--config.train.checkpoint_every=2"]
   eight = run(tmp_path / "eight", "--cpu_devices=8", "--config.mesh.data=2",
-              "--config.mesh.fsdp=4", "--config.train.steps=3")
-  assert one.returncode == 0 and eight.returncode == 0, one.stderr[-2000:] + eight.stderr[-2000:]
-  a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "eight"))
+              "--config.mesh.fsdp=4", *steps)
+  assert eight.returncode == 0, eight.stderr[-2000:]
+  b = json.loads((tmp_path / "eight" / "results.json").read_text())
   for key in ("loss", "exact", "f1"):
     assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
 
-  steps = ["--config.train.steps=6", "--config.train.checkpoint_every=2"]
-  assert run(tmp_path / "straight", *steps).returncode == 0
-  killed = tmp_path / "killed"
-  kill_twice(lambda: subprocess.Popen(_qa_command(tiny_runs, tmp_path, killed, *steps),
-                                      cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True),
-             killed / "metrics.jsonl")
+  killed = tmp_path / "killed"  # once: killed twice and more, tests/test_kill.py
+  kill_once(subprocess.Popen(_qa_command(tiny_runs, tmp_path, killed, *steps), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True), killed / "metrics.jsonl")
   assert run(killed, *steps).returncode == 0
   assert_same_checkpoint(tmp_path / "straight", killed, 6)
   assert (killed / "predictions.json").read_text() == \

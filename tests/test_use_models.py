@@ -28,17 +28,33 @@ def runs(tiny_runs):
   return tiny_runs
 
 
-def test_generate_from_a_run_and_from_gpt2(runs):
+def test_generate_from_a_run_and_from_gpt2(runs, caplog):
   out = launch("launch.generate", f"--workdir={runs / 'clm_tiny'}", "--prompt=ROMEO.",
                "--max_new_tokens=12", "--num_samples=2", "--seed=3").stdout
   assert out.count("--- sample") == 2 and out.count("ROMEO.") == 2
-  again = launch("launch.generate", f"--workdir={runs / 'clm_tiny'}", "--prompt=ROMEO.",
-                 "--max_new_tokens=12", "--num_samples=2", "--seed=3").stdout
-  assert out == again  # seeded
-  hf = launch("launch.generate", f"--workdir={runs / 'gpt2'}", "--prompt=To be",
-              "--temperature=0", "--max_new_tokens=5", "--dtype=bfloat16")
-  assert hf.stdout.startswith("To be")
-  assert "computes in bfloat16 (--dtype)" in hf.stderr
+  # seeded: the same samples again, here in process with the command's defaults and seed
+  from lmjax.inference import generation_config
+  from lmjax.inference.generate import Generator, SamplingConfig
+  source = pretrained.load(str(runs / "clm_tiny"))
+  tok = source.tokenizer
+  gen = Generator(source.model, source.params, eos=generation_config.for_model(source).eos_ids,
+                  pad=max(tok.special.pad, 0))
+  prompt = [tok.special.bos] + tok.encode(["ROMEO."])[0]
+  again = gen.generate([prompt] * 2, SamplingConfig(12, 0.8, 0, 0.95), 3)
+  assert out == "".join(f"--- sample {i + 1}\nROMEO.{tok.decode(ids)}\n"
+                        for i, ids in enumerate(again))
+  # a Hugging Face GPT-2 as launch.generate --dtype=bfloat16 loads it, in process (the
+  # command on a Hugging Face directory: the interactive test below)
+  import logging
+  with caplog.at_level(logging.INFO):
+    hf = pretrained.load(str(runs / "gpt2"), "bfloat16", announce=True)
+  assert "computes in bfloat16 (--dtype)" in caplog.text
+  greedy = Generator(hf.model, hf.params, eos=generation_config.for_model(hf).eos_ids,
+                     pad=max(hf.tokenizer.special.pad, 0))
+  ids = [hf.tokenizer.special.bos] if hf.tokenizer.special.bos >= 0 else []
+  (new,) = greedy.generate([ids + hf.tokenizer.encode(["To be"])[0]],
+                           SamplingConfig(5, temperature=0.0))
+  assert len(new) <= 5 and isinstance(hf.tokenizer.decode(new), str)
 
 
 def test_interactive_generation_streams_and_keeps_the_conversation(runs):
@@ -66,12 +82,14 @@ def test_fill_mask_on_a_run_and_on_bert(runs):
   assert out.count("<mask>") == 2 and len(out.strip().splitlines()) == 12
   probs = [float(line.split()[0]) for line in out.splitlines() if not line.startswith("<")]
   assert all(0 <= p <= 1 for p in probs) and probs[:5] == sorted(probs[:5], reverse=True)
-  out = launch("launch.fill_mask", f"--workdir={runs / 'bert'}", "--text=to be or <mask>",
-               "--top_k=3").stdout
-  assert len(out.strip().splitlines()) == 4
+  # a Hugging Face BERT, in process (the command's path is the run's above)
+  from lmjax.inference.fill_mask import fill_mask
+  bert = pretrained.load(str(runs / "bert"))
+  (candidates,) = fill_mask(bert.model, bert.params, bert.tokenizer, "to be or <mask>", 3)
+  assert len(candidates) == 3 and all(0 <= p <= 1 for _, p in candidates)
 
 
-@pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny", "llama"])
+@pytest.mark.parametrize("name", ["clm_tiny", "llama"])  # an MLM run: the test below
 def test_evaluate_writes_deterministic_json(runs, name, tmp_path):
   args = [f"--workdir={runs / name}", f"--data={VALID}", "--max_batches=2", "--seq_len=32"]
   # a run keeps its results inside; a Hugging Face directory is left as it is
@@ -82,19 +100,35 @@ def test_evaluate_writes_deterministic_json(runs, name, tmp_path):
   assert first == json.loads(written.read_text()) and first["tokens"] > 0
   assert np.isfinite(first["loss"])
   assert first["dtype"] == "float32"  # llama: its config.json; the runs: the suite's pin
-  assert ("perplexity" in first) == (name != "mlm_tiny")
+  assert "perplexity" in first
   from lmjax.evaluation import evaluate_files
   again = evaluate_files(pretrained.load(str(runs / name)), [VALID], 32, 8, 2)
   assert again["loss"] == first["loss"] and again["accuracy"] == first["accuracy"]
 
 
+def test_an_mlm_run_evaluates_without_perplexity(runs):
+  """launch.evaluate's evaluation of an MLM run, in process (the command around it is the
+  same for every source: the cases above): no perplexity, and the same numbers twice."""
+  from lmjax.evaluation import evaluate_files
+  first, again = (evaluate_files(pretrained.load(str(runs / "mlm_tiny")), [VALID], 32, 8, 2)
+                  for _ in range(2))
+  assert "perplexity" not in first and first["tokens"] > 0 and np.isfinite(first["loss"])
+  assert first == again
+
+
 @pytest.mark.parametrize("name,cls", [("clm_tiny", "GPT2LMHeadModel"),
                                       ("mlm_tiny", "BertForMaskedLM")])
 def test_convert_exports_a_run_that_transformers_loads(runs, name, cls, tmp_path):
+  """clm_tiny through launch.convert; mlm_tiny through its export_hf, in process."""
   import torch
   import transformers
   out = tmp_path / "hf"
-  assert "identical" in launch("launch.convert", f"--input={runs / name}", f"--output={out}").stdout
+  if name == "clm_tiny":
+    assert "identical" in launch("launch.convert", f"--input={runs / name}",
+                                 f"--output={out}").stdout
+  else:
+    from lmjax.convert import export_hf
+    export_hf(pretrained.load(str(runs / name)), str(out))
   model = getattr(transformers, cls).from_pretrained(str(out)).eval()
   source = pretrained.load(str(runs / name))
   tokens = np.array([[2, 50, 60, 70, 80, 3]])

@@ -67,20 +67,29 @@ def stable(tmp_path_factory):
   return tmp / "stable"
 
 
-def test_a_cooldown_branched_from_a_stable_run_equals_an_uninterrupted_wsd_run(tmp_path,
-                                                                               stable):
-  wsd = dict(train__steps=14, optimizer__schedule="wsd", optimizer__decay_shape="1-sqrt",
-             optimizer__end_lr_ratio=0.0)
-  train_lib.train_and_evaluate(_exp(tmp_path, optimizer__decay_start=8, **wsd),
-                               str(tmp_path / "whole"))
-  branch = _exp(tmp_path, optimizer__decay_start=8, train__branch_from=f"{stable}:8", **wsd)
-  train_lib.train_and_evaluate(branch, str(tmp_path / "branch"))
-  assert_same_checkpoint(tmp_path / "whole", tmp_path / "branch", 14)
-  # the same cooldown given as a length; and running it again resumes from its own steps
+WSD = dict(optimizer__schedule="wsd", optimizer__decay_shape="1-sqrt",
+           optimizer__end_lr_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def whole14(stable):
+  """An uninterrupted wsd run of 14 steps decaying from step 8: where the cooldowns of both
+  tests below branched at step 8 must end."""
+  train_lib.train_and_evaluate(_exp(stable.parent, train__steps=14, optimizer__decay_start=8,
+                                    **WSD), str(stable.parent / "whole14"))
+  return stable.parent / "whole14"
+
+
+def test_a_cooldown_branched_from_a_stable_run_equals_an_uninterrupted_wsd_run(
+    tmp_path, stable, whole14):
+  """The cooldown given as a length (decay_steps=6); and running it again resumes from its
+  own steps. (Given as its start, decay_start=8: the 14-step trial of the sweep below, through
+  launch.train.)"""
+  wsd = dict(train__steps=14, **WSD)
   other = _exp(tmp_path, optimizer__decay_steps=6, train__branch_from=f"{stable}:8", **wsd)
   train_lib.train_and_evaluate(other, str(tmp_path / "branch6"))
   train_lib.train_and_evaluate(other, str(tmp_path / "branch6"))
-  assert_same_checkpoint(tmp_path / "whole", tmp_path / "branch6", 14)
+  assert_same_checkpoint(whole14, tmp_path / "branch6", 14)
 
 
 def test_bad_branches_are_one_line(tmp_path, stable):
@@ -104,14 +113,16 @@ def test_bad_branches_are_one_line(tmp_path, stable):
     assert not (tmp_path / f"bad{i}").exists()  # refused before anything is written
 
 
-def test_a_sweep_branches_several_cooldowns_from_one_stable_run(tmp_path, stable):
+def test_a_sweep_branches_several_cooldowns_from_one_stable_run(tmp_path, stable,
+                                                                whole14):
   """experiments/sweeps/cooldowns.py's form, through launch.sweep's command line: a grid over
   train.steps, every trial branched from the same stable checkpoint; each ends bit for bit
-  where a wsd run of its length from step 0 ends."""
+  where a wsd run of its length from step 0 ends (the 14-step one: the fixture's)."""
   sweep = tmp_path / "cooldowns.py"
   sweep.write_text("from lmjax.sweep import Sweep\n\n\ndef get_sweep():\n"
-                   "  return Sweep(grid={'train.steps': [10, 12]}, fixed={"
-                   "'optimizer.schedule': 'wsd', 'optimizer.decay_start': 8})\n")
+                   "  return Sweep(grid={'train.steps': [10, 14]}, fixed={"
+                   "'optimizer.schedule': 'wsd', 'optimizer.decay_start': 8, "
+                   "'optimizer.decay_shape': '1-sqrt', 'optimizer.end_lr_ratio': 0.0})\n")
   changes = {**TINY_OVERRIDES, "data.cache_dir": str(tmp_path / "cache"),
              "train.checkpoint_every": 4, "train.keep_checkpoints": 10,
              "optimizer.learning_rate": 5e-3, "train.branch_from": f"{stable}:8"}
@@ -121,9 +132,8 @@ def test_a_sweep_branches_several_cooldowns_from_one_stable_run(tmp_path, stable
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   trials = {int(d.name.split("=")[-1]): d for d in (tmp_path / "cool").iterdir() if "=" in d.name}
-  assert sorted(trials) == [10, 12]
-  for steps, trial in trials.items():
-    whole = tmp_path / f"whole{steps}"
-    train_lib.train_and_evaluate(_exp(tmp_path, train__steps=steps, optimizer__schedule="wsd",
-                                      optimizer__decay_start=8), str(whole))
-    assert_same_checkpoint(whole, trial, steps)
+  assert sorted(trials) == [10, 14]
+  assert_same_checkpoint(whole14, trials[14], 14)
+  train_lib.train_and_evaluate(_exp(tmp_path, train__steps=10, optimizer__decay_start=8, **WSD),
+                               str(tmp_path / "whole10"))
+  assert_same_checkpoint(tmp_path / "whole10", trials[10], 10)
