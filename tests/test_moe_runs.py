@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from hf_models import make_family_model
-from tiny import ROOT, TINY_OVERRIDES, assert_same_checkpoint
+from tiny import ROOT, TINY_OVERRIDES, assert_same_checkpoint, kill_once
 
 STEPS = 8  # room for a kill between checkpoints; two evals
 MOE_TINY = {**TINY_OVERRIDES, "model.moe.d_ff": 32, "train.steps": STEPS,
@@ -28,22 +28,6 @@ def _command(tmp_path, workdir, *extra, config="experiments/moe_tiny.py"):
   values = {**MOE_TINY, "data.cache_dir": str(tmp_path / "cache")}
   return [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}",
           *[f"--config.{k}={v}" for k, v in values.items()], *extra]
-
-
-def kill_once(proc, metrics, timeout: float = 300) -> None:
-  """Kills `proc` (a run in a session of its own) with SIGKILL 0.1 s after its first new
-  metrics line: one kill, between checkpoints, for a kind of run whose state must resume
-  exactly (killed again after resuming, a pretraining run: tests/test_kill.py)."""
-  import time
-  lines = lambda: metrics.read_text().count("\n") if metrics.exists() else 0
-  before, deadline = lines(), time.monotonic() + timeout
-  while lines() <= before and proc.poll() is None:
-    assert time.monotonic() < deadline
-    time.sleep(0.05)
-  time.sleep(0.1)
-  if proc.poll() is None:
-    os.killpg(proc.pid, signal.SIGKILL)
-  proc.wait(timeout=60)
 
 
 def _in_process(tmp_path, workdir, arg=None, **changes):

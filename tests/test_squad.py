@@ -225,7 +225,7 @@ def test_qa_on_eight_devices_equals_one_and_kill_9_resumes_exactly(tiny_runs, tm
   import subprocess
 
   from experiments import qa_tiny
-  from test_moe_runs import kill_once
+  from tiny import kill_once
   from tiny import ROOT, assert_same_checkpoint, finetune
   run = lambda workdir, *args: subprocess.run(
       _qa_command(tiny_runs, tmp_path, workdir, *args), cwd=ROOT, capture_output=True,

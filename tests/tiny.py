@@ -63,6 +63,23 @@ def kill_twice(start, metrics, seed: int = 1, timeout: float = 300) -> None:
     proc.wait(timeout=60)
 
 
+def kill_once(proc, metrics, timeout: float = 300) -> None:
+  """Kills `proc` (a run in a session of its own) with SIGKILL 0.1 s after its first new
+  metrics line: one kill, between checkpoints, for a kind of run whose state must resume
+  exactly (killed again after resuming, a pretraining run: tests/test_kill.py)."""
+  import signal
+  import time
+  lines = lambda: metrics.read_text().count("\n") if metrics.exists() else 0
+  before, deadline = lines(), time.monotonic() + timeout
+  while lines() <= before and proc.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  time.sleep(0.1)
+  if proc.poll() is None:
+    os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=60)
+
+
 def assert_same_checkpoint(a, b, step: int) -> None:
   """The runs in folders `a` and `b` hold bitwise-equal state at `step`."""
   import jax
