@@ -9,7 +9,6 @@ checked against transformers in tests/test_family_generation.py.)"""
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
 
