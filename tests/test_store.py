@@ -201,11 +201,20 @@ def _cli(inputs, output, *extra):
           f"--tokenizer={TOKENIZER}", f"--output={output}", "--split_mb=0.25", *extra]
 
 
-@pytest.mark.parametrize("records_before_kill", [2, 12])
-def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path, records_before_kill):
-  inputs = _big_corpus(tmp_path / "in")
-  subprocess.run(_cli(inputs, tmp_path / "whole", "--workers=2"), cwd=ROOT, check=True,
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory):
+  """(the big corpus's files, its store prepared uninterrupted), once for both kills."""
+  tmp = tmp_path_factory.mktemp("big")
+  inputs = _big_corpus(tmp / "in")
+  subprocess.run(_cli(inputs, tmp / "whole", "--workers=2"), cwd=ROOT, check=True,
                  capture_output=True, timeout=300)
+  return inputs, tmp / "whole"
+
+
+@pytest.mark.parametrize("records_before_kill", [2, 12])
+def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path, big_store,
+                                                          records_before_kill):
+  inputs, whole = big_store
   out = tmp_path / "killed"
   proc = subprocess.Popen(_cli(inputs, out, "--workers=2"), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -224,7 +233,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path, records_befor
   assert f"({records_before_kill}" in rerun.stdout or " reused)" in rerun.stdout
   reused = int(rerun.stdout.split(" reused)")[0].rsplit("(", 1)[1])
   assert reused >= records_before_kill
-  assert tree_digest(out) == tree_digest(tmp_path / "whole")
+  assert tree_digest(out) == tree_digest(whole)
 
 
 def test_rerun_keeps_complete_shards_redoes_damaged_ones_and_adds_new_inputs(tmp_path, docs):
