@@ -146,19 +146,7 @@ def test_signal_saves_the_current_step_and_exits_zero(tmp_path):
   assert f"step {saved[0]}" in stderr  # it resumed from the SIGTERM's checkpoint
   later = checkpoints()
   assert len(later) == 2 and later[0] == saved[0] and later[1] >= saved[0] + 4
-  # The SIGINT's checkpoint resumes: in this process (the signals needed launchers), the
-  # config of tiny_flags.
-  from absl import logging
-
-  from lmjax import train as train_lib
-  from lmjax.experiment import experiment_from_dict
-  from tiny import tiny_config
-  config = tiny_config("clm_tiny", tmp_path, train__steps=later[1] + 2)
-  said, original = [], logging.info
-  logging.info = lambda msg, *a: said.append(msg % a if a else msg)
-  try:
-    train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(workdir))
-  finally:
-    logging.info = original
-  assert f"resumed from {workdir / 'checkpoints'} step {later[1]}" in said, said
+  again = launch("launch.train", "--config=experiments/clm_tiny.py", f"--workdir={workdir}",
+                 *tiny_flags(tmp_path, **{"train.steps": later[1] + 2}))
+  assert again.returncode == 0 and f"step {later[1]}" in again.stderr
   assert checkpoints()[-1] == later[1] + 2
