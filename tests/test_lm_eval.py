@@ -27,12 +27,9 @@ def both(tiny_runs, tmp_path_factory):
   from lm_eval.tasks import TaskManager
   from lmjax import harness, pretrained
   os.chdir(ROOT)  # the task files name their data relative to the checkout
-  from lmjax.convert import export_hf
-  # launch.convert's own export, in this process (the launcher itself, and AutoTokenizer
-  # and AutoModelForCausalLM on its output, are tests/test_reported_bugs.py's
-  # test_exported_run_names_its_own_special_ids_and_autotokenizer_loads_it)
   exported = tmp_path_factory.mktemp("hf") / "clm"
-  export_hf(pretrained.load(str(tiny_runs / "clm_tiny")), str(exported))
+  subprocess.run([sys.executable, "-m", "launch.convert", f"--input={tiny_runs / 'clm_tiny'}",
+                  f"--output={exported}"], cwd=ROOT, check=True, capture_output=True, timeout=300)
   ours = harness.run(pretrained.load(str(tiny_runs / "clm_tiny")), TASKS, batch_size=4,
                      include_path=INCLUDE, log_samples=True)
   theirs = lm_eval.simple_evaluate(

@@ -5,9 +5,7 @@ import os
 import subprocess
 import sys
 
-from lmjax import train as train_lib
-from lmjax.experiment import experiment_from_dict
-from tiny import ROOT, TINY_OVERRIDES, tiny_config
+from tiny import ROOT, TINY_OVERRIDES
 
 TIMEOUT = 400
 # A constant learning rate makes "4 steps, stop, resume to 8" equal to "8 steps".
@@ -39,12 +37,8 @@ def test_two_processes_resume_and_match_one_process(tmp_path):
   assert "process 1 of 2; 2 local / 4 global devices" in first.stderr
   second = _run([*local, *_train_args(tmp_path, multi, 8)])
   assert "[0]" in second.stderr and "resumed from" in second.stderr
-  # One process, in this one (its single CPU device: the same global batch, rows in the
-  # same order; sharding over several devices in one process is tests/multidevice's)
   single = tmp_path / "single"
-  config = tiny_config("clm_tiny", tmp_path, train__steps=8,
-                       **{k.replace(".", "__"): v for k, v in FLAGS.items()})
-  train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(single))
+  _run(["launch.train", "--cpu_devices=4", *_train_args(tmp_path, single, 8)])
 
   got, want = _records(multi), _records(single)
   # Only process 0 writes metrics: one line per log step and split.
