@@ -27,13 +27,11 @@ def tiny_flags(tmp_path, **extra):
 @pytest.mark.parametrize("name", ["clm_tiny", "mlm_tiny"])
 def test_tiny_experiment_trains_through_the_launcher(tmp_path, name):
   workdir = tmp_path / "run"
-  # A cache of its own (compiling from nothing) for one experiment is enough to see the
-  # setting reach XLA; the other uses the cache the suite shares.
   cache = tmp_path / "xla_cache"
-  own = {"runtime.compilation_cache_dir": str(cache)} if name == "clm_tiny" else {}
   proc = launch("launch.train", f"--config=experiments/{name}.py", f"--workdir={workdir}",
                 *tiny_flags(tmp_path, **{"train.steps": 40, "train.eval_every": 20,
-                                         "optimizer.learning_rate": 0.005, **own}))
+                                         "optimizer.learning_rate": 0.005,
+                                         "runtime.compilation_cache_dir": str(cache)}))
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   train = [r for r in records if r["split"] == "train"]
@@ -47,8 +45,7 @@ def test_tiny_experiment_trains_through_the_launcher(tmp_path, name):
   assert os.listdir(workdir / "tensorboard")
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "30", "40"][-3:]
   assert (workdir / "tokenizer.model").is_file()
-  if own:
-    assert os.listdir(cache)  # the persistent compilation cache was written
+  assert os.listdir(cache)  # the persistent compilation cache was written
 
 
 _TENSORBOARD_CHECK = """
