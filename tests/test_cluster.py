@@ -105,22 +105,37 @@ def test_a_random_sweep_draws_int_ranges_on_their_lattice_and_refuses_bad_ones()
 
 
 def test_sweep_runs_trials_summarizes_and_skips_finished(tmp_path):
-  workdir = tmp_path / "sweep"
+  """The README's sweep command, on a two-point grid of its own: two trials show the
+  summary's order as well as the shipped four would (experiments/sweeps/lr_tiny.py is
+  loaded and expanded by test_sweep_grid_and_seeded_random_search above)."""
+  workdir, sweep = tmp_path / "sweep", tmp_path / "lr_two.py"
+  sweep.write_text("from lmjax.sweep import Sweep\n\ndef get_sweep():\n"
+                   "  return Sweep(grid={'optimizer.learning_rate': [1e-3, 4e-3]})\n")
   overrides = dict(TINY_OVERRIDES, **{"train.steps": 6, "train.eval_every": 3,
                                       "data.cache_dir": str(tmp_path / "cache")})
-  args = ["launch.sweep", "--config=experiments/clm_tiny.py",
-          "--sweep=experiments/sweeps/lr_tiny.py", f"--workdir={workdir}", "--parallel=2", "--",
-          *[f"--config.{k}={v}" for k, v in overrides.items()]]
-  proc = _run(*args, timeout=600)
+  extra = [f"--config.{k}={v}" for k, v in overrides.items()]
+  proc = _run("launch.sweep", "--config=experiments/clm_tiny.py", f"--sweep={sweep}",
+              f"--workdir={workdir}", "--parallel=2", "--", *extra, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = list(csv.DictReader(open(workdir / "summary.csv")))
-  assert len(rows) == 4
+  assert len(rows) == 2
   best = [float(r["best_eval_loss"]) for r in rows]
   assert best == sorted(best) and all(float(r["tokens_per_s"]) > 0 for r in rows)
   assert "| 1 |" in (workdir / "summary.md").read_text()
   assert (workdir / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
-  again = _run(*args, timeout=120)
-  assert again.returncode == 0 and "4 finished, 0 to run" in again.stderr
+  # Again, in this process (launch.sweep's main is this call): every trial is finished.
+  from absl import logging
+
+  from lmjax.sweep.run import SweepOptions, run_sweep
+  said, original = [], logging.info
+  logging.info = lambda msg, *a: said.append(msg % a if a else msg)
+  try:
+    again = run_sweep(load_sweep(str(sweep)), SweepOptions(
+        config=os.path.join(ROOT, "experiments", "clm_tiny.py"), sweep=str(sweep),
+        workdir=str(workdir), extra=tuple(extra), parallel=2))
+  finally:
+    logging.info = original
+  assert not again.failed and "2 trials, 2 finished, 0 to run" in said, said
 
 
 def test_runtime_settings_reach_xla(monkeypatch):

@@ -11,16 +11,20 @@ import time
 import jax
 import numpy as np
 
+from lmjax import train as train_lib
 from lmjax.checkpoint import Checkpointer
-from tiny import ROOT, TINY_OVERRIDES
+from lmjax.experiment import experiment_from_dict
+from tiny import ROOT, TINY_OVERRIDES, tiny_config
 
 STEPS = 24
 
 
+RUN = {"train.steps": STEPS, "train.checkpoint_every": 2, "train.log_every": 1,
+       "train.eval_every": 12}
+
+
 def _command(tmp_path, workdir):
-  values = dict(TINY_OVERRIDES, **{"data.cache_dir": str(tmp_path / "cache"),
-                                   "train.steps": STEPS, "train.checkpoint_every": 2,
-                                   "train.log_every": 1, "train.eval_every": 12})
+  values = dict(TINY_OVERRIDES, **{"data.cache_dir": str(tmp_path / "cache")}, **RUN)
   return [sys.executable, "-m", "launch.train", "--config=experiments/clm_tiny.py",
           f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in values.items()]]
 
@@ -30,9 +34,11 @@ def _lines(path):
 
 
 def test_kill_9_three_times_then_resume_bitwise(tmp_path):
+  # The uninterrupted run, in this process (the killed ones are the launcher's): the same
+  # config as _command's flags, the same single CPU device.
   straight = tmp_path / "straight"
-  subprocess.run(_command(tmp_path, straight), cwd=ROOT, check=True, capture_output=True,
-                 timeout=300)
+  config = tiny_config("clm_tiny", tmp_path, **{k.replace(".", "__"): v for k, v in RUN.items()})
+  train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(straight))
   killed = tmp_path / "killed"
   rng = random.Random(0)
   kills = 0

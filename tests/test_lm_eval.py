@@ -96,17 +96,13 @@ def test_local_tasks_alone_skip_indexing_the_built_in_ones():
 
 
 def test_launcher_output_paths(tiny_runs, tmp_path):
-  """A bare --output name lands inside an lmjax run; a path (the README's) is taken from the
-  current directory, also for a Hugging Face model, whose folder stays as it was."""
+  """A path (the README's) is taken from the current directory, also for a Hugging Face
+  model, whose folder stays as it was; a task found nowhere is one line. (A bare --output
+  name landing inside an lmjax run, end to end through launch.lm_eval, is checked by
+  tests/test_chat_use.py::test_lm_eval_with_the_chat_template; output_path's rules for
+  both kinds of directory by tests/test_output_paths.py.)"""
   run = tmp_path / "run"
   os.symlink(tiny_runs / "clm_tiny", run)
-  proc = subprocess.run([sys.executable, "-m", "launch.lm_eval", f"--workdir={run}",
-                         "--tasks=lmjax_mc", f"--include_path={INCLUDE}", "--limit=8",
-                         "--output=mc.json"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads((tiny_runs / "clm_tiny" / "mc.json").read_text())
-  assert 0 <= result["results"]["lmjax_mc"]["acc,none"] <= 1 and result["compiled_shapes"] >= 1
   hf, tasks = tiny_runs / "gpt2", tmp_path / "tasks"  # the task, its data found from anywhere
   tasks.mkdir()
   yaml = open(os.path.join(INCLUDE, "lmjax_mc.yaml")).read()
@@ -119,6 +115,7 @@ def test_launcher_output_paths(tiny_runs, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / "results" / "lme.json").read_text())
   assert result["model"].startswith(str(hf)) and "lmjax_mc" in result["results"]
+  assert 0 <= result["results"]["lmjax_mc"]["acc,none"] <= 1 and result["compiled_shapes"] >= 1
   assert sorted(os.listdir(hf)) == before
   bad = subprocess.run([sys.executable, "-m", "launch.lm_eval", f"--workdir={run}",
                         "--tasks=no_such_task"], cwd=ROOT, capture_output=True, text=True,

@@ -18,6 +18,7 @@ import pytest
 
 from benchmarks.data_path import bucket_row, local_s3
 from lmjax import paths
+from lmjax import train as train_lib
 from lmjax.checkpoint import COMMIT_FILE, Checkpointer
 from lmjax.data import store
 from lmjax.data.batches import PackedDataset
@@ -106,11 +107,18 @@ def test_store_in_a_bucket_reads_byte_ranges_through_a_bounded_cache(s3, tmp_pat
   assert 0 < cache.fetches * cache.block_bytes < total / 2  # ranges, not whole shards
 
 
-def test_bucket_workdir_survives_kill_9_and_resumes_bitwise(s3, tmp_path):
+def test_bucket_workdir_survives_kill_9_damage_and_sigterm(s3, tmp_path):
+  """kill -9, then the same command: bitwise equal to an uninterrupted run. Then its newest
+  step damaged and an unfinished one beside it: the next start sets both aside, resumes
+  from the newest intact step, and a SIGTERM saves into the bucket. (One run for what
+  were three tests, a subprocess start each saved.) Then launch.evaluate of the run."""
   steps = 16
   values = {"train.steps": steps, "train.checkpoint_every": 2, "train.log_every": 2}
+  # The uninterrupted run, in this process (tests/test_kill.py does the same): the config
+  # of _train_command's flags, on its single CPU device.
   straight = tmp_path / "straight"
-  _run(_train_command(tmp_path, straight, **values))
+  config = tiny_config("clm_tiny", tmp_path, **{k.replace(".", "__"): v for k, v in values.items()})
+  train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(straight))
   url = _bucket(s3, "killed")
   # one kill here (tests/test_kill.py kills a local run three times): the bucket's part is
   # that an async save cut off mid-upload leaves no step that resume would take
@@ -138,46 +146,58 @@ def test_bucket_workdir_survives_kill_9_and_resumes_bitwise(s3, tmp_path):
   lines = s3.cat_file("lmjax-test/killed/metrics.jsonl").decode().splitlines()
   assert json.loads(lines[-1])["step"] == steps
   assert s3.find("lmjax-test/killed/tensorboard") and s3.exists("lmjax-test/killed/tokenizer.model")
+  saved = _damage_then_sigterm(s3, tmp_path, url, steps, len(lines))
+  # launch.evaluate of a run in a bucket (this one: a checkpoint one process wrote; a
+  # two-process run's checkpoint does not restore on one device, see the test below)
+  evaluated = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--workdir={url}",
+                              "--data", os.path.join(BUNDLED_DIR, "valid.txt"),
+                              "--max_batches=1", "--seq_len=32"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  result = json.loads(s3.cat_file("lmjax-test/killed/evaluation.json"))
+  assert result["model"] == f"{url} step {saved}" and result["loss"] > 0
 
 
-def test_damaged_and_unfinished_steps_in_a_bucket_are_set_aside(s3, tmp_path):
-  url = _bucket(s3, "damaged")
-  values = {"train.steps": 4, "train.checkpoint_every": 2}
-  _run(_train_command(tmp_path, url, **values))
-  assert _steps(s3, url) == [2, 4]
-  data = [p for p in s3.find(url[5:] + "/checkpoints/4/state") if "/d/" in p]
+def _damage_then_sigterm(s3, tmp_path, url, newest, lines):
+  """Flipped bytes in step `newest`, an uncommitted step after it; then a long run that
+  must set both aside, resume from the step before, and save where a SIGTERM stops it."""
+  before = _aside(s3, url)
+  data = [p for p in s3.find(f"{url[5:]}/checkpoints/{newest}/state") if "/d/" in p]
   biggest = max(data, key=s3.size)
   raw = bytearray(s3.cat_file(biggest))
   raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(b ^ 0xFF for b in raw[len(raw) // 2:][:64])
-  s3.pipe_file(biggest, bytes(raw))  # step 4: flipped bytes
-  s3.pipe_file(url[5:] + "/checkpoints/6/state/_METADATA", b"{}")  # step 6: no commit file
-  resumed = _run(_train_command(tmp_path, url, **{**values, "train.steps": 6}))
-  assert "resumed from s3://lmjax-test/damaged/checkpoints step 2" in resumed.stderr
-  aside = [p.rsplit("/", 1)[1] for p in s3.ls(url[5:] + "/checkpoints_damaged", refresh=True)]
-  assert sorted(n.split(".")[0] for n in aside) == ["4", "6"], aside
-  assert _steps(s3, url) == [2, 4, 6]
-
-
-def test_sigterm_saves_into_the_bucket(s3, tmp_path):
-  url = _bucket(s3, "sigterm")
+  s3.pipe_file(biggest, bytes(raw))
+  s3.pipe_file(f"{url[5:]}/checkpoints/{newest + 2}/state/_METADATA", b"{}")  # no commit file
   proc = subprocess.Popen(_train_command(tmp_path, url, **{
       "train.steps": 100000, "train.log_every": 2, "train.checkpoint_every": 100000}),
       cwd=ROOT, stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + TIMEOUT
-  while not s3.exists("lmjax-test/sigterm/metrics.jsonl"):
+  metrics, deadline = url[5:] + "/metrics.jsonl", time.monotonic() + TIMEOUT
+  while len(s3.cat_file(metrics).splitlines()) <= lines:  # its first line: it is training
     assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 0 and "preempted" in stderr, stderr[-2000:]
-  saved = _steps(s3, url)
-  assert len(saved) == 1 and saved[0] >= 2
-  lines = s3.cat_file("lmjax-test/sigterm/metrics.jsonl").decode().splitlines()
-  assert json.loads(lines[-1])["step"] <= saved[0]
+  assert f"resumed from {url}/checkpoints step {newest - 2}" in stderr
+  aside = sorted(set(_aside(s3, url)) - set(before))  # the kill may have set aside a step too
+  assert sorted(n.split(".")[0] for n in aside) == [str(newest), str(newest + 2)], aside
+  saved = [s for s in _steps(s3, url) if s > newest - 2]
+  assert len(saved) == 1 and saved[0] >= newest, saved  # the SIGTERM's step, saved in the bucket
+  records = s3.cat_file(metrics).decode().splitlines()
+  assert json.loads(records[-1])["step"] <= saved[0]
+  return saved[0]
 
 
-def test_store_prepared_into_a_bucket_trains(s3, tmp_path):
-  store_url, run_url = _bucket(s3, "prepared"), _bucket(s3, "from_store")
+def _aside(s3, url):
+  folder = url[5:] + "/checkpoints_damaged"
+  return [p.rsplit("/", 1)[1] for p in s3.ls(folder, refresh=True)] if s3.exists(folder) else []
+
+
+def test_two_processes_train_from_a_store_in_a_bucket_workdir(s3, tmp_path):
+  """A store prepared into the bucket, two processes training from it into a bucket run,
+  then both resuming it. (One run for what were two tests; launch.evaluate of a bucket run
+  is checked at the end of the kill -9 test above.)"""
+  store_url, url = _bucket(s3, "prepared"), _bucket(s3, "multi")
   proc = subprocess.run([sys.executable, "-m", "launch.prepare_data", "--input",
                          os.path.join(BUNDLED_DIR, "train.txt"), f"--tokenizer={TOKENIZER}",
                          f"--output={store_url}", "--workers=2", "--split_mb=0.1"],
@@ -186,33 +206,20 @@ def test_store_prepared_into_a_bucket_trains(s3, tmp_path):
   index = json.loads(s3.cat_file("lmjax-test/prepared/index.json"))
   assert len(index["shards"]) > 1
   s3.put_file(TOKENIZER, "lmjax-test/prepared/tok.model")  # the tokenizer in the bucket too
-  out = _run(_train_command(tmp_path, run_url, **{"train.steps": 4, "data.train_files": store_url,
-                                                  "data.eval_files": store_url,
-                                                  "data.tokenizer": f"{store_url}/tok.model"}))
-  assert "step 4/4" in out.stderr
-  assert not os.path.exists(tmp_path / "cache")  # nothing was tokenized again
-  evaluated = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--workdir={run_url}",
-                              "--data", os.path.join(BUNDLED_DIR, "valid.txt"),
-                              "--max_batches=1", "--seq_len=32"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
-  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-  result = json.loads(s3.cat_file("lmjax-test/from_store/evaluation.json"))
-  assert result["model"] == f"{run_url} step 4" and result["loss"] > 0
-
-
-def test_two_processes_share_a_bucket_workdir(s3, tmp_path):
-  url = _bucket(s3, "multi")
   local = [sys.executable, "-m", "launch.local", "--num_processes=2", "--devices_per_process=2",
            "--"]
-  values = {"train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 2}
+  values = {"train.steps": 4, "train.checkpoint_every": 2, "train.log_every": 2,
+            "data.train_files": store_url, "data.eval_files": store_url,
+            "data.tokenizer": f"{store_url}/tok.model"}
   first = _run([*local, *_train_command(tmp_path, url, **values)[3:]])
-  assert "process 1 of 2" in first.stderr
+  assert "process 1 of 2" in first.stderr and "step 4/4" in first.stderr
   assert _steps(s3, url) == [2, 4]
   second = _run([*local, *_train_command(tmp_path, url, **{**values, "train.steps": 6})[3:]])
   assert "resumed from s3://lmjax-test/multi/checkpoints step 4" in second.stderr
   assert _steps(s3, url) == [2, 4, 6]
   records = [json.loads(line) for line in s3.cat_file("lmjax-test/multi/metrics.jsonl").splitlines()]
   assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+  assert not os.path.exists(tmp_path / "cache")  # nothing was tokenized again
 
 
 @pytest.mark.parametrize("workdir, env, says", [

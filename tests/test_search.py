@@ -50,73 +50,66 @@ def _study(storage: str, name: str):
   return optuna.load_study(study_name=name, storage=storage)
 
 
-def test_a_bad_learning_rate_is_pruned_and_the_study_is_summarized(tmp_path):
+def test_a_killed_search_resumes_its_trial_prunes_a_bad_one_and_is_summarized(tmp_path):
+  """Three queued points: a slow one completes; the search is killed (kill -9 of its group)
+  in the second after its first checkpoint; the rerun prunes the third (a learning rate
+  that cannot learn) at its first evaluation, then retries the second in its own
+  directory from that checkpoint. (One search for what were two tests: a pruned trial and
+  a killed search's resume.)"""
   sweep = _sweep_file(tmp_path, (
-      'Search(space={"optimizer.learning_rate": LogUniform(1e-7, 1e-2)}, sampler="random", '
-      'pruner="median", num_trials=2, pruner_options={"n_startup_trials": 1}, '
-      'enqueue=[{"optimizer.learning_rate": 5e-3}, {"optimizer.learning_rate": 1e-7}])'))
-  workdir = tmp_path / "search"
-  proc = _run(_sweep_args(sweep, workdir, "--", *_overrides(tmp_path, 12, 4)))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  study = _study(f"sqlite:///{workdir}/study.db", "search")
-  states = {t.user_attrs["lmjax_dir"]: t.state.name for t in study.trials}
-  assert states == {"trial_0000": "COMPLETE", "trial_0001": "PRUNED"}
-  # the pruned trial stopped at its first evaluation, its checkpoint written
-  assert json.loads((workdir / "trial_0001" / "pruned.json").read_text())["step"] == 4
-  assert sorted(os.listdir(workdir / "trial_0001" / "checkpoints")) == ["4"]
-  assert sorted(study.trials[0].intermediate_values) == [4, 8, 12]
-  assert study.trials[0].value == pytest.approx(study.trials[0].intermediate_values[12])
-  rows = list(csv.DictReader(open(workdir / "summary.csv")))
-  assert [(r["trial"], r["status"]) for r in rows] == [("trial_0000", "complete"),
-                                                      ("trial_0001", "pruned")]
-  assert (workdir / "optimization_history.png").read_bytes()[:4] == b"\x89PNG"
-  assert "best: trial_0000" in proc.stdout
-  # Again, in this process (launch.sweep's main is this call): the study is done, nothing runs.
-  from lmjax.sweep.files import load_sweep
-  from lmjax.sweep.run import SweepOptions, run_sweep
-  again = run_sweep(load_sweep(sweep), SweepOptions(
-      config=os.path.join(ROOT, "experiments", "clm_tiny.py"), sweep=sweep, workdir=str(workdir),
-      extra=tuple(_overrides(tmp_path, 12, 4))))
-  assert not again.failed and sorted(r["trial"] for r in again.rows) == ["trial_0000", "trial_0001"]
-  assert len(_study(f"sqlite:///{workdir}/study.db", "search").trials) == 2
-
-
-def test_a_killed_search_resumes_its_interrupted_trial_from_its_checkpoint(tmp_path):
-  sweep = _sweep_file(tmp_path, (
-      'Search(space={"optimizer.learning_rate": LogUniform(1e-3, 1e-2)}, sampler="tpe", '
-      'pruner="none", num_trials=2, seed=3)'))
+      'Search(space={"optimizer.learning_rate": LogUniform(1e-7, 1e-2)}, sampler="tpe", '
+      'pruner="median", num_trials=3, seed=3, pruner_options={"n_startup_trials": 1}, '
+      'enqueue=[{"optimizer.learning_rate": 1e-3}, {"optimizer.learning_rate": 5e-3}, '
+      '{"optimizer.learning_rate": 1e-7}])'))
   workdir = tmp_path / "search"
   args = _sweep_args(sweep, workdir, "--heartbeat_seconds=0.5", "--grace_seconds=3", "--",
                      *_overrides(tmp_path, 40, 10))
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True)
   try:
-    first = workdir / "trial_0000" / "checkpoints"
+    second = workdir / "trial_0001" / "checkpoints"
     deadline = time.monotonic() + 300
-    while not (first.is_dir() and "10" in os.listdir(first)) and time.monotonic() < deadline:
+    while not (second.is_dir() and "10" in os.listdir(second)) and time.monotonic() < deadline:
       assert proc.poll() is None
       time.sleep(0.2)
   finally:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(60)
-  assert "40" not in os.listdir(first)
+  assert "40" not in os.listdir(second)
   again = _run(args)
   assert again.returncode == 0, again.stderr[-3000:]
   study = _study(f"sqlite:///{workdir}/study.db", "search")
   by_dir: dict[str, list[str]] = {}
   for t in study.trials:
     by_dir.setdefault(t.user_attrs["lmjax_dir"], []).append(t.state.name)
-  other = [d for d in by_dir if d != "trial_0000"]  # its number follows the retry's
-  assert by_dir["trial_0000"] == ["FAIL", "COMPLETE"] and len(other) == 1
-  assert by_dir[other[0]] == ["COMPLETE"]
-  log = (workdir / "trial_0000" / "train.log").read_text()
+  # the queued third point ran before the retry (number 3), which kept its directory; the
+  # retry (a faster rate than the first) beats the median at each evaluation: not pruned
+  assert by_dir == {"trial_0000": ["COMPLETE"], "trial_0001": ["FAIL", "COMPLETE"],
+                    "trial_0002": ["PRUNED"]}
+  log = (workdir / "trial_0001" / "train.log").read_text()
   assert "resumed from" in log and "step 10" in log.split("resumed from")[1].splitlines()[0]
-  retry = [t for t in study.trials if t.state.name == "COMPLETE"
-           and t.user_attrs["lmjax_dir"] == "trial_0000"][0]
+  first, retry = (t for t in study.trials if t.state.name == "COMPLETE")
+  assert sorted(first.intermediate_values) == [10, 20, 30, 40]
   assert sorted(retry.intermediate_values) == [10, 20, 30, 40]  # the first attempt's 10 too
+  assert first.value == pytest.approx(first.intermediate_values[40])
+  # the pruned trial stopped at its first evaluation, its checkpoint written
+  assert json.loads((workdir / "trial_0002" / "pruned.json").read_text())["step"] == 10
+  assert sorted(os.listdir(workdir / "trial_0002" / "checkpoints")) == ["10"]
   rows = list(csv.DictReader(open(workdir / "summary.csv")))
-  assert sorted(r["trial"] for r in rows) == ["trial_0000", other[0]]
-  assert (workdir / "param_importances.png").read_bytes()[:4] == b"\x89PNG"
+  assert sorted((r["trial"], r["status"]) for r in rows) == [
+      ("trial_0000", "complete"), ("trial_0001", "complete"), ("trial_0002", "pruned")]
+  for plot in ("optimization_history.png", "param_importances.png"):
+    assert (workdir / plot).read_bytes()[:4] == b"\x89PNG"
+  best = [r["trial"] for r in rows if r["status"] == "complete"][0]  # rows: best eval loss first
+  assert f"best: {best} " in again.stdout
+  # Again, in this process (launch.sweep's main is this call): the study is done, nothing runs.
+  from lmjax.sweep.files import load_sweep
+  from lmjax.sweep.run import SweepOptions, run_sweep
+  done = run_sweep(load_sweep(sweep), SweepOptions(
+      config=os.path.join(ROOT, "experiments", "clm_tiny.py"), sweep=sweep, workdir=str(workdir),
+      extra=tuple(_overrides(tmp_path, 40, 10))))
+  assert not done.failed and sorted(r["trial"] for r in done.rows) == sorted(by_dir)
+  assert len(_study(f"sqlite:///{workdir}/study.db", "search").trials) == 4
 
 
 @pytest.fixture(scope="session")
@@ -216,6 +209,7 @@ def test_workers_a_killed_search_and_other_machines_never_train_one_point_twice(
     assert first.state.name == "FAIL" and t.params == first.params
     assert t.user_attrs["lmjax_dir"] == first.user_attrs["lmjax_dir"]
   assert all((workdir / t.user_attrs["lmjax_dir"] / "checkpoints" / "20").is_dir() for t in done)
+  assert (workdir / "param_importances.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _kill_and_rerun(tmp_path, workdir, space: str, flags: list[str], complete: int) -> None:

@@ -201,11 +201,20 @@ def _cli(inputs, output, *extra):
           f"--tokenizer={TOKENIZER}", f"--output={output}", "--split_mb=0.25", *extra]
 
 
-@pytest.mark.parametrize("records_before_kill", [2, 12])
-def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path, records_before_kill):
-  inputs = _big_corpus(tmp_path / "in")
-  subprocess.run(_cli(inputs, tmp_path / "whole", "--workers=2"), cwd=ROOT, check=True,
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory):
+  """(the big corpus's files, its store prepared uninterrupted), once for both kills."""
+  tmp = tmp_path_factory.mktemp("big")
+  inputs = _big_corpus(tmp / "in")
+  subprocess.run(_cli(inputs, tmp / "whole", "--workers=2"), cwd=ROOT, check=True,
                  capture_output=True, timeout=300)
+  return inputs, tmp / "whole"
+
+
+@pytest.mark.parametrize("records_before_kill", [2, 12])
+def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path, big_store,
+                                                          records_before_kill):
+  inputs, whole = big_store
   out = tmp_path / "killed"
   proc = subprocess.Popen(_cli(inputs, out, "--workers=2"), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -224,7 +233,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path, records_befor
   assert f"({records_before_kill}" in rerun.stdout or " reused)" in rerun.stdout
   reused = int(rerun.stdout.split(" reused)")[0].rsplit("(", 1)[1])
   assert reused >= records_before_kill
-  assert tree_digest(out) == tree_digest(tmp_path / "whole")
+  assert tree_digest(out) == tree_digest(whole)
 
 
 def test_rerun_keeps_complete_shards_redoes_damaged_ones_and_adds_new_inputs(tmp_path, docs):
@@ -283,22 +292,9 @@ def test_training_from_a_store_equals_training_from_the_text_files(tmp_path):
   assert len(losses[0]) == 4 and losses[0] == losses[1]
 
 
-def test_two_processes_train_from_a_store(tmp_path):
-  _prepare([os.path.join(BUNDLED_DIR, "train.txt")], tmp_path / "store", split_mb=0.2)
-  args = [sys.executable, "-m", "launch.local", "--num_processes=2", "--",
-          "--config=experiments/clm_tiny.py", f"--workdir={tmp_path / 'run'}",
-          f"--config.data.train_files=('{tmp_path / 'store'}',)",
-          f"--config.data.cache_dir={tmp_path / 'cache'}",
-          "--config.model.d_model=32", "--config.model.num_layers=1", "--config.model.d_ff=64",
-          "--config.data.seq_len=32", "--config.train.batch_size=8", "--config.train.steps=4",
-          "--config.train.log_every=2", "--config.train.eval_every=0",
-          "--config.train.eval_batches=1"]
-  proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=400)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
-  # The store was read, not prepared again: the only cache entry is the eval text's.
-  assert len(os.listdir(tmp_path / "cache")) == 1
+# Two processes training from a store (each reading its rows of the shards, nothing
+# tokenized again) live in tests/test_object_storage.py::
+# test_two_processes_train_from_a_store_in_a_bucket_workdir, with the store in a bucket.
 
 
 def _zstd(data: bytes) -> bytes:
