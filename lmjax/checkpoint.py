@@ -206,8 +206,16 @@ class Checkpointer:
     return out.state, meta
 
   def restore_arrays(self, step: int) -> dict[str, Any]:
-    """The saved state as nested dicts of host arrays, without a target structure."""
-    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    """The saved state as nested dicts of arrays on this process's first device, without a
+    target structure: readable whatever devices and processes saved it (orbax restores a
+    target-less tree onto the saved sharding, which fails on another topology)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    tree = ocp.StandardCheckpointer().metadata(self._manager.directory / str(step) / "state")
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+        if hasattr(m, "shape") and hasattr(m, "dtype") else m, tree.item_metadata.tree)
+    out = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return out.state
 
   def restore_params(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -51,6 +51,13 @@ def test_two_processes_resume_and_match_one_process(tmp_path):
     ref = want[(r["step"], r["split"])]
     assert abs(r["loss"] - ref["loss"]) < 1e-4 * max(1.0, abs(ref["loss"])), (r, ref)
   assert sorted(p.name for p in (multi / "checkpoints").iterdir()) == ["4", "6", "8"]
+  # Both runs load for inference in this one-device process, whatever devices and processes
+  # saved them (a target-less restore once failed here with a topology mismatch).
+  import jax
+  import numpy as np
+  from lmjax import pretrained
+  got, want = pretrained.load(str(multi)).params, pretrained.load(str(single)).params
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), got, want)
 
 
 def test_local_launcher_stops_all_processes_when_one_fails(tmp_path):
