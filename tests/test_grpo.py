@@ -301,3 +301,15 @@ def test_benchmark_runs_tiny(tmp_path):
   assert got["update_share"] == pytest.approx(1 - got["generation_share"])
   for key in ("rollout_tokens_per_s", "served_tokens_per_s", "grpo_step_vs_sft"):
     assert got[key] > 0, key
+
+
+def test_benchmark_measures_a_run_s_held_out_rewards(straight):
+  """`benchmarks.grpo --held_out RUN`: the run's greedy replies to grpo_tiny's held-out
+  prompts (its default task), scored as a GRPO run's evaluation scores them."""
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.grpo", f"--held_out={straight[0]}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert got["run"] == str(straight[0])
+  for name in ("exact_match", "speaker_similarity", "format"):
+    assert 0 <= got[f"reward_{name}"] <= 1, got
