@@ -79,10 +79,13 @@ def _assert_matches_reference(fn, q, k, v, seg, w, causal, prefix_len=None, tol=
 
 # Blocks of 16x8 and 8x16 over 37 tokens: several partial, skipped and diagonal blocks;
 # 64x64: one block longer than the row, taken by the path that keeps its probabilities
-# (SAVED_PROBS_MAX_LEN). MHA and GQA (two query heads per KV head).
-@pytest.mark.parametrize("blocks", [(16, 8), (8, 16), (64, 64)])
-@pytest.mark.parametrize("kv_heads", [4, 2])
-@pytest.mark.parametrize("mode", ["causal", "bidirectional", "prefix"])
+# (SAVED_PROBS_MAX_LEN). GQA (two query heads per KV head) for every mask and block shape;
+# MHA (a group of one, the same code with the group axis 1) once per block shape, each
+# with another mask.
+@pytest.mark.parametrize("mode,kv_heads,blocks", [
+    *[(mode, 2, blocks) for mode in ("causal", "bidirectional", "prefix")
+      for blocks in ((16, 8), (8, 16), (64, 64))],
+    ("causal", 4, (16, 8)), ("prefix", 4, (8, 16)), ("bidirectional", 4, (64, 64))])
 def test_blockwise_attention_equals_reference(mode, kv_heads, blocks):
   from lmjax.model.blockwise import blockwise_attention
   q, k, v, seg, w = _inputs(kv_heads)
@@ -163,7 +166,9 @@ def test_every_implementation_gives_the_same_model(family):
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 128), 0, 64)
   seg = jnp.concatenate([jnp.ones((2, 50), jnp.int32), jnp.full((2, 78), 2)], axis=1)
   params = build_model(cfg).init(jax.random.PRNGKey(0), tokens, seg)
-  outs = {impl: build_model(cfg.replace(attention_impl=impl)).apply(params, tokens, seg)
+  # compiled: op by op, four 2-layer models cost seconds of dispatch
+  apply = lambda impl: jax.jit(build_model(cfg.replace(attention_impl=impl)).apply)
+  outs = {impl: apply(impl)(params, tokens, seg)
           for impl in ("reference", "xla", "blockwise", "splash")}
   for impl, out in outs.items():
     np.testing.assert_allclose(out, outs["reference"], atol=2e-4, rtol=2e-4, err_msg=impl)
@@ -182,10 +187,14 @@ def test_window_mask_is_transformers_sliding_window():
 
 # Windows of 5 (inside a block) and 20 (across several 8- and 16-wide blocks), with and
 # without soft-capping and a scale of their own (Gemma's query_pre_attn_scalar); the
-# window as a Python int and as a traced value (a scanned stack of mixed layers).
-@pytest.mark.parametrize("blocks", [(16, 8), (8, 16), (64, 64)])
-@pytest.mark.parametrize("window,softcap,traced", [(5, 0.0, False), (20, 2.0, False),
-                                                   (20, 0.0, True), (5, 3.0, True)])
+# window as a Python int and as a traced value (a scanned stack of mixed layers). Each
+# block shape takes a Python and a traced window, one of them soft-capped; each of the four
+# window settings runs on a multi-block shape (the one-block 64x64 path masks a single
+# block, its window 5 and 20 alike).
+@pytest.mark.parametrize("blocks,window,softcap,traced", [
+    ((16, 8), 20, 2.0, False), ((16, 8), 20, 0.0, True),
+    ((8, 16), 5, 0.0, False), ((8, 16), 5, 3.0, True),
+    ((64, 64), 20, 2.0, False), ((64, 64), 5, 0.0, True)])
 def test_blockwise_sliding_window_and_softcap_equal_reference(blocks, window, softcap, traced):
   from lmjax.model.blockwise import blockwise_attention
   q, k, v, seg, w = _inputs(2)
