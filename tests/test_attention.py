@@ -71,9 +71,8 @@ def _assert_matches_reference(fn, q, k, v, seg, w, causal, prefix_len=None, tol=
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.where(valid, f(q, k, v), 0.0) * w)
   np.testing.assert_allclose(np.where(valid, fn(q, k, v), 0), np.where(valid, ref(q, k, v), 0),
                              atol=tol, rtol=tol)
-  # each gradient compiled as one program (op by op: seconds of dispatch)
-  grads = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
-  expected = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
+  grads = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
+  expected = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
   for name, got, want in zip("qkv", grads, expected):
     np.testing.assert_allclose(got, want, atol=10 * tol, rtol=10 * tol, err_msg=f"d{name}")
 
@@ -144,7 +143,7 @@ def test_splash_attention_in_interpret_mode_equals_reference(causal, kv_heads):
   from lmjax.model.splash import splash_attention
   q, k, v, seg, w = _inputs(kv_heads, t=200)
   fn = lambda q, k, v: splash_attention(q, k, v, seg, causal)
-  _assert_matches_reference(jax.jit(fn), q, k, v, seg, w, causal, tol=2e-5)
+  _assert_matches_reference(fn, q, k, v, seg, w, causal, tol=2e-5)
 
 
 def test_splash_refuses_a_prefix_lm_mask():
@@ -167,9 +166,7 @@ def test_every_implementation_gives_the_same_model(family):
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 128), 0, 64)
   seg = jnp.concatenate([jnp.ones((2, 50), jnp.int32), jnp.full((2, 78), 2)], axis=1)
   params = build_model(cfg).init(jax.random.PRNGKey(0), tokens, seg)
-  # compiled: op by op, four 2-layer models cost seconds of dispatch
-  apply = lambda impl: jax.jit(build_model(cfg.replace(attention_impl=impl)).apply)
-  outs = {impl: apply(impl)(params, tokens, seg)
+  outs = {impl: build_model(cfg.replace(attention_impl=impl)).apply(params, tokens, seg)
           for impl in ("reference", "xla", "blockwise", "splash")}
   for impl, out in outs.items():
     np.testing.assert_allclose(out, outs["reference"], atol=2e-4, rtol=2e-4, err_msg=impl)
@@ -246,8 +243,8 @@ def test_splash_local_mask_and_softcap_in_interpret_mode_equal_reference(window,
   q, k, v, seg, w = _inputs(2, t=200)
   fn = lambda q, k, v: splash_attention(q, k, v, seg, True, window=window, scale=0.3,
                                         softcap=softcap)
-  _assert_matches_reference(jax.jit(fn), q, k, v, seg, w, True, tol=2e-5, window=window,
-                            scale=0.3, softcap=softcap)
+  _assert_matches_reference(fn, q, k, v, seg, w, True, tol=2e-5, window=window, scale=0.3,
+                            softcap=softcap)
 
 
 def test_dense_implementations_take_the_window_in_the_mask_and_cudnn_as_an_argument(

@@ -108,21 +108,15 @@ def _stack(unrolled):
   return out
 
 
-def _update(tx, grads, params):
-  """The first update from a fresh state, compiled as one program (op by op, Newton-Schulz's
-  matmuls cost seconds of dispatch)."""
-  return jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params)
-
-
 def test_muon_orthogonalises_each_layer_of_a_scanned_stack_on_its_own():
   """The same weights and gradients, unrolled and as a scanned (layers, ...) stack, get the
   same update: each layer's matrix is orthogonalised alone, not the 3-D array."""
   flat, scanned = _fns("muon"), _fns("muon", scan=True)
   params = _init(flat).params
   grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(p.size), p.shape), params)
-  u_flat = _update(flat.tx, grads, params)
+  u_flat, _ = flat.tx.update(grads, flat.tx.init(params), params)
   stacked = _stack(params)
-  u_scan = _update(scanned.tx, _stack(grads), stacked)
+  u_scan, _ = scanned.tx.update(_stack(grads), scanned.tx.init(stacked), stacked)
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), _stack(u_flat), u_scan)
   # and the hidden matrices' updates are orthogonal up to Newton-Schulz's band (0.5-1.5)
   wi = -np.asarray(u_flat["transformer"]["stack"]["layers_0"]["mlp"]["wi"]["kernel"])
@@ -135,7 +129,8 @@ def test_muon_gives_the_other_parameters_adamw():
   adam, muon = _fns("adamw", clip_grad_norm=0.0), _fns("muon", clip_grad_norm=0.0)
   params = _init(muon).params
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.01), params)
-  u_muon, u_adam = _update(muon.tx, grads, params), _update(adam.tx, grads, params)
+  u_muon, _ = muon.tx.update(grads, muon.tx.init(params), params)
+  u_adam, _ = adam.tx.update(grads, adam.tx.init(params), params)
   for path in (("transformer", "embed", "tokens", "embedding"),
                ("transformer", "final_norm", "norm", "scale"),
                ("transformer", "stack", "layers_1", "mlp", "wo", "bias")):
