@@ -79,10 +79,13 @@ def _assert_matches_reference(fn, q, k, v, seg, w, causal, prefix_len=None, tol=
 
 # Blocks of 16x8 and 8x16 over 37 tokens: several partial, skipped and diagonal blocks;
 # 64x64: one block longer than the row, taken by the path that keeps its probabilities
-# (SAVED_PROBS_MAX_LEN). MHA and GQA (two query heads per KV head).
-@pytest.mark.parametrize("blocks", [(16, 8), (8, 16), (64, 64)])
-@pytest.mark.parametrize("kv_heads", [4, 2])
-@pytest.mark.parametrize("mode", ["causal", "bidirectional", "prefix"])
+# (SAVED_PROBS_MAX_LEN). GQA (two query heads per KV head) for every mask and block shape;
+# MHA (a group of one, the same code with the group axis 1) once per block shape, each
+# with another mask.
+@pytest.mark.parametrize("mode,kv_heads,blocks", [
+    *[(mode, 2, blocks) for mode in ("causal", "bidirectional", "prefix")
+      for blocks in ((16, 8), (8, 16), (64, 64))],
+    ("causal", 4, (16, 8)), ("prefix", 4, (8, 16)), ("bidirectional", 4, (64, 64))])
 def test_blockwise_attention_equals_reference(mode, kv_heads, blocks):
   from lmjax.model.blockwise import blockwise_attention
   q, k, v, seg, w = _inputs(kv_heads)
@@ -182,10 +185,14 @@ def test_window_mask_is_transformers_sliding_window():
 
 # Windows of 5 (inside a block) and 20 (across several 8- and 16-wide blocks), with and
 # without soft-capping and a scale of their own (Gemma's query_pre_attn_scalar); the
-# window as a Python int and as a traced value (a scanned stack of mixed layers).
-@pytest.mark.parametrize("blocks", [(16, 8), (8, 16), (64, 64)])
-@pytest.mark.parametrize("window,softcap,traced", [(5, 0.0, False), (20, 2.0, False),
-                                                   (20, 0.0, True), (5, 3.0, True)])
+# window as a Python int and as a traced value (a scanned stack of mixed layers). Each
+# block shape takes a Python and a traced window, one of them soft-capped; each of the four
+# window settings runs on a multi-block shape (the one-block 64x64 path masks a single
+# block, its window 5 and 20 alike).
+@pytest.mark.parametrize("blocks,window,softcap,traced", [
+    ((16, 8), 20, 2.0, False), ((16, 8), 20, 0.0, True),
+    ((8, 16), 5, 0.0, False), ((8, 16), 5, 3.0, True),
+    ((64, 64), 20, 2.0, False), ((64, 64), 20, 0.0, True)])
 def test_blockwise_sliding_window_and_softcap_equal_reference(blocks, window, softcap, traced):
   from lmjax.model.blockwise import blockwise_attention
   q, k, v, seg, w = _inputs(2)

@@ -98,21 +98,34 @@ def test_each_decode_steps_logits_equal_transformers(family):
   np.testing.assert_allclose(np.stack(got), family.logits, atol=1e-4, rtol=1e-4)
 
 
+# Each family's decoding math is checked step by step above (Decoder.forward, which the
+# Engine and the Generator both run); their own code differs by family only where a cache
+# holds windowed layers or a layer routes to experts. So each family goes through one of the
+# two (each compiles its programs, ~4 CPU-s a family), and each of them sees plain, windowed
+# and mixture-of-experts families. Gemma 3 goes through both here, and through launch.generate
+# and launch.serve below.
+ENGINE_FAMILIES = {"llama3", "olmo2", "mistral", "gemma2", "gemma3_text", "qwen3_moe"}
+GENERATOR_FAMILIES = {"qwen3", "qwen2", "phi3", "mixtral", "olmoe", "gemma3_text"}
+
+
 def test_greedy_tokens_equal_transformers_generate(family):
   """The Engine (the server's) without eos ids gives transformers' 40 tokens; the Generator
   with generation_config.json's eos ids stops where transformers stops."""
+  assert ENGINE_FAMILIES | GENERATOR_FAMILIES == set(NAMES)
   src = family.source
   defaults = generation_config.for_model(src)
   assert defaults.eos_ids == tuple(family.eos)
   pad = max(src.tokenizer.special.pad, 0)
-  engine = Engine(src.model, src.params, pad=pad, slots=1, chunk=64, max_len=160)
-  engine.start()
-  try:
-    assert generate_all(engine, [family.prompt], NEW) == [family.free]
-  finally:
-    engine.stop()
-  gen = Generator(src.model, src.params, eos=defaults.eos_ids, pad=pad)
-  assert gen.generate([family.prompt], SamplingConfig(NEW, temperature=0.0)) == [family.want]
+  if family.name in ENGINE_FAMILIES:
+    engine = Engine(src.model, src.params, pad=pad, slots=1, chunk=64, max_len=160)
+    engine.start()
+    try:
+      assert generate_all(engine, [family.prompt], NEW) == [family.free]
+    finally:
+      engine.stop()
+  if family.name in GENERATOR_FAMILIES:
+    gen = Generator(src.model, src.params, eos=defaults.eos_ids, pad=pad)
+    assert gen.generate([family.prompt], SamplingConfig(NEW, temperature=0.0)) == [family.want]
 
 
 def test_export_keeps_the_generation_config(family, tmp_path):

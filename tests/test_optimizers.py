@@ -73,8 +73,12 @@ def test_adamw_is_todays_optimizer_bit_for_bit():
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("scan", [False, True])
+# Muon and Adafactor treat a scanned (layers, ...) stack's matrices apart from unrolled
+# ones: both layouts. AdamW, Lion and schedule-free AdamW update elementwise, the same on
+# either layout: one each (scanned and unrolled models compute alike: test_model.py).
+@pytest.mark.parametrize("kind,scan", [("muon", False), ("muon", True), ("adafactor", False),
+                                       ("adafactor", True), ("adamw", False), ("lion", True),
+                                       ("schedule_free_adamw", False)])
 def test_every_optimizer_trains(kind, scan):
   lr = {"adafactor": 3e-2, "lion": 1e-3}.get(kind, 1e-2)
   fns = _fns(kind, scan, learning_rate=lr, adafactor_min_dim=16)

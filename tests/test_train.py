@@ -175,9 +175,10 @@ def test_run_stops_after_consecutive_non_finite_steps(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
 
 
-@pytest.mark.parametrize("kind,tied,cap", [("clm", True, 0.0), ("clm", False, 0.0),
-                                           ("mlm", True, 0.0), ("mlm", False, 0.0),
-                                           ("clm", True, 2.0), ("clm", False, 2.0)])
+# Each objective with a tied and an untied head, one of them soft-capped; tied and untied
+# heads each with and without the cap (the pairs of the full 2 x 2 x 2 grid).
+@pytest.mark.parametrize("kind,tied,cap", [("clm", True, 2.0), ("clm", False, 0.0),
+                                           ("mlm", True, 0.0), ("mlm", False, 2.0)])
 def test_fused_head_trains_as_the_logits_path(kind, tied, cap):
   """objective.fused_head=on and off take the same steps: same metrics and parameters
   (with Gemma's final soft-capping too: the fused loss caps its chunks' logits)."""
