@@ -4,8 +4,8 @@
   python -m benchmarks.grpo --held_out runs/grpo_warmup,runs/grpo_tiny [--variant passages]
 
 --held_out: each run's greedy replies to experiments/grpo_tiny.py's held-out prompts (of
-its default task, or of `--variant`'s) and their mean rewards (`reward_exact_match`: the held-out exact match), through the same
-evaluation a GRPO run makes; no timing.
+its default task, or of `--variant`'s) and their mean rewards (`reward_exact_match`: the
+held-out exact match), through the same evaluation a GRPO run makes; no timing.
 
 At clm_tiny's shape (d128, 4 layers; random weights unless --init_from), on the prompts of
 experiments/data/grpo_train.jsonl (seq 208, 4 prompts x 8 replies, up to 12 tokens each):
@@ -176,8 +176,8 @@ def held_out(run: str) -> dict:
   from lmjax.experiment import experiment_from_dict
   from lmjax.loop import evaluate
   from lmjax.steps import eval_step
-  exp = experiment_from_dict(importlib.import_module("experiments.grpo_tiny").get_config(FLAGS.variant)
-                             .to_dict())
+  module = importlib.import_module("experiments.grpo_tiny")
+  exp = experiment_from_dict(module.get_config(FLAGS.variant).to_dict())
   source = pretrained.load(run)
   model = source.model.replace(dropout_rate=0.0)
   objective = objectives.build(exp.objective, source.tokenizer.special, model.vocab_size,
