@@ -48,13 +48,7 @@ SLOW_FIRST = ("test_multidevice.py", "test_multidevice_moe.py", "test_search.py"
               "test_reported_bugs.py", "test_squad.py", "test_sweep_benchmarks.py",
               "test_benchmarks.py", "test_multiprocess_faults.py", "test_object_storage.py",
               "test_finetune_loop.py", "test_moe_runs.py", "test_multiprocess.py", "test_kill.py",
-              "test_lm_eval.py", "test_optimizers.py", "test_wsd.py", "test_checkpoint_damage.py",
-              # then the other files of a minute or more, so that the last files handed out
-              # are short ones and neither worker waits long for the other at the end
-              "test_family_generation.py", "test_model.py", "test_lora.py", "test_compile.py",
-              "test_attention.py", "test_train.py", "test_use_models.py", "test_family_finetune.py",
-              "test_qlora.py", "test_serve_profile.py", "test_plugins.py", "test_precision.py",
-              "test_mixture.py", "test_serve.py", "test_trl_parity.py")
+              "test_lm_eval.py", "test_optimizers.py", "test_wsd.py", "test_checkpoint_damage.py")
 
 
 def pytest_configure(config):
