@@ -56,14 +56,18 @@ def _resume_after(tmp_path, trained, damage):
   workdir = tmp_path / "run"
   shutil.copytree(src_tmp / "run", workdir)
   damage(workdir)
-  warnings = []
-  original = logging.warning
-  logging.warning = lambda msg, *args: warnings.append(msg % args if args else msg)
+  return workdir, _train_saying(config, workdir, "warning")
+
+
+def _train_saying(config, workdir, level: str) -> list[str]:
+  """Trains `config` in `workdir` in this process; the absl messages logged at `level`."""
+  said, original = [], getattr(logging, level)
+  setattr(logging, level, lambda msg, *args: said.append(msg % args if args else msg))
   try:
     train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(workdir))
   finally:
-    logging.warning = original
-  return workdir, warnings
+    setattr(logging, level, original)
+  return said
 
 
 # A stray entry beside two of the damaged steps (one resume sets aside both): an unfinished
@@ -162,13 +166,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
   # launcher of their own): the same config as the launcher's flags.
   config = tiny_config("clm_tiny", tmp_path, train__steps=4, train__checkpoint_every=2,
                        runtime__compilation_cache_dir=str(tmp_path / "xla"))
-  said = []
-  original = logging.info
-  logging.info = lambda msg, *a: said.append(msg % a if a else msg)
-  try:
-    train_lib.train_and_evaluate(experiment_from_dict(config.to_dict()), str(workdir))
-  finally:
-    logging.info = original
+  said = _train_saying(config, workdir, "info")
   assert f"resumed from {workdir / 'checkpoints'} step 2" in said, said
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
   assert os.listdir(workdir / "checkpoints_damaged")[0].startswith("4.orbax-checkpoint-tmp")
