@@ -270,9 +270,10 @@ def main(argv: list[str]) -> None:
     profile = None
     if FLAGS.profile:
       from benchmarks import serve_profile
-      profile = {"served": served_phases, "engine_alone": alone_phases,
-                 "device": serve_profile.device_steps(
-                     source, counts, FLAGS.prompt_tokens + FLAGS.max_tokens)}
+      device = serve_profile.device_steps(source, counts, FLAGS.prompt_tokens + FLAGS.max_tokens)
+      profile = {"served": served_phases, "engine_alone": alone_phases, "device": device,
+                 "limits": serve_profile.ceilings(loads, served_phases, device, baseline_clients,
+                                                  os.cpu_count() or 1)}
   report(source, health, loads, alone, loop, cold, baseline_clients, profile)
 
 
@@ -334,6 +335,7 @@ def report_profile(loads: list[dict], alone: dict[int, float], profile: dict) ->
   print("  the device alone, ms: " + "; ".join(
       f"{rows} rows: forward {d['forward_ms']:.2f}, sampler {d['sampler_ms']:.2f}"
       for rows, d in profile["device"].items()))
+  serve_profile.print_ceilings(profile["limits"], os.cpu_count() or 1)
 
 
 def counts_one(rates: dict[int, float]) -> int:

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-ENGINE = ("prepare", "dispatch", "device", "transfer", "emit", "admit", "prefill", "idle")
+ENGINE = ("prepare", "dispatch", "device", "transfer", "emit", "admit", "prefill", "resize",
+          "idle")
 
 
 def process_cpu(pid: int) -> float:
@@ -127,3 +128,37 @@ def _best(fn, repeats: int) -> float:
     fn()
     times.append(time.perf_counter() - began)
   return float(np.min(times) * 1e3)
+
+
+def ceilings(loads: list[dict], served: list[dict], device: dict[int, dict], n: int,
+             cores: int) -> dict[str, float]:
+  """What this machine allows the targets' ratios (n rows against one, n clients against
+  one), measured: the device's own scaling (an n-row decode step, forward + sampler each
+  compiled alone, against a 1-row one: n rows cannot give more than n x t(1) / t(n) of one
+  row's tokens/s) and the CPU that the n-client load spent per token, server and clients
+  together on the same `cores` (n clients cannot get more tokens/s than the cores divided by
+  that)."""
+  out: dict[str, float] = {"n": n}
+  step = lambda rows: device[rows]["forward_ms"] + device[rows]["sampler_ms"]
+  if 1 in device and n in device:
+    out["device_rows_x"] = n * step(1) / step(n)
+  one = next((x for x in loads if x["clients"] == 1), None)
+  for load, phases in zip(loads, served):
+    if load["clients"] == n and one is not None:
+      cpu = (phases["server_cpu_s"] + phases["client_cpu_s"]) / max(
+          phases["engine_counts"]["tokens"], 1)
+      out["cpu_us_per_token"] = cpu * 1e6
+      out["cpu_clients_x"] = cores / cpu / one["tokens_per_s"]
+  return out
+
+
+def print_ceilings(limits: dict[str, float], cores: int) -> None:
+  n = int(limits["n"])
+  if "device_rows_x" in limits:
+    print(f"  this machine's limits: on the device alone a {n}-row step allows at most "
+          f"{limits['device_rows_x']:.2f}x one row's tokens/s", end="")
+  if "cpu_clients_x" in limits:
+    print(f"; the {n}-client load spent {limits['cpu_us_per_token']:.0f} us of CPU a token "
+          f"(server and clients on {cores} cores): at most {limits['cpu_clients_x']:.2f}x one "
+          f"client's tokens/s", end="")
+  print()

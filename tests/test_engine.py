@@ -24,7 +24,7 @@ def model(tiny_runs):
 
 @pytest.fixture(scope="module")
 def engine(model):
-  eng = Engine(model.model, model.params, pad=model.tokenizer.special.pad, slots=3, chunk=16)
+  eng = Engine(model.model, model.params, pad=model.tokenizer.special.pad, slots=3, chunk=32)
   eng.start()
   yield eng
   eng.stop()
@@ -68,12 +68,12 @@ def test_greedy_equals_the_generator_with_more_requests_than_rows(model, engine)
   gen = Generator(model.model, model.params, eos=sp.eos, pad=sp.pad)
   expected = gen.generate(prompts, SamplingConfig(max_new_tokens=24))
   assert generate_all(engine, prompts, 24, stop_ids=(sp.eos,)) == expected
-  long = _prompts(model, ["word " * 90])  # 6 chunks of 16
+  long = _prompts(model, ["word " * 90])  # 2 chunks of 32, then 27 tokens at width 32
   assert generate_all(engine, long, 10) == gen.generate(long, SamplingConfig(max_new_tokens=10))
 
 
 def test_a_request_joins_the_running_batch_and_prefill_interleaves(model, engine):
-  first, second = _prompts(model, ["ROMEO.", "word " * 90])
+  first, second = _prompts(model, ["ROMEO.", "word " * 170])
   chunks = -(-len(second) // engine.chunk)
   assert chunks >= 5
   Recorder.log, Recorder.engine = [], engine
@@ -128,10 +128,18 @@ def test_cancel_frees_the_row_and_nothing_compiled_after_start(model, engine):
       break
     threading.Event().wait(0.05)
   assert engine.busy_rows() == 0
+  for _ in range(100):  # with no row busy the cache shrinks back to one row
+    if engine._size == 1:
+      break
+    threading.Event().wait(0.05)
+  assert engine._size == 1 and engine.phases.counts["resizes"] > 4  # it grew to 3 rows above
   # every test above: different lengths, budgets, sampling parameters and seeds
-  # compiled at start-up: one prefill program and a decode step per bucket (1, 2, 3 rows)
+  # compiled at start-up: a prefill program per width, and a decode step and a row insert per
+  # cache size (1, 2, 3 rows)
   assert engine.buckets == [1, 2, 3]
-  assert engine._decode._cache_size() == 3 and engine._prefill._cache_size() == 1
+  assert engine.widths == [16, 32] and engine._prefill._cache_size() == 2  # chunks of 32
+  assert engine._decode._cache_size() == 3 and engine._insert._cache_size() == 3
+  assert engine._resize._cache_size() == 4  # 1 -> 2 -> 3 and back
 
 
 def test_requests_that_do_not_fit_are_refused(model, engine):

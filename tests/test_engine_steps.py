@@ -89,6 +89,19 @@ def test_a_dispatch_fits_its_time_budget(model):
   assert got.tokens == Generator(*model, eos=-1, pad=0).generate([PROMPT], sampling, seed=4)[0]
 
 
+def test_the_cache_holds_only_the_rows_that_run(model):
+  """The cache grows when a request takes a row it lacks and shrinks SHRINK_AFTER dispatches
+  after the rows beyond a smaller size have ended; the rows that stay decode on unchanged."""
+  from lmjax.inference.engine import SHRINK_AFTER
+  engine = Engine(*model, pad=0, slots=2, chunk=16, steps_per_dispatch=1)
+  long, short = Events(engine), Events(engine)
+  engine.complete([Request(PROMPT, 12 + SHRINK_AFTER, long), Request(PROMPT[:3], 2, short)])
+  assert engine._size == 1 and engine.phases.counts["resizes"] == 2  # 1 -> 2 -> 1
+  greedy = Generator(*model, eos=-1, pad=0).generate([PROMPT, PROMPT[:3]],
+                                                    SamplingConfig(12 + SHRINK_AFTER))
+  assert long.tokens == greedy[0] and short.tokens == greedy[1][:2]
+
+
 class _Letters:
   """A tokenizer whose ids are letters (id 0 = 'a'), so text and tokens line up."""
 

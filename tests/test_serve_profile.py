@@ -2,6 +2,7 @@
 accounting (GET /health's `profile`) adds up to what the clients received, per load."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,3 +55,13 @@ def test_the_profile_accounts_for_every_token(served):
   assert set(profile["device"]) == {"1", "4"}
   assert all(d["forward_ms"] > 0 and d["sampler_ms"] > 0 for d in profile["device"].values())
   assert "where the time goes" in stdout and "per token (us)" in stdout
+  # the machine's limits for the ratios (4 clients here, 8 in a full run), from those figures
+  limits, step = profile["limits"], {int(k): d["forward_ms"] + d["sampler_ms"]
+                                     for k, d in profile["device"].items()}
+  assert limits["n"] == 4 and limits["device_rows_x"] == pytest.approx(4 * step[1] / step[4])
+  four = profile["served"][1]
+  cpu = (four["server_cpu_s"] + four["client_cpu_s"]) / four["engine_counts"]["tokens"]
+  assert limits["cpu_us_per_token"] == pytest.approx(cpu * 1e6)
+  assert limits["cpu_clients_x"] == pytest.approx(
+      os.cpu_count() / cpu / result["loads"][0]["tokens_per_s"])
+  assert "this machine's limits" in stdout

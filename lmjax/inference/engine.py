@@ -58,7 +58,11 @@ Array = jax.Array
 # Where the engine thread's time goes (`phases`, in /health): taking requests in, prefill
 # chunks, building a step's inputs, dispatching it, waiting for the device, copying its
 # results to the host, handing tokens to requests, and waiting for work.
-PHASES = ("admit", "prefill", "prepare", "dispatch", "device", "transfer", "emit", "idle")
+PHASES = ("admit", "prefill", "prepare", "dispatch", "device", "transfer", "emit", "resize",
+          "idle")
+# Dispatches in a row for which a smaller cache would have held every busy row before the
+# cache shrinks to it: a load that hovers at a bucket's edge does not copy back and forth.
+SHRINK_AFTER = 8
 
 
 @dataclasses.dataclass
@@ -114,8 +118,15 @@ class Engine:
     # A multiple of the chunk: a chunk written at any multiple of it stays inside the row.
     self.cache_len = -(-max_len // self.chunk) * self.chunk
     self.buckets = sorted({min(2 ** k, slots) for k in range(slots.bit_length() + 1)})
-    self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2), static_argnames="rows")
-    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1, 2))
+    self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 2))
+    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+    # Bound methods: a jit cache of this engine's own (the tests count its programs).
+    self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1))
+    # Prefill widths: powers of two from 16 up to the chunk, so that a short prompt (or a
+    # long one's last piece) runs at most twice the positions it has, not a whole chunk.
+    self.widths = sorted({min(self.chunk, 16 << k) for k in range(self.chunk.bit_length())})
+    self._resize = jax.jit(self._resize_fn, static_argnames="rows")
+    self._size, self._small_for = self.buckets[0], 0  # the cache's rows now; see _fit
     self._waiting: queue.Queue[Request] = queue.Queue()
     self._rows: list[Request | None] = [None] * slots
     self._table = bs.RowTable(slots)
@@ -123,25 +134,30 @@ class Engine:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self.steps = self.chunks = 0
-    self.phases = Phases(PHASES, ("dispatches", "steps", "row_steps", "tokens", "chunks"))
+    self.phases = Phases(PHASES, ("dispatches", "steps", "row_steps", "tokens", "chunks",
+                                  "resizes"))
     self.error: BaseException | None = None
 
   # ----------------------------------------------------------------------------- device
 
-  def _init_state(self) -> tuple[Any, Array]:
-    cache = self.decoder.init_cache(self.slots, self.cache_len)
-    return cache, jnp.zeros((self.slots, self.cfg.vocab_size), jnp.float32)
+  def _init_state(self) -> None:
+    """The cache at its smallest size, and the one-row staging cache prompts are prefilled
+    into (one at a time, oldest first) before they join the running rows."""
+    self._size, self._small_for = self.buckets[0], 0
+    self._cache = self.decoder.init_cache(self._size, self.cache_len)
+    self._next = jnp.zeros((self._size, self.cfg.vocab_size), jnp.float32)
+    self._staging, self._staged = self.decoder.init_cache(1, self.cache_len), None
+    self._staged_next = jnp.zeros((1, self.cfg.vocab_size), jnp.float32)
 
   def _apply(self, params, cache, tokens, segments, positions):
     positions = jnp.minimum(positions, self.max_len - 1)  # a finished row's last token
     return self.decoder.forward(params, cache, tokens, segments, positions)
 
-  def _decode_fn(self, params, cache, next_logits, ints, floats, steps, *, rows: int):
-    """Up to `steps` tokens for each active row of the first `rows` rows (`batch_state`'s
-    tables): (rows, steps_per_dispatch, RECORD) records. Idle rows' cache and logits are
-    left as they are."""
-    first = lambda a: a[:rows]  # materialised, as in _prefill_fn (1.5x faster here)
-    mine, logits = jax.lax.optimization_barrier((jax.tree.map(first, cache), next_logits[:rows]))
+  def _decode_fn(self, params, cache, next_logits, ints, floats, steps):
+    """Up to `steps` tokens for each active row of the cache (`batch_state`'s tables, one row
+    each): (rows, steps_per_dispatch, RECORD) records. Idle rows' cache and logits are left
+    as they are."""
+    rows = next_logits.shape[0]
     row = bs.unpack_inputs(ints, floats)
 
     def step(carry):
@@ -164,45 +180,59 @@ class Engine:
       return s + 1, mine, logits[:, 0], going, generated, records
 
     records = jnp.zeros((rows, self.steps_per_dispatch, bs.RECORD), jnp.int32)
-    carry = (jnp.int32(0), mine, logits, row["active"], row["generated"], records)
+    carry = (jnp.int32(0), cache, next_logits, row["active"], row["generated"], records)
     carry = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(c[3]), step, carry)
-    put = lambda a, m: jax.lax.dynamic_update_slice_in_dim(a, m, 0, axis=0)
     # An idle row keeps its logits: it may have just been prefilled.
-    logits = jnp.where(row["active"][:, None], carry[2], logits)
-    return jax.tree.map(put, cache, carry[1]), put(next_logits, logits), carry[5]
+    logits = jnp.where(row["active"][:, None], carry[2], next_logits)
+    return carry[1], logits, carry[5]
 
-  def _prefill_fn(self, params, cache, next_logits, row, fresh, tokens, targets, n):
-    """Writes `n` real tokens of (1, C) `tokens` into cache row `row` (emptied first when
-    `fresh`); returns the log-probabilities of `targets` (the following tokens) too."""
-    take = lambda a: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=0)
-    mine = jax.tree.map(take, cache)
+  def _prefill_fn(self, params, cache, fresh, tokens, targets, n):
+    """Writes `n` real tokens of (1, W) `tokens` into the one-row staging `cache` (emptied
+    first when `fresh`): the cache, the next-token logits after them (1, V), and the
+    log-probabilities of `targets` (the following tokens)."""
     empty = lambda path, a: jnp.where(fresh, jnp.zeros_like(a), a) if path[-1].key in (
         "index", "valid") else a
-    # Materialised: XLA:CPU otherwise fuses the slice at a traced row into every reader of
-    # the cache and the chunk runs 2.5x slower (measured; benchmarks.serve).
-    mine = jax.lax.optimization_barrier(jax.tree_util.tree_map_with_path(empty, mine))
-    start = _mask_index(mine)  # (1,) the row's length so far
+    cache = jax.tree_util.tree_map_with_path(empty, cache)
+    start = _mask_index(cache)  # (1,) the row's length so far
     real = jnp.arange(tokens.shape[1]) < n
     segments = real[None].astype(jnp.int32)
     positions = (start[:, None] + jnp.arange(tokens.shape[1])[None]) * segments
-    logits, mine = self._apply(params, mine, tokens, segments, positions)  # (1, C, V)
-    mine = jax.lax.optimization_barrier(mine)
-    cache = jax.tree.map(lambda a, m: jax.lax.dynamic_update_slice_in_dim(a, m, row, axis=0),
-                         cache, mine)
-    next_logits = jax.lax.dynamic_update_slice_in_dim(
-        next_logits, jax.lax.dynamic_index_in_dim(logits[0], n - 1, keepdims=True), row, axis=0)
+    logits, cache = self._apply(params, cache, tokens, segments, positions)  # (1, W, V)
+    last = jax.lax.dynamic_index_in_dim(logits[0], n - 1, keepdims=True)
     logprob, top_ids, top_lp = token_logprobs(logits[0], targets[0])
-    return cache, next_logits, logprob, top_ids, top_lp
+    return cache, last, logprob, top_ids, top_lp
+
+  def _insert_fn(self, cache: Any, next_logits: Array, staged: Any, staged_next: Array,
+                 row: Array) -> tuple[Any, Array]:
+    """Row `row` of the cache and next-token logits becomes the staging row's."""
+    put = lambda a, m: jax.lax.dynamic_update_slice_in_dim(a, m, row, axis=0)
+    return jax.tree.map(put, cache, staged), put(next_logits, staged_next)
+
+  def _resize_fn(self, cache: Any, next_logits: Array, *, rows: int) -> tuple[Any, Array]:
+    """The cache and next-token logits with `rows` rows: the first ones kept, new ones empty
+    (a zero cache index: nothing cached)."""
+    def fit(a):
+      if a.shape[0] >= rows:
+        return a[:rows]
+      return jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+    return jax.tree.map(fit, cache), fit(next_logits)
 
   # ----------------------------------------------------------------------------- host
 
   def start(self) -> "Engine":
-    """Compiles both programs (with a request that fills no row), then serves."""
-    self._cache, self._next = self._init_state()
-    idle = Request([self.pad], 1, lambda event: None)
-    self._run_chunk(0, idle)
-    for rows in self.buckets:  # no row is active: nothing changes
+    """Compiles every program (with a request that fills no row), then serves: at each cache
+    size a prefill chunk and a decode dispatch, and the copies to the next size and back."""
+    self._init_state()
+    for width in self.widths:
+      self._run_chunk(Request([self.pad] * width, 1, lambda event: None))
+    for k, rows in enumerate(self.buckets):  # no row is active: nothing changes
+      self._cache, self._next = self._insert(self._cache, self._next, self._staging,
+                                             self._staged_next, np.int32(0))
       self._run_decode(rows, 1)
+      if k + 1 < len(self.buckets):
+        self._fit(self.buckets[k + 1])
+    for rows in reversed(self.buckets[:-1]):
+      self._fit(rows)
     self._thread = threading.Thread(target=self._loop, name="lmjax-engine", daemon=True)
     self._thread.start()
     return self
@@ -246,7 +276,7 @@ class Engine:
     if self._thread is not None:
       raise RuntimeError("complete() runs requests on the calling thread; the engine serves")
     if not hasattr(self, "_cache"):
-      self._cache, self._next = self._init_state()
+      self._init_state()
     for r in requests:
       self.submit(r)
     while self.busy_rows() or not self._waiting.empty():
@@ -254,16 +284,16 @@ class Engine:
       for i, r in enumerate(self._rows):
         while r is not None and r.prefilled < len(r.prompt):
           self._prefill_row(i)
-      active = self._table.active()
-      if active.any():
-        self._decode_rows(active, False, self.steps_per_dispatch)
+      if self._table.active().any():
+        self._decode_rows(False, self.steps_per_dispatch)
 
   def busy_rows(self) -> int:
     return sum(r is not None for r in self._rows)
 
   def cache_bytes(self) -> int:
-    """Bytes of the KV cache (all rows)."""
-    return sum(a.nbytes for a in jax.tree.leaves(self._cache))
+    """Bytes of the KV cache at its full size (`slots` rows; it holds fewer while fewer are
+    busy)."""
+    return sum(a.nbytes for a in jax.tree.leaves(self._cache)) // self._size * self.slots
 
   def _loop(self) -> None:
     ph = self.phases
@@ -277,10 +307,11 @@ class Engine:
         if prefilling:  # oldest first: one chunk, then a decode dispatch for the others
           self._prefill_row(min(prefilling, key=lambda i: self._rows[i].arrived))
           t = ph.since("prefill", t)
-        active = self._table.active()
-        if active.any():
-          self._decode_rows(active, bool(prefilling))
+        if self._table.active().any():
+          self._decode_rows(bool(prefilling))
         elif not prefilling:
+          self._fit(self.buckets[0])  # nothing runs: the smallest cache, for the next request
+          t = time.perf_counter()
           self._wake.wait(0.5)
           self._wake.clear()
           ph.since("idle", t)
@@ -305,30 +336,61 @@ class Engine:
         r.emit(("done", "cancelled"))
         continue
       r.arrived = time.monotonic()
-      self._rows[self._rows.index(None)] = r
+      i = self._rows.index(None)
+      self._rows[i] = r
+      if i >= self._size:
+        self._fit(next(b for b in self.buckets if b > i))
+
+  def _fit(self, rows: int) -> None:
+    """Grows or shrinks the cache to `rows` rows (a bucket), one bucket at a time (the copies
+    compiled at start-up), keeping the rows both sizes have. A decode dispatch runs every row
+    of the cache, so the cache holds as many rows as the busy ones need: the decode program
+    reads and writes it in place, never a copy of some of its rows."""
+    t = time.perf_counter()
+    while self._size != rows:
+      k = self.buckets.index(self._size)
+      self._size = self.buckets[k + 1 if rows > self._size else k - 1]
+      self._cache, self._next = self._resize(self._cache, self._next, rows=self._size)
+      self.phases.count("resizes")
+    self._small_for = 0
+    self.phases.since("resize", t)
+
+  def _shrink_if_idle_rows(self) -> None:
+    """After SHRINK_AFTER dispatches in a row that a smaller cache would have held."""
+    busy = [i for i, r in enumerate(self._rows) if r is not None]
+    need = next(b for b in self.buckets if b > (busy[-1] if busy else 0))
+    self._small_for = self._small_for + 1 if need < self._size else 0
+    if self._small_for >= SHRINK_AFTER:
+      self._fit(need)
 
   def _finish(self, i: int, reason: str) -> None:
     r, self._rows[i] = self._rows[i], None
     self._table.end(i)
     r.emit(("done", reason))
 
-  def _run_chunk(self, i: int, r: Request) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+  def _run_chunk(self, r: Request) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """`r`'s next prompt piece into the staging row, at the smallest width that holds it."""
     begin = r.prefilled
     piece = r.prompt[begin:begin + self.chunk]
     following = r.prompt[begin + 1:begin + 1 + self.chunk]
-    tokens = np.full((1, self.chunk), self.pad, np.int32)
+    width = next(w for w in self.widths if w >= len(piece))
+    tokens = np.full((1, width), self.pad, np.int32)
     targets = np.zeros_like(tokens)
     tokens[0, :len(piece)], targets[0, :len(following)] = piece, following
-    (self._cache, self._next, logprob, top_ids, top_lp) = self._prefill(
-        self.params, self._cache, self._next, np.int32(i), np.bool_(begin == 0), tokens,
-        targets, np.int32(len(piece)))
+    (self._staging, self._staged_next, logprob, top_ids, top_lp) = self._prefill(
+        self.params, self._staging, np.bool_(begin == 0), tokens, targets, np.int32(len(piece)))
     self.chunks += 1
     self.phases.count("chunks")
     return logprob, top_ids, top_lp, len(piece)
 
   def _prefill_row(self, i: int) -> None:
+    """One chunk of row i's prompt (the oldest being prefilled: the staging row holds it
+    until its last chunk, then its cache row takes it and it decodes with the others)."""
     r = self._rows[i]
-    logprob, top_ids, top_lp, n = self._run_chunk(i, r)
+    if r.prefilled and self._staged is not r:
+      raise RuntimeError("a prompt's prefill was interrupted by another's")  # never: see _loop
+    self._staged = r
+    logprob, top_ids, top_lp, n = self._run_chunk(r)
     if r.echo_logprobs:
       logprob, top_ids, top_lp = jax.device_get((logprob, top_ids, top_lp))
       for j in range(n):
@@ -336,6 +398,8 @@ class Engine:
           r.prompt_logprobs.append((float(logprob[j]), _top(top_ids[j], top_lp[j])))
     r.prefilled += n
     if r.prefilled == len(r.prompt):
+      self._cache, self._next = self._insert(self._cache, self._next, self._staging,
+                                             self._staged_next, np.int32(i))
       self._table.start(i, len(r.prompt), r.max_tokens, r.temperature, r.top_p, r.top_k, r.seed,
                         r.stop_ids, r.token_logprobs)
       if r.echo_logprobs:
@@ -359,13 +423,13 @@ class Engine:
     return steps
 
   def _run_decode(self, rows: int, steps: int) -> tuple[np.ndarray, float]:
-    """One dispatch of the first `rows` rows: its records (rows, steps_per_dispatch, RECORD)
+    """One dispatch of the cache's `rows` rows: its records (rows, steps_per_dispatch, RECORD)
     and the seconds from its dispatch to its results."""
     ph, t = self.phases, time.perf_counter()
     ints, floats = self._table.ints[:rows].copy(), self._table.floats[:rows].copy()
     t = began = ph.since("prepare", t)
     self._cache, self._next, records = self._decode(self.params, self._cache, self._next, ints,
-                                                    floats, np.int32(steps), rows=rows)
+                                                    floats, np.int32(steps))
     t = ph.since("dispatch", t)
     records.block_until_ready()
     t = ph.since("device", t)
@@ -374,9 +438,8 @@ class Engine:
     ph.count("dispatches")
     return records, t - began
 
-  def _decode_rows(self, active: np.ndarray, prefilling: bool, steps: int = 0) -> None:
-    busy = int(np.flatnonzero(active)[-1]) + 1
-    rows = next(b for b in self.buckets if b >= busy)
+  def _decode_rows(self, prefilling: bool, steps: int = 0) -> None:
+    rows = self._size
     records, seconds = self._run_decode(rows, steps or self._steps(prefilling, rows))
     t = time.perf_counter()
     drawn = np.count_nonzero(records[..., 0], axis=1)  # (rows,) tokens each row drew
@@ -393,6 +456,7 @@ class Engine:
       self._hand_over(i, int(drawn[i]), *(out[key][k] for key in (
           "status", "token", "logprob", "top_ids", "top_logprobs")))
     self.phases.since("emit", t)
+    self._shrink_if_idle_rows()
 
   def _hand_over(self, i: int, drawn: int, status: list, tokens: list, logprob: list,
                  top_ids: list, top_lp: list) -> None:
