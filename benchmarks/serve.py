@@ -270,7 +270,10 @@ def main(argv: list[str]) -> None:
     profile = None
     if FLAGS.profile:
       from benchmarks import serve_profile
-      device = serve_profile.device_steps(source, counts, FLAGS.prompt_tokens + FLAGS.max_tokens)
+      cache_len = FLAGS.prompt_tokens + FLAGS.max_tokens
+      device = serve_profile.device_steps(source, counts, cache_len)
+      for rows, ms in serve_profile.engine_steps(source, counts, cache_len).items():
+        device[rows]["decode_ms"] = ms
       profile = {"served": served_phases, "engine_alone": alone_phases, "device": device,
                  "limits": serve_profile.ceilings(loads, served_phases, device, baseline_clients,
                                                   os.cpu_count() or 1)}
@@ -333,8 +336,9 @@ def report_profile(loads: list[dict], alone: dict[int, float], profile: dict) ->
       [(f"{x['clients']} client(s)", p) for x, p in zip(loads, profile["served"])] +
       [(f"engine alone, {k} rows", p) for k, p in profile["engine_alone"].items()])
   print("  the device alone, ms: " + "; ".join(
-      f"{rows} rows: forward {d['forward_ms']:.2f}, sampler {d['sampler_ms']:.2f}"
-      for rows, d in profile["device"].items()))
+      f"{rows} rows: forward {d['forward_ms']:.2f}, sampler {d['sampler_ms']:.2f}, the "
+      f"engine's decode program {d['decode_ms']:.2f} a step" for rows, d in
+      profile["device"].items()))
   serve_profile.print_ceilings(profile["limits"], os.cpu_count() or 1)
 
 

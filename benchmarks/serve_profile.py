@@ -121,6 +121,26 @@ def device_steps(source, rows_list: list[int], cache_len: int, repeats: int = 30
   return out
 
 
+def engine_steps(source, rows_list: list[int], cache_len: int, dispatches: int = 8
+                 ) -> dict[int, float]:
+  """Milliseconds per step of the engine's own decode program, every row of a `rows`-row
+  cache decoding (temperature 1, `steps_per_dispatch` steps a dispatch, back to back, its
+  inputs and records copied as when serving): what batching allows on this machine, with
+  the least host work and none of the serving loop's. (A profile: it drives the engine's
+  internals; the rows' cache indices run on past the cache, which costs the same.)"""
+  from lmjax.inference.engine import Engine
+  engine = Engine(source.model, source.params, pad=0, slots=max(rows_list), max_len=cache_len)
+  steps, out = engine.steps_per_dispatch, {}
+  for rows in rows_list:
+    engine._init_state()
+    engine._fit(rows)
+    for i in range(rows):
+      engine._table.start(i, 1, 2 ** 30, 1.0, 1.0, 0, i, (), logprobs=False)
+    engine._run_decode(rows, steps)  # compile
+    out[rows] = _best(lambda: engine._run_decode(rows, steps), dispatches) / steps
+  return out
+
+
 def _best(fn, repeats: int) -> float:
   times = []
   for _ in range(repeats):
@@ -133,15 +153,14 @@ def _best(fn, repeats: int) -> float:
 def ceilings(loads: list[dict], served: list[dict], device: dict[int, dict], n: int,
              cores: int) -> dict[str, float]:
   """What this machine allows the targets' ratios (n rows against one, n clients against
-  one), measured: the device's own scaling (an n-row decode step, forward + sampler each
-  compiled alone, against a 1-row one: n rows cannot give more than n x t(1) / t(n) of one
+  one), measured: the device's own scaling (a step of the engine's decode program at n rows
+  against one at 1 row, `engine_steps`: n rows cannot give more than n x t(1) / t(n) of one
   row's tokens/s) and the CPU that the n-client load spent per token, server and clients
   together on the same `cores` (n clients cannot get more tokens/s than the cores divided by
   that)."""
   out: dict[str, float] = {"n": n}
-  step = lambda rows: device[rows]["forward_ms"] + device[rows]["sampler_ms"]
   if 1 in device and n in device:
-    out["device_rows_x"] = n * step(1) / step(n)
+    out["device_rows_x"] = n * device[1]["decode_ms"] / device[n]["decode_ms"]
   one = next((x for x in loads if x["clients"] == 1), None)
   for load, phases in zip(loads, served):
     if load["clients"] == n and one is not None:
@@ -155,8 +174,8 @@ def ceilings(loads: list[dict], served: list[dict], device: dict[int, dict], n: 
 def print_ceilings(limits: dict[str, float], cores: int) -> None:
   n = int(limits["n"])
   if "device_rows_x" in limits:
-    print(f"  this machine's limits: on the device alone a {n}-row step allows at most "
-          f"{limits['device_rows_x']:.2f}x one row's tokens/s", end="")
+    print(f"  this machine's limits: the engine's decode program at {n} rows allows at most "
+          f"{limits['device_rows_x']:.2f}x its tokens/s at one row", end="")
   if "cpu_clients_x" in limits:
     print(f"; the {n}-client load spent {limits['cpu_us_per_token']:.0f} us of CPU a token "
           f"(server and clients on {cores} cores): at most {limits['cpu_clients_x']:.2f}x one "

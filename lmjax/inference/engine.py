@@ -1,23 +1,30 @@
 """Continuous batching over the KV-cache decoder, for a server.
 
-The engine holds one KV cache of `slots` rows, each `cache_len` long, and runs a fixed
-set of programs, all compiled at start-up, whatever the requests:
+The engine holds a KV cache of up to `slots` rows, each `cache_len` long, and runs a
+fixed set of programs, all compiled at start-up, whatever the requests:
 
   decode        (rows, 1), up to `steps_per_dispatch` times in one program (a loop on
                 the device): every row samples its next token from the logits its last
                 step left, then feeds it. Rows sit at different lengths: each row's
                 cache index advances by its own real tokens. A row ends on the device
                 when it draws one of its stop ids or its last token, and feeds nothing
-                more. `rows` is the first of `buckets` (1, 2, 4, ... slots) that holds
-                every busy row: requests take the lowest free row, so a light load runs
-                a small batch (vLLM captures its CUDA graphs per batch size the same
-                way). The number of steps is an argument, not a shape.
-  prefill chunk (1, chunk): up to `chunk` prompt tokens of one row, written into
-                that row's cache; also the log-probability of each prompt token
-                (for `echo` + `logprobs`) and the row's next-token logits.
+                more. `rows` is the cache's size now, one of `buckets` (1, 2, 4, ...
+                slots): requests take the lowest free row and the cache holds the first
+                bucket that covers the busy rows, so a light load runs a small batch (vLLM
+                captures its CUDA graphs per batch size the same way) and the program
+                updates the cache in place, never a copy of some of its rows. The number
+                of steps is an argument, not a shape.
+  prefill       (1, width): up to `chunk` prompt tokens of one request, written into a
+                one-row staging cache, at the smallest of `widths` (16, 32, ... chunk)
+                that holds them; also the log-probability of each prompt token (for
+                `echo` + `logprobs`) and the next-token logits. After a prompt's last
+                chunk, the staging row is copied into the request's cache row.
+  resize        the cache to the next bucket up or down (grown when a request takes a
+                row it lacks; shrunk when no row runs, or after SHRINK_AFTER dispatches
+                that a smaller size would have held).
 
 A request waits in a queue, takes a free row, is prefilled a chunk per loop
-iteration, then decodes with whatever else is running, and leaves its row when it
+iteration (oldest request first), then decodes with whatever else is running, and leaves its row when it
 ends (end-of-sequence, its token budget, or cancelled). Each loop iteration runs
 at most one prefill chunk and then one decode dispatch. The host's work per dispatch
 (copying the rows' inputs in, the results out, handing tokens to requests) does not
