@@ -5,9 +5,10 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET
 /health (see lmjax/inference/server.py and docs/serve.md). Requests share the
-running batch of `--max_batch` rows (continuous batching); the programs that serve
-them (one prefill chunk, a decode program of up to 8 steps per batch size 1, 2, 4, ...
-max_batch) compile at start-up. It listens on 127.0.0.1 unless --host says
+running batch of up to `--max_batch` rows (continuous batching); the programs that serve
+them (a prefill per width 16, 32, ... --prefill_chunk; a decode program of up to 8 steps,
+a row insert and the copies to the next size per cache size 1, 2, 4, ... max_batch)
+compile at start-up. It listens on 127.0.0.1 unless --host says
 otherwise; with --api_key (or the LMJAX_API_KEY environment variable) every
 request must carry `Authorization: Bearer KEY`. A model's generation_config.json gives the
 defaults of the sampling fields a request leaves out (temperature, top_p, top_k) and the

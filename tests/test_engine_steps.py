@@ -100,6 +100,12 @@ def test_the_cache_holds_only_the_rows_that_run(model):
   greedy = Generator(*model, eos=-1, pad=0).generate([PROMPT, PROMPT[:3]],
                                                     SamplingConfig(12 + SHRINK_AFTER))
   assert long.tokens == greedy[0] and short.tokens == greedy[1][:2]
+  both = [Events(engine), Events(engine)]  # end together: the cache keeps its 2 rows
+  engine.complete([Request(PROMPT, 3, both[0]), Request(PROMPT[:3], 3, both[1])])
+  assert engine._size == 2 and [e.tokens for e in both] == [g[:3] for g in greedy]
+  alone = Events(engine)  # each call starts from one row: its sizes follow its requests
+  engine.complete([Request(PROMPT, 3, alone)])
+  assert engine._size == 1 and alone.tokens == greedy[0][:3]
 
 
 class _Letters:

@@ -284,6 +284,7 @@ class Engine:
       raise RuntimeError("complete() runs requests on the calling thread; the engine serves")
     if not hasattr(self, "_cache"):
       self._init_state()
+    self._fit(self.buckets[0])  # the sizes it runs at follow from `requests` alone
     for r in requests:
       self.submit(r)
     while self.busy_rows() or not self._waiting.empty():
@@ -300,7 +301,7 @@ class Engine:
   def cache_bytes(self) -> int:
     """Bytes of the KV cache at its full size (`slots` rows; it holds fewer while fewer are
     busy)."""
-    return sum(a.nbytes for a in jax.tree.leaves(self._cache)) // self._size * self.slots
+    return sum(a.nbytes // a.shape[0] for a in jax.tree.leaves(self._cache)) * self.slots
 
   def _loop(self) -> None:
     ph = self.phases
