@@ -283,21 +283,35 @@ def create_app(served: Served, api_key: str | None = None) -> FastAPI:
   return app
 
 
-def _install_guards(app: FastAPI, served: Served, api_key: str | None) -> None:
-  """The bearer key, the body size limit and OpenAI-style errors."""
-  @app.middleware("http")
-  async def guard(http: HttpRequest, call_next):
-    if api_key is not None:
-      given = http.headers.get("authorization", "")
-      if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+class _Guard:
+  """The bearer key and the body size limit, checked before a request reaches the app. A
+  plain ASGI middleware: Starlette's `@app.middleware("http")` passes every chunk of a
+  streamed reply through a memory stream between two tasks, a cost per server-sent chunk."""
+
+  def __init__(self, app: Any, api_key: str | None):
+    self.app, self.api_key = app, api_key
+
+  async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    refusal = self._refusal(dict(scope["headers"])) if scope["type"] == "http" else None
+    await (refusal or self.app)(scope, receive, send)
+
+  def _refusal(self, headers: dict[bytes, bytes]) -> JSONResponse | None:
+    if self.api_key is not None:
+      given = headers.get(b"authorization", b"")
+      if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
         return JSONResponse(api.error_body("Incorrect or missing API key (Authorization: "
                                            "Bearer KEY)", "authentication_error",
                                            code="invalid_api_key"), 401)
-    size = http.headers.get("content-length")
+    size = headers.get(b"content-length")
     if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
       return JSONResponse(api.error_body(f"the request body exceeds {MAX_BODY_BYTES} bytes"),
                           413)
-    return await call_next(http)
+    return None
+
+
+def _install_guards(app: FastAPI, served: Served, api_key: str | None) -> None:
+  """The bearer key, the body size limit and OpenAI-style errors."""
+  app.add_middleware(_Guard, api_key=api_key)
 
   @app.exception_handler(RequestValidationError)
   async def invalid(http: HttpRequest, e: RequestValidationError):
