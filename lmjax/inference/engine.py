@@ -168,7 +168,7 @@ class Engine:
     row = bs.unpack_inputs(ints, floats)
 
     def step(carry):
-      s, mine, logits, active, generated, records = carry
+      s, cache, logits, active, generated, records = carry
       tokens = sample(logits, step_keys(row["keys"], generated), row["temperature"],
                       row["top_p"], row["top_k"])
       tokens = jnp.where(active, tokens, self.pad)
@@ -182,9 +182,9 @@ class Engine:
           records, bs.pack_record(status, tokens, top_ids, logprob, top_lp), s, axis=1)
       going = active & ~stopped & ~last  # only a row that goes on feeds its token
       positions = row["length"] + generated - 1
-      logits, mine = self._apply(params, mine, tokens[:, None],
-                                 going[:, None].astype(jnp.int32), positions[:, None])
-      return s + 1, mine, logits[:, 0], going, generated, records
+      logits, cache = self._apply(params, cache, tokens[:, None],
+                                  going[:, None].astype(jnp.int32), positions[:, None])
+      return s + 1, cache, logits[:, 0], going, generated, records
 
     records = jnp.zeros((rows, self.steps_per_dispatch, bs.RECORD), jnp.int32)
     carry = (jnp.int32(0), cache, next_logits, row["active"], row["generated"], records)
